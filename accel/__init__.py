@@ -1,0 +1,65 @@
+"""Hardware abstraction layer: `accel.get("auto"|"cpu"|"cuda"|"hpu")` returns the backend.
+
+The layer is the only code in the project that names a device. The chosen backend is remembered
+as the process's current one (`accel.current()`), and DeepSpeed is told the same (`DS_ACCELERATOR`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from accel.base import DTYPE_NAMES, Accelerator, DeviceUnavailableError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "hpu")
+
+_current: Accelerator | None = None
+
+
+def _backend_class(name: str) -> type[Accelerator]:
+    if name == "cpu":
+        from accel.cpu import CpuAccelerator
+
+        return CpuAccelerator
+    if name == "cuda":
+        from accel.cuda import CudaAccelerator
+
+        return CudaAccelerator
+    if name == "hpu":
+        from accel.hpu import HpuAccelerator
+
+        return HpuAccelerator
+    raise DeviceUnavailableError(f"unknown device {name!r}; use one of: {', '.join(DEVICE_CHOICES)}")
+
+
+def detect() -> str:
+    """The best device present: hpu if habana_frameworks imports, else cuda, else cpu."""
+    for name in ("hpu", "cuda"):
+        if _backend_class(name).is_available():
+            return name
+    return "cpu"
+
+
+def get(name: str = "auto", local_rank: int | None = None) -> Accelerator:
+    """Create the backend for `name` and make it the process's current backend.
+
+    An explicit device that is not present raises `DeviceUnavailableError` with one actionable line.
+    """
+    global _current
+    name = (name or "auto").lower()
+    if name == "auto":
+        name = os.environ.get("ACCEL_DEVICE", "") or detect()
+    cls = _backend_class(name)
+    if not cls.is_available():
+        raise DeviceUnavailableError(cls.unavailable_reason())
+    backend = cls(local_rank)
+    os.environ["DS_ACCELERATOR"] = backend.ds_name
+    _current = backend
+    return backend
+
+
+def current() -> Accelerator:
+    """The backend chosen by the last `get` (auto-detected on first use)."""
+    return _current if _current is not None else get("auto")
+
+
+__all__ = ["Accelerator", "DeviceUnavailableError", "DEVICE_CHOICES", "DTYPE_NAMES", "current", "detect", "get"]

@@ -1,0 +1,229 @@
+"""The interface every backend implements; the only place device decisions are made.
+
+Methods are grouped by concern, as in DeepSpeed's accelerator: device, graphs and shapes,
+optimizers and precision, communication, RNG and memory, generation.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class DeviceUnavailableError(RuntimeError):
+    """An explicitly requested device is not present or not usable."""
+
+
+class Accelerator(abc.ABC):
+    """One hardware backend. Callers ask it questions instead of checking device names."""
+
+    name: str = ""  # "cpu" | "cuda" | "hpu"
+    dist_backend: str = ""  # the collective library of this hardware: gloo | nccl | hccl
+
+    def __init__(self, local_rank: int | None = None) -> None:
+        if local_rank is None:
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.local_rank = max(local_rank, 0)
+        self.bucket_sizes: tuple[int, ...] = ()  # empty: identity bucketing
+        self.shape_audit: dict[str, set[tuple]] | None = None
+
+    # ---- availability -------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def is_available(cls) -> bool:
+        """Whether this hardware can be used in this process."""
+
+    @classmethod
+    @abc.abstractmethod
+    def unavailable_reason(cls) -> str:
+        """One line naming why the device cannot be used and what to do instead."""
+
+    # ---- device placement ---------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """The torch device of this process (local-rank aware)."""
+
+    def to_device(self, obj: Any, non_blocking: bool = False) -> Any:
+        """Move a tensor, module, or (nested) dict/list/tuple of tensors to `device`."""
+        if isinstance(obj, (torch.Tensor, torch.nn.Module)):
+            return obj.to(self.device, non_blocking=non_blocking)
+        if isinstance(obj, dict):
+            return type(obj)((k, self.to_device(v, non_blocking)) for k, v in obj.items())
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.to_device(v, non_blocking) for v in obj)
+        return obj
+
+    # ---- graphs and static shapes ---------------------------------------------------------
+    def mark_step(self) -> None:
+        """Flush the lazily accumulated graph (HPU lazy mode); a no-op elsewhere."""
+
+    @property
+    def wants_static_shapes(self) -> bool:
+        """Whether every step should see one of a few fixed shapes (graph-compiling devices)."""
+        return False
+
+    def set_buckets(self, sizes: list[int] | tuple[int, ...] | None) -> None:
+        """Configure length buckets; an empty list restores the backend default."""
+        self.bucket_sizes = tuple(sorted(int(s) for s in sizes or ()))
+
+    def bucket_length(self, n: int, maximum: int | None = None) -> int:
+        """The padded length for a sequence of length `n`.
+
+        Identity unless buckets are configured or the device wants static shapes, in which case
+        the smallest bucket >= n (or `maximum`, the static limit) is returned.
+        """
+        if self.bucket_sizes:
+            for size in self.bucket_sizes:
+                if size >= n:
+                    return size if maximum is None else min(size, max(maximum, n))
+            return max(n, maximum or n)
+        if self.wants_static_shapes and maximum is not None:
+            return max(n, maximum)
+        return n
+
+    @staticmethod
+    def pad_to_static(
+        tensor: torch.Tensor, dim: int, length: int, pad_value: float | int, left: bool = False
+    ) -> torch.Tensor:
+        """Pad `tensor` along `dim` to exactly `length` (never truncates)."""
+        missing = length - tensor.size(dim)
+        if missing < 0:
+            raise ValueError(f"cannot pad a size-{tensor.size(dim)} dimension down to {length}")
+        if missing == 0:
+            return tensor
+        pad_shape = list(tensor.shape)
+        pad_shape[dim] = missing
+        pad = tensor.new_full(pad_shape, pad_value)
+        return torch.cat([pad, tensor] if left else [tensor, pad], dim=dim)
+
+    def audit_shape(self, model_name: str, *tensors: torch.Tensor) -> None:
+        """Record the input shapes a model saw (enabled by `enable_shape_audit`)."""
+        if self.shape_audit is not None:
+            shapes = tuple(tuple(t.shape) for t in tensors if t is not None)
+            self.shape_audit.setdefault(model_name, set()).add(shapes)
+
+    def enable_shape_audit(self) -> dict[str, set[tuple]]:
+        self.shape_audit = {}
+        return self.shape_audit
+
+    # ---- optimizers and precision ---------------------------------------------------------
+    @abc.abstractmethod
+    def optimizer_class(self, offload: bool = False, fused: bool = True) -> type[torch.optim.Optimizer]:
+        """The Adam(W) class to use: fused kernels where they exist, a CPU kernel with offload."""
+
+    def compute_fp32_loss(self, model_type: str, user_flag: bool | None = None) -> bool:
+        """Whether the LM loss should be computed in fp32. A user flag always wins."""
+        return bool(user_flag)
+
+    @staticmethod
+    def lm_loss(logits: torch.Tensor, labels: torch.Tensor, fp32: bool) -> torch.Tensor:
+        """Causal-LM cross entropy (shifted), ignoring -100 labels, optionally in fp32."""
+        logits = logits[..., :-1, :]
+        if fp32:
+            logits = logits.float()
+        labels = labels[..., 1:].to(logits.device)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+
+    @property
+    @abc.abstractmethod
+    def supported_dtypes(self) -> tuple[torch.dtype, ...]:
+        """The dtypes training may use on this device."""
+
+    @property
+    @abc.abstractmethod
+    def default_dtype(self) -> torch.dtype:
+        """The dtype used when the user does not choose one."""
+
+    def resolve_dtype(self, name: str | None) -> torch.dtype:
+        """Map `fp32|bf16|fp16` (or None for the default) to a supported torch dtype."""
+        if name is None or name == "auto":
+            return self.default_dtype
+        if name not in DTYPE_NAMES:
+            raise ValueError(f"unknown --dtype {name!r}; use one of {', '.join(DTYPE_NAMES)}")
+        dtype = DTYPE_NAMES[name]
+        if dtype not in self.supported_dtypes:
+            supported = ", ".join(k for k, v in DTYPE_NAMES.items() if v in self.supported_dtypes)
+            raise ValueError(f"--dtype {name} is not supported on {self.describe()}; use one of: {supported}")
+        return dtype
+
+    # ---- communication ---------------------------------------------------------------------
+    @property
+    def ds_name(self) -> str:
+        """The DS_ACCELERATOR value DeepSpeed must agree with."""
+        return self.name
+
+    def comm_backend(self) -> str:
+        """The backend `init_distributed` actually uses (the hardware's, unless simulated)."""
+        return self.dist_backend
+
+    def zero_overrides(self) -> dict[str, Any]:
+        """Entries this hardware needs in DeepSpeed's `zero_optimization` section."""
+        return {}
+
+    def init_distributed(self) -> None:
+        """Initialise torch.distributed through DeepSpeed: with or without a launcher."""
+        import deepspeed
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return
+        if "RANK" not in os.environ:  # one process, no launcher: act as a world of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        self.set_device()
+        deepspeed.init_distributed(self.comm_backend(), dist_init_required=True)
+
+    def set_device(self) -> None:
+        """Bind this process to its local device (no-op where there is one device)."""
+
+    # ---- RNG, memory, timing -----------------------------------------------------------------
+    def manual_seed(self, seed: int) -> None:
+        import random
+
+        import numpy as np
+
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    @abc.abstractmethod
+    def synchronize(self) -> None:
+        """Wait for all queued device work."""
+
+    @abc.abstractmethod
+    def memory_stats(self) -> dict[str, int]:
+        """`allocated` and `peak` bytes (process RSS on the CPU)."""
+
+    def empty_cache(self) -> None:
+        """Return cached allocator memory to the device."""
+
+    # ---- generation ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def generation_context(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """Switch `model` to its generation form for the duration of the block."""
+        yield model
+
+    # ---- description ------------------------------------------------------------------------
+    def describe(self) -> str:
+        return f"{self.name} ({self.device})"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,65 @@
+"""CUDA backend: DeepSpeed FusedAdam, nccl, bf16 on Ampere and newer, fp16 on Volta."""
+
+from __future__ import annotations
+
+import torch
+
+from accel._deepspeed import ds_accelerator
+from accel.base import Accelerator
+
+
+class CudaAccelerator(Accelerator):
+    name = "cuda"
+    dist_backend = "nccl"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return torch.cuda.is_available()
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        return "CUDA requested but torch.cuda.is_available() is False; run on an NVIDIA GPU with a CUDA build of torch or use --device cpu"
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank)
+
+    def set_device(self) -> None:
+        torch.cuda.set_device(self.device)
+
+    def optimizer_class(self, offload: bool = False, fused: bool = True) -> type[torch.optim.Optimizer]:
+        if offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam
+        if fused:
+            from deepspeed.ops.adam import FusedAdam
+
+            return FusedAdam
+        return torch.optim.AdamW
+
+    def _bf16_ok(self) -> bool:
+        return torch.cuda.is_bf16_supported()
+
+    @property
+    def supported_dtypes(self) -> tuple[torch.dtype, ...]:
+        base = (torch.float32, torch.float16)
+        return base + (torch.bfloat16,) if self._bf16_ok() else base
+
+    @property
+    def default_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self._bf16_ok() else torch.float16  # A100/H100 vs V100
+
+    def manual_seed(self, seed: int) -> None:
+        super().manual_seed(seed)
+        torch.cuda.manual_seed_all(seed)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def memory_stats(self) -> dict[str, int]:
+        ds = ds_accelerator(self.ds_name)
+        return {"allocated": int(ds.memory_allocated()), "peak": int(ds.max_memory_allocated())}
+
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()

@@ -1,0 +1,17 @@
+"""Data: raw preference datasets, per-step tokenised splits, caching and collators."""
+
+from dschat_hal.data.pipeline import Collator, DataSpec, TokenDataset, load_or_build, pad_sequences, phase_indices
+from dschat_hal.data.raw_datasets import HUB_DATASETS, RawDataset, get_raw_dataset, read_rows
+
+__all__ = [
+    "Collator",
+    "DataSpec",
+    "HUB_DATASETS",
+    "RawDataset",
+    "TokenDataset",
+    "get_raw_dataset",
+    "load_or_build",
+    "pad_sequences",
+    "phase_indices",
+    "read_rows",
+]

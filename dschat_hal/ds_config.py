@@ -1,0 +1,80 @@
+"""DeepSpeed configurations for trained engines (actor, critic, SFT, RM) and inference-only ones."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from accel import Accelerator
+
+
+def _precision(dtype: torch.dtype) -> dict[str, Any]:
+    if dtype == torch.bfloat16:
+        return {"bf16": {"enabled": True}}
+    if dtype == torch.float16:
+        return {"fp16": {"enabled": True, "loss_scale_window": 100, "initial_scale_power": 12}}
+    return {}
+
+
+def train_ds_config(
+    accelerator: Accelerator,
+    dtype: torch.dtype,
+    stage: int,
+    offload: bool,
+    micro_batch: int,
+    grad_accum: int,
+    world_size: int,
+    tensorboard_path: str | None = None,
+    job_name: str = "train",
+) -> dict[str, Any]:
+    """ZeRO `stage` training config (upstream DeepSpeed-Chat's values), with optional CPU offload."""
+    zero = {
+        "stage": stage,
+        "offload_param": {"device": "cpu" if offload and stage == 3 else "none"},
+        "offload_optimizer": {"device": "cpu" if offload else "none"},
+        "stage3_param_persistence_threshold": 1e4,
+        "stage3_max_live_parameters": 3e7,
+        "stage3_prefetch_bucket_size": 3e7,
+        "memory_efficient_linear": False,
+        **accelerator.zero_overrides(),
+    }
+    config: dict[str, Any] = {
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "steps_per_print": 10**9,
+        "zero_optimization": zero,
+        "gradient_clipping": 1.0,
+        "prescale_gradients": False,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        **_precision(dtype),
+    }
+    if tensorboard_path:
+        config["tensorboard"] = {
+            "enabled": True,
+            "output_path": f"{tensorboard_path}/ds_tensorboard_logs/",
+            "job_name": f"{job_name}_tensorboard",
+        }
+    return config
+
+
+def eval_ds_config(
+    accelerator: Accelerator, dtype: torch.dtype, stage: int, offload: bool, micro_batch: int, world_size: int
+) -> dict[str, Any]:
+    """Config for models that only run forward (reference, reward): ZeRO-3 or plain replication."""
+    return {
+        "train_batch_size": micro_batch * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "steps_per_print": 10**9,
+        "zero_optimization": {
+            "stage": 3 if stage == 3 else 0,
+            "stage3_param_persistence_threshold": 1e4,
+            "offload_param": {"device": "cpu" if offload else "none"},
+            "memory_efficient_linear": False,
+        },
+        "wall_clock_breakdown": False,
+        **_precision(dtype),
+    }

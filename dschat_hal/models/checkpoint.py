@@ -1,0 +1,74 @@
+"""Gathering (ZeRO-3) and atomic saving of models in Hugging Face format."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dschat_hal.models.lora import LoRALinear, strip_lora_state
+
+
+def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict on the CPU, gathering ZeRO-3 partitions one parameter at a time.
+
+    Collective under ZeRO-3: every rank must call it. LoRA factors are folded into their base
+    weights and dropped, so the result loads into the plain architecture.
+    """
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+            state[name] = param.detach().cpu().clone()
+    for name, buffer in model.named_buffers():
+        state[name] = buffer.detach().cpu().clone()
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoRALinear) and not layer.fused:
+            prefix = f"{name}." if name else ""
+            right, left = state[prefix + "lora_right_weight"], state[prefix + "lora_left_weight"]
+            weight = state[prefix + "weight"]
+            state[prefix + "weight"] = (weight.float() + (right.float() @ left.float()).t() * layer.lora_scaling).to(
+                weight.dtype
+            )
+    return strip_lora_state(state)
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `target` only once the block completes.
+
+    A crash inside the block leaves `target` untouched (old contents or absent), never half-written.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if target.exists():
+            target.rename(backup)
+        tmp.rename(target)
+        shutil.rmtree(backup, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_lm(model: nn.Module, tokenizer, out_dir: str | os.PathLike, is_writer: bool = True) -> None:
+    """Save a causal LM (LoRA fused, ZeRO-3 gathered) and its tokenizer in HF format, atomically.
+
+    Collective under ZeRO-3: every rank calls it; only the writer touches the disk.
+    """
+    model = getattr(model, "module", model)
+    state = gathered_state_dict(model)
+    if not is_writer:
+        return
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)

@@ -1,0 +1,151 @@
+"""Reward model and critic: a transformer backbone with a scalar value head.
+
+All index arithmetic is done with masks (no `nonzero()` / `.item()`), so shapes stay static and the
+step never waits on the host — what graph-compiling devices need, and harmless elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase
+
+from dschat_hal.models.checkpoint import atomic_directory, gathered_state_dict
+from dschat_hal.models.lm import load_pretrained, padded_vocab_size, set_dropout
+from dschat_hal.models.tiny import is_tiny, tiny_model
+
+HEAD_FILE = "value_head.safetensors"
+MARKER_FILE = "reward_model.json"
+
+
+def last_true_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last nonzero entry of each row of a 0/1 mask (0 for an all-zero row)."""
+    positions = torch.arange(mask.size(-1), device=mask.device).expand_as(mask)
+    return (positions * mask.long()).max(dim=-1).values
+
+
+def first_true_index(mask: torch.Tensor, default: torch.Tensor) -> torch.Tensor:
+    """Index of the first True of each row, or `default` where a row has none."""
+    length = mask.size(-1)
+    positions = torch.arange(length, device=mask.device).expand_as(mask)
+    first = torch.where(mask, positions, torch.full_like(positions, length)).min(dim=-1).values
+    return torch.where(first == length, default, first)
+
+
+def pairwise_loss(
+    chosen_values: torch.Tensor,
+    rejected_values: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    chosen_ids: torch.Tensor,
+    rejected_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Mean over pairs of −logσ(v_chosen − v_rejected), averaged from the divergence point to the end.
+
+    The span starts at the first token where the two sequences differ and ends at the later of the
+    two ends; identical pairs use their last token only (as upstream DeepSpeed-Chat does).
+    """
+    chosen_end = chosen_mask.long().sum(-1)
+    rejected_end = rejected_mask.long().sum(-1)
+    end = torch.maximum(chosen_end, rejected_end)
+    positions = torch.arange(chosen_ids.size(-1), device=chosen_ids.device).expand_as(chosen_ids)
+    differs = (chosen_ids != rejected_ids) & (positions < end.unsqueeze(-1))
+    start = first_true_index(differs, default=end - 1)
+    span = ((positions >= start.unsqueeze(-1)) & (positions < end.unsqueeze(-1))).float()
+    per_token = -F.logsigmoid(chosen_values.float() - rejected_values.float())
+    return ((per_token * span).sum(-1) / span.sum(-1).clamp(min=1)).mean()
+
+
+class RewardModel(nn.Module):
+    """Backbone + `v_head`. `forward` trains on stacked [chosen; rejected] pairs; `forward_value`
+    gives per-token values and the end score (value at the last real token)."""
+
+    def __init__(self, backbone: nn.Module, compute_fp32_loss: bool = False) -> None:
+        super().__init__()
+        self.config = backbone.config
+        hidden = getattr(self.config, "word_embed_proj_dim", None) or self.config.hidden_size
+        self.v_head = nn.Linear(hidden, 1, bias=False)
+        self.rwtransformer = backbone
+        self.compute_fp32_loss = compute_fp32_loss
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.rwtransformer.gradient_checkpointing_enable()
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.rwtransformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        values = self.v_head(hidden).squeeze(-1)
+        return values.float() if self.compute_fp32_loss else values
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        values = self.values(input_ids, attention_mask)
+        half = input_ids.size(0) // 2
+        chosen_mask, rejected_mask = attention_mask[:half], attention_mask[half:]
+        loss = pairwise_loss(
+            values[:half], values[half:], chosen_mask, rejected_mask, input_ids[:half], input_ids[half:]
+        )
+        scores = values.gather(-1, last_true_index(attention_mask).unsqueeze(-1)).squeeze(-1)
+        return {"loss": loss, "chosen_mean_scores": scores[:half], "rejected_mean_scores": scores[half:]}
+
+    def forward_value(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_value_only: bool = False
+    ) -> dict[str, torch.Tensor] | torch.Tensor:
+        values = self.values(input_ids, attention_mask)
+        if return_value_only:
+            return values
+        end_scores = values.gather(-1, last_true_index(attention_mask).unsqueeze(-1)).squeeze(-1)
+        return {"values": values, "chosen_end_scores": end_scores}
+
+    # ---- persistence ------------------------------------------------------------------------
+    def save(
+        self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, is_writer: bool = True
+    ) -> None:
+        """Save atomically: backbone in HF format, the head beside it (collective under ZeRO-3)."""
+        state = gathered_state_dict(self)
+        if not is_writer:
+            return
+        backbone_state = {
+            k.removeprefix("rwtransformer."): v for k, v in state.items() if k.startswith("rwtransformer.")
+        }
+        with atomic_directory(out_dir) as tmp:
+            self.rwtransformer.save_pretrained(tmp, state_dict=backbone_state, safe_serialization=True)
+            save_file({"weight": state["v_head.weight"].contiguous()}, str(tmp / HEAD_FILE))
+            (tmp / MARKER_FILE).write_text(json.dumps({"format": "dschat_hal.RewardModel", "version": 1}) + "\n")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+
+
+def is_reward_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / HEAD_FILE).exists()
+
+
+def create_reward_model(
+    name_or_path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    ds_config: dict | None = None,
+    dropout: float | None = None,
+    compute_fp32_loss: bool = False,
+    seed: int = 42,
+) -> RewardModel:
+    """A reward model (or critic): from a step-2 checkpoint (head included), or a fresh head on a
+    backbone taken from a tiny name, a causal-LM directory or a hub name."""
+    if is_tiny(name_or_path):
+        backbone = tiny_model(name_or_path, padded_vocab_size(tokenizer), seed=seed, head=False)
+    else:
+        config = AutoConfig.from_pretrained(name_or_path)
+        set_dropout(config, dropout)
+        backbone = load_pretrained(AutoModel, name_or_path, ds_config, config=config)
+    set_dropout(backbone.config, dropout)
+    backbone.config.pad_token_id = tokenizer.pad_token_id
+    if backbone.get_input_embeddings().num_embeddings < len(tokenizer):
+        backbone.resize_token_embeddings(padded_vocab_size(tokenizer))
+    model = RewardModel(backbone, compute_fp32_loss=compute_fp32_loss)
+    if not is_tiny(name_or_path) and is_reward_checkpoint(name_or_path):
+        head = load_file(str(Path(name_or_path) / HEAD_FILE))
+        with torch.no_grad():
+            model.v_head.weight.copy_(head["weight"].to(model.v_head.weight.dtype))
+    return model

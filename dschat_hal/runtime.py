@@ -1,0 +1,204 @@
+"""Process setup and the pieces every step shares: engines, optimizers, ranks, metrics."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+import accel
+from accel import Accelerator
+from dschat_hal.models.lora import convert_to_lora, only_optimize_lora
+
+log = logging.getLogger("dschat_hal")
+
+NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight", "ln_")
+
+
+def setup(args: argparse.Namespace) -> Accelerator:
+    """Choose the backend, initialise distributed, seed; quiet third-party logs."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    backend = accel.get(args.device, local_rank=args.local_rank if args.local_rank >= 0 else None)
+    backend.set_buckets(args.bucket_lengths)
+    backend.init_distributed()
+    _silence_deepspeed()
+    backend.manual_seed(args.seed)
+    args.dtype_resolved = backend.resolve_dtype(args.dtype)
+    return backend
+
+
+def _silence_deepspeed() -> None:
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def print_rank0(*parts: Any) -> None:
+    if is_rank0():
+        print(*parts, flush=True)
+
+
+def apply_lora(model: nn.Module, dim: int, module_name: str, only_lora: bool) -> nn.Module:
+    if dim > 0:
+        count = convert_to_lora(model, module_name, dim)
+        log.info("LoRA dim %d on %d linear layers matching %r", dim, count, module_name)
+        if only_lora:
+            only_optimize_lora(model)
+    return model
+
+
+def param_groups(model: nn.Module, weight_decay: float, lora_lr: float) -> list[dict[str, Any]]:
+    """AdamW groups: decayed weights, undecayed biases/norms, and LoRA factors with their own lr."""
+    decay, no_decay, lora = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if "lora_right_weight" in name or "lora_left_weight" in name:
+            lora.append(param)
+        elif any(key in name.lower() for key in NO_DECAY):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": lora, "weight_decay": weight_decay, "lr": lora_lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def training_engine(
+    backend: Accelerator,
+    model: nn.Module,
+    args: argparse.Namespace,
+    *,
+    lr: float,
+    weight_decay: float,
+    lora_lr: float,
+    stage: int,
+    total_steps: int,
+    micro_batch: int,
+    gradient_checkpointing: bool = False,
+    job_name: str = "train",
+):
+    """Wrap `model` in a DeepSpeed engine with the backend's optimizer and a warmup schedule."""
+    import deepspeed
+    from transformers import get_scheduler
+
+    from dschat_hal.ds_config import train_ds_config
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()  # keeps checkpointed segments differentiable with frozen embeddings
+        elif hasattr(model, "rwtransformer"):
+            model.rwtransformer.enable_input_require_grads()
+    config = train_ds_config(
+        backend,
+        args.dtype_resolved,
+        stage,
+        args.offload,
+        micro_batch,
+        args.gradient_accumulation_steps,
+        world_size(),
+        args.tensorboard_path if args.enable_tensorboard else None,
+        job_name,
+    )
+    optimizer_class = backend.optimizer_class(offload=args.offload, fused=not args.no_fused_kernels)
+    optimizer = optimizer_class(param_groups(model, weight_decay, lora_lr), lr=lr, betas=(0.9, 0.95))
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=args.num_warmup_steps,
+        num_training_steps=max(total_steps, 1),
+    )
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine
+
+
+def zero3_load_config(backend: Accelerator, args: argparse.Namespace, stage: int, micro_batch: int) -> dict | None:
+    """The config `from_pretrained` needs to partition weights while loading (ZeRO-3 only)."""
+    from dschat_hal.ds_config import train_ds_config
+
+    if stage != 3:
+        return None
+    return train_ds_config(
+        backend, args.dtype_resolved, stage, args.offload, micro_batch, args.gradient_accumulation_steps, world_size()
+    )
+
+
+def inference_engine(
+    backend: Accelerator, model: nn.Module, args: argparse.Namespace, *, stage: int, offload: bool, micro_batch: int
+):
+    """A forward-only DeepSpeed engine (ZeRO-3 partitioned when the trained models are)."""
+    import deepspeed
+
+    from dschat_hal.ds_config import eval_ds_config
+
+    config = eval_ds_config(backend, args.dtype_resolved, stage, offload, micro_batch, world_size())
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def dataloader(dataset, collate, batch_size: int, seed: int, shuffle: bool = True):
+    """A loader that gives each rank its own shard (deterministic for a seed)."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    value = value.detach().clone().float()
+    if dist.is_initialized() and world_size() > 1:
+        dist.all_reduce(value)
+        value /= world_size()
+    return value
+
+
+class ScalarWriter:
+    """Pipeline-level TensorBoard scalars, written by rank 0 only (a no-op when disabled)."""
+
+    def __init__(self, path: str | None, name: str) -> None:
+        self.writer = None
+        if path and is_rank0():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(path, name))
+
+    def add(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, float(value), step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

@@ -1,0 +1,84 @@
+"""Step 1: supervised fine-tuning of a causal LM on prompt + chosen answers."""
+
+from __future__ import annotations
+
+import math
+
+from dschat_hal import loop
+from dschat_hal.args import step1_parser, validate
+from dschat_hal.data import Collator, DataSpec, load_or_build
+from dschat_hal.errors import cli_entry
+from dschat_hal.models import create_lm, load_tokenizer, model_family, save_lm
+from dschat_hal.runtime import (
+    ScalarWriter,
+    apply_lora,
+    dataloader,
+    is_rank0,
+    print_rank0,
+    setup,
+    training_engine,
+    zero3_load_config,
+)
+
+
+@cli_entry
+def main(argv: list[str]) -> dict:
+    args = validate(step1_parser().parse_args(argv))
+    backend = setup(args)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    spec = DataSpec(
+        args.data_path, args.data_split, 1, args.seed, args.max_seq_len, sft_only_data_path=args.sft_only_data_path
+    )
+    train_set, eval_set, _ = load_or_build(spec, tokenizer, args.data_output_path)
+    collate = Collator(1, tokenizer.pad_token_id, backend, args.max_seq_len)
+    train_loader = dataloader(train_set, collate, args.per_device_train_batch_size, args.seed)
+    eval_loader = dataloader(eval_set, collate, args.per_device_eval_batch_size, args.seed, shuffle=False)
+
+    load_config = zero3_load_config(backend, args, args.zero_stage, args.per_device_train_batch_size)
+    model = create_lm(args.model_name_or_path, tokenizer, load_config, dropout=args.dropout, seed=args.seed)
+    apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora)
+    engine = training_engine(
+        backend,
+        model,
+        args,
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        lora_lr=args.lora_learning_rate,
+        stage=args.zero_stage,
+        total_steps=loop.total_optimizer_steps(train_loader, args),
+        micro_batch=args.per_device_train_batch_size,
+        gradient_checkpointing=args.gradient_checkpointing,
+        job_name="step1_model",
+    )
+    fp32_loss = backend.compute_fp32_loss(model_family(model), args.compute_fp32_loss)
+
+    def lm_loss(engine, batch):
+        backend.audit_shape("actor", batch["input_ids"])
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return backend.lm_loss(logits, batch["labels"], fp32_loss)
+
+    def perplexity() -> float:
+        metrics = loop.evaluate(
+            engine, eval_loader, lambda e, b: {"loss": lm_loss(e, b), "n": b["labels"].new_ones(())}, backend
+        )
+        return math.exp(min(metrics["loss"] / max(metrics["n"], 1), 50))
+
+    print_rank0(
+        f"step 1 on {backend.describe()}: {len(train_set)} train / {len(eval_set)} eval samples, fp32 loss {fp32_loss}"
+    )
+    before = perplexity()
+    print_rank0(f"perplexity before training: {before:.2f}")
+    writer = ScalarWriter(args.tensorboard_path if args.enable_tensorboard else None, "step1")
+    losses = loop.train(engine, train_loader, lm_loss, backend, args, writer, "step1")
+    after = perplexity()
+    writer.add({"step1/eval_perplexity": after}, engine.global_steps)
+    writer.close()
+    print_rank0(f"perplexity after training: {after:.2f}")
+    if args.output_dir:
+        save_lm(engine.module, tokenizer, args.output_dir, is_writer=is_rank0())
+        print_rank0(f"saved the actor to {args.output_dir}")
+    return {"losses": losses, "perplexity_before": before, "perplexity": after, "output_dir": args.output_dir}
+
+
+if __name__ == "__main__":
+    main()
