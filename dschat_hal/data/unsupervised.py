@@ -1,0 +1,52 @@
+"""Plain-text data for step 3's optional ptx loss: texts concatenated and cut into fixed blocks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dschat_hal.data.pipeline import TokenDataset
+from dschat_hal.errors import UserError
+
+
+def read_texts(name: str, config_name: str | None = None) -> list[str]:
+    """Texts of a local .txt / .json / .jsonl file (rows with a `text` key, or prompt+chosen rows) or a hub name."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix == ".txt":
+            return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            raw = path.read_text(encoding="utf-8")
+            rows = (
+                [json.loads(x) for x in raw.splitlines() if x.strip()] if path.suffix == ".jsonl" else json.loads(raw)
+            )
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} is not valid JSON (line {err.lineno}: {err.msg})") from None
+        return [row["text"] if "text" in row else row["prompt"] + row["chosen"] for row in rows]
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config_name)
+    except Exception as err:
+        raise UserError(
+            f"cannot load unsupervised dataset {name!r} ({str(err).splitlines()[0][:160]}); "
+            "pass a local .txt/.json file when no hub is reachable"
+        ) from None
+    return [row["text"] for row in ds["train"] if row["text"].strip()]
+
+
+def block_dataset(texts: list[str], tokenizer, block_size: int) -> TokenDataset:
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    blocks = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
+    if not blocks:
+        raise UserError(f"the unsupervised dataset has fewer than {block_size} tokens; add text or lower the lengths")
+    return TokenDataset([{"input_ids": block} for block in blocks])
+
+
+def collate_blocks(batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    ids = torch.tensor([b["input_ids"] for b in batch], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}

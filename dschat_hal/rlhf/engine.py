@@ -1,0 +1,137 @@
+"""The four (five with EMA) models of step 3, each wrapped in its DeepSpeed engine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import torch
+
+from accel import Accelerator
+from dschat_hal.models import create_lm, create_reward_model, model_family
+from dschat_hal.runtime import apply_lora, inference_engine, training_engine, zero3_load_config
+
+log = logging.getLogger(__name__)
+
+EMA_BETA = 0.992
+
+
+class RLHFEngine:
+    """Actor and critic (trained), reference and reward (frozen), and an optional actor EMA."""
+
+    def __init__(self, backend: Accelerator, args: argparse.Namespace, tokenizer, num_total_iters: int) -> None:
+        self.backend, self.args, self.tokenizer = backend, args, tokenizer
+        self.actor_family = model_family(args.actor_model_name_or_path)
+        self.critic_family = model_family(args.critic_model_name_or_path)
+        self.actor = self._init_actor(num_total_iters)
+        self.ref = self._init_frozen_actor(offload=args.offload_reference_model)
+        self.actor_ema = self._init_frozen_actor(offload=True, lora=True) if args.enable_ema else None
+        self.critic = self._init_critic(num_total_iters)
+        self.reward = self._init_reward()
+
+    def _timed(self, name: str, start: float) -> None:
+        log.info("step 3: %s ready (%.1fs)", name, time.time() - start)
+
+    def _actor_model(self, lora: bool) -> torch.nn.Module:
+        args = self.args
+        stage = args.actor_zero_stage
+        config = zero3_load_config(self.backend, args, stage, args.per_device_training_batch_size)
+        model = create_lm(
+            args.actor_model_name_or_path, self.tokenizer, config, dropout=args.actor_dropout, seed=args.seed
+        )
+        if lora:
+            apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name, args.only_optimize_lora)
+        return model
+
+    def _init_actor(self, total_iters: int):
+        start, args = time.time(), self.args
+        engine = training_engine(
+            self.backend,
+            self._actor_model(lora=True),
+            args,
+            lr=args.actor_learning_rate,
+            weight_decay=args.actor_weight_decay,
+            lora_lr=args.actor_lora_learning_rate,
+            stage=args.actor_zero_stage,
+            total_steps=total_iters,
+            micro_batch=args.per_device_training_batch_size,
+            gradient_checkpointing=args.actor_gradient_checkpointing,
+            job_name="step3_actor",
+        )
+        self._timed("actor", start)
+        return engine
+
+    def _init_frozen_actor(self, offload: bool, lora: bool = False):
+        """The reference model (or the EMA copy): the actor's weights, forward only."""
+        start = time.time()
+        model = self._actor_model(lora=lora)
+        engine = inference_engine(
+            self.backend,
+            model,
+            self.args,
+            stage=self.args.actor_zero_stage,
+            offload=offload,
+            micro_batch=self.args.per_device_training_batch_size,
+        )
+        self._timed("reference" if not lora else "actor EMA", start)
+        return engine
+
+    def _critic_model(self, fp32_loss: bool) -> torch.nn.Module:
+        args = self.args
+        config = zero3_load_config(self.backend, args, args.critic_zero_stage, args.per_device_training_batch_size)
+        return create_reward_model(
+            args.critic_model_name_or_path,
+            self.tokenizer,
+            config,
+            dropout=args.critic_dropout,
+            compute_fp32_loss=fp32_loss,
+            seed=args.seed,
+        )
+
+    def _init_critic(self, total_iters: int):
+        start, args = time.time(), self.args
+        fp32 = self.backend.compute_fp32_loss(self.critic_family, args.compute_fp32_loss)
+        model = apply_lora(
+            self._critic_model(fp32), args.critic_lora_dim, args.critic_lora_module_name, args.only_optimize_lora
+        )
+        engine = training_engine(
+            self.backend,
+            model,
+            args,
+            lr=args.critic_learning_rate,
+            weight_decay=args.critic_weight_decay,
+            lora_lr=args.critic_lora_learning_rate,
+            stage=args.critic_zero_stage,
+            total_steps=total_iters,
+            micro_batch=args.per_device_training_batch_size,
+            gradient_checkpointing=args.critic_gradient_checkpointing,
+            job_name="step3_critic",
+        )
+        self._timed("critic", start)
+        return engine
+
+    def _init_reward(self):
+        start = time.time()
+        engine = inference_engine(
+            self.backend,
+            self._critic_model(fp32_loss=True),
+            self.args,
+            stage=self.args.critic_zero_stage,
+            offload=False,
+            micro_batch=self.args.per_device_training_batch_size,
+        )
+        self._timed("reward", start)
+        return engine
+
+    @torch.no_grad()
+    def update_ema(self, beta: float = EMA_BETA) -> None:
+        """ema ← β·ema + (1−β)·actor, parameter by parameter (gathered under ZeRO-3)."""
+        if self.actor_ema is None:
+            return
+        import deepspeed
+
+        for param, ema_param in zip(self.actor.module.parameters(), self.actor_ema.module.parameters(), strict=True):
+            partitioned = hasattr(param, "ds_id") or hasattr(ema_param, "ds_id")
+            with deepspeed.zero.GatheredParameters([param, ema_param], modifier_rank=0, enabled=partitioned):
+                ema_param.data.copy_(torch.lerp(param.data.to(ema_param.dtype), ema_param.data, beta))

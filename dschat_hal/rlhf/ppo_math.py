@@ -1,0 +1,103 @@
+"""PPO maths of step 3 as small pure functions over (batch, time) tensors.
+
+Index conventions (as in DeepSpeed-Chat): `log_probs[:, t]` scores token `t + 1`; `start` is
+`prompt_length - 1`, the first position whose target is an answer token; `action_mask[:, t]` is 1
+where token `t + 1` is a real answer token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def logprobs_of_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) under `logits` (computed in fp32)."""
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def answer_mask(answers: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """1 for the answer's tokens up to and including its first eos; 0 after it and for padding."""
+    is_end = (answers == eos_id) | (answers == pad_id)
+    ended_before = (is_end.long().cumsum(-1) - is_end.long()) > 0
+    keep = ~ended_before
+    if pad_id != eos_id:
+        keep &= answers != pad_id
+    return keep.long()
+
+
+def compute_rewards(
+    log_probs: torch.Tensor,
+    ref_log_probs: torch.Tensor,
+    reward_score: torch.Tensor,
+    action_mask: torch.Tensor,
+    start: int,
+    kl_ctl: float,
+    clip_reward_value: float,
+) -> torch.Tensor:
+    """Per-token −kl_ctl·(log π − log π_ref), plus the clipped end score on the last answer token.
+
+    Zero outside the answer (before `start` and after its end).
+    """
+    rewards = -kl_ctl * (log_probs - ref_log_probs)
+    answer_len = action_mask[:, start:].sum(-1)
+    last = (start + answer_len - 1).clamp(min=start).unsqueeze(-1)
+    clipped = reward_score.float().clamp(-clip_reward_value, clip_reward_value).unsqueeze(-1)
+    rewards = rewards.scatter_add(-1, last, clipped.to(rewards.dtype))
+    positions = torch.arange(rewards.size(-1), device=rewards.device)
+    return rewards * action_mask * (positions >= start)
+
+
+def gae(
+    values: torch.Tensor, rewards: torch.Tensor, start: int, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over positions [start, T); returns (advantages, returns).
+
+    Values and rewards must already be zero after each answer's end. Computed as one matrix
+    product with the discount matrix (γλ)^(s−t), s ≥ t — no per-token host loop.
+    """
+    values, rewards = values[:, start:].float(), rewards[:, start:].float()
+    length = values.size(-1)
+    next_values = torch.cat([values[:, 1:], values.new_zeros(values.size(0), 1)], dim=-1)
+    deltas = rewards + gamma * next_values - values
+    t = torch.arange(length, device=values.device)
+    exponent = (t.unsqueeze(0) - t.unsqueeze(1)).float()  # s - t
+    discount = torch.where(exponent >= 0, (gamma * lam) ** exponent.clamp(min=0), torch.zeros_like(exponent))
+    advantages = deltas @ discount.t()
+    return advantages, advantages + values
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def actor_loss(
+    log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+) -> torch.Tensor:
+    """Clipped surrogate objective (a loss: lower is better), masked mean over answer tokens."""
+    ratio = torch.exp((log_probs - old_log_probs) * mask)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
+    return masked_mean(torch.max(unclipped, clipped), mask)
+
+
+def critic_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+) -> torch.Tensor:
+    """0.5 · max of the unclipped and clipped squared errors, masked mean."""
+    values = values.float()
+    clipped = torch.max(torch.min(values, old_values + cliprange_value), old_values - cliprange_value)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+class AdaptiveKLController:
+    """Ziegler et al.'s controller: nudges kl_ctl so the measured KL tracks `target`."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int = 10000) -> None:
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = max(min(current_kl / self.target - 1.0, 0.2), -0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value

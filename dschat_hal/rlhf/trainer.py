@@ -1,0 +1,191 @@
+"""PPO trainer: generate experience with the actor, score it, and update actor and critic.
+
+Every device decision goes through the `accel` backend: `mark_step` around each forward and after
+backward/step (HPU lazy mode), static generation length, and the generation context.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+
+import torch
+
+from accel import Accelerator
+from dschat_hal.models.lora import fuse_lora, lora_layers, unfuse_lora
+from dschat_hal.rlhf import ppo_math
+from dschat_hal.rlhf.engine import RLHFEngine
+
+
+@dataclass
+class PPOConfig:
+    """The PPO knobs, with DeepSpeed-Chat's defaults."""
+
+    max_answer_seq_len: int = 256
+    kl_ctl: float = 0.1
+    clip_reward_value: float = 5.0
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    temperature: float = 1.0
+    target_kl: float | None = None
+
+
+def _accepts_position_ids(model: torch.nn.Module) -> bool:
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+def lm_inputs(model: torch.nn.Module, seq: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Forward kwargs with positions that skip left padding (as `generate` computes them)."""
+    inputs = {"input_ids": seq, "attention_mask": mask, "use_cache": False}
+    if _accepts_position_ids(model):
+        inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return inputs
+
+
+class PPOTrainer:
+    def __init__(self, engine: RLHFEngine, backend: Accelerator, tokenizer, config: PPOConfig) -> None:
+        self.rlhf, self.backend, self.tokenizer, self.config = engine, backend, tokenizer, config
+        self.actor, self.ref, self.critic, self.reward = engine.actor, engine.ref, engine.critic, engine.reward
+        self.kl_controller = (
+            ppo_math.AdaptiveKLController(config.kl_ctl, config.target_kl) if config.target_kl else None
+        )
+        self.z3 = engine.args.actor_zero_stage == 3
+        self.timings: dict[str, float] = {"generation": 0.0, "experience": 0.0, "training": 0.0}
+
+    @property
+    def kl_ctl(self) -> float:
+        return self.kl_controller.value if self.kl_controller else self.config.kl_ctl
+
+    # ---- experience ------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_sequence(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """Sample answers; the result is padded to exactly prompt length + max_answer_seq_len."""
+        actor = self.actor.module
+        lora = bool(lora_layers(actor)) and not self.z3
+        self.actor.eval()
+        if lora:
+            fuse_lora(actor)
+        try:
+            with self.backend.generation_context(actor) as model:
+                seq = model.generate(
+                    input_ids=prompts,
+                    attention_mask=prompt_mask,
+                    max_new_tokens=self.config.max_answer_seq_len,
+                    do_sample=True,
+                    temperature=self.config.temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                    synced_gpus=self.z3,
+                    use_cache=True,
+                )
+        finally:
+            if lora:
+                unfuse_lora(actor)
+            self.actor.train()
+        total = prompts.size(1) + self.config.max_answer_seq_len
+        return self.backend.pad_to_static(seq, 1, total, self.tokenizer.pad_token_id)
+
+    @torch.no_grad()
+    def generate_experience(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Generate, then score with all four models. Answers of ≤ 1 token get an all-zero mask."""
+        start = time.time()
+        seq = self.generate_sequence(prompts, prompt_mask)
+        generated = time.time()
+        prompt_len = prompts.size(1)
+        answers = ppo_math.answer_mask(seq[:, prompt_len:], self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        usable = (answers.sum(-1, keepdim=True) > 1).long()
+        mask = torch.cat([prompt_mask, answers], dim=1)
+        for name in ("actor", "ref", "critic", "reward"):
+            self.backend.audit_shape(name, seq)
+        self.backend.mark_step()
+        logits = self.actor(**lm_inputs(self.actor.module, seq, mask)).logits
+        self.backend.mark_step()
+        ref_logits = self.ref(**lm_inputs(self.ref.module, seq, mask)).logits
+        self.backend.mark_step()
+        values = self.critic.forward_value(seq, mask, return_value_only=True)[:, :-1]
+        self.backend.mark_step()
+        reward = self.reward.forward_value(seq, mask)["chosen_end_scores"]
+        self.backend.mark_step()
+        action_mask = mask[:, 1:] * torch.cat([torch.ones_like(prompt_mask[:, 1:]), usable.expand_as(answers)], dim=1)
+        self.timings["generation"] += generated - start
+        self.timings["experience"] += time.time() - generated
+        return {
+            "prompts": prompts,
+            "seq": seq,
+            "attention_mask": mask,
+            "action_mask": action_mask,
+            "logprobs": ppo_math.logprobs_of_labels(logits[:, :-1], seq[:, 1:]),
+            "ref_logprobs": ppo_math.logprobs_of_labels(ref_logits[:, :-1], seq[:, 1:]),
+            "value": values.float(),
+            "rewards": reward.float(),
+            "answer_length": answers.sum(-1),
+        }
+
+    # ---- training ----------------------------------------------------------------------------
+    def train_rlhf(self, exp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One PPO update of actor and critic on an experience batch; returns detached stats."""
+        started = time.time()
+        cfg = self.config
+        start = exp["prompts"].size(1) - 1
+        seq, mask, action_mask = exp["seq"], exp["attention_mask"], exp["action_mask"]
+        answer_mask = action_mask[:, start:]
+        with torch.no_grad():
+            old_values = exp["value"] * action_mask
+            rewards = ppo_math.compute_rewards(
+                exp["logprobs"],
+                exp["ref_logprobs"],
+                exp["rewards"],
+                action_mask,
+                start,
+                self.kl_ctl,
+                cfg.clip_reward_value,
+            )
+            advantages, returns = ppo_math.gae(old_values, rewards, start, cfg.gamma, cfg.lam)
+
+        logits = self.actor(**lm_inputs(self.actor.module, seq, mask)).logits
+        log_probs = ppo_math.logprobs_of_labels(logits[:, :-1], seq[:, 1:])
+        actor_loss = ppo_math.actor_loss(
+            log_probs[:, start:], exp["logprobs"][:, start:], advantages, answer_mask, cfg.cliprange
+        )
+        self.actor.backward(actor_loss)
+        self.backend.mark_step()
+        self.actor.step()
+        self.backend.mark_step()
+
+        values = self.critic.forward_value(seq, mask, return_value_only=True)[:, :-1]
+        critic_loss = ppo_math.critic_loss(
+            values[:, start:], old_values[:, start:], returns, answer_mask, cfg.cliprange_value
+        )
+        self.critic.backward(critic_loss)
+        self.backend.mark_step()
+        self.critic.step()
+        self.backend.mark_step()
+        self.timings["training"] += time.time() - started
+        kl = ppo_math.masked_mean(exp["logprobs"][:, start:] - exp["ref_logprobs"][:, start:], answer_mask)
+        return {
+            "actor_loss": actor_loss.detach(),
+            "critic_loss": critic_loss.detach(),
+            "kl": kl.detach(),
+            "advantage": ppo_math.masked_mean(advantages, answer_mask).detach(),
+        }
+
+    def train_unsupervised(self, batch: dict[str, torch.Tensor], unsup_coef: float) -> torch.Tensor:
+        """The ptx term: an LM loss on unsupervised text, scaled by `unsup_coef`, own backward."""
+        logits = self.actor(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
+        loss = self.backend.lm_loss(logits, batch["labels"], fp32=True)
+        self.actor.backward(unsup_coef * loss)
+        self.backend.mark_step()
+        self.actor.step()
+        self.backend.mark_step()
+        return loss.detach()
+
+    def update_kl_controller(self, kl: float, n_steps: int) -> None:
+        if self.kl_controller is not None:
+            self.kl_controller.update(kl, n_steps)

@@ -1,0 +1,100 @@
+"""Step 2: reward model fine-tuning on chosen/rejected pairs; reports accuracy and mean scores."""
+
+from __future__ import annotations
+
+from dschat_hal import loop
+from dschat_hal.args import step2_parser, validate
+from dschat_hal.data import Collator, DataSpec, load_or_build
+from dschat_hal.errors import cli_entry
+from dschat_hal.models import create_reward_model, load_tokenizer, model_family
+from dschat_hal.runtime import (
+    ScalarWriter,
+    apply_lora,
+    dataloader,
+    is_rank0,
+    print_rank0,
+    setup,
+    training_engine,
+    zero3_load_config,
+)
+
+
+@cli_entry
+def main(argv: list[str]) -> dict:
+    args = validate(step2_parser().parse_args(argv))
+    backend = setup(args)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    spec = DataSpec(args.data_path, args.data_split, 2, args.seed, args.max_seq_len)
+    train_set, eval_set, _ = load_or_build(spec, tokenizer, args.data_output_path)
+    collate = Collator(2, tokenizer.pad_token_id, backend, args.max_seq_len)
+    train_loader = dataloader(train_set, collate, args.per_device_train_batch_size, args.seed)
+    eval_loader = dataloader(eval_set, collate, args.per_device_eval_batch_size, args.seed, shuffle=False)
+
+    fp32_loss = backend.compute_fp32_loss(model_family(args.model_name_or_path), args.compute_fp32_loss)
+    load_config = zero3_load_config(backend, args, args.zero_stage, args.per_device_train_batch_size)
+    model = create_reward_model(
+        args.model_name_or_path,
+        tokenizer,
+        load_config,
+        dropout=args.dropout,
+        compute_fp32_loss=fp32_loss,
+        seed=args.seed,
+    )
+    apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora)
+    engine = training_engine(
+        backend,
+        model,
+        args,
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        lora_lr=args.lora_learning_rate,
+        stage=args.zero_stage,
+        total_steps=loop.total_optimizer_steps(train_loader, args),
+        micro_batch=args.per_device_train_batch_size,
+        gradient_checkpointing=args.gradient_checkpointing,
+        job_name="step2_model",
+    )
+
+    def pair_loss(engine, batch):
+        backend.audit_shape("reward", batch["input_ids"])
+        return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["loss"]
+
+    def pair_metrics(engine, batch):
+        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        chosen, rejected = out["chosen_mean_scores"].float(), out["rejected_mean_scores"].float()
+        return {
+            "correct": (chosen > rejected).float().sum(),
+            "n": chosen.new_tensor(float(chosen.numel())),
+            "chosen": chosen.sum(),
+            "rejected": rejected.sum(),
+        }
+
+    def report(when: str) -> dict[str, float]:
+        totals = loop.evaluate(engine, eval_loader, pair_metrics, backend)
+        n = max(totals["n"], 1.0)
+        result = {
+            "accuracy": totals["correct"] / n,
+            "chosen_score": totals["chosen"] / n,
+            "rejected_score": totals["rejected"] / n,
+        }
+        print_rank0(
+            f"{when}: accuracy {result['accuracy']:.3f}, chosen score {result['chosen_score']:.3f}, "
+            f"rejected score {result['rejected_score']:.3f}"
+        )
+        return result
+
+    print_rank0(f"step 2 on {backend.describe()}: {len(train_set)} train / {len(eval_set)} eval pairs")
+    before = report("before training")
+    writer = ScalarWriter(args.tensorboard_path if args.enable_tensorboard else None, "step2")
+    losses = loop.train(engine, train_loader, pair_loss, backend, args, writer, "step2")
+    after = report("after training")
+    writer.add({f"step2/eval_{k}": v for k, v in after.items()}, engine.global_steps)
+    writer.close()
+    if args.output_dir:
+        engine.module.save(args.output_dir, tokenizer, is_writer=is_rank0())
+        print_rank0(f"saved the reward model to {args.output_dir}")
+    return {"losses": losses, "before": before, **after, "output_dir": args.output_dir}
+
+
+if __name__ == "__main__":
+    main()
