@@ -183,6 +183,22 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+SUMMARY_FILE = "training_summary.json"
+
+
+def write_summary(output_dir: str | None, summary: dict[str, Any]) -> None:
+    """Write a step's final numbers beside its outputs (rank 0; atomic replace)."""
+    import json
+
+    if not output_dir or not is_rank0():
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, SUMMARY_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=1, default=float)
+    os.replace(path + ".tmp", path)
+
+
 class ScalarWriter:
     """Pipeline-level TensorBoard scalars, written by rank 0 only (a no-op when disabled)."""
 

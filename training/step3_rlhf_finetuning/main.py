@@ -15,7 +15,7 @@ from dschat_hal.errors import cli_entry
 from dschat_hal.models import load_tokenizer, save_lm
 from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.trainer import PPOConfig, PPOTrainer
-from dschat_hal.runtime import ScalarWriter, all_reduce_mean, dataloader, is_rank0, print_rank0, setup
+from dschat_hal.runtime import ScalarWriter, all_reduce_mean, dataloader, is_rank0, print_rank0, setup, write_summary
 
 
 def split_batch(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> dict:
     for epoch in range(args.num_train_epochs):
         loader.sampler.set_epoch(epoch)
         unsup_iter = iter(unsup_loader) if unsup_loader else itertools.repeat(None)
-        for batch, unsup in zip(loader, unsup_iter):
+        for batch, unsup in zip(loader, unsup_iter, strict=False):
             batch = backend.to_device(batch)
             experiences.append(trainer.generate_experience(batch["prompt"], batch["prompt_att_mask"]))
             unsup_batches.append(backend.to_device(unsup))
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> dict:
                 continue
             stats = []
             for _ in range(args.ppo_epochs):
-                for exp, unsup_batch in zip(experiences, unsup_batches):
+                for exp, unsup_batch in zip(experiences, unsup_batches, strict=True):
                     for part in split_batch(exp, args.per_device_training_batch_size):
                         stats.append(trainer.train_rlhf(part))
                     if unsup_batch is not None:
@@ -133,7 +133,9 @@ def main(argv: list[str]) -> dict:
         if engine.actor_ema is not None:
             save_lm(engine.actor_ema.module, tokenizer, f"{args.output_dir}/actor_ema", is_writer=is_rank0())
         print_rank0(f"saved actor and critic under {args.output_dir}")
-    return {"history": history, "timings": timings, "output_dir": args.output_dir}
+    summary = {"history": history, "timings": timings, "output_dir": args.output_dir}
+    write_summary(args.output_dir, summary)
+    return summary
 
 
 if __name__ == "__main__":
