@@ -140,7 +140,8 @@ def step3_parser() -> argparse.ArgumentParser:
     add_data_args(p)
     add_optim_args(p, prefixes=("actor_", "critic_"), lr=5e-4)
     add_runtime_args(p)
-    p.set_defaults(actor_learning_rate=5e-4, critic_learning_rate=5e-4)
+    # no dropout by default in PPO: it would make the ratio π/π_old noisy (upstream's scripts pass 0.0 too)
+    p.set_defaults(actor_learning_rate=5e-4, critic_learning_rate=5e-4, actor_dropout=0.0, critic_dropout=0.0)
     return p
 
 

@@ -30,9 +30,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def answer(model, tokenizer, backend, conversation: str, max_new_tokens: int, greedy: bool) -> str:
     inputs = backend.to_device(tokenizer(conversation, return_tensors="pt", add_special_tokens=False))
     with torch.no_grad(), backend.generation_context(model) as generator:
-        out = generator.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=not greedy, top_p=0.9,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    text = tokenizer.decode(out[0, inputs["input_ids"].size(1):], skip_special_tokens=True)
+        out = generator.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=not greedy,
+            top_p=0.9,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    text = tokenizer.decode(out[0, inputs["input_ids"].size(1) :], skip_special_tokens=True)
     return text.split("Human:")[0].strip()
 
 

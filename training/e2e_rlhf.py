@@ -21,32 +21,37 @@ from pathlib import Path
 from accel import DEVICE_CHOICES
 
 ROOT = Path(__file__).resolve().parent
-SCRIPTS = {1: ROOT / "step1_supervised_finetuning" / "main.py", 2: ROOT / "step2_reward_model_finetuning" / "main.py",
-           3: ROOT / "step3_rlhf_finetuning" / "main.py"}
+SCRIPTS = {
+    1: ROOT / "step1_supervised_finetuning" / "main.py",
+    2: ROOT / "step2_reward_model_finetuning" / "main.py",
+    3: ROOT / "step3_rlhf_finetuning" / "main.py",
+}
 
 # Small enough for 2 CPU cores in about a minute, large enough to show learning.
 TINY_DEFAULTS = {
     1: "--max_seq_len 128 --per_device_train_batch_size 8 --num_train_epochs 6 --learning_rate 3e-3",
     2: "--max_seq_len 128 --per_device_train_batch_size 8 --num_train_epochs 2 --learning_rate 1e-3",
     3: "--max_prompt_seq_len 64 --max_answer_seq_len 32 --per_device_generation_batch_size 8 "
-       "--per_device_training_batch_size 8 --actor_learning_rate 5e-4 --critic_learning_rate 5e-4",
+    "--per_device_training_batch_size 8 --actor_learning_rate 5e-4 --critic_learning_rate 5e-4",
 }
 # DeepSpeed-Chat's single-node defaults for real models.
 MODEL_DEFAULTS = {
     1: "--max_seq_len 512 --per_device_train_batch_size 4 --per_device_eval_batch_size 4 --learning_rate 9.65e-6 "
-       "--weight_decay 0.1 --num_warmup_steps 0 --gradient_accumulation_steps 1",
+    "--weight_decay 0.1 --num_warmup_steps 0 --gradient_accumulation_steps 1",
     2: "--max_seq_len 512 --per_device_train_batch_size 4 --per_device_eval_batch_size 4 --learning_rate 5e-5 "
-       "--weight_decay 0.1 --num_padding_at_beginning 1",
+    "--weight_decay 0.1 --num_padding_at_beginning 1",
     3: "--max_prompt_seq_len 256 --max_answer_seq_len 256 --per_device_generation_batch_size 4 "
-       "--per_device_training_batch_size 4 --actor_learning_rate 9.65e-6 --critic_learning_rate 5e-6 "
-       "--actor_weight_decay 0.1 --critic_weight_decay 0.1 --num_warmup_steps 100",
+    "--per_device_training_batch_size 4 --actor_learning_rate 9.65e-6 --critic_learning_rate 5e-6 "
+    "--actor_weight_decay 0.1 --critic_weight_decay 0.1 --num_warmup_steps 100",
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--step", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
-    p.add_argument("--actor-model", default="tiny-opt", help="step 1 base model (tiny-opt|tiny-bloom|tiny-llama, dir, hub)")
+    p.add_argument(
+        "--actor-model", default="tiny-opt", help="step 1 base model (tiny-opt|tiny-bloom|tiny-llama, dir, hub)"
+    )
     p.add_argument("--reward-model", default="tiny-opt", help="step 2 base model")
     p.add_argument("--actor-zero-stage", type=int, default=2)
     p.add_argument("--reward-zero-stage", type=int, default=2)
@@ -77,18 +82,43 @@ def launcher(args: argparse.Namespace) -> list[str]:
 def step_command(step: int, args: argparse.Namespace, out: Path) -> list[str]:
     tiny = args.actor_model.startswith("tiny-") and args.reward_model.startswith("tiny-")
     defaults = (TINY_DEFAULTS if tiny else MODEL_DEFAULTS)[step]
-    common = ["--device", args.device, "--dtype", args.dtype, "--data_path", *args.data_path,
-              "--data_output_path", str(out / "data_cache")]
+    common = [
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--data_path",
+        *args.data_path,
+        "--data_output_path",
+        str(out / "data_cache"),
+    ]
     if step == 1:
         own = ["--model_name_or_path", args.actor_model, "--zero_stage", str(args.actor_zero_stage)]
     elif step == 2:
         own = ["--model_name_or_path", args.reward_model, "--zero_stage", str(args.reward_zero_stage)]
     else:
-        own = ["--actor_model_name_or_path", str(out / "actor"), "--critic_model_name_or_path", str(out / "reward"),
-               "--actor_zero_stage", str(args.actor_zero_stage), "--critic_zero_stage", str(args.reward_zero_stage)]
+        own = [
+            "--actor_model_name_or_path",
+            str(out / "actor"),
+            "--critic_model_name_or_path",
+            str(out / "reward"),
+            "--actor_zero_stage",
+            str(args.actor_zero_stage),
+            "--critic_zero_stage",
+            str(args.reward_zero_stage),
+        ]
     target = {1: out / "actor", 2: out / "reward", 3: out / "rlhf"}[step]
     extra = shlex.split(getattr(args, f"step{step}_args"))
-    return [*launcher(args), str(SCRIPTS[step]), *common, *own, *shlex.split(defaults), "--output_dir", str(target), *extra]
+    return [
+        *launcher(args),
+        str(SCRIPTS[step]),
+        *common,
+        *own,
+        *shlex.split(defaults),
+        "--output_dir",
+        str(target),
+        *extra,
+    ]
 
 
 def summary_line(step: int, result: dict) -> str:
@@ -110,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         if step == 3:
             for needed in ("actor", "reward"):
                 if not (out / needed / "config.json").exists():
-                    print(f"error: step 3 needs {out / needed} (run steps 1 and 2 first, or pass --step 1 2 3)",
-                          file=sys.stderr)
+                    print(
+                        f"error: step 3 needs {out / needed} (run steps 1 and 2 first, or pass --step 1 2 3)",
+                        file=sys.stderr,
+                    )
                     return 2
         cmd = step_command(step, args, out)
         print(f"==> step {step}: {shlex.join(cmd)}", flush=True)

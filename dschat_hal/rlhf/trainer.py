@@ -96,6 +96,8 @@ class PPOTrainer:
         start = time.time()
         seq = self.generate_sequence(prompts, prompt_mask)
         generated = time.time()
+        self.actor.eval()
+        self.critic.eval()
         prompt_len = prompts.size(1)
         answers = ppo_math.answer_mask(seq[:, prompt_len:], self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         usable = (answers.sum(-1, keepdim=True) > 1).long()
@@ -130,6 +132,8 @@ class PPOTrainer:
     def train_rlhf(self, exp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One PPO update of actor and critic on an experience batch; returns detached stats."""
         started = time.time()
+        self.actor.train()
+        self.critic.train()
         cfg = self.config
         start = exp["prompts"].size(1) - 1
         seq, mask, action_mask = exp["seq"], exp["attention_mask"], exp["action_mask"]

@@ -16,8 +16,8 @@ from dschat_hal.runtime import (
     is_rank0,
     print_rank0,
     setup,
-    write_summary,
     training_engine,
+    write_summary,
     zero3_load_config,
 )
 

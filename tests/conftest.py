@@ -1,0 +1,58 @@
+"""Shared fixtures: CPU environment, the fake HPU package, and one e2e run reused by several tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKES = Path(__file__).resolve().parent / "fakes"
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def run_script(
+    *args: str, env: dict | None = None, timeout: int = 600, stdin: str | None = None
+) -> subprocess.CompletedProcess:
+    """Run a repo script with this interpreter; output captured as text."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, input=stdin
+    )
+
+
+@pytest.fixture
+def fake_hpu(monkeypatch):
+    """Make the recording fake of `habana_frameworks` importable; removed again afterwards."""
+    monkeypatch.syspath_prepend(str(FAKES))
+    for name in [m for m in sys.modules if m.startswith("habana_frameworks")]:
+        monkeypatch.delitem(sys.modules, name)
+    import habana_frameworks.torch as htorch
+
+    htorch.core.reset()
+    htorch.hpu.reset()
+    htorch.hpex.optimizers.reset()
+    monkeypatch.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))
+    yield htorch
+    for name in [m for m in sys.modules if m.startswith("habana_frameworks")]:
+        sys.modules.pop(name)
+    import accel
+
+    accel.get("cpu")
+
+
+@pytest.fixture(scope="session")
+def e2e_output(tmp_path_factory) -> Path:
+    """The README's demo (all three steps, tiny OPT, CPU), run once as a user would."""
+    out = tmp_path_factory.mktemp("e2e") / "output"
+    result = run_script("training/e2e_rlhf.py", "--output-dir", str(out), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (out / "e2e_stdout.txt").write_text(result.stdout)
+    return out

@@ -1,0 +1,1 @@
+from habana_frameworks.torch.hpex import optimizers  # noqa: F401

@@ -1,0 +1,58 @@
+"""The HPU backend's decisions, exercised on the CPU through the recording fake of habana_frameworks."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import accel
+
+
+def test_hpu_backend_answers(fake_hpu):
+    hpu = accel.get("hpu")
+    assert hpu.name == "hpu" and hpu.simulated
+    assert hpu.dist_backend == "hccl"
+    assert hpu.default_dtype == torch.bfloat16
+    assert hpu.compute_fp32_loss("bloom") is True
+    assert hpu.compute_fp32_loss("llama") is False
+    assert hpu.compute_fp32_loss("bloom", user_flag=False) is False
+    assert hpu.wants_static_shapes
+    assert hpu.bucket_length(10, maximum=64) == 64  # static: always the configured maximum
+    assert hpu.zero_overrides() == {"overlap_comm": False}
+    assert os.environ["PT_HPU_LAZY_MODE"] == "1"
+
+
+def test_mark_step_is_recorded(fake_hpu):
+    hpu = accel.get("hpu")
+    for _ in range(3):
+        hpu.mark_step()
+    assert fake_hpu.core.calls == ["mark_step"] * 3
+
+
+def test_fused_adamw_is_chosen_and_used(fake_hpu):
+    hpu = accel.get("hpu")
+    cls = hpu.optimizer_class()
+    assert cls is fake_hpu.hpex.optimizers.FusedAdamW
+    model = torch.nn.Linear(3, 1)
+    optimizer = cls(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    before = model.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(before, model.weight)
+    assert fake_hpu.hpex.optimizers.instances == [optimizer]
+    assert hpu.optimizer_class(fused=False) is torch.optim.AdamW
+
+
+def test_hpu_graph_wrapping_is_recorded(fake_hpu):
+    hpu = accel.get("hpu")
+    model = torch.nn.Linear(2, 2)
+    assert hpu.wrap_in_graph(model) is model
+    assert fake_hpu.hpu.graph_wrapped == [model]
+
+
+def test_generation_context_flushes_before_and_after(fake_hpu):
+    hpu = accel.get("hpu")
+    with hpu.generation_context(torch.nn.Linear(1, 1)):
+        assert fake_hpu.core.calls == ["mark_step"]
+    assert fake_hpu.core.calls == ["mark_step", "mark_step"]
