@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from accel.base import DTYPE_NAMES, Accelerator, DeviceUnavailableError
+from accel.base import DTYPE_NAMES, Accelerator, DeviceUnavailableError, UnsupportedDtypeError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "hpu")
 
@@ -62,4 +62,13 @@ def current() -> Accelerator:
     return _current if _current is not None else get("auto")
 
 
-__all__ = ["Accelerator", "DeviceUnavailableError", "DEVICE_CHOICES", "DTYPE_NAMES", "current", "detect", "get"]
+__all__ = [
+    "Accelerator",
+    "DeviceUnavailableError",
+    "UnsupportedDtypeError",
+    "DEVICE_CHOICES",
+    "DTYPE_NAMES",
+    "current",
+    "detect",
+    "get",
+]

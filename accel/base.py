@@ -22,6 +22,10 @@ class DeviceUnavailableError(RuntimeError):
     """An explicitly requested device is not present or not usable."""
 
 
+class UnsupportedDtypeError(ValueError):
+    """A dtype the device cannot train in, or an unknown dtype name."""
+
+
 class Accelerator(abc.ABC):
     """One hardware backend. Callers ask it questions instead of checking device names."""
 
@@ -148,11 +152,13 @@ class Accelerator(abc.ABC):
         if name is None or name == "auto":
             return self.default_dtype
         if name not in DTYPE_NAMES:
-            raise ValueError(f"unknown --dtype {name!r}; use one of {', '.join(DTYPE_NAMES)}")
+            raise UnsupportedDtypeError(f"unknown --dtype {name!r}; use one of {', '.join(DTYPE_NAMES)}")
         dtype = DTYPE_NAMES[name]
         if dtype not in self.supported_dtypes:
             supported = ", ".join(k for k, v in DTYPE_NAMES.items() if v in self.supported_dtypes)
-            raise ValueError(f"--dtype {name} is not supported on {self.describe()}; use one of: {supported}")
+            raise UnsupportedDtypeError(
+                f"--dtype {name} is not supported on {self.describe()}; use one of: {supported}"
+            )
         return dtype
 
     # ---- communication ---------------------------------------------------------------------

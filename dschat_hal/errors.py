@@ -16,14 +16,14 @@ class UserError(Exception):
 
 def cli_entry(main: F) -> F:
     """Wrap a `main(argv)` so that user errors print one line instead of a traceback."""
-    from accel import DeviceUnavailableError
+    from accel import DeviceUnavailableError, UnsupportedDtypeError
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None):
         argv = sys.argv[1:] if argv is None else argv
         try:
             return main(argv)
-        except (UserError, DeviceUnavailableError, FileNotFoundError, ValueError) as err:
+        except (UserError, DeviceUnavailableError, UnsupportedDtypeError, FileNotFoundError) as err:
             if "--debug" in argv:
                 raise
             print(f"error: {err}", file=sys.stderr)

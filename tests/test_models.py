@@ -101,7 +101,7 @@ def test_lora_starts_equal_fuses_exactly_and_trains_only_factors(tokenizer):
     only_optimize_lora(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    with pytest.raises(ValueError, match="matches no linear layer"):
+    with pytest.raises(UserError, match="matches no linear layer"):
         convert_to_lora(create_lm("tiny-opt", tokenizer), "nothing.here", dim=4)
 
 

@@ -28,7 +28,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def answer(model, tokenizer, backend, conversation: str, max_new_tokens: int, greedy: bool) -> str:
-    inputs = backend.to_device(tokenizer(conversation, return_tensors="pt", add_special_tokens=False))
+    inputs = backend.to_device(
+        tokenizer(conversation, return_tensors="pt", add_special_tokens=False, return_token_type_ids=False)
+    )
     with torch.no_grad(), backend.generation_context(model) as generator:
         out = generator.generate(
             **inputs,

@@ -21,7 +21,8 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        rows, columns = self.weight.shape  # out_features, in_features
+        # out_features, in_features (a ZeRO-3 partitioned weight keeps its full shape in ds_shape)
+        rows, columns = getattr(self.weight, "ds_shape", self.weight.shape)
         self.lora_right_weight = nn.Parameter(torch.zeros(columns, dim, dtype=self.weight.dtype))
         self.lora_left_weight = nn.Parameter(torch.zeros(dim, rows, dtype=self.weight.dtype))
         nn.init.kaiming_uniform_(self.lora_right_weight, a=math.sqrt(5))  # left stays zero: starts as W
@@ -59,7 +60,9 @@ def convert_to_lora(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(getattr(parent, child), dim, scaling, dropout))
     if not names:
-        raise ValueError(
+        from dschat_hal.errors import UserError
+
+        raise UserError(
             f"--lora_module_name {part_module_name!r} matches no linear layer of the model; "
             "pick a substring of its layer names (e.g. 'decoder.layers.' for OPT, 'layers.' for llama, 'h.' for bloom)"
         )
