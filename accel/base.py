@@ -176,18 +176,27 @@ class Accelerator(abc.ABC):
         return {}
 
     def init_distributed(self) -> None:
-        """Initialise torch.distributed through DeepSpeed: with or without a launcher."""
+        """Initialise torch.distributed through DeepSpeed: under a launcher (torchrun, deepspeed)
+        from its environment, or as a world of one without one — without exporting RANK or
+        MASTER_PORT, so that child processes never inherit this process's rendezvous."""
         import deepspeed
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             return
-        if "RANK" not in os.environ:  # one process, no launcher: act as a world of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         self.set_device()
-        deepspeed.init_distributed(self.comm_backend(), dist_init_required=True)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            deepspeed.init_distributed(self.comm_backend(), dist_init_required=True)
+        else:
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it; harmless to children
+            deepspeed.init_distributed(
+                self.comm_backend(),
+                auto_mpi_discovery=False,
+                dist_init_required=True,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0,
+                world_size=1,
+            )
 
     def set_device(self) -> None:
         """Bind this process to its local device (no-op where there is one device)."""

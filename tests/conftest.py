@@ -22,7 +22,8 @@ def run_script(
     *args: str, env: dict | None = None, timeout: int = 600, stdin: str | None = None
 ) -> subprocess.CompletedProcess:
     """Run a repo script with this interpreter; output captured as text."""
-    full_env = {**os.environ, **(env or {})}
+    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    full_env = {k: v for k, v in os.environ.items() if k not in launcher_vars} | (env or {})
     return subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, input=stdin
     )
