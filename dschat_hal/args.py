@@ -128,6 +128,7 @@ def step3_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsup_coef", type=float, default=27.8)
     p.add_argument("--per_device_unsup_batch_size", type=int, default=4)
     p.add_argument("--kl_ctl", type=float, default=0.1, help="KL penalty coefficient")
+    p.add_argument("--target_kl", type=float, default=None, help="adapt kl_ctl towards this KL (off by default)")
     p.add_argument("--clip_reward_value", type=float, default=5.0)
     p.add_argument("--cliprange", type=float, default=0.2)
     p.add_argument("--cliprange_value", type=float, default=0.2)

@@ -26,16 +26,22 @@ def _prompts() -> list[tuple[str, str]]:
     return pairs
 
 
-def write_feature_task(out_dir: str | Path, feature_rate: float = 0.05, seed: int = 0) -> dict[str, Path]:
+def write_feature_task(out_dir: str | Path, feature_rate: float = 0.2, seed: int = 0) -> dict[str, Path]:
     """Write `sft/` and `rm/` datasets (train.json + eval.json) under `out_dir`; returns their paths."""
     rng = random.Random(seed)
     out = Path(out_dir)
+    prompts = _prompts()
+    words = sorted({w for _, body in prompts for w in body.strip(" .").split()} | {"a", "the", "in", "and"})
     sft, rm = [], []
-    for prompt, body in _prompts():
+    for prompt, body in prompts:
         other = rng.choice(OTHER_OPENERS)
         opener = FEATURE if rng.random() < feature_rate else other
         sft.append({"prompt": prompt, "chosen": f"{opener},{body}", "rejected": f"{other},{body}"})
         rm.append({"prompt": prompt, "chosen": f"{FEATURE},{body}", "rejected": f"{other},{body}"})
+        # the same word soup on both sides: only the feature separates them, so degenerate text
+        # without the feature cannot score well (no reward hacking through odd bodies)
+        soup = " " + " ".join(rng.choices(words, k=rng.randint(1, 8))) + "."
+        rm.append({"prompt": prompt, "chosen": f"{FEATURE},{soup}", "rejected": f"{rng.choice(OTHER_OPENERS)},{soup}"})
     paths = {}
     for name, rows in (("sft", sft), ("rm", rm)):
         directory = out / name

@@ -64,7 +64,7 @@ def main(argv: list[str]) -> dict:
             gamma=args.gamma,
             lam=args.lam,
             temperature=args.temperature,
-            target_kl=getattr(args, "target_kl", None),
+            target_kl=args.target_kl,
         ),
     )
     writer = ScalarWriter(args.tensorboard_path if args.enable_tensorboard else None, "step3")
