@@ -50,7 +50,17 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard_path", default="step_tensorboard")
     g.add_argument("--print_loss", action="store_true", help="print the loss of every step")
     g.add_argument("--log_interval", type=int, default=10, help="steps between progress lines (host syncs)")
-    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
+    g.add_argument(
+        "--max_steps",
+        type=int,
+        default=0,
+        help="stop after this many optimizer steps (0: no limit); the lr schedule still spans the epochs",
+    )
+    g.add_argument("--save_interval", type=int, default=0, help="save a resumable checkpoint every N steps (0: off)")
+    g.add_argument("--checkpoint_dir", default=None, help="where checkpoints go (default: OUTPUT_DIR_checkpoints)")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    g.add_argument("--max_bad_steps", type=int, default=0, help="non-finite/overflow steps tolerated before stopping")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
@@ -153,4 +163,8 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     lora_dims = [getattr(args, k) for k in ("lora_dim", "actor_lora_dim", "critic_lora_dim") if hasattr(args, k)]
     if args.only_optimize_lora and not any(lora_dims):
         raise UserError("--only_optimize_lora needs LoRA: add --lora_dim (or --actor_lora_dim/--critic_lora_dim) > 0")
+    if args.resume and not (args.checkpoint_dir or args.output_dir):
+        raise UserError("--resume needs to know where checkpoints are: pass --output_dir or --checkpoint_dir")
+    if args.save_interval and not (args.checkpoint_dir or args.output_dir):
+        raise UserError("--save_interval needs --output_dir or --checkpoint_dir")
     return args

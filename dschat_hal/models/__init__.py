@@ -2,7 +2,12 @@
 
 from dschat_hal.models.checkpoint import atomic_directory, gathered_state_dict, save_lm
 from dschat_hal.models.lm import check_model_source, create_lm, load_tokenizer, model_family
-from dschat_hal.models.reward_model import RewardModel, create_reward_model, is_reward_checkpoint
+from dschat_hal.models.reward_model import (
+    RewardModel,
+    create_reward_model,
+    is_reward_checkpoint,
+    require_reward_checkpoint,
+)
 
 __all__ = [
     "RewardModel",

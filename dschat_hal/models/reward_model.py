@@ -123,6 +123,20 @@ def is_reward_checkpoint(path: str | Path) -> bool:
     return (Path(path) / HEAD_FILE).exists()
 
 
+def require_reward_checkpoint(name_or_path: str) -> None:
+    """Step 3's critic must start from step 2's output: a local directory needs the value head."""
+    from dschat_hal.errors import UserError
+    from dschat_hal.models.lm import check_model_source
+
+    check_model_source(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and not is_reward_checkpoint(path):
+        raise UserError(
+            f"--critic_model_name_or_path {path} is not a step-2 reward model (no {HEAD_FILE}); "
+            "run step 2 first and pass its --output_dir"
+        )
+
+
 def create_reward_model(
     name_or_path: str,
     tokenizer: PreTrainedTokenizerBase,

@@ -12,7 +12,7 @@ from dschat_hal.args import step3_parser, validate
 from dschat_hal.data import Collator, DataSpec, load_or_build
 from dschat_hal.data.unsupervised import block_dataset, collate_blocks, read_texts
 from dschat_hal.errors import cli_entry
-from dschat_hal.models import load_tokenizer, save_lm
+from dschat_hal.models import load_tokenizer, require_reward_checkpoint, save_lm
 from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.trainer import PPOConfig, PPOTrainer
 from dschat_hal.runtime import ScalarWriter, all_reduce_mean, dataloader, is_rank0, print_rank0, setup, write_summary
@@ -28,6 +28,7 @@ def split_batch(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, tor
 def main(argv: list[str]) -> dict:
     args = validate(step3_parser().parse_args(argv))
     backend = setup(args)
+    require_reward_checkpoint(args.critic_model_name_or_path)
     tokenizer = load_tokenizer(args.actor_model_name_or_path)
     spec = DataSpec(args.data_path, args.data_split, 3, args.seed, max_prompt_seq_len=args.max_prompt_seq_len)
     prompts, _, dropped = load_or_build(spec, tokenizer, args.data_output_path)
