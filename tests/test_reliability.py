@@ -156,3 +156,33 @@ def test_non_finite_loss_stops_training(tmp_path, capsys):
         ],
         "training stopped:",
     )
+
+
+def test_step3_resume_continues_the_same_rewards(tmp_path, e2e_output):
+    args = [
+        "--device",
+        "cpu",
+        "--data_output_path",
+        str(tmp_path / "cache"),
+        "--seed",
+        "9",
+        "--actor_model_name_or_path",
+        str(e2e_output / "actor"),
+        "--critic_model_name_or_path",
+        str(e2e_output / "reward"),
+        "--max_prompt_seq_len",
+        "48",
+        "--max_answer_seq_len",
+        "8",
+        "--per_device_generation_batch_size",
+        "4",
+        "--per_device_training_batch_size",
+        "4",
+        "--enable_test_mode",
+    ]
+    full = step3([*args, "--test_stop_step", "4", "--output_dir", str(tmp_path / "full")])["history"]
+    step3([*args, "--test_stop_step", "2", "--save_interval", "1", "--output_dir", str(tmp_path / "run")])
+    resumed = step3([*args, "--test_stop_step", "4", "--resume", "--output_dir", str(tmp_path / "run")])["history"]
+    assert len(resumed) == 2
+    for key in ("reward", "actor_loss", "critic_loss"):
+        assert [r[key] for r in resumed] == pytest.approx([r[key] for r in full[2:]], abs=1e-4), key

@@ -17,7 +17,8 @@ __all__ = [
     "create_reward_model",
     "gathered_state_dict",
     "is_reward_checkpoint",
-    "save_lm",
     "load_tokenizer",
     "model_family",
+    "require_reward_checkpoint",
+    "save_lm",
 ]

@@ -54,6 +54,8 @@ class PPOTrainer:
         )
         self.z3 = engine.args.actor_zero_stage == 3
         self.timings: dict[str, float] = {"generation": 0.0, "experience": 0.0, "training": 0.0}
+        self._timings_at_last_step = dict(self.timings)
+        self.last_experience: dict[str, torch.Tensor] = {}
 
     @property
     def kl_ctl(self) -> float:
@@ -116,7 +118,7 @@ class PPOTrainer:
         action_mask = mask[:, 1:] * torch.cat([torch.ones_like(prompt_mask[:, 1:]), usable.expand_as(answers)], dim=1)
         self.timings["generation"] += generated - start
         self.timings["experience"] += time.time() - generated
-        return {
+        self.last_experience = {
             "prompts": prompts,
             "seq": seq,
             "attention_mask": mask,
@@ -127,6 +129,7 @@ class PPOTrainer:
             "rewards": reward.float(),
             "answer_length": answers.sum(-1),
         }
+        return self.last_experience
 
     # ---- training ----------------------------------------------------------------------------
     def train_rlhf(self, exp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -190,6 +193,47 @@ class PPOTrainer:
         self.backend.mark_step()
         return loss.detach()
 
-    def update_kl_controller(self, kl: float, n_steps: int) -> None:
+    def describe_sample(self, exp: dict[str, torch.Tensor]) -> str:
+        """The first prompt and answer of an experience batch, decoded."""
+        prompt_len = exp["prompts"].size(1)
+        decode = self.tokenizer.decode
+        return (
+            f"  prompt: {decode(exp['seq'][0, :prompt_len], skip_special_tokens=True)}\n"
+            f"  answer: {decode(exp['seq'][0, prompt_len:], skip_special_tokens=True)}"
+        )
+
+    @staticmethod
+    def stats_tensor(record: dict[str, float], keys: tuple[str, ...]) -> torch.Tensor:
+        return torch.tensor([record[k] for k in keys])
+
+    def train_on(
+        self, experiences: list[dict], unsup_batches: list, ppo_epochs: int, batch_size: int, unsup_coef: float
+    ) -> dict[str, float]:
+        """PPO epochs over collected experience (cut into training micro-batches), the ptx term,
+        the EMA update and the KL controller; returns this step's statistics, averaged over ranks."""
+        from dschat_hal.runtime import all_reduce_mean
+
+        timings_before = dict(self._timings_at_last_step)
+        stats = []
+        for _ in range(ppo_epochs):
+            for exp, unsup in zip(experiences, unsup_batches, strict=True):
+                n = exp["seq"].size(0)
+                for i in range(0, n, batch_size):
+                    stats.append(self.train_rlhf({k: v[i : i + batch_size] for k, v in exp.items()}))
+                if unsup is not None:
+                    stats[-1]["unsup_loss"] = self.train_unsupervised(unsup, unsup_coef)
+            self.rlhf.update_ema()
+        lengths = torch.cat([e["answer_length"] for e in experiences]).float()
+        values = {key: torch.stack([s[key] for s in stats]).mean() for key in stats[0]}
+        values.update(
+            reward=torch.cat([e["rewards"] for e in experiences]).mean(),
+            answer_length=lengths.mean(),
+            short_answers=(lengths <= 1).float().mean(),
+        )
+        record = {key: all_reduce_mean(value).item() for key, value in values.items()}
+        record["kl_ctl"] = self.kl_ctl
         if self.kl_controller is not None:
-            self.kl_controller.update(kl, n_steps)
+            self.kl_controller.update(record["kl"], len(stats))
+        record.update({f"{phase}_s": self.timings[phase] - timings_before.get(phase, 0.0) for phase in self.timings})
+        self._timings_at_last_step = dict(self.timings)
+        return record
