@@ -8,6 +8,7 @@ import math
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
+from training import plot_metrics
 from training.step3_rlhf_finetuning.main import main as step3
 
 
@@ -73,3 +74,6 @@ def test_ema_ptx_tensorboard_and_adaptive_kl(e2e_output, tmp_path):
         assert tag in tags
         values = [e.value for e in events.Scalars(tag)]
         assert len(values) == 3 and all(math.isfinite(v) for v in values)
+    png = tmp_path / "metrics.png"
+    assert plot_metrics.main(["--logdir", str(tmp_path / "tb"), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
