@@ -38,6 +38,7 @@ class Accelerator(abc.ABC):
         self.local_rank = max(local_rank, 0)
         self.bucket_sizes: tuple[int, ...] = ()  # empty: identity bucketing
         self.shape_audit: dict[str, set[tuple]] | None = None
+        self.use_graphs = False  # capture generation in device graphs where the backend can
 
     # ---- availability -------------------------------------------------------------------
     @classmethod

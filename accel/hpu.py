@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 # Environment a Gaudi user would set; the backend sets the defaults it needs before the import.
 HPU_ENV_DEFAULTS = {
     "PT_HPU_LAZY_MODE": "1",  # lazy graph mode, mark_step-driven
+    "PT_HPU_ENABLE_LAZY_COLLECTIVES": "true",  # needed by ZeRO-3 / tensor parallelism in lazy mode
 }
 
 
@@ -135,6 +136,10 @@ class HpuAccelerator(Accelerator):
 
     @contextlib.contextmanager
     def generation_context(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """Flush the training graph, generate (in an HPU graph with --enable_hpu_graphs), flush again."""
+        if self.use_graphs and not getattr(model, "_hpu_graph_wrapped", False):
+            model = self.wrap_in_graph(model)
+            model._hpu_graph_wrapped = True
         self.mark_step()
         try:
             yield model

@@ -61,6 +61,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     g.add_argument("--max_bad_steps", type=int, default=0, help="non-finite/overflow steps tolerated before stopping")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--audit_shapes", action="store_true", help="record the distinct input shapes each model sees")
+    g.add_argument("--enable_hpu_graphs", action="store_true", help="HPU: capture generation in HPU graphs")
     g.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 

@@ -27,6 +27,9 @@ def setup(args: argparse.Namespace) -> Accelerator:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     backend = accel.get(args.device, local_rank=args.local_rank if args.local_rank >= 0 else None)
     backend.set_buckets(args.bucket_lengths)
+    backend.use_graphs = args.enable_hpu_graphs
+    if args.audit_shapes:
+        backend.enable_shape_audit()
     backend.init_distributed()
     _silence_deepspeed()
     backend.manual_seed(args.seed)
@@ -165,12 +168,25 @@ def inference_engine(
 
 
 def dataloader(dataset, collate, batch_size: int, seed: int, shuffle: bool = True):
-    """A loader that gives each rank its own shard (deterministic for a seed)."""
+    """A loader that gives each rank its own shard (deterministic for a seed). A device that wants
+    static shapes never sees a smaller last batch (it is dropped)."""
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
-    sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+    import accel
+
+    drop_last = accel.current().wants_static_shapes and len(dataset) >= batch_size * world_size()
+    sampler = DistributedSampler(
+        dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=drop_last)
+
+
+def shape_counts(backend: Accelerator) -> dict[str, int] | None:
+    """Distinct input shapes per model, when `--audit_shapes` is on."""
+    if backend.shape_audit is None:
+        return None
+    return {model: len(shapes) for model, shapes in backend.shape_audit.items()}
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

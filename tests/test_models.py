@@ -142,3 +142,10 @@ def test_saved_actor_loads_with_transformers(tmp_path, tokenizer):
     save_lm(model, tokenizer, tmp_path / "actor")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "actor")
     assert torch.allclose(plain(ids).logits, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["opt", "bloom", "llama"])
+def test_dropout_flag_reaches_the_modules(family, tokenizer):
+    model = create_lm(f"tiny-{family}", tokenizer, dropout=0.0).train()
+    ids = torch.randint(3, 100, (2, 8))
+    assert torch.equal(model(ids).logits, model(ids).logits)  # no dropout left in train mode

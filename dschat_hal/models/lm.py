@@ -113,12 +113,11 @@ def create_lm(
     Pad and end tokens follow the tokenizer; the vocabulary is resized to a multiple of 8.
     """
     if is_tiny(name_or_path):
-        model = tiny_model(name_or_path, padded_vocab_size(tokenizer), seed=seed)
+        model = tiny_model(name_or_path, padded_vocab_size(tokenizer), seed=seed, dropout=dropout)
     else:
         config = AutoConfig.from_pretrained(name_or_path)
         set_dropout(config, dropout)
         model = load_pretrained(AutoModelForCausalLM, name_or_path, ds_config, config=config)
-    set_dropout(model.config, dropout)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.end_token_id = tokenizer.eos_token_id
     if model.get_input_embeddings().num_embeddings < len(tokenizer):

@@ -148,12 +148,11 @@ def create_reward_model(
     """A reward model (or critic): from a step-2 checkpoint (head included), or a fresh head on a
     backbone taken from a tiny name, a causal-LM directory or a hub name."""
     if is_tiny(name_or_path):
-        backbone = tiny_model(name_or_path, padded_vocab_size(tokenizer), seed=seed, head=False)
+        backbone = tiny_model(name_or_path, padded_vocab_size(tokenizer), seed=seed, head=False, dropout=dropout)
     else:
         config = AutoConfig.from_pretrained(name_or_path)
         set_dropout(config, dropout)
         backbone = load_pretrained(AutoModel, name_or_path, ds_config, config=config)
-    set_dropout(backbone.config, dropout)
     backbone.config.pad_token_id = tokenizer.pad_token_id
     if backbone.get_input_embeddings().num_embeddings < len(tokenizer):
         backbone.resize_token_embeddings(padded_vocab_size(tokenizer))

@@ -62,11 +62,16 @@ def is_tiny(name: str) -> bool:
     return name in TINY_MODELS
 
 
-def tiny_model(name: str, vocab_size: int, seed: int = 42, head: bool = True) -> torch.nn.Module:
+def tiny_model(
+    name: str, vocab_size: int, seed: int = 42, head: bool = True, dropout: float | None = None
+) -> torch.nn.Module:
     """Random-weight tiny model, seeded; `head=False` returns the backbone (for reward models)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
+    from dschat_hal.models.lm import set_dropout
+
     config = tiny_config(TINY_MODELS[name], vocab_size)
+    set_dropout(config, dropout)  # before construction: modules copy their dropout rate from the config
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return (AutoModelForCausalLM if head else AutoModel).from_config(config)

@@ -154,6 +154,7 @@ class PPOTrainer:
             )
             advantages, returns = ppo_math.gae(old_values, rewards, start, cfg.gamma, cfg.lam)
 
+        self.backend.audit_shape("actor_train", seq)
         logits = self.actor(**lm_inputs(self.actor.module, seq, mask)).logits
         log_probs = ppo_math.logprobs_of_labels(logits[:, :-1], seq[:, 1:])
         actor_loss = ppo_math.actor_loss(

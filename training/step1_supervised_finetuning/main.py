@@ -16,6 +16,7 @@ from dschat_hal.runtime import (
     is_rank0,
     print_rank0,
     setup,
+    shape_counts,
     training_engine,
     write_summary,
     zero3_load_config,
@@ -78,7 +79,13 @@ def main(argv: list[str]) -> dict:
     if args.output_dir:
         save_lm(engine.module, tokenizer, args.output_dir, is_writer=is_rank0())
         print_rank0(f"saved the actor to {args.output_dir}")
-    summary = {"losses": losses, "perplexity_before": before, "perplexity": after, "output_dir": args.output_dir}
+    summary = {
+        "shape_counts": shape_counts(backend),
+        "losses": losses,
+        "perplexity_before": before,
+        "perplexity": after,
+        "output_dir": args.output_dir,
+    }
     write_summary(args.output_dir, summary)
     return summary
 

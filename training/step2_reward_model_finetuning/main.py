@@ -14,6 +14,7 @@ from dschat_hal.runtime import (
     is_rank0,
     print_rank0,
     setup,
+    shape_counts,
     training_engine,
     write_summary,
     zero3_load_config,
@@ -94,7 +95,13 @@ def main(argv: list[str]) -> dict:
     if args.output_dir:
         engine.module.save(args.output_dir, tokenizer, is_writer=is_rank0())
         print_rank0(f"saved the reward model to {args.output_dir}")
-    summary = {"losses": losses, "before": before, **after, "output_dir": args.output_dir}
+    summary = {
+        "shape_counts": shape_counts(backend),
+        "losses": losses,
+        "before": before,
+        **after,
+        "output_dir": args.output_dir,
+    }
     write_summary(args.output_dir, summary)
     return summary
 

@@ -14,7 +14,7 @@ from dschat_hal.loop import HealthGuard, load_checkpoint, progress, save_checkpo
 from dschat_hal.models import load_tokenizer, require_reward_checkpoint, save_lm
 from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.trainer import PPOConfig, PPOTrainer
-from dschat_hal.runtime import ScalarWriter, dataloader, is_rank0, print_rank0, setup, write_summary
+from dschat_hal.runtime import ScalarWriter, dataloader, is_rank0, print_rank0, setup, shape_counts, write_summary
 
 HEALTH_KEYS = ("reward", "advantage", "actor_loss", "critic_loss", "kl")
 
@@ -128,7 +128,12 @@ def main(argv: list[str]) -> dict:
         if engine.actor_ema is not None:
             save_lm(engine.actor_ema.module, tokenizer, f"{args.output_dir}/actor_ema", is_writer=is_rank0())
         print_rank0(f"saved actor and critic under {args.output_dir}")
-    summary = {"history": history, "timings": trainer.timings, "output_dir": args.output_dir}
+    summary = {
+        "shape_counts": shape_counts(backend),
+        "history": history,
+        "timings": trainer.timings,
+        "output_dir": args.output_dir,
+    }
     write_summary(args.output_dir, summary)
     return summary
 
