@@ -9,7 +9,7 @@ import time
 from dschat_hal.args import step3_parser, validate
 from dschat_hal.data import Collator, DataSpec, load_or_build
 from dschat_hal.data.unsupervised import block_dataset, collate_blocks, read_texts
-from dschat_hal.errors import cli_entry
+from dschat_hal.errors import UserError, cli_entry
 from dschat_hal.loop import HealthGuard, load_checkpoint, progress, save_checkpoint, set_rng_state
 from dschat_hal.models import load_tokenizer, require_reward_checkpoint, save_lm
 from dschat_hal.rlhf.engine import RLHFEngine
@@ -35,7 +35,17 @@ def report(step: int, epoch: int, record: dict, started: float) -> str:
 def main(argv: list[str]) -> dict:
     args = validate(step3_parser().parse_args(argv))
     require_reward_checkpoint(args.critic_model_name_or_path)
+    if args.hybrid_engine == "deepspeed":
+        raise UserError(
+            "--hybrid_engine deepspeed is not supported: DeepSpeed's Hybrid Engine crashes or silently "
+            "falls back with transformers 4.55; drop the flag"
+        )
     backend = setup(args)
+    if args.enable_hybrid_engine:
+        print_rank0(
+            "note: --enable_hybrid_engine: the project's hybrid engine is not built yet; "
+            "generating with plain generate() through the device's generation context"
+        )
     tokenizer = load_tokenizer(args.actor_model_name_or_path)
     spec = DataSpec(args.data_path, args.data_split, 3, args.seed, max_prompt_seq_len=args.max_prompt_seq_len)
     prompts, _, dropped = load_or_build(spec, tokenizer, args.data_output_path)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Shared by the example scripts: options, device defaults and the launcher.
+#   --device hpu|cuda   hardware (default cuda)
+#   --num-devices N     devices per node for the deepspeed launcher (default: all)
+#   --output DIR        where actor/, reward/ and rlhf/ go (default: output/<family>)
+#   --tiny              the same script with the bundled tiny model on the CPU, a few steps (CI)
+# Anything else is passed to the training script.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+DEVICE=cuda
+NUM_DEVICES=""
+TINY=0
+OUTPUT=""
+EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE="$2"; shift 2 ;;
+    --num-devices) NUM_DEVICES="$2"; shift 2 ;;
+    --output) OUTPUT="$2"; shift 2 ;;
+    --tiny) TINY=1; shift ;;
+    *) EXTRA+=("$1"); shift ;;
+  esac
+done
+case "$DEVICE" in
+  hpu|cuda) ;;
+  *) echo "error: --device must be hpu or cuda (got '$DEVICE'); use --tiny to run on the CPU" >&2; exit 2 ;;
+esac
+OUTPUT="${OUTPUT:-$ROOT/output/$FAMILY}"
+mkdir -p "$OUTPUT"
+
+# Device defaults: bf16 on Gaudi2/A100/H100; HPU graphs for generation on Gaudi.
+if [ "$DEVICE" = hpu ]; then
+  DEVICE_FLAGS=(--dtype bf16)
+  GENERATION_FLAGS=(--enable_hpu_graphs)
+else
+  DEVICE_FLAGS=(--dtype bf16)
+  GENERATION_FLAGS=()
+fi
+
+# launch SCRIPT ARGS... : the deepspeed launcher on devices; one CPU process with --tiny.
+launch() {
+  local script="$ROOT/$1"; shift
+  if [ "$TINY" = 1 ]; then
+    "$PYTHON" "$script" "$@" --device cpu --data_output_path "$OUTPUT/data_cache" "${EXTRA[@]}"
+  else
+    deepspeed ${NUM_DEVICES:+--num_gpus "$NUM_DEVICES"} "$script" "$@" --device "$DEVICE" "${DEVICE_FLAGS[@]}" "${EXTRA[@]}"
+  fi
+}
