@@ -41,3 +41,11 @@ def test_family_scripts_run_tiny(family, tmp_path):
 def test_scripts_reject_an_unknown_device(tmp_path):
     result = run("bloom/step1_bloom_1b1.sh", "--device", "tpu", "--tiny", "--output", str(tmp_path))
     assert result.returncode == 2 and "--device must be hpu or cuda" in result.stderr
+
+
+def test_validate_gaudi_reports_a_non_gaudi_machine(tmp_path):
+    result = run("validate_gaudi.sh", "--skip-install", "--output", str(tmp_path))
+    assert result.returncode == 1
+    assert "| habana_frameworks importable" in result.stdout and "FAIL" in result.stdout
+    assert "validation FAILED" in result.stdout
+    assert "not a working Gaudi image" in result.stderr

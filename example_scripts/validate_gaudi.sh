@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Validate dschat-hal inside a Gaudi Docker image (vault.habana.ai/gaudi-docker/<release>/...):
+#   bash example_scripts/validate_gaudi.sh [--num-devices N] [--skip-install] [--output DIR]
+# Checks the image, installs requirements-hpu.txt, runs the three steps with the tiny model on the
+# HPU, then the bloom scripts for a few steps, and prints a pass/fail table with timings.
+# Stops at the first failed check of the image (nothing else can pass without it).
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+NUM_DEVICES=""
+INSTALL=1
+OUTPUT="$ROOT/output/validate_gaudi"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --num-devices) NUM_DEVICES="$2"; shift 2 ;;
+    --skip-install) INSTALL=0; shift ;;
+    --output) OUTPUT="$2"; shift 2 ;;
+    *) echo "error: unknown option $1 (use --num-devices N, --skip-install, --output DIR)" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$OUTPUT"
+ROWS=()
+FAILED=0
+
+# check NAME COMMAND... : run, time, and record PASS/FAIL (log in $OUTPUT/NAME.log)
+check() {
+  local name="$1"; shift
+  local log="$OUTPUT/${name//[^A-Za-z0-9]/_}.log" start=$SECONDS status
+  if "$@" >"$log" 2>&1; then status=PASS; else status=FAIL; FAILED=$((FAILED + 1)); fi
+  ROWS+=("$(printf '| %-34s | %-4s | %8d | %s |' "$name" "$status" "$((SECONDS - start))" "$log")")
+  [ "$status" = PASS ]
+}
+
+table() {
+  printf '\n| %-34s | %-4s | %8s | %s |\n|---|---|---|---|\n' "check" "result" "time (s)" "log"
+  printf '%s\n' "${ROWS[@]}"
+  echo
+  if [ "$FAILED" -eq 0 ]; then echo "validation passed"; else echo "validation FAILED ($FAILED checks)"; fi
+}
+
+image_ok=1
+check "habana_frameworks importable" "$PYTHON" -c "import habana_frameworks.torch.core, habana_frameworks.torch.hpu as h; assert h.is_available()" || image_ok=0
+check "hl-smi sees the cards" hl-smi || image_ok=0
+check "DeepSpeed is HabanaAI's fork" "$PYTHON" -c "import os; os.environ['DS_ACCELERATOR']='hpu'; from deepspeed.accelerator import get_accelerator as g; assert g().device_name() == 'hpu'" || image_ok=0
+if [ "$image_ok" = 0 ]; then
+  table
+  echo "error: this is not a working Gaudi image; run inside vault.habana.ai/gaudi-docker (see the logs above)" >&2
+  exit 1
+fi
+if [ "$INSTALL" = 1 ]; then
+  check "install requirements-hpu.txt" "$PYTHON" -m pip install -q -r "$ROOT/requirements-hpu.txt" -e "$ROOT" --no-deps
+fi
+check "e2e three steps, tiny, hpu" "$PYTHON" "$ROOT/training/e2e_rlhf.py" --device hpu --output-dir "$OUTPUT/tiny"
+DEV=(--device hpu --output "$OUTPUT/bloom" ${NUM_DEVICES:+--num-devices "$NUM_DEVICES"})
+check "bloom step 1 (10 steps)" bash "$ROOT/example_scripts/bloom/step1_bloom_1b1.sh" "${DEV[@]}" --max_steps 10
+check "bloom step 2 (10 steps)" bash "$ROOT/example_scripts/bloom/step2_bloom_560m.sh" "${DEV[@]}" --max_steps 10
+check "bloom step 3 (3 PPO steps)" bash "$ROOT/example_scripts/bloom/step3_bloom_1b1_560m.sh" "${DEV[@]}" --enable_test_mode --test_stop_step 3
+table
+[ "$FAILED" -eq 0 ]
