@@ -142,6 +142,36 @@ def training_engine(
     return engine
 
 
+def engine_from_flags(
+    backend: Accelerator,
+    model: nn.Module,
+    args: argparse.Namespace,
+    prefix: str,
+    *,
+    total_steps: int,
+    micro_batch: int,
+    job_name: str,
+):
+    """`training_engine` configured by one model's flag family (`--{prefix}learning_rate`, ...)."""
+
+    def flag(name: str):
+        return getattr(args, f"{prefix}{name}")
+
+    return training_engine(
+        backend,
+        model,
+        args,
+        lr=flag("learning_rate"),
+        weight_decay=flag("weight_decay"),
+        lora_lr=flag("lora_learning_rate"),
+        stage=flag("zero_stage"),
+        total_steps=total_steps,
+        micro_batch=micro_batch,
+        gradient_checkpointing=flag("gradient_checkpointing"),
+        job_name=job_name,
+    )
+
+
 def zero3_load_config(backend: Accelerator, args: argparse.Namespace, stage: int, micro_batch: int) -> dict | None:
     """The config `from_pretrained` needs to partition weights while loading (ZeRO-3 only)."""
     from dschat_hal.ds_config import train_ds_config

@@ -10,7 +10,7 @@ import torch
 
 from accel import Accelerator
 from dschat_hal.models import create_lm, create_reward_model, model_family
-from dschat_hal.runtime import apply_lora, inference_engine, training_engine, zero3_load_config
+from dschat_hal.runtime import apply_lora, engine_from_flags, inference_engine, zero3_load_config
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,13 @@ class RLHFEngine:
 
     def _init_actor(self, total_iters: int):
         start, args = time.time(), self.args
-        engine = training_engine(
+        engine = engine_from_flags(
             self.backend,
             self._actor_model(lora=True),
             args,
-            lr=args.actor_learning_rate,
-            weight_decay=args.actor_weight_decay,
-            lora_lr=args.actor_lora_learning_rate,
-            stage=args.actor_zero_stage,
+            "actor_",
             total_steps=total_iters,
             micro_batch=args.per_device_training_batch_size,
-            gradient_checkpointing=args.actor_gradient_checkpointing,
             job_name="step3_actor",
         )
         self._timed("actor", start)
@@ -95,17 +91,13 @@ class RLHFEngine:
         model = apply_lora(
             self._critic_model(fp32), args.critic_lora_dim, args.critic_lora_module_name, args.only_optimize_lora
         )
-        engine = training_engine(
+        engine = engine_from_flags(
             self.backend,
             model,
             args,
-            lr=args.critic_learning_rate,
-            weight_decay=args.critic_weight_decay,
-            lora_lr=args.critic_lora_learning_rate,
-            stage=args.critic_zero_stage,
+            "critic_",
             total_steps=total_iters,
             micro_batch=args.per_device_training_batch_size,
-            gradient_checkpointing=args.critic_gradient_checkpointing,
             job_name="step3_critic",
         )
         self._timed("critic", start)

@@ -13,11 +13,11 @@ from dschat_hal.runtime import (
     ScalarWriter,
     apply_lora,
     dataloader,
+    engine_from_flags,
     is_rank0,
     print_rank0,
     setup,
     shape_counts,
-    training_engine,
     write_summary,
     zero3_load_config,
 )
@@ -39,17 +39,13 @@ def main(argv: list[str]) -> dict:
     load_config = zero3_load_config(backend, args, args.zero_stage, args.per_device_train_batch_size)
     model = create_lm(args.model_name_or_path, tokenizer, load_config, dropout=args.dropout, seed=args.seed)
     apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora)
-    engine = training_engine(
+    engine = engine_from_flags(
         backend,
         model,
         args,
-        lr=args.learning_rate,
-        weight_decay=args.weight_decay,
-        lora_lr=args.lora_learning_rate,
-        stage=args.zero_stage,
+        "",
         total_steps=loop.total_optimizer_steps(train_loader, args),
         micro_batch=args.per_device_train_batch_size,
-        gradient_checkpointing=args.gradient_checkpointing,
         job_name="step1_model",
     )
     fp32_loss = backend.compute_fp32_loss(model_family(model), args.compute_fp32_loss)

@@ -11,11 +11,11 @@ from dschat_hal.runtime import (
     ScalarWriter,
     apply_lora,
     dataloader,
+    engine_from_flags,
     is_rank0,
     print_rank0,
     setup,
     shape_counts,
-    training_engine,
     write_summary,
     zero3_load_config,
 )
@@ -43,17 +43,13 @@ def main(argv: list[str]) -> dict:
         seed=args.seed,
     )
     apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora)
-    engine = training_engine(
+    engine = engine_from_flags(
         backend,
         model,
         args,
-        lr=args.learning_rate,
-        weight_decay=args.weight_decay,
-        lora_lr=args.lora_learning_rate,
-        stage=args.zero_stage,
+        "",
         total_steps=loop.total_optimizer_steps(train_loader, args),
         micro_batch=args.per_device_train_batch_size,
-        gradient_checkpointing=args.gradient_checkpointing,
         job_name="step2_model",
     )
 
