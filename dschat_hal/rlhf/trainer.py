@@ -209,11 +209,10 @@ class PPOTrainer:
 
     def train_on(
         self, experiences: list[dict], unsup_batches: list, ppo_epochs: int, batch_size: int, unsup_coef: float
-    ) -> dict[str, float]:
-        """PPO epochs over collected experience (cut into training micro-batches), the ptx term,
-        the EMA update and the KL controller; returns this step's statistics, averaged over ranks."""
-        from dschat_hal.runtime import all_reduce_mean
-
+    ) -> dict[str, torch.Tensor | float]:
+        """PPO epochs over collected experience (cut into training micro-batches), the ptx term and
+        the EMA update. Returns this step's statistics as device tensors (no host sync), except the
+        host timings; only the adaptive KL controller, when on, reads the KL back every step."""
         timings_before = dict(self._timings_at_last_step)
         stats = []
         for _ in range(ppo_epochs):
@@ -225,16 +224,24 @@ class PPOTrainer:
                     stats[-1]["unsup_loss"] = self.train_unsupervised(unsup, unsup_coef)
             self.rlhf.update_ema()
         lengths = torch.cat([e["answer_length"] for e in experiences]).float()
-        values = {key: torch.stack([s[key] for s in stats]).mean() for key in stats[0]}
-        values.update(
+        record: dict[str, torch.Tensor | float] = {key: torch.stack([s[key] for s in stats]).mean() for key in stats[0]}
+        record.update(
             reward=torch.cat([e["rewards"] for e in experiences]).mean(),
             answer_length=lengths.mean(),
             short_answers=(lengths <= 1).float().mean(),
+            kl_ctl=self.kl_ctl,
         )
-        record = {key: all_reduce_mean(value).item() for key, value in values.items()}
-        record["kl_ctl"] = self.kl_ctl
         if self.kl_controller is not None:
-            self.kl_controller.update(record["kl"], len(stats))
+            from dschat_hal.runtime import all_reduce_mean
+
+            self.kl_controller.update(all_reduce_mean(record["kl"]).item(), len(stats))
         record.update({f"{phase}_s": self.timings[phase] - timings_before.get(phase, 0.0) for phase in self.timings})
         self._timings_at_last_step = dict(self.timings)
         return record
+
+
+def materialize(record: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Read a step's statistics back to the host, averaged over ranks (a host sync)."""
+    from dschat_hal.runtime import all_reduce_mean
+
+    return {k: all_reduce_mean(v).item() if isinstance(v, torch.Tensor) else float(v) for k, v in record.items()}

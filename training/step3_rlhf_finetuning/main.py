@@ -13,7 +13,7 @@ from dschat_hal.errors import UserError, cli_entry
 from dschat_hal.loop import HealthGuard, load_checkpoint, progress, save_checkpoint, set_rng_state
 from dschat_hal.models import load_tokenizer, require_reward_checkpoint, save_lm
 from dschat_hal.rlhf.engine import RLHFEngine
-from dschat_hal.rlhf.trainer import PPOConfig, PPOTrainer
+from dschat_hal.rlhf.trainer import PPOConfig, PPOTrainer, materialize
 from dschat_hal.runtime import ScalarWriter, dataloader, is_rank0, print_rank0, setup, shape_counts, write_summary
 
 HEALTH_KEYS = ("reward", "advantage", "actor_loss", "critic_loss", "kl")
@@ -91,7 +91,25 @@ def main(argv: list[str]) -> dict:
     print_rank0(f"step 3 on {backend.describe()}: {len(prompts)} prompts, {total_iters} PPO updates planned")
 
     history: list[dict[str, float]] = []
+    pending: list[dict] = []  # statistics still on the device: read back every --log_interval steps
     step, reward_ema, started = position["step"], position["reward_ema"], time.time()
+
+    def flush() -> float | None:
+        """Read pending statistics back, check their health, log them; returns the reward EMA."""
+        ema = reward_ema
+        for offset, stats in enumerate(pending):
+            record = materialize(stats)
+            number = step - len(pending) + offset + 1
+            guard.check(trainer.stats_tensor(record, HEALTH_KEYS), number, engine.actor, what="reward/advantage/loss")
+            ema = record["reward"] if ema is None else 0.9 * ema + 0.1 * record["reward"]
+            record["reward_ema"] = ema
+            history.append(record)
+            writer.add({f"step3/{k}": v for k, v in record.items()}, number)
+        if pending:
+            print_rank0(report(step, epoch, history[-1], started))
+        pending.clear()
+        return ema
+
     stop_at = args.test_stop_step if args.enable_test_mode and args.test_stop_step else None
     experiences, unsup_batches = [], []
     for epoch in range(position["epoch"], args.num_train_epochs):
@@ -109,20 +127,19 @@ def main(argv: list[str]) -> dict:
             unsup_batches.append(backend.to_device(unsup))
             if len(experiences) < args.generation_batches:
                 continue
-            record = trainer.train_on(
-                experiences, unsup_batches, args.ppo_epochs, args.per_device_training_batch_size, args.unsup_coef
+            pending.append(
+                trainer.train_on(
+                    experiences, unsup_batches, args.ppo_epochs, args.per_device_training_batch_size, args.unsup_coef
+                )
             )
             experiences, unsup_batches = [], []
             step += 1
-            guard.check(trainer.stats_tensor(record, HEALTH_KEYS), step, engine.actor, what="reward/advantage/loss")
-            reward_ema = record["reward"] if reward_ema is None else 0.9 * reward_ema + 0.1 * record["reward"]
-            record["reward_ema"] = reward_ema
-            history.append(record)
-            writer.add({f"step3/{k}": v for k, v in record.items()}, step)
-            print_rank0(report(step, epoch, record, started))
+            if step % args.log_interval == 0 or (stop_at and step >= stop_at):
+                reward_ema = flush()
             if args.print_answers and step % args.print_answers_interval == 0:
                 print_rank0(trainer.describe_sample(trainer.last_experience))
             if args.save_interval and step % args.save_interval == 0:
+                reward_ema = flush()
                 save_checkpoint(
                     engines, args, {"epoch": epoch, "batch": index + 1, "step": step, "reward_ema": reward_ema}
                 )
@@ -130,6 +147,7 @@ def main(argv: list[str]) -> dict:
                 break
         if stop_at and step >= stop_at:
             break
+    reward_ema = flush()
     writer.close()
     print_rank0("step 3 time: " + ", ".join(f"{k} {v:.1f}s" for k, v in trainer.timings.items()))
     if args.output_dir:
