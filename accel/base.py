@@ -120,6 +120,10 @@ class Accelerator(abc.ABC):
         self.shape_audit = {}
         return self.shape_audit
 
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Device-specific model preparation before DeepSpeed wraps it (e.g. graph compilation)."""
+        return model
+
     # ---- optimizers and precision ---------------------------------------------------------
     @abc.abstractmethod
     def optimizer_class(self, offload: bool = False, fused: bool = True) -> type[torch.optim.Optimizer]:

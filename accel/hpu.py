@@ -22,6 +22,7 @@ from accel.base import Accelerator
 log = logging.getLogger(__name__)
 
 # Environment a Gaudi user would set; the backend sets the defaults it needs before the import.
+# PT_HPU_RECIPE_CACHE_CONFIG (a compiled-graph cache path) is left to the user (README).
 HPU_ENV_DEFAULTS = {
     "PT_HPU_LAZY_MODE": "1",  # lazy graph mode, mark_step-driven
     "PT_HPU_ENABLE_LAZY_COLLECTIVES": "true",  # needed by ZeRO-3 / tensor parallelism in lazy mode
@@ -43,6 +44,7 @@ class HpuAccelerator(Accelerator):
                 os.environ[key] = value
                 log.info("accel/hpu: %s=%s set (override it in the environment)", key, value)
         super().__init__(local_rank)
+        _habana("torch")  # registers the hpu_backend compiler and the device
         self._core = _habana("torch.core")
         self._hpu = _habana("torch.hpu")
         self.simulated = bool(getattr(_habana(), "IS_TEST_FAKE", False))
@@ -80,6 +82,14 @@ class HpuAccelerator(Accelerator):
     @property
     def ds_name(self) -> str:
         return "cpu" if self.simulated else self.name
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Eager mode (PT_HPU_LAZY_MODE=0): compile the forward with the HPU dynamo backend."""
+        if self.lazy_mode:
+            return model
+        log.info("accel/hpu: eager mode: torch.compile(backend='hpu_backend') on %s", type(model).__name__)
+        model.compile(backend="hpu_backend")
+        return model
 
     def zero_overrides(self) -> dict[str, Any]:
         return {"overlap_comm": False}  # overlapping reduction with compute is not supported on Gaudi

@@ -130,6 +130,7 @@ def training_engine(
         args.tensorboard_path if args.enable_tensorboard else None,
         job_name,
     )
+    model = backend.prepare_model(model)
     optimizer_class = backend.optimizer_class(offload=args.offload, fused=not args.no_fused_kernels)
     optimizer = optimizer_class(param_groups(model, weight_decay, lora_lr), lr=lr, betas=(0.9, 0.95))
     scheduler = get_scheduler(
@@ -192,7 +193,7 @@ def inference_engine(
     from dschat_hal.ds_config import eval_ds_config
 
     config = eval_ds_config(backend, args.dtype_resolved, stage, offload, micro_batch, world_size())
-    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine, *_ = deepspeed.initialize(model=backend.prepare_model(model), config=config)
     engine.eval()
     return engine
 

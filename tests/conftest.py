@@ -40,6 +40,7 @@ def fake_hpu(monkeypatch):
     htorch.core.reset()
     htorch.hpu.reset()
     htorch.hpex.optimizers.reset()
+    htorch.dynamo.reset()
     monkeypatch.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))
     yield htorch
     for name in [m for m in sys.modules if m.startswith("habana_frameworks")]:

@@ -109,3 +109,13 @@ def test_padding_does_not_change_the_losses(tmp_path, fake_hpu):
 def test_hpu_graphs_wrap_the_generating_model(tmp_path, fake_hpu, e2e_output):
     step3(step3_args(tmp_path, "hpu", e2e_output, "--enable_hpu_graphs", "--test_stop_step", "2"))
     assert len(fake_hpu.hpu.graph_wrapped) == 1  # wrapped once, reused across steps
+
+
+def test_eager_mode_compiles_with_the_hpu_backend_and_skips_mark_step(tmp_path, fake_hpu, monkeypatch):
+    lazy = step1(sft_args(tmp_path / "lazy", "hpu", "--max_steps", "3", "--seed", "4"))["losses"]
+    fake_hpu.core.reset()
+    monkeypatch.setenv("PT_HPU_LAZY_MODE", "0")
+    eager = step1(sft_args(tmp_path / "eager", "hpu", "--max_steps", "3", "--seed", "4"))["losses"]
+    assert fake_hpu.dynamo.compiled_graphs, "the model forward went through torch.compile(backend='hpu_backend')"
+    assert fake_hpu.core.calls == []  # mark_step is a lazy-mode concept
+    assert eager == pytest.approx(lazy, rel=1e-4)
