@@ -3,13 +3,16 @@ compiled graph and runs it eagerly on the CPU."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 compiled_graphs: list[torch.fx.GraphModule] = []
 
 
 def hpu_backend(gm: torch.fx.GraphModule, example_inputs):
-    compiled_graphs.append(gm)
+    # dynamo keeps the first registration for the process: record into the module imported now
+    sys.modules[__name__].compiled_graphs.append(gm)
     return gm.forward
 
 
