@@ -29,6 +29,30 @@ def run_script(
     )
 
 
+def tiny_step3_argv(
+    e2e_output: Path, tmp_path: Path, device: str = "cpu", prompt: int = 48, answer: int = 12, batch: int = 2
+) -> list[str]:
+    """Step-3 flags for a few quick PPO steps on the e2e run's actor and reward model."""
+    return [
+        "--device",
+        device,
+        "--data_output_path",
+        str(tmp_path / "cache"),
+        "--actor_model_name_or_path",
+        str(e2e_output / "actor"),
+        "--critic_model_name_or_path",
+        str(e2e_output / "reward"),
+        "--max_prompt_seq_len",
+        str(prompt),
+        "--max_answer_seq_len",
+        str(answer),
+        "--per_device_generation_batch_size",
+        str(batch),
+        "--per_device_training_batch_size",
+        str(batch),
+    ]
+
+
 @pytest.fixture
 def fake_hpu(monkeypatch):
     """Make the recording fake of `habana_frameworks` importable; removed again afterwards."""

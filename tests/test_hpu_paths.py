@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import tiny_step3_argv
 
 from training.step1_supervised_finetuning.main import main as step1
 from training.step2_reward_model_finetuning.main import main as step2
@@ -37,23 +38,8 @@ def sft_args(tmp_path, device, *extra):
 
 def step3_args(tmp_path, device, e2e_output, *extra):
     return [
-        "--device",
-        device,
-        "--data_output_path",
-        str(tmp_path / "cache"),
+        *tiny_step3_argv(e2e_output, tmp_path, device, prompt=32, answer=8, batch=4),
         "--audit_shapes",
-        "--actor_model_name_or_path",
-        str(e2e_output / "actor"),
-        "--critic_model_name_or_path",
-        str(e2e_output / "reward"),
-        "--max_prompt_seq_len",
-        "32",
-        "--max_answer_seq_len",
-        "8",
-        "--per_device_generation_batch_size",
-        "4",
-        "--per_device_training_batch_size",
-        "4",
         "--enable_test_mode",
         "--test_stop_step",
         "4",

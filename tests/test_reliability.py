@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import tiny_step3_argv
 
 from training.step1_supervised_finetuning.main import main as step1
 from training.step2_reward_model_finetuning.main import main as step2
@@ -160,24 +161,9 @@ def test_non_finite_loss_stops_training(tmp_path, capsys):
 
 def test_step3_resume_continues_the_same_rewards(tmp_path, e2e_output):
     args = [
-        "--device",
-        "cpu",
-        "--data_output_path",
-        str(tmp_path / "cache"),
+        *tiny_step3_argv(e2e_output, tmp_path, answer=8, batch=4),
         "--seed",
         "9",
-        "--actor_model_name_or_path",
-        str(e2e_output / "actor"),
-        "--critic_model_name_or_path",
-        str(e2e_output / "reward"),
-        "--max_prompt_seq_len",
-        "48",
-        "--max_answer_seq_len",
-        "8",
-        "--per_device_generation_batch_size",
-        "4",
-        "--per_device_training_batch_size",
-        "4",
         "--enable_test_mode",
     ]
     full = step3([*args, "--test_stop_step", "4", "--output_dir", str(tmp_path / "full")])["history"]

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, tiny_step3_argv
 from transformers import AutoModelForCausalLM
 
 from dschat_hal.models import create_reward_model, load_tokenizer
@@ -15,26 +15,11 @@ from training.step3_rlhf_finetuning.main import main as step3
 
 def step3_args(e2e_output, out, stage, offload, lora, steps=2):
     args = [
-        "--device",
-        "cpu",
-        "--data_output_path",
-        str(out / "cache"),
-        "--actor_model_name_or_path",
-        str(e2e_output / "actor"),
-        "--critic_model_name_or_path",
-        str(e2e_output / "reward"),
+        *tiny_step3_argv(e2e_output, out),
         "--actor_zero_stage",
         str(stage),
         "--critic_zero_stage",
         str(stage),
-        "--max_prompt_seq_len",
-        "48",
-        "--max_answer_seq_len",
-        "12",
-        "--per_device_generation_batch_size",
-        "2",
-        "--per_device_training_batch_size",
-        "2",
         "--enable_test_mode",
         "--test_stop_step",
         str(steps),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+from conftest import tiny_step3_argv
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
@@ -17,22 +18,7 @@ def test_ema_ptx_tensorboard_and_adaptive_kl(e2e_output, tmp_path):
     text.write_text(json.dumps([{"text": "Keep a regular bedtime and a cool dark room. " * 4}] * 40))
     result = step3(
         [
-            "--device",
-            "cpu",
-            "--data_output_path",
-            str(tmp_path / "cache"),
-            "--actor_model_name_or_path",
-            str(e2e_output / "actor"),
-            "--critic_model_name_or_path",
-            str(e2e_output / "reward"),
-            "--max_prompt_seq_len",
-            "48",
-            "--max_answer_seq_len",
-            "12",
-            "--per_device_generation_batch_size",
-            "2",
-            "--per_device_training_batch_size",
-            "2",
+            *tiny_step3_argv(e2e_output, tmp_path),
             "--enable_ema",
             "--unsupervised_dataset_name",
             str(text),
