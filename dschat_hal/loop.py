@@ -29,6 +29,26 @@ class TrainingHealthError(UserError):
     """Training produced garbage (NaN/inf losses, repeated overflow) and was stopped."""
 
 
+def supervised_loaders(args: argparse.Namespace, phase: int, tokenizer, backend: Accelerator):
+    """Step 1 or 2's (train_set, eval_set, train_loader, eval_loader) from the shared flags."""
+    from dschat_hal.data import Collator, DataSpec, load_or_build
+    from dschat_hal.runtime import dataloader
+
+    spec = DataSpec(
+        args.data_path,
+        args.data_split,
+        phase,
+        args.seed,
+        args.max_seq_len,
+        sft_only_data_path=args.sft_only_data_path if phase == 1 else [],
+    )
+    train_set, eval_set, _ = load_or_build(spec, tokenizer, args.data_output_path)
+    collate = Collator(phase, tokenizer.pad_token_id, backend, args.max_seq_len)
+    train_loader = dataloader(train_set, collate, args.per_device_train_batch_size, args.seed)
+    eval_loader = dataloader(eval_set, collate, args.per_device_eval_batch_size, args.seed, shuffle=False)
+    return train_set, eval_set, train_loader, eval_loader
+
+
 def total_optimizer_steps(loader, args: argparse.Namespace) -> int:
     """Optimizer steps in the planned epochs: the length of the learning-rate schedule."""
     return args.num_train_epochs * math.ceil(len(loader) / args.gradient_accumulation_steps)
@@ -91,8 +111,11 @@ class HealthGuard:
     def __init__(self, max_bad_steps: int) -> None:
         self.max_bad_steps, self.bad_steps, self.skipped_seen = max_bad_steps, 0, 0
 
-    def check(self, losses: torch.Tensor, first_step: int, engine=None, what: str = "loss") -> None:
-        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()  # runs at report time only
+    def check(self, values, first_step: int, engine=None, what: str = "loss") -> None:
+        """`values`: a tensor or sequence of this interval's numbers, the first one at `first_step`."""
+        bad = (
+            (~torch.isfinite(torch.as_tensor(values, dtype=torch.float32))).nonzero().flatten().tolist()
+        )  # runs at report time only
         skipped = getattr(engine, "skipped_steps", 0) if engine is not None else 0
         new_skips, self.skipped_seen = skipped - self.skipped_seen, skipped
         if bad:

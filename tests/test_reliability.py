@@ -76,18 +76,7 @@ def test_every_prompt_too_long(tmp_path, capsys, e2e_output):
     fails_with(
         capsys,
         step3,
-        [
-            "--device",
-            "cpu",
-            "--data_output_path",
-            str(tmp_path / "cache"),
-            "--actor_model_name_or_path",
-            str(e2e_output / "actor"),
-            "--critic_model_name_or_path",
-            str(e2e_output / "reward"),
-            "--max_prompt_seq_len",
-            "3",
-        ],
+        [*tiny_step3_argv(e2e_output, tmp_path), "--max_prompt_seq_len", "3"],
         "longer than --max_prompt_seq_len 3",
     )
 
@@ -96,16 +85,7 @@ def test_step3_without_a_step2_checkpoint(tmp_path, capsys, e2e_output):
     fails_with(
         capsys,
         step3,
-        [
-            "--device",
-            "cpu",
-            "--data_output_path",
-            str(tmp_path / "cache"),
-            "--actor_model_name_or_path",
-            str(e2e_output / "actor"),
-            "--critic_model_name_or_path",
-            str(e2e_output / "actor"),
-        ],
+        [*tiny_step3_argv(e2e_output, tmp_path), "--critic_model_name_or_path", str(e2e_output / "actor")],
         "run step 2 first",
     )
     fails_with(

@@ -27,6 +27,8 @@ SCRIPTS = {
     3: ROOT / "step3_rlhf_finetuning" / "main.py",
 }
 
+OUTPUT_NAMES = {1: "actor", 2: "reward", 3: "rlhf"}
+
 # Small enough for 2 CPU cores in about a minute, large enough to show learning.
 TINY_DEFAULTS = {
     1: "--max_seq_len 128 --per_device_train_batch_size 8 --num_train_epochs 6 --learning_rate 3e-3",
@@ -107,7 +109,7 @@ def step_command(step: int, args: argparse.Namespace, out: Path) -> list[str]:
             "--critic_zero_stage",
             str(args.reward_zero_stage),
         ]
-    target = {1: out / "actor", 2: out / "reward", 3: out / "rlhf"}[step]
+    target = out / OUTPUT_NAMES[step]
     extra = shlex.split(getattr(args, f"step{step}_args"))
     return [
         *launcher(args),
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         if code != 0:
             print(f"error: step {step} failed with exit code {code} after {elapsed:.0f}s", file=sys.stderr)
             return code
-        result = json.loads((out / {1: "actor", 2: "reward", 3: "rlhf"}[step] / "training_summary.json").read_text())
+        result = json.loads((out / OUTPUT_NAMES[step] / "training_summary.json").read_text())
         rows.append((step, elapsed, summary_line(step, result), result["output_dir"]))
     print("\n| step | time (s) | result | output |\n|---|---|---|---|")
     for step, elapsed, line, output in rows:

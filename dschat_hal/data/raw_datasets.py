@@ -108,14 +108,12 @@ def _load_hub(name: str) -> tuple[list[Row], list[Row]]:
             f"cannot load dataset {name!r} from the hub ({str(err).splitlines()[0][:160]}); "
             "use a local path or local/jsonfile when no hub is reachable"
         ) from None
-    splits = list(ds.keys())
     eval_split = "test" if "test" in ds else ("validation" if "validation" in ds else None)
     train = list(ds["train"])
     evaluation = list(ds[eval_split]) if eval_split else []
     if not evaluation:
         cut = max(1, len(train) // 10)
         train, evaluation = train[cut:], train[:cut]
-    del splits
     return train, evaluation
 
 

@@ -22,16 +22,22 @@ class RLHFEngine:
 
     def __init__(self, backend: Accelerator, args: argparse.Namespace, tokenizer, num_total_iters: int) -> None:
         self.backend, self.args, self.tokenizer = backend, args, tokenizer
-        self.actor_family = model_family(args.actor_model_name_or_path)
         self.critic_family = model_family(args.critic_model_name_or_path)
-        self.actor = self._init_actor(num_total_iters)
-        self.ref = self._init_frozen_actor(offload=args.offload_reference_model)
-        self.actor_ema = self._init_frozen_actor(offload=True, lora=True) if args.enable_ema else None
-        self.critic = self._init_critic(num_total_iters)
-        self.reward = self._init_reward()
+        self.actor = self._timed("actor", self._init_actor, num_total_iters)
+        self.ref = self._timed("reference", self._init_frozen_actor, offload=args.offload_reference_model)
+        self.actor_ema = (
+            self._timed("actor EMA", self._init_frozen_actor, offload=True, lora=True) if args.enable_ema else None
+        )
+        self.critic = self._timed("critic", self._init_critic, num_total_iters)
+        self.reward = self._timed("reward", self._init_reward)
 
-    def _timed(self, name: str, start: float) -> None:
+    @staticmethod
+    def _timed(name: str, build, *args, **kwargs):
+        """Build one engine, logging how long it took."""
+        start = time.time()
+        engine = build(*args, **kwargs)
         log.info("step 3: %s ready (%.1fs)", name, time.time() - start)
+        return engine
 
     def _actor_model(self, lora: bool) -> torch.nn.Module:
         args = self.args
@@ -45,8 +51,8 @@ class RLHFEngine:
         return model
 
     def _init_actor(self, total_iters: int):
-        start, args = time.time(), self.args
-        engine = engine_from_flags(
+        args = self.args
+        return engine_from_flags(
             self.backend,
             self._actor_model(lora=True),
             args,
@@ -55,14 +61,11 @@ class RLHFEngine:
             micro_batch=args.per_device_training_batch_size,
             job_name="step3_actor",
         )
-        self._timed("actor", start)
-        return engine
 
     def _init_frozen_actor(self, offload: bool, lora: bool = False):
         """The reference model (or the EMA copy): the actor's weights, forward only."""
-        start = time.time()
         model = self._actor_model(lora=lora)
-        engine = inference_engine(
+        return inference_engine(
             self.backend,
             model,
             self.args,
@@ -70,8 +73,6 @@ class RLHFEngine:
             offload=offload,
             micro_batch=self.args.per_device_training_batch_size,
         )
-        self._timed("reference" if not lora else "actor EMA", start)
-        return engine
 
     def _critic_model(self, fp32_loss: bool) -> torch.nn.Module:
         args = self.args
@@ -86,12 +87,12 @@ class RLHFEngine:
         )
 
     def _init_critic(self, total_iters: int):
-        start, args = time.time(), self.args
+        args = self.args
         fp32 = self.backend.compute_fp32_loss(self.critic_family, args.compute_fp32_loss)
         model = apply_lora(
             self._critic_model(fp32), args.critic_lora_dim, args.critic_lora_module_name, args.only_optimize_lora
         )
-        engine = engine_from_flags(
+        return engine_from_flags(
             self.backend,
             model,
             args,
@@ -100,12 +101,9 @@ class RLHFEngine:
             micro_batch=args.per_device_training_batch_size,
             job_name="step3_critic",
         )
-        self._timed("critic", start)
-        return engine
 
     def _init_reward(self):
-        start = time.time()
-        engine = inference_engine(
+        return inference_engine(
             self.backend,
             self._critic_model(fp32_loss=True),
             self.args,
@@ -113,8 +111,6 @@ class RLHFEngine:
             offload=False,
             micro_batch=self.args.per_device_training_batch_size,
         )
-        self._timed("reward", start)
-        return engine
 
     @torch.no_grad()
     def update_ema(self, beta: float = EMA_BETA) -> None:

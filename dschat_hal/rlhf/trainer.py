@@ -6,6 +6,7 @@ backward/step (HPU lazy mode), static generation length, and the generation cont
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from dataclasses import dataclass
@@ -33,14 +34,15 @@ class PPOConfig:
     target_kl: float | None = None
 
 
-def _accepts_position_ids(model: torch.nn.Module) -> bool:
-    return "position_ids" in inspect.signature(model.forward).parameters
+@functools.cache
+def _accepts_position_ids(model_class: type) -> bool:
+    return "position_ids" in inspect.signature(model_class.forward).parameters
 
 
 def lm_inputs(model: torch.nn.Module, seq: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Forward kwargs with positions that skip left padding (as `generate` computes them)."""
     inputs = {"input_ids": seq, "attention_mask": mask, "use_cache": False}
-    if _accepts_position_ids(model):
+    if _accepts_position_ids(type(model)):
         inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
     return inputs
 
@@ -202,10 +204,6 @@ class PPOTrainer:
             f"  prompt: {decode(exp['seq'][0, :prompt_len], skip_special_tokens=True)}\n"
             f"  answer: {decode(exp['seq'][0, prompt_len:], skip_special_tokens=True)}"
         )
-
-    @staticmethod
-    def stats_tensor(record: dict[str, float], keys: tuple[str, ...]) -> torch.Tensor:
-        return torch.tensor([record[k] for k in keys])
 
     def train_on(
         self, experiences: list[dict], unsup_batches: list, ppo_epochs: int, batch_size: int, unsup_coef: float

@@ -6,13 +6,11 @@ import math
 
 from dschat_hal import loop
 from dschat_hal.args import step1_parser, validate
-from dschat_hal.data import Collator, DataSpec, load_or_build
 from dschat_hal.errors import cli_entry
 from dschat_hal.models import create_lm, load_tokenizer, model_family, save_lm
 from dschat_hal.runtime import (
     ScalarWriter,
     apply_lora,
-    dataloader,
     engine_from_flags,
     is_rank0,
     print_rank0,
@@ -28,13 +26,7 @@ def main(argv: list[str]) -> dict:
     args = validate(step1_parser().parse_args(argv))
     backend = setup(args)
     tokenizer = load_tokenizer(args.model_name_or_path)
-    spec = DataSpec(
-        args.data_path, args.data_split, 1, args.seed, args.max_seq_len, sft_only_data_path=args.sft_only_data_path
-    )
-    train_set, eval_set, _ = load_or_build(spec, tokenizer, args.data_output_path)
-    collate = Collator(1, tokenizer.pad_token_id, backend, args.max_seq_len)
-    train_loader = dataloader(train_set, collate, args.per_device_train_batch_size, args.seed)
-    eval_loader = dataloader(eval_set, collate, args.per_device_eval_batch_size, args.seed, shuffle=False)
+    train_set, eval_set, train_loader, eval_loader = loop.supervised_loaders(args, 1, tokenizer, backend)
 
     load_config = zero3_load_config(backend, args, args.zero_stage, args.per_device_train_batch_size)
     model = create_lm(args.model_name_or_path, tokenizer, load_config, dropout=args.dropout, seed=args.seed)

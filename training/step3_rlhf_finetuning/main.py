@@ -100,7 +100,7 @@ def main(argv: list[str]) -> dict:
         for offset, stats in enumerate(pending):
             record = materialize(stats)
             number = step - len(pending) + offset + 1
-            guard.check(trainer.stats_tensor(record, HEALTH_KEYS), number, engine.actor, what="reward/advantage/loss")
+            guard.check([record[k] for k in HEALTH_KEYS], number, engine.actor, what="reward/advantage/loss")
             ema = record["reward"] if ema is None else 0.9 * ema + 0.1 * record["reward"]
             record["reward_ema"] = ema
             history.append(record)
