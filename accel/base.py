@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -227,11 +227,22 @@ class Accelerator(abc.ABC):
     def empty_cache(self) -> None:
         """Return cached allocator memory to the device."""
 
+    def available_memory(self) -> int | None:
+        """Bytes this process could still allocate on its device (None when unknown)."""
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+
     # ---- generation ------------------------------------------------------------------------
     @contextlib.contextmanager
     def generation_context(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """Switch `model` to its generation form for the duration of the block."""
+        """Device bookkeeping around a generation phase (e.g. flushing a lazy graph)."""
         yield model
+
+    def capture_decode_step(self, step: torch.nn.Module) -> Callable[..., torch.Tensor]:
+        """The hybrid engine's per-token decode step, captured in a device graph where the backend can
+        (`use_graphs`); plain elsewhere. Only this generation-only module is ever captured."""
+        return step
 
     # ---- description ------------------------------------------------------------------------
     def describe(self) -> str:

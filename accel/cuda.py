@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from accel._deepspeed import ds_accelerator
@@ -63,3 +65,19 @@ class CudaAccelerator(Accelerator):
 
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()
+
+    def available_memory(self) -> int | None:
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return int(free)
+
+    def capture_decode_step(self, step: torch.nn.Module) -> Callable[..., torch.Tensor]:
+        """CUDA graphs through torch.compile's reduce-overhead mode (one capture per shape bucket)."""
+        if not self.use_graphs:
+            return step
+        compiled = torch.compile(step, mode="reduce-overhead", dynamic=False)
+
+        def replay(*args: torch.Tensor) -> torch.Tensor:
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(*args).clone()  # the graph's output buffer is reused by the next replay
+
+        return replay

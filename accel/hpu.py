@@ -12,7 +12,7 @@ import contextlib
 import importlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -140,16 +140,21 @@ class HpuAccelerator(Accelerator):
     def empty_cache(self) -> None:
         """The HPU allocator keeps its pool; nothing to release."""
 
-    def wrap_in_graph(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Capture `model`'s forward in an HPU graph (replayed on later calls of the same shape)."""
-        return self._hpu.wrap_in_hpu_graph(model)
+    def available_memory(self) -> int | None:
+        stats = getattr(self._hpu, "mem_get_info", None)
+        return int(stats()[0]) if stats is not None and not self.simulated else super().available_memory()
+
+    def capture_decode_step(self, step: torch.nn.Module) -> Callable[..., torch.Tensor]:
+        """An HPU graph of the decode step only: `wrap_in_hpu_graph` replaces the module's forward for
+        good, so it is never applied to a module that trains."""
+        if not self.use_graphs:
+            return step
+        log.info("accel/hpu: decode step captured in an HPU graph")
+        return self._hpu.wrap_in_hpu_graph(step)
 
     @contextlib.contextmanager
     def generation_context(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """Flush the training graph, generate (in an HPU graph with --enable_hpu_graphs), flush again."""
-        if self.use_graphs and not getattr(model, "_hpu_graph_wrapped", False):
-            model = self.wrap_in_graph(model)
-            model._hpu_graph_wrapped = True
+        """Flush the training graph before generating and the generation graph after."""
         self.mark_step()
         try:
             yield model

@@ -62,7 +62,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_bad_steps", type=int, default=0, help="non-finite/overflow steps tolerated before stopping")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--audit_shapes", action="store_true", help="record the distinct input shapes each model sees")
-    g.add_argument("--enable_hpu_graphs", action="store_true", help="HPU: capture generation in HPU graphs")
+    g.add_argument(
+        "--enable_hpu_graphs", action="store_true", help="HPU: capture the hybrid engine's decode step in HPU graphs"
+    )
     g.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
@@ -127,12 +129,40 @@ def step3_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_prompt_seq_len", type=int, default=256)
     p.add_argument("--max_answer_seq_len", type=int, default=256)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of generation")
-    p.add_argument("--enable_hybrid_engine", action="store_true", help="switch the actor to its generation form")
-    p.add_argument("--hybrid_engine", default="own", choices=["own", "deepspeed"])
-    p.add_argument("--release_inference_cache", action="store_true")
-    p.add_argument("--unpin_actor_parameters", action="store_true")
-    p.add_argument("--inference_tp_size", type=int, default=1)
-    p.add_argument("--tp_gather_partition_size", type=int, default=8)
+    p.add_argument(
+        "--enable_hybrid_engine",
+        action="store_true",
+        help="generate in the actor's generation form: ZeRO-3 weights gathered once per phase into a hook-free "
+        "copy, LoRA folded in, our decode loop over a static KV cache",
+    )
+    p.add_argument(
+        "--hybrid_engine", default="own", choices=["own", "deepspeed"], help="'deepspeed' is refused (see README)"
+    )
+    p.add_argument(
+        "--release_inference_cache", action="store_true", help="hybrid engine: free the KV cache after each phase"
+    )
+    p.add_argument(
+        "--unpin_actor_parameters",
+        action="store_true",
+        help="hybrid engine, ZeRO-3: free the gathered inference copy after each phase (less memory, slower)",
+    )
+    p.add_argument("--inference_tp_size", type=int, default=1, help="tensor-parallel generation: only 1 is supported")
+    p.add_argument(
+        "--tp_gather_partition_size",
+        type=int,
+        default=8,
+        help="hybrid engine, ZeRO-3: layers gathered per group when the whole model does not fit at once",
+    )
+    p.add_argument(
+        "--greedy_generation",
+        action="store_true",
+        help="decode greedily (upstream DeepSpeed-Chat's choice); default: sample with --temperature",
+    )
+    p.add_argument(
+        "--enable_device_graphs",
+        action="store_true",
+        help="capture the hybrid engine's decode step in device graphs (CUDA graphs, HPU graphs; none on the CPU)",
+    )
     p.add_argument("--offload_reference_model", action="store_true")
     p.add_argument("--enable_ema", action="store_true", help="keep an EMA copy of the actor (beta 0.992)")
     p.add_argument("--unsupervised_dataset_name", default=None, help="text dataset for the ptx loss")

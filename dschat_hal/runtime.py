@@ -27,7 +27,7 @@ def setup(args: argparse.Namespace) -> Accelerator:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     backend = accel.get(args.device, local_rank=args.local_rank if args.local_rank >= 0 else None)
     backend.set_buckets(args.bucket_lengths)
-    backend.use_graphs = args.enable_hpu_graphs
+    backend.use_graphs = args.enable_hpu_graphs or getattr(args, "enable_device_graphs", False)
     if args.audit_shapes:
         backend.enable_shape_audit()
     backend.init_distributed()

@@ -29,13 +29,14 @@ esac
 OUTPUT="${OUTPUT:-$ROOT/output/$FAMILY}"
 mkdir -p "$OUTPUT"
 
-# Device defaults: bf16 on Gaudi2/A100/H100; HPU graphs for generation on Gaudi.
+# Device defaults: bf16 on Gaudi2/A100/H100; step-3 generation through the hybrid engine with its
+# decode step captured in device graphs (HPU graphs on Gaudi, CUDA graphs on NVIDIA).
 if [ "$DEVICE" = hpu ]; then
   DEVICE_FLAGS=(--dtype bf16)
-  GENERATION_FLAGS=(--enable_hpu_graphs)
+  GENERATION_FLAGS=(--enable_hybrid_engine --enable_hpu_graphs)
 else
   DEVICE_FLAGS=(--dtype bf16)
-  GENERATION_FLAGS=()
+  GENERATION_FLAGS=(--enable_hybrid_engine --enable_device_graphs)
 fi
 
 # launch SCRIPT ARGS... : the deepspeed launcher on devices; one CPU process with --tiny.

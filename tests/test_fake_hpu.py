@@ -44,11 +44,21 @@ def test_fused_adamw_is_chosen_and_used(fake_hpu):
     assert hpu.optimizer_class(fused=False) is torch.optim.AdamW
 
 
-def test_hpu_graph_wrapping_is_recorded(fake_hpu):
+def test_hpu_graph_capture_replaces_the_forward_for_good(fake_hpu):
     hpu = accel.get("hpu")
+    hpu.use_graphs = True
     model = torch.nn.Linear(2, 2)
-    assert hpu.wrap_in_graph(model) is model
+    plain_forward = model.forward
+    assert hpu.capture_decode_step(model) is model
     assert fake_hpu.hpu.graph_wrapped == [model]
+    assert model.forward != plain_forward  # as the real wrap_in_hpu_graph: every later call goes through it
+    with torch.no_grad():
+        model(torch.ones(1, 2))
+        model(torch.ones(1, 2))
+    assert [r["replay"] for r in fake_hpu.hpu.graph_replays] == [False, True]
+    hpu.use_graphs = False
+    other = torch.nn.Linear(2, 2)
+    assert hpu.capture_decode_step(other) is other and fake_hpu.hpu.graph_wrapped == [model]
 
 
 def test_generation_context_flushes_before_and_after(fake_hpu):

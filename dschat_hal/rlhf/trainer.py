@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from accel import Accelerator
-from dschat_hal.models.lora import fuse_lora, lora_layers, unfuse_lora
 from dschat_hal.rlhf import ppo_math
 from dschat_hal.rlhf.engine import RLHFEngine
+from dschat_hal.rlhf.generation import GenerationConfig, PlainGenerator
 
 
 @dataclass
@@ -31,7 +31,18 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     temperature: float = 1.0
+    greedy: bool = False  # upstream DeepSpeed-Chat decodes greedily; PPO usually samples
     target_kl: float | None = None
+
+
+def generation_config(config: PPOConfig, tokenizer) -> GenerationConfig:
+    return GenerationConfig(
+        max_answer_seq_len=config.max_answer_seq_len,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        do_sample=not config.greedy,
+        temperature=config.temperature,
+    )
 
 
 @functools.cache
@@ -48,13 +59,14 @@ def lm_inputs(model: torch.nn.Module, seq: torch.Tensor, mask: torch.Tensor) -> 
 
 
 class PPOTrainer:
-    def __init__(self, engine: RLHFEngine, backend: Accelerator, tokenizer, config: PPOConfig) -> None:
+    def __init__(self, engine: RLHFEngine, backend: Accelerator, tokenizer, config: PPOConfig, generator=None) -> None:
+        """`generator` makes the answers (`generation.PlainGenerator` when not given, or a `HybridEngine`)."""
         self.rlhf, self.backend, self.tokenizer, self.config = engine, backend, tokenizer, config
         self.actor, self.ref, self.critic, self.reward = engine.actor, engine.ref, engine.critic, engine.reward
         self.kl_controller = (
             ppo_math.AdaptiveKLController(config.kl_ctl, config.target_kl) if config.target_kl else None
         )
-        self.z3 = engine.args.actor_zero_stage == 3
+        self.generator = generator or PlainGenerator(engine.actor, backend, generation_config(config, tokenizer))
         self.timings: dict[str, float] = {"generation": 0.0, "experience": 0.0, "training": 0.0}
         self._timings_at_last_step = dict(self.timings)
         self.last_experience: dict[str, torch.Tensor] = {}
@@ -66,33 +78,8 @@ class PPOTrainer:
     # ---- experience ------------------------------------------------------------------------
     @torch.no_grad()
     def generate_sequence(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """Sample answers; the result is padded to exactly prompt length + max_answer_seq_len."""
-        actor = self.actor.module
-        lora = bool(lora_layers(actor)) and not self.z3
-        self.actor.eval()
-        if lora:
-            fuse_lora(actor)
-        try:
-            with self.backend.generation_context(actor) as model:
-                seq = model.generate(
-                    input_ids=prompts,
-                    attention_mask=prompt_mask,
-                    max_new_tokens=self.config.max_answer_seq_len,
-                    do_sample=True,
-                    temperature=self.config.temperature,
-                    top_k=0,
-                    top_p=1.0,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    eos_token_id=self.tokenizer.eos_token_id,
-                    synced_gpus=self.z3,
-                    use_cache=True,
-                )
-        finally:
-            if lora:
-                unfuse_lora(actor)
-            self.actor.train()
-        total = prompts.size(1) + self.config.max_answer_seq_len
-        return self.backend.pad_to_static(seq, 1, total, self.tokenizer.pad_token_id)
+        """Answers for a prompt batch, padded to exactly prompt length + max_answer_seq_len."""
+        return self.generator.generate(prompts, prompt_mask)
 
     @torch.no_grad()
     def generate_experience(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, torch.Tensor]:

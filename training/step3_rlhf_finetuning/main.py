@@ -13,7 +13,8 @@ from dschat_hal.errors import UserError, cli_entry
 from dschat_hal.loop import HealthGuard, load_checkpoint, progress, save_checkpoint, set_rng_state
 from dschat_hal.models import load_tokenizer, require_reward_checkpoint, save_lm
 from dschat_hal.rlhf.engine import RLHFEngine
-from dschat_hal.rlhf.trainer import PPOConfig, PPOTrainer, materialize
+from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine
+from dschat_hal.rlhf.trainer import PPOConfig, PPOTrainer, generation_config, materialize
 from dschat_hal.runtime import ScalarWriter, dataloader, is_rank0, print_rank0, setup, shape_counts, write_summary
 
 HEALTH_KEYS = ("reward", "advantage", "actor_loss", "critic_loss", "kl")
@@ -31,6 +32,21 @@ def report(step: int, epoch: int, record: dict, started: float) -> str:
     )
 
 
+def make_generator(engine: RLHFEngine, backend, config: GenerationConfig, args) -> HybridEngine | None:
+    """The hybrid engine with --enable_hybrid_engine, else None (the trainer's plain `generate`)."""
+    if not args.enable_hybrid_engine:
+        return None
+    return HybridEngine(
+        engine.actor,
+        backend,
+        config,
+        dtype=args.dtype_resolved,
+        gather_group_layers=args.tp_gather_partition_size,
+        release_inference_cache=args.release_inference_cache,
+        unpin_actor_parameters=args.unpin_actor_parameters,
+    )
+
+
 @cli_entry
 def main(argv: list[str]) -> dict:
     args = validate(step3_parser().parse_args(argv))
@@ -40,12 +56,14 @@ def main(argv: list[str]) -> dict:
             "--hybrid_engine deepspeed is not supported: DeepSpeed's Hybrid Engine crashes or silently "
             "falls back with transformers 4.55; drop the flag"
         )
-    backend = setup(args)
-    if args.enable_hybrid_engine:
-        print_rank0(
-            "note: --enable_hybrid_engine: the project's hybrid engine is not built yet; "
-            "generating with plain generate() through the device's generation context"
+    if args.inference_tp_size != 1:
+        raise UserError(
+            f"--inference_tp_size {args.inference_tp_size}: tensor-parallel generation is not implemented; "
+            "the hybrid engine generates on every rank with the whole gathered model: drop the flag (or pass 1)"
         )
+    if args.tp_gather_partition_size < 1:
+        raise UserError("--tp_gather_partition_size must be at least 1 (layers gathered per group)")
+    backend = setup(args)
     tokenizer = load_tokenizer(args.actor_model_name_or_path)
     spec = DataSpec(args.data_path, args.data_split, 3, args.seed, max_prompt_seq_len=args.max_prompt_seq_len)
     prompts, _, dropped = load_or_build(spec, tokenizer, args.data_output_path)
@@ -66,22 +84,20 @@ def main(argv: list[str]) -> dict:
     updates_per_batch = math.ceil(args.per_device_generation_batch_size / args.per_device_training_batch_size)
     total_iters = args.num_train_epochs * len(loader) * args.ppo_epochs * updates_per_batch
     engine = RLHFEngine(backend, args, tokenizer, total_iters)
-    trainer = PPOTrainer(
-        engine,
-        backend,
-        tokenizer,
-        PPOConfig(
-            max_answer_seq_len=args.max_answer_seq_len,
-            kl_ctl=args.kl_ctl,
-            clip_reward_value=args.clip_reward_value,
-            cliprange=args.cliprange,
-            cliprange_value=args.cliprange_value,
-            gamma=args.gamma,
-            lam=args.lam,
-            temperature=args.temperature,
-            target_kl=args.target_kl,
-        ),
+    ppo_config = PPOConfig(
+        max_answer_seq_len=args.max_answer_seq_len,
+        kl_ctl=args.kl_ctl,
+        clip_reward_value=args.clip_reward_value,
+        cliprange=args.cliprange,
+        cliprange_value=args.cliprange_value,
+        gamma=args.gamma,
+        lam=args.lam,
+        temperature=args.temperature,
+        greedy=args.greedy_generation,
+        target_kl=args.target_kl,
     )
+    generator = make_generator(engine, backend, generation_config(ppo_config, tokenizer), args)
+    trainer = PPOTrainer(engine, backend, tokenizer, ppo_config, generator=generator)
     engines = {"actor": engine.actor, "critic": engine.critic}
     if engine.actor_ema is not None:
         engines["actor_ema"] = engine.actor_ema

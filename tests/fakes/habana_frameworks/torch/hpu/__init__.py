@@ -7,6 +7,7 @@ import types
 import torch
 
 graph_wrapped: list[torch.nn.Module] = []
+graph_replays: list[dict] = []  # one entry per call of a wrapped forward
 
 
 def is_available() -> bool:
@@ -40,8 +41,27 @@ def max_memory_allocated() -> int:
 
 
 def wrap_in_hpu_graph(module: torch.nn.Module, *args, **kwargs) -> torch.nn.Module:
-    """Records the module and returns it unchanged (the real one captures and replays its forward)."""
+    """Like the real function: replaces `module.forward` for good with a graph-replaying forward and
+    returns the same module. The fake records every call (the first captures, later ones replay),
+    with whether autograd was on and whether the module was training, and runs the original forward."""
     graph_wrapped.append(module)
+    original = module.forward
+    shapes_seen: set = set()
+
+    def replaying_forward(*f_args, **f_kwargs):
+        shapes = tuple(tuple(a.shape) for a in (*f_args, *f_kwargs.values()) if isinstance(a, torch.Tensor))
+        graph_replays.append(
+            {
+                "module": type(module).__name__,
+                "replay": shapes in shapes_seen,
+                "grad_enabled": torch.is_grad_enabled(),
+                "training": module.training,
+            }
+        )
+        shapes_seen.add(shapes)
+        return original(*f_args, **f_kwargs)
+
+    module.forward = replaying_forward
     return module
 
 
@@ -50,3 +70,4 @@ random = types.SimpleNamespace(manual_seed_all=lambda seed: torch.manual_seed(se
 
 def reset() -> None:
     graph_wrapped.clear()
+    graph_replays.clear()

@@ -1,0 +1,418 @@
+"""Step-3 generation: plain HF `generate`, or the hybrid engine.
+
+The hybrid engine switches the actor into a generation form for one generation phase and back:
+- ZeRO-3: the partitioned weights are gathered once per phase (all at once, or in groups of layers)
+  into a plain, hook-free copy of the architecture, so decoding runs no per-token collectives;
+- LoRA: the adapters are folded into the weights the generation form uses, and the training
+  weights are restored exactly afterwards;
+- decoding is our own loop over a preallocated static KV cache with fixed shapes (mask and cache
+  of prompt + answer length); its per-token step is one module the backend may capture in a
+  device graph (`Accelerator.capture_decode_step`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from accel import Accelerator
+from dschat_hal.models.lora import LoRALinear, lora_layers
+
+log = logging.getLogger(__name__)
+
+MB = 2**20
+
+
+@dataclass
+class GenerationConfig:
+    """What to generate: answer length, sampling (temperature, no top-k/top-p) or greedy, special tokens."""
+
+    max_answer_seq_len: int
+    pad_token_id: int
+    eos_token_id: int | None
+    do_sample: bool = True
+    temperature: float = 1.0
+    ignore_eos: bool = False  # always generate max_answer_seq_len tokens (benchmarks)
+
+
+@functools.cache
+def _forward_takes(model_class: type, name: str) -> bool:
+    return name in inspect.signature(model_class.forward).parameters
+
+
+def is_partitioned(module: nn.Module) -> bool:
+    """Whether `module`'s parameters are ZeRO-3 partitioned."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def next_token(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """Pick one token per row as HF `generate` does (fp32 scores, temperature, multinomial)."""
+    scores = logits.float()
+    if not config.do_sample:
+        return scores.argmax(-1)
+    probs = torch.softmax(scores / config.temperature, dim=-1)
+    return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+
+def pad_answers(seq: torch.Tensor, prompt_len: int, config: GenerationConfig, backend: Accelerator) -> torch.Tensor:
+    return backend.pad_to_static(seq, 1, prompt_len + config.max_answer_seq_len, config.pad_token_id)
+
+
+def hf_generate(
+    model: nn.Module,
+    prompts: torch.Tensor,
+    mask: torch.Tensor,
+    config: GenerationConfig,
+    *,
+    synced_gpus: bool = False,
+    **extra,
+) -> torch.Tensor:
+    """HF `generate` with step 3's sampling semantics (top-k 0, top-p 1)."""
+    fixed = {"min_new_tokens": config.max_answer_seq_len} if config.ignore_eos else {}
+    sampling = {"temperature": config.temperature, "top_k": 0, "top_p": 1.0} if config.do_sample else {}
+    return model.generate(
+        input_ids=prompts,
+        attention_mask=mask,
+        max_new_tokens=config.max_answer_seq_len,
+        do_sample=config.do_sample,
+        pad_token_id=config.pad_token_id,
+        eos_token_id=config.eos_token_id,
+        synced_gpus=synced_gpus,
+        use_cache=True,
+        **sampling,
+        **fixed,
+        **extra,
+    )
+
+
+class PlainGenerator:
+    """Today's path: HF `generate` on the training module (synced ranks under ZeRO-3)."""
+
+    def __init__(self, actor, backend: Accelerator, config: GenerationConfig) -> None:
+        self.actor, self.backend, self.config = actor, backend, config
+        self.synced = is_partitioned(actor.module)
+        if backend.use_graphs:
+            log.info("generation: device graphs capture the hybrid engine's decode step; add --enable_hybrid_engine")
+
+    @torch.no_grad()
+    def generate(self, prompts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        module = self.actor.module
+        self.actor.eval()
+        try:
+            with folded_lora(module, enabled=not self.synced), self.backend.generation_context(module) as model:
+                seq = hf_generate(model, prompts, mask, self.config, synced_gpus=self.synced)
+        finally:
+            self.actor.train()
+        return pad_answers(seq, prompts.size(1), self.config, self.backend)
+
+
+@contextlib.contextmanager
+def folded_lora(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Fold LoRA adapters into their weights for the block; the exact training weights come back after."""
+    layers = lora_layers(module) if enabled else []
+    saved = [layer.weight.data.clone() for layer in layers]
+    for layer in layers:
+        layer.fuse()
+    try:
+        yield
+    finally:
+        for layer, weight in zip(layers, saved, strict=True):
+            layer.weight.data.copy_(weight)
+            layer.fused = False
+
+
+class DecodeStep(nn.Module):
+    """One decoding step over the static cache: the only thing a backend captures in a device graph.
+
+    It holds the generation form without registering it, so capturing this module's forward never
+    touches the forward of a module that trains.
+    """
+
+    def __init__(self, model: nn.Module, cache) -> None:
+        super().__init__()
+        self.__dict__["model"] = model
+        self.__dict__["cache"] = cache
+        self.takes_positions = _forward_takes(type(model), "position_ids")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache_position: torch.Tensor,
+    ) -> torch.Tensor:
+        extra = {"position_ids": position_ids} if self.takes_positions else {}
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=self.cache,
+            cache_position=cache_position,
+            use_cache=True,
+            **extra,
+        )
+        return out.logits[:, -1]
+
+
+def static_cache_reason(model: nn.Module) -> str | None:
+    """Why the decode loop cannot serve `model` (None when it can)."""
+    if not getattr(type(model), "_can_compile_fullgraph", False):
+        return f"{type(model).__name__} has no static KV cache support in this transformers version"
+    if not _forward_takes(type(model), "cache_position"):
+        return f"{type(model).__name__}.forward takes no cache_position"
+    return None
+
+
+class InferenceCopy:
+    """A plain, hook-free copy of a ZeRO-3 partitioned causal LM, refilled by gathering its partitions.
+
+    LoRA layers of the source are folded (W + scaling·(AB)ᵀ) while copying, so the copy is the model
+    the actor computes. Parameters are gathered in groups of `group_layers` transformer layers, or
+    all at once (`group_layers=0`).
+    """
+
+    def __init__(self, source: nn.Module, backend: Accelerator, dtype: torch.dtype) -> None:
+        self.source, self.backend, self.dtype = source, backend, dtype
+        self.model: nn.Module | None = None
+        self.gather_calls = 0  # GatheredParameters blocks entered (one collective round each)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters()) if self.model is not None else 0
+
+    def full_bytes(self) -> int:
+        """Bytes of the gathered model (ZeRO-3 keeps the full shape in `ds_numel`)."""
+        sizes = (getattr(p, "ds_numel", p.numel()) for p in self.source.parameters() if not _is_lora(p, self.source))
+        return sum(sizes) * torch.finfo(self.dtype).bits // 8
+
+    def _build(self) -> nn.Module:
+        from transformers.modeling_utils import no_init_weights
+
+        with torch.device(self.backend.device), no_init_weights():
+            model = type(self.source)._from_config(self.source.config, torch_dtype=self.dtype)
+        model.eval().requires_grad_(False)
+        for name, buffer in model.named_buffers():
+            with contextlib.suppress(AttributeError):
+                src = self.source.get_buffer(name)
+                if src.shape == buffer.shape:
+                    buffer.copy_(src)
+        return model
+
+    def groups(self, group_layers: int) -> list[list[str]]:
+        """Parameter names of the copy, split into gather groups by transformer-layer index."""
+        names = [name for name, _ in self.model.named_parameters()]
+        if group_layers <= 0:
+            return [names]
+        keyed: dict[object, list[str]] = {}
+        for name in names:
+            match = re.search(r"\.(\d+)\.", name)
+            key = int(match.group(1)) // group_layers if match else "rest"
+            keyed.setdefault(key, []).append(name)
+        return list(keyed.values())
+
+    @torch.no_grad()
+    def refill(self, group_layers: int) -> nn.Module:
+        """Gather the source's weights (folding LoRA) into the copy; returns the copy."""
+        import deepspeed
+
+        if self.model is None:
+            self.model = self._build()
+        for names in self.groups(group_layers):
+            sources = [self._sources(name) for name in names]
+            params = [p for group in sources for p in group]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                self.gather_calls += 1
+                for name, (weight, *lora) in zip(names, sources, strict=True):
+                    target = self.model.get_parameter(name)
+                    value = weight.data
+                    if lora:
+                        owner = self.source.get_submodule(name.rpartition(".")[0])
+                        right, left = (p.data for p in lora)
+                        value = value + ((right @ left).t() * owner.lora_scaling).to(value.dtype)
+                    target.copy_(value)
+        return self.model
+
+    def _sources(self, name: str) -> list[nn.Parameter]:
+        """The source parameter behind a copy parameter, with its LoRA factors when it has them."""
+        owner_name, _, leaf = name.rpartition(".")
+        owner = self.source.get_submodule(owner_name) if owner_name else self.source
+        if isinstance(owner, LoRALinear) and leaf == "weight":
+            return [owner.weight, owner.lora_right_weight, owner.lora_left_weight]
+        return [getattr(owner, leaf)]
+
+    def release(self) -> None:
+        self.model = None
+        self.backend.empty_cache()
+
+
+def _is_lora(param: nn.Parameter, module: nn.Module) -> bool:
+    return any(param is p for layer in lora_layers(module) for p in (layer.lora_right_weight, layer.lora_left_weight))
+
+
+class HybridEngine:
+    """Generation in the actor's generation form (see the module docstring); `generate` pads to
+    prompt length + `max_answer_seq_len` like the plain path."""
+
+    def __init__(
+        self,
+        actor,
+        backend: Accelerator,
+        config: GenerationConfig,
+        *,
+        dtype: torch.dtype,
+        gather_group_layers: int = 8,
+        release_inference_cache: bool = False,
+        unpin_actor_parameters: bool = False,
+    ) -> None:
+        self.actor, self.backend, self.config = actor, backend, config
+        self.group_layers = gather_group_layers
+        self.release_cache, self.unpin = release_inference_cache, unpin_actor_parameters
+        self.zero3 = is_partitioned(actor.module)
+        self.copy = InferenceCopy(actor.module, backend, dtype) if self.zero3 else None
+        self._cache = None
+        self._cache_key: tuple | None = None
+        self._step = None
+        self._gather_mode_logged = False
+        self.fallback_reason = static_cache_reason(actor.module)
+        if self.fallback_reason:
+            log.info("hybrid engine: falling back to HF generate: %s", self.fallback_reason)
+
+    # ---- the generation form ---------------------------------------------------------------------
+    def _group_layers(self) -> int:
+        """All at once when the gathered model fits beside what is allocated, else layer groups."""
+        needed = self.copy.full_bytes() * (1 if self.copy.model is not None else 2)
+        free = self.backend.available_memory()
+        group = 0 if free is None or needed < 0.8 * free else self.group_layers
+        if not self._gather_mode_logged:
+            how = "all at once" if group == 0 else f"in groups of {group} layers (--tp_gather_partition_size)"
+            free_text = "unknown" if free is None else f"{free / MB:.0f} MB"
+            log.info(
+                "hybrid engine: ZeRO-3 actor gathered %s per generation phase (needs %.0f MB, free %s)",
+                how,
+                needed / MB,
+                free_text,
+            )
+            self._gather_mode_logged = True
+        return group
+
+    @contextlib.contextmanager
+    def generation_form(self) -> Iterator[nn.Module]:
+        """The actor as one plain model with LoRA folded in, for the duration of the block."""
+        if self.copy is not None:
+            first = self.copy.model is None
+            model = self.copy.refill(self._group_layers())
+            if first:
+                log.info(
+                    "hybrid engine: hook-free inference copy of the actor: %.1f MB (%s between phases)",
+                    self.copy.nbytes / MB,
+                    "freed" if self.unpin else "kept; --unpin_actor_parameters frees it",
+                )
+            try:
+                yield model
+            finally:
+                if self.unpin:
+                    self.copy.release()
+            return
+        module = self.actor.module
+        self.actor.eval()
+        try:
+            with folded_lora(module):
+                yield module
+        finally:
+            self.actor.train()
+
+    # ---- decoding --------------------------------------------------------------------------------
+    def _static_cache(self, model: nn.Module, batch: int, length: int):
+        from transformers import StaticCache
+
+        key = (id(model), batch, length)
+        if self._cache is None or self._cache_key != key:
+            param = next(model.parameters())
+            self._cache = StaticCache(
+                config=model.config, max_batch_size=batch, max_cache_len=length, device=param.device, dtype=param.dtype
+            )
+            self._cache_key = key
+            self._step = self.backend.capture_decode_step(DecodeStep(model, self._cache))
+            log.info(
+                "hybrid engine: static KV cache for batch %d x %d positions: %.1f MB",
+                batch,
+                length,
+                sum(t.numel() * t.element_size() for t in _cache_tensors(self._cache)) / MB,
+            )
+        else:
+            self._cache.reset()
+        return self._cache, self._step
+
+    def _release_cache(self) -> None:
+        self._cache = self._cache_key = self._step = None
+        self.backend.empty_cache()
+
+    def decode(self, model: nn.Module, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """Prefill, then one token per step until every row ended (or max_answer_seq_len)."""
+        cfg, backend = self.config, self.backend
+        batch, prompt_len = prompts.shape
+        total = prompt_len + cfg.max_answer_seq_len
+        cache, step = self._static_cache(model, batch, total)
+        mask = prompt_mask.new_zeros(batch, total)
+        mask[:, :prompt_len] = prompt_mask
+        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        extra = {"position_ids": positions} if _forward_takes(type(model), "position_ids") else {}
+        if _forward_takes(type(model), "logits_to_keep"):
+            extra["logits_to_keep"] = 1
+        cache_position = torch.arange(prompt_len, device=prompts.device)
+        logits = model(
+            input_ids=prompts,
+            attention_mask=mask,
+            past_key_values=cache,
+            cache_position=cache_position,
+            use_cache=True,
+            **extra,
+        ).logits[:, -1]
+        backend.mark_step()
+        answers = prompts.new_full((batch, cfg.max_answer_seq_len), cfg.pad_token_id)
+        unfinished = torch.ones(batch, dtype=torch.bool, device=prompts.device)
+        next_position = prompt_mask.long().sum(-1, keepdim=True)
+        stop_on_eos = cfg.eos_token_id is not None and not cfg.ignore_eos
+        for t in range(cfg.max_answer_seq_len):
+            token = torch.where(unfinished, next_token(logits, cfg), cfg.pad_token_id)
+            answers[:, t] = token
+            if stop_on_eos:
+                unfinished &= token != cfg.eos_token_id
+            if t + 1 == cfg.max_answer_seq_len or not bool(unfinished.any()):
+                break
+            mask[:, prompt_len + t] = 1
+            cache_position = cache_position[-1:] + 1
+            logits = step(token[:, None], mask, next_position, cache_position)
+            backend.mark_step()
+            next_position = next_position + 1
+        return torch.cat([prompts, answers], dim=1)
+
+    @torch.no_grad()
+    def generate(self, prompts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with self.generation_form() as model, self.backend.generation_context(model):
+            if self.fallback_reason:
+                seq = hf_generate(model, prompts, mask, self.config)
+            else:
+                seq = self.decode(model, prompts, mask)
+        if self.release_cache or (self.copy is not None and self.unpin):
+            self._release_cache()
+        return pad_answers(seq, prompts.size(1), self.config, self.backend)
+
+
+def _cache_tensors(cache) -> list[torch.Tensor]:
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [
+            t
+            for layer in layers
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+            if t is not None
+        ]
+    return [*getattr(cache, "key_cache", []), *getattr(cache, "value_cache", [])]
