@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 from conftest import ROOT, run_script
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,3 +51,30 @@ def test_ci_runs_exactly_the_readme_test_command():
     demo, tests = commands[0], commands[1]
     assert "e2e_rlhf.py" in demo and "pytest" in tests
     assert tests in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("device", ["cpu", "hpu"])
+def test_e2e_step3_with_the_hybrid_engine(e2e_output, tmp_path, device):
+    """e2e's step 3 with --enable-hybrid-engine on the CPU and on the fake HPU (with HPU graphs)."""
+    for name in ("actor", "reward"):
+        (tmp_path / name).symlink_to(e2e_output / name)
+    step3_args = "--enable_test_mode --test_stop_step 2" + (" --enable_hpu_graphs" if device == "hpu" else "")
+    fakes = {"PYTHONPATH": str(ROOT / "tests" / "fakes")} if device == "hpu" else {}
+    result = run_script(
+        "training/e2e_rlhf.py",
+        "--step",
+        "3",
+        "--device",
+        device,
+        "--enable-hybrid-engine",
+        "--output-dir",
+        str(tmp_path),
+        "--step3-args",
+        step3_args,
+        env=fakes,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "--enable_hybrid_engine" in result.stdout
+    assert re.search(r"\| 3 \| \d+ \| reward", result.stdout)
+    if device == "hpu":
+        assert "decode step captured in an HPU graph" in result.stdout + result.stderr

@@ -92,9 +92,19 @@ def test_padding_does_not_change_the_losses(tmp_path, fake_hpu):
     assert all(math.isfinite(x) for x in hpu)
 
 
-def test_hpu_graphs_wrap_the_generating_model(tmp_path, fake_hpu, e2e_output):
-    step3(step3_args(tmp_path, "hpu", e2e_output, "--enable_hpu_graphs", "--test_stop_step", "2"))
-    assert len(fake_hpu.hpu.graph_wrapped) == 1  # wrapped once, reused across steps
+def test_hpu_graphs_capture_only_the_decode_step(tmp_path, fake_hpu, e2e_output):
+    """The fake replaces a wrapped module's forward for good, as the real `wrap_in_hpu_graph` does: a
+    training forward through a captured graph would show up as a replay with autograd on."""
+    flags = ("--enable_hybrid_engine", "--enable_hpu_graphs", "--test_stop_step", "2")
+    result = step3(step3_args(tmp_path, "hpu", e2e_output, *flags))
+    assert len(result["history"]) == 2
+    assert [type(m).__name__ for m in fake_hpu.hpu.graph_wrapped] == ["DecodeStep"]  # once, reused
+    replays = fake_hpu.hpu.graph_replays
+    assert sum(r["replay"] for r in replays) > 2  # later tokens and steps replay the captured step
+    assert not any(r["grad_enabled"] for r in replays)
+    fake_hpu.hpu.reset()
+    step3(step3_args(tmp_path / "plain", "hpu", e2e_output, "--enable_hpu_graphs", "--test_stop_step", "1"))
+    assert fake_hpu.hpu.graph_wrapped == []  # plain generate never captures the training module
 
 
 def test_eager_mode_compiles_with_the_hpu_backend_and_skips_mark_step(tmp_path, fake_hpu, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 
 import pytest
 import torch
@@ -18,11 +19,11 @@ from dschat_hal.runtime import training_engine
 VOCAB, PAD, EOS = 96, 0, 2
 SPECIAL = {"pad_token_id": PAD, "bos_token_id": 1, "eos_token_id": EOS}
 CONFIGS = {
-    "opt": lambda: OPTConfig(
+    "opt": lambda width=32: OPTConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
-        word_embed_proj_dim=32,
-        ffn_dim=64,
+        hidden_size=width,
+        word_embed_proj_dim=width,
+        ffn_dim=2 * width,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=128,
@@ -52,11 +53,11 @@ CONFIGS = {
 LORA_TARGET = {"opt": "layers.", "bloom": "h.", "llama": "layers.", "gpt_neox": "layers."}
 
 
-def peaked_model(family: str, lora: bool, seed: int = 0) -> torch.nn.Module:
+def peaked_model(family: str, lora: bool, seed: int = 0, **size) -> torch.nn.Module:
     """A random model whose logits are peaked (greedy ties between kernels are then impossible), with
     LoRA factors that change the output when `lora`."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[family]())
+    model = AutoModelForCausalLM.from_config(CONFIGS[family](**size))
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(8)
     if lora:
@@ -186,3 +187,26 @@ def test_plain_generator_matches_too():
     reference = reference_tokens(model, prompts, mask, config)
     backend, engine = engine_for(model, 2)
     assert answers_equal(PlainGenerator(engine, backend, config).generate(prompts, mask), reference)
+
+
+def test_zero3_two_processes_gather_once_per_phase(tmp_path):
+    """2 ranks, ZeRO-3 (really partitioned), LoRA, different prompts per rank: the hybrid engine's all-gathers
+    per generation phase do not grow with the answer length (plain `generate`'s do), its tokens equal HF
+    `generate`'s on the same weights, and training after generation changes the weights it generates with."""
+    from conftest import run_script
+
+    result = run_script(
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "tests/workers/zero3_generation.py",
+        str(tmp_path),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    for path in (tmp_path / "rank0.json", tmp_path / "rank1.json"):
+        rank = json.loads(path.read_text())
+        assert rank["hybrid"]["4"] == rank["hybrid"]["16"] > 0
+        assert rank["plain"]["16"] > rank["plain"]["4"] > 0  # ZeRO-3 hooks gather again for every token
+        assert rank["tokens_equal_hf"] and rank["weights_changed"]

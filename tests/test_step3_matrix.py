@@ -63,7 +63,8 @@ def test_step3_matrix(e2e_output, tmp_path, stage, offload, lora):
     assert critic.forward_value(ids, ids.new_ones(ids.shape))["chosen_end_scores"].shape == (1,)
 
 
-def test_step3_with_two_processes_under_torchrun(e2e_output, tmp_path):
+@pytest.mark.parametrize("hybrid", [False, True], ids=["plain", "hybrid-engine"])
+def test_step3_with_two_processes_under_torchrun(e2e_output, tmp_path, hybrid):
     cmd = [
         sys.executable,
         "-m",
@@ -71,11 +72,21 @@ def test_step3_with_two_processes_under_torchrun(e2e_output, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29612",
+        "29613" if hybrid else "29612",
         str(ROOT / "training/step3_rlhf_finetuning/main.py"),
         *step3_args(e2e_output, tmp_path, 3, False, False),
+        *(["--enable_hybrid_engine"] if hybrid else []),
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "step 2 reward" in result.stdout
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "rlhf" / "actor").config.model_type == "opt"
+
+
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_step3_with_the_hybrid_engine(e2e_output, tmp_path, stage):
+    """LoRA and offload on: ZeRO-3 generates from the gathered copy, ZeRO-2 from the actor with LoRA folded."""
+    args = [*step3_args(e2e_output, tmp_path, stage, offload=True, lora=True), "--enable_hybrid_engine"]
+    history = step3(args)["history"]
+    assert len(history) == 2 and all(h["answer_length"] > 0 for h in history)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "rlhf" / "actor")

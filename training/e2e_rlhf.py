@@ -64,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hostfile", default=None, help="hostfile for multi_node")
     p.add_argument("--data-path", nargs="+", default=["local/jsonfile"])
     p.add_argument("--output-dir", default="./output")
+    p.add_argument(
+        "--enable-hybrid-engine",
+        action="store_true",
+        help="step 3 generates through the hybrid engine (--enable_hybrid_engine)",
+    )
     p.add_argument("--step1-args", default="", help="extra flags for step 1, as one string")
     p.add_argument("--step2-args", default="", help="extra flags for step 2, as one string")
     p.add_argument("--step3-args", default="", help="extra flags for step 3, as one string")
@@ -109,6 +114,8 @@ def step_command(step: int, args: argparse.Namespace, out: Path) -> list[str]:
             "--critic_zero_stage",
             str(args.reward_zero_stage),
         ]
+        if args.enable_hybrid_engine:
+            own.append("--enable_hybrid_engine")
     target = out / OUTPUT_NAMES[step]
     extra = shlex.split(getattr(args, f"step{step}_args"))
     return [
