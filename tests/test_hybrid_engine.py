@@ -210,3 +210,38 @@ def test_zero3_two_processes_gather_once_per_phase(tmp_path):
         assert rank["hybrid"]["4"] == rank["hybrid"]["16"] > 0
         assert rank["plain"]["16"] > rank["plain"]["4"] > 0  # ZeRO-3 hooks gather again for every token
         assert rank["tokens_equal_hf"] and rank["weights_changed"]
+
+
+def test_a_family_the_loop_cannot_serve_falls_back_to_hf_generate(monkeypatch, caplog):
+    from transformers import GPTNeoXForCausalLM
+
+    monkeypatch.setattr(GPTNeoXForCausalLM, "_can_compile_fullgraph", False)
+    model = peaked_model("gpt_neox", lora=False)
+    prompts, mask = prompt_batch()
+    config = GenerationConfig(max_answer_seq_len=6, pad_token_id=PAD, eos_token_id=EOS, do_sample=False)
+    reference = reference_tokens(model, prompts, mask, config)
+    backend, engine = engine_for(model, 3)
+    with caplog.at_level("INFO"):
+        hybrid = HybridEngine(engine, backend, config, dtype=torch.float32)
+    assert "falling back to HF generate: GPTNeoXForCausalLM has no static KV cache support" in caplog.text
+    assert answers_equal(hybrid.generate(prompts, mask), reference)  # still from the gathered copy
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--inference_tp_size", "2"], "--inference_tp_size 2: tensor-parallel generation is not implemented"),
+        (["--hybrid_engine", "deepspeed"], "--hybrid_engine deepspeed is not supported"),
+        (["--tp_gather_partition_size", "0"], "--tp_gather_partition_size must be at least 1"),
+    ],
+)
+def test_hybrid_engine_flags_it_cannot_honour_are_refused(e2e_output, tmp_path, capsys, flags, message):
+    from conftest import tiny_step3_argv
+
+    from training.step3_rlhf_finetuning.main import main as step3
+
+    with pytest.raises(SystemExit) as exit_info:
+        step3([*tiny_step3_argv(e2e_output, tmp_path), "--enable_hybrid_engine", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]

@@ -103,12 +103,12 @@ class PlainGenerator:
             log.info("generation: device graphs capture the hybrid engine's decode step; add --enable_hybrid_engine")
 
     @torch.no_grad()
-    def generate(self, prompts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def generate(self, prompts: torch.Tensor, mask: torch.Tensor, **generate_kwargs) -> torch.Tensor:
         module = self.actor.module
         self.actor.eval()
         try:
             with folded_lora(module, enabled=not self.synced), self.backend.generation_context(module) as model:
-                seq = hf_generate(model, prompts, mask, self.config, synced_gpus=self.synced)
+                seq = hf_generate(model, prompts, mask, self.config, synced_gpus=self.synced, **generate_kwargs)
         finally:
             self.actor.train()
         return pad_answers(seq, prompts.size(1), self.config, self.backend)
