@@ -1,8 +1,8 @@
 """Step-3 generation benchmark: HF `generate` vs the hybrid engine, in DeepSpeed engines, side by side.
 
     python benchmarks/bench_generation.py --model opt-125m --zero 2                       # one process
-    python benchmarks/bench_generation.py --model opt-125m --zero 3 --nproc 2             # 2 ranks (torchrun)
-    python benchmarks/bench_generation.py --step3 --model opt-125m --zero 3 --nproc 2     # PPO samples/s
+    python benchmarks/bench_generation.py --model opt-125m --zero 3 --processes 2             # 2 ranks (torchrun)
+    python benchmarks/bench_generation.py --step3 --model opt-125m --zero 3 --processes 2     # PPO samples/s
 
 Modes, each generating exactly `--answer` tokens per row (greedy, EOS ignored):
   (a) hf         HF `generate` on the DeepSpeed engine's module (synced ranks under ZeRO-3)
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--answer", type=int, default=128)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--nproc", type=int, default=1, help="processes (torchrun) — 2 for ZeRO-3 on the CPU")
+    p.add_argument("--processes", type=int, default=1, help="processes (torchrun) — 2 for ZeRO-3 on the CPU")
     p.add_argument("--warmup", type=int, default=1, help="untimed phases per mode first")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device_graphs", action="store_true", help="engine: capture the decode step (CUDA/HPU)")
@@ -203,7 +203,7 @@ def run_step3(args: argparse.Namespace) -> list[dict]:
                 history = json.loads((out / "training_summary.json").read_text())["history"][1:]
                 step_s = statistics.mean(h["generation_s"] + h["experience_s"] + h["training_s"] for h in history)
                 gen_s = statistics.mean(h["generation_s"] for h in history)
-                samples = args.batch * args.nproc
+                samples = args.batch * args.processes
                 rows.append({"zero": stage, "mode": "engine" if hybrid else "hf", "step_s": step_s,
                              "generation_s": gen_s, "samples_per_s": samples / step_s})  # fmt: skip
         for row in rows:
@@ -228,9 +228,9 @@ def _save_random_checkpoints(args: argparse.Namespace, tmp: Path) -> tuple[Path,
 
 
 def _launcher(args: argparse.Namespace) -> list[str]:
-    if args.nproc == 1:
+    if args.processes == 1:
         return [sys.executable]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes),
             "--master_port", str(29700 + os.getpid() % 200)]  # fmt: skip
 
 
@@ -257,7 +257,7 @@ def describe(args: argparse.Namespace) -> str:
     what = "PPO steps" if args.step3 else "generation"
     return (
         f"{what}: {args.model} shape, random weights, {args.dtype}, batch {args.batch}/rank, prompt {args.prompt}, "
-        f"answer {args.answer}, {args.nproc} process(es), device {args.device}; torch {torch.__version__}, "
+        f"answer {args.answer}, {args.processes} process(es), device {args.device}; torch {torch.__version__}, "
         f"deepspeed {deepspeed.__version__}, transformers {transformers.__version__}; "
         f"{os.cpu_count()} CPUs, load average {load:.1f} at the start"
     )
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     header = describe(args)
     if args.step3:
         rows = run_step3(args)
-    elif args.worker_out or args.nproc == 1:
+    elif args.worker_out or args.processes == 1:
         rows = run_generation(args)
         if args.worker_out:
             from dschat_hal.runtime import is_rank0

@@ -55,6 +55,9 @@ def test_every_backend_implements_the_interface(name, fake_hpu):
     model = torch.nn.Linear(2, 2)
     with backend.generation_context(model) as generating:
         assert generating is model
+    assert backend.capture_decode_step(model) is model  # graphs only when asked (use_graphs)
+    free = backend.available_memory()
+    assert free is None or free > 0
     assert os.environ["DS_ACCELERATOR"] == backend.ds_name
 
 
