@@ -54,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto")
     p.add_argument("--processes", type=int, default=1, help="processes (torchrun) — 2 for ZeRO-3 on the CPU")
-    p.add_argument("--warmup", type=int, default=1, help="untimed phases per mode first")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="phases per mode before timing (at least the first)")
+    p.add_argument("--repeats", type=int, default=3, help="timed phases per mode, interleaved (0: time the first)")
     p.add_argument("--device_graphs", action="store_true", help="engine: capture the decode step (CUDA/HPU)")
     p.add_argument("--step3", action="store_true", help="samples/s of full PPO steps with and without the engine")
     p.add_argument("--steps", type=int, default=4, help="--step3: PPO steps per run (the first is not timed)")
@@ -150,27 +150,29 @@ def run_generation(args: argparse.Namespace) -> list[dict]:
         engine = _engine(build_model(args.model, dtype), stage, args, backend)
         weight_bytes = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()) * dtype.itemsize
         floor = args.answer * weight_bytes / bandwidth
-        reference = None
+        calls = {}
         for mode in args.modes:
             if mode == "engine":
                 gen = HybridEngine(engine, backend, config, dtype=dtype)
-                call = lambda gen=gen: gen.generate(prompts, mask)  # noqa: E731
+                calls[mode] = lambda gen=gen: gen.generate(prompts, mask)  # noqa: E731
             else:
                 extra = {"cache_implementation": "static"} if mode == "hf_static" else {}
                 gen = PlainGenerator(engine, backend, config)
-                call = lambda gen=gen, extra=extra: gen.generate(prompts, mask, **extra)  # noqa: E731
-            first, out = _timed(call, backend)
-            times = [first] if args.warmup == 0 else []
+                calls[mode] = lambda gen=gen, extra=extra: gen.generate(prompts, mask, **extra)  # noqa: E731
+        first, outputs, times = {}, {}, {mode: [] for mode in calls}
+        for mode, call in calls.items():  # the first phase builds copies, caches and compiled graphs
+            first[mode], outputs[mode] = _timed(call, backend)
             for _ in range(args.warmup - 1):
                 _timed(call, backend)
-            for _ in range(args.repeats if args.warmup else args.repeats - 1):
-                seconds, out = _timed(call, backend)
-                times.append(seconds)
-            seconds = statistics.median(times)
-            reference = out if mode == "hf" else reference
-            same = None if reference is None or mode == "hf" else bool(torch.equal(out.cpu(), reference.cpu()))
+        for _ in range(args.repeats):  # modes interleaved, so that load on the machine hits each alike
+            for mode, call in calls.items():
+                seconds, outputs[mode] = _timed(call, backend)
+                times[mode].append(seconds)
+        for mode in calls:
+            seconds = statistics.median(times[mode] or [first[mode]])
+            same = None if mode == "hf" or "hf" not in outputs else bool(torch.equal(outputs[mode], outputs["hf"]))
             rows.append({
-                "zero": stage, "mode": mode, "seconds": seconds, "first_phase_s": first,
+                "zero": stage, "mode": mode, "seconds": seconds, "first_phase_s": first[mode],
                 "tokens_per_s": args.batch * args.answer / seconds, "tokens_equal_hf": same,
                 "floor_s": floor, "x_floor": seconds / floor,
             })  # fmt: skip

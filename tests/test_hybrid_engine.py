@@ -245,3 +245,20 @@ def test_hybrid_engine_flags_it_cannot_honour_are_refused(e2e_output, tmp_path, 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_generation_benchmark_prints_its_table(tmp_path):
+    """The benchmark script runs end to end (tiny shape); its numbers are read in benchmarks/RESULTS.md."""
+    from conftest import run_script
+
+    out = tmp_path / "bench.json"
+    result = run_script(
+        "benchmarks/bench_generation.py",
+        *("--model", "tiny", "--zero", "2", "3", "--prompt", "8", "--answer", "4", "--repeats", "1"),
+        *("--json", str(out)),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| ZeRO | mode | seconds |" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["zero"], r["mode"]) for r in rows] == [(z, m) for z in (2, 3) for m in ("hf", "hf_static", "engine")]
+    assert all(r["seconds"] > 0 and r["floor_s"] > 0 for r in rows)
