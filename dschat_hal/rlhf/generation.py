@@ -94,7 +94,7 @@ def hf_generate(
 
 
 class PlainGenerator:
-    """Today's path: HF `generate` on the training module (synced ranks under ZeRO-3)."""
+    """The default path: HF `generate` on the training module (synced ranks under ZeRO-3, LoRA unfolded there)."""
 
     def __init__(self, actor, backend: Accelerator, config: GenerationConfig) -> None:
         self.actor, self.backend, self.config = actor, backend, config
