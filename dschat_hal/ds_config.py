@@ -37,7 +37,7 @@ def train_ds_config(
         "stage3_max_live_parameters": 3e7,
         "stage3_prefetch_bucket_size": 3e7,
         "memory_efficient_linear": False,
-        **accelerator.zero_overrides(),
+        **accelerator.zero_overrides(stage),
     }
     config: dict[str, Any] = {
         "train_batch_size": micro_batch * grad_accum * world_size,
@@ -74,6 +74,7 @@ def eval_ds_config(
             "stage3_param_persistence_threshold": 1e4,
             "offload_param": {"device": "cpu" if offload else "none"},
             "memory_efficient_linear": False,
+            **accelerator.zero_overrides(3 if stage == 3 else 0),
         },
         "wall_clock_breakdown": False,
         **_precision(dtype),
