@@ -44,7 +44,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
         "--preprocessing_num_workers",
         type=int,
         default=None,
-        help="processes that tokenise the data sets (None: the data pipeline's choice)",
+        help="processes that tokenise the data sets (accepted; tokenisation runs in one process for now)",
     )
     g.add_argument(
         "--add_eot_token",
@@ -112,7 +112,11 @@ def add_optim_args(p: argparse.ArgumentParser, prefixes: tuple[str, ...] = ("",)
         )
         g.add_argument(f"--{prefix}lora_learning_rate", type=float, default=5e-4, help="learning rate of LoRA factors")
     g = p.add_argument_group("schedule")
-    g.add_argument("--only_optimize_lora", action="store_true", help="train only the LoRA factors (and value heads)")
+    g.add_argument(
+        "--only_optimize_lora",
+        action="store_true",
+        help="train only the LoRA factors (step 2 also trains its new value head)",
+    )
     g.add_argument("--num_train_epochs", type=int, default=1, help="epochs over the step's data")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument(
