@@ -64,6 +64,11 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offload", action="store_true", help="ZeRO-Offload optimizer (and ZeRO-3 params) to the CPU")
     g.add_argument("--no_fused_kernels", action="store_true", help="torch AdamW instead of fused device kernels")
     g.add_argument(
+        "--zero_hpz_enabled",
+        action="store_true",
+        help="ZeRO++ hpZ: ZeRO-3 weights also partitioned within each node (multi-node ZeRO-3 only)",
+    )
+    g.add_argument(
         "--compute_fp32_loss",
         type=_bool,
         default=None,

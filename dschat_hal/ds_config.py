@@ -61,6 +61,16 @@ def train_ds_config(
     return config
 
 
+def hpz_entries(accelerator: Accelerator, stage: int, world_size: int) -> dict[str, Any]:
+    """ZeRO++ hierarchical partitioning (`--zero_hpz_enabled`): under ZeRO-3 across nodes, a secondary
+    copy of the weights partitioned within each node, so forward/backward all-gathers stay on the node.
+    Empty where it cannot help (another stage, or one node)."""
+    per_node = accelerator.device_count()
+    if stage != 3 or per_node < 2 or world_size <= per_node or world_size % per_node:
+        return {}
+    return {"zero_hpz_partition_size": per_node}
+
+
 def eval_ds_config(
     accelerator: Accelerator, dtype: torch.dtype, stage: int, offload: bool, micro_batch: int, world_size: int
 ) -> dict[str, Any]:

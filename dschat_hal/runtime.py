@@ -120,7 +120,7 @@ def training_engine(
     import deepspeed
     from transformers import get_scheduler
 
-    from dschat_hal.ds_config import train_ds_config
+    from dschat_hal.ds_config import hpz_entries, train_ds_config
 
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -140,6 +140,8 @@ def training_engine(
         job_name,
     )
     config["zero_optimization"].update(zero_extra or {})
+    if getattr(args, "zero_hpz_enabled", False):
+        config["zero_optimization"].update(hpz_entries(backend, stage, world_size()))
     model = backend.prepare_model(model)
     optimizer_class = backend.optimizer_class(offload=args.offload, fused=not args.no_fused_kernels)
     optimizer = optimizer_class(param_groups(model, weight_decay, lora_lr), lr=lr, betas=(0.9, 0.95))

@@ -246,6 +246,17 @@ def test_mixed_precision_lora_config_and_its_refusals():
         rlhf_engine.mixed_precision_lora_config(cpu, args)
 
 
+def test_hpz_partitions_within_a_node_only_for_multi_node_zero3():
+    from dschat_hal.ds_config import hpz_entries
+
+    node_of_8 = types.SimpleNamespace(device_count=lambda: 8)
+    assert hpz_entries(node_of_8, 3, 16) == {"zero_hpz_partition_size": 8}
+    assert hpz_entries(node_of_8, 3, 8) == {}  # one node: the primary partition is already node-local
+    assert hpz_entries(node_of_8, 2, 16) == {}
+    assert hpz_entries(types.SimpleNamespace(device_count=lambda: 1), 3, 4) == {}
+    assert step1_parser().parse_args(["--zero_hpz_enabled"]).zero_hpz_enabled
+
+
 def test_hpu_swaps_in_optimum_habanas_checkpointing(fake_hpu, monkeypatch):
     import torch.utils.checkpoint
 

@@ -20,6 +20,7 @@ EMA_BETA = 0.992
 def mixed_precision_lora_config(backend: Accelerator, args: argparse.Namespace) -> dict:
     """ZeRO++ entries of `--enable_mixed_precision_lora`: the actor's frozen (non-LoRA) weights are
     stored and gathered quantised; across nodes, a secondary partition per node (hpZ)."""
+    from dschat_hal.ds_config import hpz_entries
     from dschat_hal.errors import UserError
     from dschat_hal.runtime import world_size
 
@@ -33,11 +34,7 @@ def mixed_precision_lora_config(backend: Accelerator, args: argparse.Namespace) 
             f"--enable_mixed_precision_lora needs ZeRO++ weight quantisation, which {backend.name} "
             "does not support; drop the flag"
         )
-    config: dict = {"zero_quantized_nontrainable_weights": True}
-    per_node = backend.device_count()
-    if world_size() > per_node:
-        config["zero_hpz_partition_size"] = per_node
-    return config
+    return {"zero_quantized_nontrainable_weights": True, **hpz_entries(backend, 3, world_size())}
 
 
 class RLHFEngine:
