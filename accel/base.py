@@ -176,9 +176,18 @@ class Accelerator(abc.ABC):
         """The backend `init_distributed` actually uses (the hardware's, unless simulated)."""
         return self.dist_backend
 
-    def zero_overrides(self) -> dict[str, Any]:
-        """Entries this hardware needs in DeepSpeed's `zero_optimization` section."""
+    def zero_overrides(self, stage: int) -> dict[str, Any]:
+        """Entries this hardware needs in DeepSpeed's `zero_optimization` section for ZeRO `stage`."""
         return {}
+
+    def device_count(self) -> int:
+        """Devices of this kind on this node (the hpZ partition size across nodes)."""
+        return 1
+
+    @property
+    def supports_quantized_weights(self) -> bool:
+        """Whether ZeRO++ weight quantisation (`--enable_mixed_precision_lora`) has kernels here."""
+        return False
 
     def init_distributed(self) -> None:
         """Initialise torch.distributed through DeepSpeed: under a launcher (torchrun, deepspeed)

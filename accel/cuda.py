@@ -29,6 +29,13 @@ class CudaAccelerator(Accelerator):
     def set_device(self) -> None:
         torch.cuda.set_device(self.device)
 
+    def device_count(self) -> int:
+        return torch.cuda.device_count()
+
+    @property
+    def supports_quantized_weights(self) -> bool:
+        return True  # DeepSpeed's ZeRO++ quantiser kernels
+
     def optimizer_class(self, offload: bool = False, fused: bool = True) -> type[torch.optim.Optimizer]:
         if offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -65,12 +65,21 @@ class HpuAccelerator(Accelerator):
 
     @staticmethod
     def _adapt_transformers() -> None:
-        """Apply optimum-habana's Gaudi model patches once, when it is installed."""
+        """Apply optimum-habana's Gaudi model patches once, when it is installed, and its
+        activation-checkpointing function (HabanaAI's DeepSpeed-Chat swaps it in for
+        `torch.utils.checkpoint.checkpoint`, which the models' gradient checkpointing calls)."""
         try:
             from optimum.habana.transformers.modeling_utils import adapt_transformers_to_gaudi
         except ImportError:
             return
         adapt_transformers_to_gaudi()
+        try:
+            from optimum.habana.transformers import gradient_checkpointing
+        except ImportError:
+            return
+        import torch.utils.checkpoint
+
+        torch.utils.checkpoint.checkpoint = gradient_checkpointing.checkpoint
 
     @property
     def device(self) -> torch.device:
@@ -91,8 +100,16 @@ class HpuAccelerator(Accelerator):
         model.compile(backend="hpu_backend")
         return model
 
-    def zero_overrides(self) -> dict[str, Any]:
-        return {"overlap_comm": False}  # overlapping reduction with compute is not supported on Gaudi
+    def zero_overrides(self, stage: int) -> dict[str, Any]:
+        """HabanaAI's recipe: no overlapped or reduce-scatter gradient reduction; ZeRO-1 without
+        contiguous gradient buffers."""
+        overrides: dict[str, Any] = {"overlap_comm": False, "reduce_scatter": False}
+        if stage == 1:
+            overrides["contiguous_gradients"] = False
+        return overrides
+
+    def device_count(self) -> int:
+        return int(self._hpu.device_count())
 
     def mark_step(self) -> None:
         if self.lazy_mode:
@@ -115,7 +132,8 @@ class HpuAccelerator(Accelerator):
     def compute_fp32_loss(self, model_type: str, user_flag: bool | None = None) -> bool:
         if user_flag is not None:
             return user_flag
-        return model_type == "bloom"  # bloom's bf16 loss diverges on Gaudi (upstream's finding)
+        # HabanaAI's scripts compute bloom's and llama's losses in fp32 (bf16 losses diverge on Gaudi)
+        return model_type in ("bloom", "llama")
 
     @property
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:

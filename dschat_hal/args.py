@@ -15,6 +15,20 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """`--help` shows every option's default (flags that take no value have none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.nargs == 0 or action.default is argparse.SUPPRESS or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+def _parser(description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=description, formatter_class=DefaultsHelpFormatter)
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument(
@@ -26,17 +40,34 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data_split", default="2,4,4", help="shares of each dataset for steps 1,2,3 (disjoint slices)")
     g.add_argument("--sft_only_data_path", nargs="*", default=[], help="datasets used only in step 1")
     g.add_argument("--data_output_path", default="/tmp/data_files/", help="cache of tokenised data ('' to disable)")
+    g.add_argument(
+        "--preprocessing_num_workers",
+        type=int,
+        default=None,
+        help="processes that tokenise the data sets (accepted; tokenisation runs in one process for now)",
+    )
+    g.add_argument(
+        "--add_eot_token",
+        action="store_true",
+        help="register --eot_token as an additional special token (one id, never split; embeddings grow to fit)",
+    )
+    g.add_argument("--eot_token", default="<|endoftext|>", help="the end-of-text token --add_eot_token registers")
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="hardware backend")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="training dtype")
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--seed", type=int, default=1234, help="seeds the data split, shuffling and model init")
     g.add_argument("--local_rank", type=int, default=-1, help="passed by the deepspeed launcher")
     g.add_argument("--output_dir", default=None, help="where the trained model is saved (HF format)")
     g.add_argument("--offload", action="store_true", help="ZeRO-Offload optimizer (and ZeRO-3 params) to the CPU")
     g.add_argument("--no_fused_kernels", action="store_true", help="torch AdamW instead of fused device kernels")
+    g.add_argument(
+        "--zero_hpz_enabled",
+        action="store_true",
+        help="ZeRO++ hpZ: ZeRO-3 weights also partitioned within each node (multi-node ZeRO-3 only)",
+    )
     g.add_argument(
         "--compute_fp32_loss",
         type=_bool,
@@ -47,7 +78,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--bucket_lengths", type=int, nargs="*", default=None, help="pad sequence lengths to these buckets")
     g.add_argument("--enable_tensorboard", action="store_true")
-    g.add_argument("--tensorboard_path", default="step_tensorboard")
+    g.add_argument("--tensorboard_path", default="step_tensorboard", help="where TensorBoard logs go")
     g.add_argument("--print_loss", action="store_true", help="print the loss of every step")
     g.add_argument("--log_interval", type=int, default=10, help="steps between progress lines (host syncs)")
     g.add_argument(
@@ -68,66 +99,93 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
-def add_optim_args(p: argparse.ArgumentParser, prefixes: tuple[str, ...] = ("",), lr: float = 1e-3) -> None:
+def add_optim_args(p: argparse.ArgumentParser, prefixes: tuple[str, ...] = ("",)) -> None:
+    """Optimiser flags per trained model (`--learning_rate`, or `--actor_...` and `--critic_...`) and
+    the shared schedule. Learning rates are set per step by the step's parser."""
     for prefix in prefixes:
         g = p.add_argument_group(f"{prefix or 'model '}optimisation")
-        g.add_argument(f"--{prefix}learning_rate", type=float, default=lr)
-        g.add_argument(f"--{prefix}weight_decay", type=float, default=0.0)
-        g.add_argument(f"--{prefix}zero_stage", type=int, default=0, choices=[0, 1, 2, 3])
+        g.add_argument(f"--{prefix}learning_rate", type=float, help="peak learning rate (after warmup)")
+        g.add_argument(f"--{prefix}weight_decay", type=float, default=0.0, help="AdamW weight decay")
+        g.add_argument(f"--{prefix}zero_stage", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage")
         g.add_argument(f"--{prefix}gradient_checkpointing", action="store_true")
-        g.add_argument(f"--{prefix}dropout", type=float, default=None, help="override the model's dropout")
+        g.add_argument(
+            f"--{prefix}dropout", type=float, default=None, help="override the model's dropout (None: its config's)"
+        )
         g.add_argument(f"--{prefix}lora_dim", type=int, default=0, help="LoRA rank (0: off)")
-        g.add_argument(f"--{prefix}lora_module_name", default="layers.", help="substring of the layers to adapt")
-        g.add_argument(f"--{prefix}lora_learning_rate", type=float, default=5e-4)
+        g.add_argument(
+            f"--{prefix}lora_module_name",
+            default="layers.",
+            help="substring of the linear layers to adapt ('layers.' covers OPT's decoder.layers. and llama's)",
+        )
+        g.add_argument(f"--{prefix}lora_learning_rate", type=float, default=5e-4, help="learning rate of LoRA factors")
     g = p.add_argument_group("schedule")
-    g.add_argument("--only_optimize_lora", action="store_true", help="train only the LoRA factors")
-    g.add_argument("--num_train_epochs", type=int, default=1)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument(
+        "--only_optimize_lora",
+        action="store_true",
+        help="train only the LoRA factors (step 2 also trains its new value head)",
+    )
+    g.add_argument("--num_train_epochs", type=int, default=1, help="epochs over the step's data")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument(
         "--lr_scheduler_type",
         default="cosine",
         choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        help="learning-rate schedule over the planned optimizer steps",
     )
-    g.add_argument("--num_warmup_steps", type=int, default=0)
+    g.add_argument("--num_warmup_steps", type=int, default=0, help="optimizer steps of linear warmup")
 
 
-def step1_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Step 1: supervised fine-tuning of the actor")
+NUM_PADDING_HELP = (
+    "accepted for upstream compatibility, without effect: end scores and the pairwise loss find each "
+    "sequence's tokens through the attention mask, so OPT's leading padding token needs no offset"
+)
+
+
+def add_eval_args(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval_interval", type=int, default=0, help=f"evaluate {what} every N steps (0: off)")
+    g.add_argument("--eval_iters", type=int, default=100, help="at most this many evaluation batches per evaluation")
+
+
+def _supervised_parser(description: str) -> argparse.ArgumentParser:
+    p = _parser(description)
     p.add_argument(
         "--model_name_or_path", default="tiny-opt", help="hub name, local dir, or tiny-opt|tiny-bloom|tiny-llama"
     )
-    p.add_argument("--per_device_train_batch_size", type=int, default=8)
-    p.add_argument("--per_device_eval_batch_size", type=int, default=8)
-    p.add_argument("--max_seq_len", type=int, default=512)
+    p.add_argument("--per_device_train_batch_size", type=int, default=16, help="training micro-batch per device")
+    p.add_argument("--per_device_eval_batch_size", type=int, default=16, help="evaluation batch per device")
+    p.add_argument("--max_seq_len", type=int, default=512, help="prompt + answer tokens (longer rows are cut)")
     add_data_args(p)
     add_optim_args(p)
     add_runtime_args(p)
     return p
 
 
+def step1_parser() -> argparse.ArgumentParser:
+    p = _supervised_parser("Step 1: supervised fine-tuning of the actor")
+    p.set_defaults(learning_rate=1e-3, tensorboard_path="step1_tensorboard")
+    return p
+
+
 def step2_parser() -> argparse.ArgumentParser:
-    p = step1_parser()
-    p.description = "Step 2: reward model fine-tuning on preference pairs"
-    p.add_argument(
-        "--num_padding_at_beginning",
-        type=int,
-        default=1,
-        help="accepted for upstream compatibility; scores use attention masks instead",
-    )
+    p = _supervised_parser("Step 2: reward model fine-tuning on preference pairs")
+    p.add_argument("--num_padding_at_beginning", type=int, default=1, help=NUM_PADDING_HELP)
+    add_eval_args(p, "reward accuracy and scores on the eval pairs")
+    p.set_defaults(learning_rate=5e-5, tensorboard_path="step2_tensorboard")
     return p
 
 
 def step3_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Step 3: RLHF fine-tuning with PPO")
+    p = _parser("Step 3: RLHF fine-tuning with PPO")
     p.add_argument("--actor_model_name_or_path", required=True, help="step-1 output (or any causal LM)")
     p.add_argument("--critic_model_name_or_path", required=True, help="step-2 output (reward model)")
-    p.add_argument("--num_padding_at_beginning", type=int, default=1, help="accepted for upstream compatibility")
-    p.add_argument("--per_device_generation_batch_size", type=int, default=4)
-    p.add_argument("--per_device_training_batch_size", type=int, default=4)
-    p.add_argument("--generation_batches", type=int, default=1)
-    p.add_argument("--ppo_epochs", type=int, default=1)
-    p.add_argument("--max_prompt_seq_len", type=int, default=256)
-    p.add_argument("--max_answer_seq_len", type=int, default=256)
+    p.add_argument("--num_padding_at_beginning", type=int, default=1, help=NUM_PADDING_HELP)
+    p.add_argument("--per_device_generation_batch_size", type=int, default=16, help="prompts per device per generation")
+    p.add_argument("--per_device_training_batch_size", type=int, default=16, help="experience rows per PPO micro-batch")
+    p.add_argument("--generation_batches", type=int, default=1, help="generation batches collected per PPO step")
+    p.add_argument("--ppo_epochs", type=int, default=1, help="passes over each step's experience")
+    p.add_argument("--max_prompt_seq_len", type=int, default=256, help="prompt tokens (left-padded to this)")
+    p.add_argument("--max_answer_seq_len", type=int, default=256, help="generated tokens at most")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of generation")
     p.add_argument(
         "--enable_hybrid_engine",
@@ -163,28 +221,54 @@ def step3_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="capture the hybrid engine's decode step in device graphs (CUDA graphs, HPU graphs; none on the CPU)",
     )
-    p.add_argument("--offload_reference_model", action="store_true")
+    p.add_argument("--offload_reference_model", action="store_true", help="ZeRO-Offload the reference model")
+    p.add_argument("--offload_reward_model", action="store_true", help="ZeRO-Offload the reward model")
+    p.add_argument(
+        "--enable_mixed_precision_lora",
+        action="store_true",
+        help="ZeRO++ quantised frozen weights for the actor (needs --actor_lora_dim > 0 and --actor_zero_stage 3)",
+    )
+    p.add_argument(
+        "--align_overflow",
+        action="store_true",
+        help="fp16: when actor or critic overflows, skip both optimizer steps (keeps them in step)",
+    )
     p.add_argument("--enable_ema", action="store_true", help="keep an EMA copy of the actor (beta 0.992)")
     p.add_argument("--unsupervised_dataset_name", default=None, help="text dataset for the ptx loss")
-    p.add_argument("--unsupervised_dataset_config_name", default=None)
-    p.add_argument("--unsup_coef", type=float, default=27.8)
-    p.add_argument("--per_device_unsup_batch_size", type=int, default=4)
+    p.add_argument("--unsupervised_dataset_config_name", default=None, help="its configuration name")
+    p.add_argument(
+        "--unsup_coef",
+        type=float,
+        default=27.8,
+        help="weight of the ptx loss, accumulated with each PPO micro-batch into one actor step",
+    )
+    p.add_argument(
+        "--per_device_unsup_batch_size",
+        type=int,
+        default=None,
+        help="ptx rows per generation batch, split across its PPO micro-batches (None: the generation batch size)",
+    )
     p.add_argument("--kl_ctl", type=float, default=0.1, help="KL penalty coefficient")
     p.add_argument("--target_kl", type=float, default=None, help="adapt kl_ctl towards this KL (off by default)")
-    p.add_argument("--clip_reward_value", type=float, default=5.0)
-    p.add_argument("--cliprange", type=float, default=0.2)
-    p.add_argument("--cliprange_value", type=float, default=0.2)
-    p.add_argument("--gamma", type=float, default=1.0)
-    p.add_argument("--lam", type=float, default=0.95)
-    p.add_argument("--print_answers", action="store_true")
-    p.add_argument("--print_answers_interval", type=int, default=1)
-    p.add_argument("--enable_test_mode", action="store_true")
-    p.add_argument("--test_stop_step", type=int, default=0)
+    p.add_argument("--clip_reward_value", type=float, default=5.0, help="reward-model scores are clipped to ±this")
+    p.add_argument("--cliprange", type=float, default=0.2, help="PPO ratio clip")
+    p.add_argument("--cliprange_value", type=float, default=0.2, help="critic value clip")
+    p.add_argument("--gamma", type=float, default=1.0, help="discount")
+    p.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    p.add_argument("--print_answers", action="store_true", help="print a prompt and its answer")
+    p.add_argument("--print_answers_interval", type=int, default=1, help="PPO steps between printed answers")
+    p.add_argument("--enable_test_mode", action="store_true", help="stop after --test_stop_step PPO steps")
+    p.add_argument("--test_stop_step", type=int, default=0, help="the PPO step --enable_test_mode stops at")
     add_data_args(p)
-    add_optim_args(p, prefixes=("actor_", "critic_"), lr=5e-4)
+    add_optim_args(p, prefixes=("actor_", "critic_"))
+    add_eval_args(p, "the mean reward of answers to held-out prompts")
     add_runtime_args(p)
-    # no dropout by default in PPO: it would make the ratio π/π_old noisy (upstream's scripts pass 0.0 too)
-    p.set_defaults(actor_learning_rate=5e-4, critic_learning_rate=5e-4, actor_dropout=0.0, critic_dropout=0.0)
+    p.set_defaults(
+        actor_learning_rate=9.65e-6,
+        critic_learning_rate=5e-6,
+        num_warmup_steps=100,
+        tensorboard_path="step3_tensorboard",
+    )
     return p
 
 

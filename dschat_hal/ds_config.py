@@ -37,7 +37,7 @@ def train_ds_config(
         "stage3_max_live_parameters": 3e7,
         "stage3_prefetch_bucket_size": 3e7,
         "memory_efficient_linear": False,
-        **accelerator.zero_overrides(),
+        **accelerator.zero_overrides(stage),
     }
     config: dict[str, Any] = {
         "train_batch_size": micro_batch * grad_accum * world_size,
@@ -61,6 +61,16 @@ def train_ds_config(
     return config
 
 
+def hpz_entries(accelerator: Accelerator, stage: int, world_size: int) -> dict[str, Any]:
+    """ZeRO++ hierarchical partitioning (`--zero_hpz_enabled`): under ZeRO-3 across nodes, a secondary
+    copy of the weights partitioned within each node, so forward/backward all-gathers stay on the node.
+    Empty where it cannot help (another stage, or one node)."""
+    per_node = accelerator.device_count()
+    if stage != 3 or per_node < 2 or world_size <= per_node or world_size % per_node:
+        return {}
+    return {"zero_hpz_partition_size": per_node}
+
+
 def eval_ds_config(
     accelerator: Accelerator, dtype: torch.dtype, stage: int, offload: bool, micro_batch: int, world_size: int
 ) -> dict[str, Any]:
@@ -74,6 +84,7 @@ def eval_ds_config(
             "stage3_param_persistence_threshold": 1e4,
             "offload_param": {"device": "cpu" if offload else "none"},
             "memory_efficient_linear": False,
+            **accelerator.zero_overrides(3 if stage == 3 else 0),
         },
         "wall_clock_breakdown": False,
         **_precision(dtype),

@@ -132,9 +132,17 @@ class HealthGuard:
 
 # ---- the loop --------------------------------------------------------------------------------
 def train(
-    engine, loader, loss_fn: LossFn, backend: Accelerator, args: argparse.Namespace, writer: ScalarWriter, tag: str
+    engine,
+    loader,
+    loss_fn: LossFn,
+    backend: Accelerator,
+    args: argparse.Namespace,
+    writer: ScalarWriter,
+    tag: str,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """Run the epochs (or stop after `--max_steps`); returns the reported mean losses."""
+    """Run the epochs (or stop after `--max_steps`); returns the reported mean losses.
+    `on_step(global_step)` runs after every optimizer step (e.g. a periodic evaluation)."""
     planned = total_optimizer_steps(loader, args)
     limit = min(planned, args.max_steps) if args.max_steps else planned
     position = load_checkpoint({tag: engine}, args) or {"epoch": 0, "batch": 0}
@@ -156,9 +164,12 @@ def train(
             loss = loss_fn(engine, backend.to_device(batch))
             engine.backward(loss)
             backend.mark_step()
+            steps_before = engine.global_steps
             engine.step()
             backend.mark_step()
             pending.append(loss.detach())
+            if on_step is not None and engine.global_steps != steps_before:
+                on_step(engine.global_steps)
             done = engine.global_steps >= limit
             if len(pending) >= args.log_interval or done or args.print_loss:
                 losses = torch.stack(pending).float()
@@ -183,11 +194,16 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(engine, loader, metric_fn: Callable, backend: Accelerator) -> dict[str, float]:
-    """Sum `metric_fn(engine, batch)` (a dict of tensors) over the loader, averaged over ranks."""
+def evaluate(
+    engine, loader, metric_fn: Callable, backend: Accelerator, max_batches: int | None = None
+) -> dict[str, float]:
+    """Sum `metric_fn(engine, batch)` (a dict of tensors) over the loader (its first `max_batches`
+    batches when given), averaged over ranks."""
     engine.eval()
     totals: dict[str, torch.Tensor] = {}
-    for batch in loader:
+    for index, batch in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            break
         for key, value in metric_fn(engine, backend.to_device(batch)).items():
             totals[key] = totals.get(key, 0) + value.detach().float()
         backend.mark_step()

@@ -64,12 +64,16 @@ def print_rank0(*parts: Any) -> None:
         print(*parts, flush=True)
 
 
-def apply_lora(model: nn.Module, dim: int, module_name: str, only_lora: bool) -> nn.Module:
+def apply_lora(
+    model: nn.Module, dim: int, module_name: str, only_lora: bool, keep_trainable: tuple[str, ...] = ()
+) -> nn.Module:
+    """LoRA on the matching linear layers; with `only_lora`, everything else is frozen except the
+    parameters named by a prefix in `keep_trainable`."""
     if dim > 0:
         count = convert_to_lora(model, module_name, dim)
         log.info("LoRA dim %d on %d linear layers matching %r", dim, count, module_name)
         if only_lora:
-            only_optimize_lora(model)
+            only_optimize_lora(model, keep_trainable)
     return model
 
 
@@ -106,12 +110,17 @@ def training_engine(
     micro_batch: int,
     gradient_checkpointing: bool = False,
     job_name: str = "train",
+    grad_accum: int | None = None,
+    zero_extra: dict[str, Any] | None = None,
 ):
-    """Wrap `model` in a DeepSpeed engine with the backend's optimizer and a warmup schedule."""
+    """Wrap `model` in a DeepSpeed engine with the backend's optimizer and a warmup schedule.
+
+    `grad_accum` (default `--gradient_accumulation_steps`) is the micro-batches per optimizer step;
+    `zero_extra` adds entries to the ZeRO section."""
     import deepspeed
     from transformers import get_scheduler
 
-    from dschat_hal.ds_config import train_ds_config
+    from dschat_hal.ds_config import hpz_entries, train_ds_config
 
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -125,11 +134,14 @@ def training_engine(
         stage,
         args.offload,
         micro_batch,
-        args.gradient_accumulation_steps,
+        grad_accum or args.gradient_accumulation_steps,
         world_size(),
         args.tensorboard_path if args.enable_tensorboard else None,
         job_name,
     )
+    config["zero_optimization"].update(zero_extra or {})
+    if getattr(args, "zero_hpz_enabled", False):
+        config["zero_optimization"].update(hpz_entries(backend, stage, world_size()))
     model = backend.prepare_model(model)
     optimizer_class = backend.optimizer_class(offload=args.offload, fused=not args.no_fused_kernels)
     optimizer = optimizer_class(param_groups(model, weight_decay, lora_lr), lr=lr, betas=(0.9, 0.95))
@@ -152,6 +164,8 @@ def engine_from_flags(
     total_steps: int,
     micro_batch: int,
     job_name: str,
+    grad_accum: int | None = None,
+    zero_extra: dict[str, Any] | None = None,
 ):
     """`training_engine` configured by one model's flag family (`--{prefix}learning_rate`, ...)."""
 
@@ -170,6 +184,8 @@ def engine_from_flags(
         micro_batch=micro_batch,
         gradient_checkpointing=flag("gradient_checkpointing"),
         job_name=job_name,
+        grad_accum=grad_accum,
+        zero_extra=zero_extra,
     )
 
 

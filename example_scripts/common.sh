@@ -29,15 +29,24 @@ esac
 OUTPUT="${OUTPUT:-$ROOT/output/$FAMILY}"
 mkdir -p "$OUTPUT"
 
-# Device defaults: bf16 on Gaudi2/A100/H100; step-3 generation through the hybrid engine with its
+# Device defaults: bf16 on Gaudi (HabanaAI's recipe); on CUDA --dtype auto picks bf16 where the GPU
+# has it and fp16 elsewhere (a V100 has no bf16). Step-3 generation through the hybrid engine with its
 # decode step captured in device graphs (HPU graphs on Gaudi, CUDA graphs on NVIDIA).
 if [ "$DEVICE" = hpu ]; then
   DEVICE_FLAGS=(--dtype bf16)
   GENERATION_FLAGS=(--enable_hybrid_engine --enable_hpu_graphs)
 else
-  DEVICE_FLAGS=(--dtype bf16)
+  DEVICE_FLAGS=(--dtype auto)
   GENERATION_FLAGS=(--enable_hybrid_engine --enable_device_graphs)
 fi
+
+# accumulation GLOBAL_BATCH MICRO_BATCH : gradient accumulation steps that make HabanaAI's global batch
+# from the micro-batch on --num-devices devices (8 when not given, the fork's default), at least 1.
+accumulation() {
+  local devices="${NUM_DEVICES:-8}" gas
+  gas=$(( $1 / (devices * $2) ))
+  echo $(( gas > 0 ? gas : 1 ))
+}
 
 # launch SCRIPT ARGS... : the deepspeed launcher on devices; one CPU process with --tiny.
 launch() {

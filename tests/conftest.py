@@ -32,7 +32,8 @@ def run_script(
 def tiny_step3_argv(
     e2e_output: Path, tmp_path: Path, device: str = "cpu", prompt: int = 48, answer: int = 12, batch: int = 2
 ) -> list[str]:
-    """Step-3 flags for a few quick PPO steps on the e2e run's actor and reward model."""
+    """Step-3 flags for a few quick PPO steps on the e2e run's actor and reward model, with the
+    small-model settings the tiny models need (the defaults are upstream's, for real models)."""
     return [
         "--device",
         device,
@@ -50,7 +51,23 @@ def tiny_step3_argv(
         str(batch),
         "--per_device_training_batch_size",
         str(batch),
+        *TINY_STEP3_OPTIM,
     ]
+
+
+# The step-3 optimisation the tiny models train with (upstream's defaults are for billion-parameter models).
+TINY_STEP3_OPTIM = [
+    "--actor_learning_rate",
+    "5e-4",
+    "--critic_learning_rate",
+    "5e-4",
+    "--num_warmup_steps",
+    "0",
+    "--actor_dropout",
+    "0.0",
+    "--critic_dropout",
+    "0.0",
+]
 
 
 @pytest.fixture

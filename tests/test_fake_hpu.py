@@ -15,11 +15,15 @@ def test_hpu_backend_answers(fake_hpu):
     assert hpu.dist_backend == "hccl"
     assert hpu.default_dtype == torch.bfloat16
     assert hpu.compute_fp32_loss("bloom") is True
-    assert hpu.compute_fp32_loss("llama") is False
+    assert hpu.compute_fp32_loss("llama") is True
+    assert hpu.compute_fp32_loss("opt") is False
     assert hpu.compute_fp32_loss("bloom", user_flag=False) is False
     assert hpu.wants_static_shapes
     assert hpu.bucket_length(10, maximum=64) == 64  # static: always the configured maximum
-    assert hpu.zero_overrides() == {"overlap_comm": False}
+    assert hpu.zero_overrides(2) == {"overlap_comm": False, "reduce_scatter": False}
+    assert hpu.zero_overrides(1)["contiguous_gradients"] is False
+    assert hpu.device_count() == 1
+    assert not hpu.supports_quantized_weights
     assert os.environ["PT_HPU_LAZY_MODE"] == "1"
 
 

@@ -95,3 +95,36 @@ def test_adaptive_kl_controller_moves_towards_target():
     assert controller.update(2.0, 10) > 0.1
     controller = ppo_math.AdaptiveKLController(0.1, target=1.0, horizon=100)
     assert controller.update(0.1, 10) < 0.1
+
+
+def test_end_score_of_an_answer_cut_at_max_answer_seq_len_without_eos():
+    """An answer that fills --max_answer_seq_len with no EOS is scored at its last token (the last
+    position of the sequence), one that ends with EOS at its EOS; the clipped score lands there."""
+    from dschat_hal.models import create_reward_model, load_tokenizer
+
+    tokenizer = load_tokenizer("tiny-opt")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model = create_reward_model("tiny-opt", tokenizer, seed=3).eval()
+    prompts = torch.tensor([[pad, 11, 12, 13], [14, 15, 16, 17]])
+    prompt_mask = (prompts != pad).long()
+    max_answer = 5
+    answers = torch.tensor([[21, 22, 23, 24, 25], [26, 27, eos, pad, pad]])  # row 0: cut, no EOS
+    seq = torch.cat([prompts, answers], dim=1)
+    mask = torch.cat([prompt_mask, ppo_math.answer_mask(answers, eos, pad)], dim=1)
+    with torch.no_grad():
+        values = model.forward_value(seq, mask, return_value_only=True)
+        end_scores = model.forward_value(seq, mask)["chosen_end_scores"]
+    last = []
+    for row in range(seq.size(0)):  # plain loop: the last position the mask keeps
+        last.append(max(t for t in range(seq.size(1)) if mask[row, t] == 1))
+    assert last == [prompts.size(1) + max_answer - 1, prompts.size(1) + 2]
+    assert torch.allclose(end_scores, torch.stack([values[r, t] for r, t in enumerate(last)]))
+
+    start = prompts.size(1) - 1
+    rewards = ppo_math.compute_rewards(
+        torch.zeros(2, seq.size(1) - 1), torch.zeros(2, seq.size(1) - 1), end_scores, mask[:, 1:], start, 0.1, 5.0
+    )
+    for row, t in enumerate(last):  # log-prob position t - 1 scores token t
+        expected = torch.zeros(seq.size(1) - 1)
+        expected[t - 1] = end_scores[row].clamp(-5.0, 5.0)
+        assert torch.allclose(rewards[row], expected)

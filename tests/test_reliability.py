@@ -22,7 +22,16 @@ def fails_with(capsys, main, argv, message):
 
 
 def base(tmp_path):
-    return ["--device", "cpu", "--data_output_path", str(tmp_path / "cache"), "--max_seq_len", "64"]
+    return [
+        "--device",
+        "cpu",
+        "--data_output_path",
+        str(tmp_path / "cache"),
+        "--max_seq_len",
+        "64",
+        "--per_device_train_batch_size",
+        "8",
+    ]
 
 
 def test_malformed_json_names_file_and_line(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import TINY_STEP3_OPTIM
 from transformers import AutoModelForCausalLM
 
 from dschat_hal.models import create_reward_model, load_tokenizer
@@ -25,6 +26,8 @@ def test_three_steps_for_each_family(tmp_path, family):
             *common(tmp_path, family),
             "--model_name_or_path",
             base,
+            "--per_device_train_batch_size",
+            "8",
             "--max_seq_len",
             "96",
             "--num_train_epochs",
@@ -45,10 +48,14 @@ def test_three_steps_for_each_family(tmp_path, family):
             *common(tmp_path, family),
             "--model_name_or_path",
             base,
+            "--per_device_train_batch_size",
+            "8",
             "--max_seq_len",
             "96",
             "--num_train_epochs",
             "2",
+            "--learning_rate",
+            "1e-3",
             "--zero_stage",
             "3",
             "--output_dir",
@@ -72,6 +79,7 @@ def test_three_steps_for_each_family(tmp_path, family):
             "4",
             "--per_device_training_batch_size",
             "2",
+            *TINY_STEP3_OPTIM,
             "--enable_test_mode",
             "--test_stop_step",
             "3",

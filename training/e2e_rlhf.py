@@ -34,7 +34,8 @@ TINY_DEFAULTS = {
     1: "--max_seq_len 128 --per_device_train_batch_size 8 --num_train_epochs 6 --learning_rate 3e-3",
     2: "--max_seq_len 128 --per_device_train_batch_size 8 --num_train_epochs 2 --learning_rate 1e-3",
     3: "--max_prompt_seq_len 64 --max_answer_seq_len 32 --per_device_generation_batch_size 8 "
-    "--per_device_training_batch_size 8 --actor_learning_rate 5e-4 --critic_learning_rate 5e-4",
+    "--per_device_training_batch_size 8 --actor_learning_rate 5e-4 --critic_learning_rate 5e-4 "
+    "--num_warmup_steps 0 --actor_dropout 0.0 --critic_dropout 0.0",
 }
 # DeepSpeed-Chat's single-node defaults for real models.
 MODEL_DEFAULTS = {

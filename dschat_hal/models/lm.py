@@ -61,6 +61,15 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def add_eot_token(tokenizer: PreTrainedTokenizerBase, token: str) -> PreTrainedTokenizerBase:
+    """`--add_eot_token`: register `token` as an additional special token, so text containing it
+    encodes to one id that is never split; models built for the tokenizer grow their embeddings."""
+    if not token:
+        raise UserError("--eot_token is empty; give the end-of-text token to register (e.g. '<|endoftext|>')")
+    tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_additional_special_tokens=False)
+    return tokenizer
+
+
 def padded_vocab_size(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(8 * math.ceil(len(tokenizer) / 8.0))
 

@@ -73,10 +73,12 @@ def lora_layers(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def only_optimize_lora(model: nn.Module) -> nn.Module:
-    """Freeze everything but the LoRA factors."""
+def only_optimize_lora(model: nn.Module, keep_trainable: tuple[str, ...] = ()) -> nn.Module:
+    """Freeze everything but the LoRA factors and the parameters whose names start with one of
+    `keep_trainable` (e.g. a reward model's freshly initialised `v_head.`)."""
     for name, param in model.named_parameters():
-        param.requires_grad_("lora_right_weight" in name or "lora_left_weight" in name)
+        lora = "lora_right_weight" in name or "lora_left_weight" in name
+        param.requires_grad_(lora or name.startswith(keep_trainable))
     return model
 
 

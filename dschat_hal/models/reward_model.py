@@ -119,6 +119,26 @@ class RewardModel(nn.Module):
                 tokenizer.save_pretrained(tmp)
 
 
+def reset_final_norm(model: RewardModel) -> tuple[str, ...]:
+    """Bloom: re-initialise the final layer norm `ln_f` before training a new value head on it.
+
+    Pretrained bloom's `ln_f.weight` has a large variance, which makes bf16 reward training hard; as
+    the head it fed is replaced anyway, upstream DeepSpeed-Chat (and HabanaAI's fork) reset it to
+    ones/zeros. Returns the reset parameters' names, to keep them trainable under LoRA-only training.
+    """
+    norm = getattr(model.rwtransformer, "ln_f", None)
+    if model.config.model_type != "bloom" or norm is None:
+        return ()
+    import deepspeed
+
+    params = [norm.weight, norm.bias]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=hasattr(norm.weight, "ds_id")):
+        with torch.no_grad():
+            norm.weight.fill_(1.0)
+            norm.bias.zero_()
+    return ("rwtransformer.ln_f.",)
+
+
 def is_reward_checkpoint(path: str | Path) -> bool:
     return (Path(path) / HEAD_FILE).exists()
 

@@ -17,6 +17,26 @@ log = logging.getLogger(__name__)
 EMA_BETA = 0.992
 
 
+def mixed_precision_lora_config(backend: Accelerator, args: argparse.Namespace) -> dict:
+    """ZeRO++ entries of `--enable_mixed_precision_lora`: the actor's frozen (non-LoRA) weights are
+    stored and gathered quantised; across nodes, a secondary partition per node (hpZ)."""
+    from dschat_hal.ds_config import hpz_entries
+    from dschat_hal.errors import UserError
+    from dschat_hal.runtime import world_size
+
+    if args.actor_lora_dim <= 0 or args.actor_zero_stage != 3:
+        raise UserError(
+            "--enable_mixed_precision_lora quantises the actor's frozen weights under ZeRO-3: "
+            "add --actor_lora_dim N (N > 0) and --actor_zero_stage 3, or drop the flag"
+        )
+    if not backend.supports_quantized_weights:
+        raise UserError(
+            f"--enable_mixed_precision_lora needs ZeRO++ weight quantisation, which {backend.name} "
+            "does not support; drop the flag"
+        )
+    return {"zero_quantized_nontrainable_weights": True, **hpz_entries(backend, 3, world_size())}
+
+
 class RLHFEngine:
     """Actor and critic (trained), reference and reward (frozen), and an optional actor EMA."""
 
@@ -52,7 +72,11 @@ class RLHFEngine:
 
     def _init_actor(self, total_iters: int):
         args = self.args
-        return engine_from_flags(
+        # with the ptx loss, each PPO micro-batch is two actor backwards (PPO, then ptx) accumulated into
+        # one step, as upstream does: twice the accumulation keeps the actor's steps on the planned schedule
+        accumulation = args.gradient_accumulation_steps * (2 if args.unsupervised_dataset_name else 1)
+        zero_extra = mixed_precision_lora_config(self.backend, args) if args.enable_mixed_precision_lora else None
+        engine = engine_from_flags(
             self.backend,
             self._actor_model(lora=True),
             args,
@@ -60,7 +84,12 @@ class RLHFEngine:
             total_steps=total_iters,
             micro_batch=args.per_device_training_batch_size,
             job_name="step3_actor",
+            grad_accum=accumulation,
+            zero_extra=zero_extra,
         )
+        if zero_extra:
+            engine.optimizer.quantize_nontrainable_params()  # LoRA froze the base weights after partitioning
+        return engine
 
     def _init_frozen_actor(self, offload: bool, lora: bool = False):
         """The reference model (or the EMA copy): the actor's weights, forward only."""
@@ -108,7 +137,7 @@ class RLHFEngine:
             self._critic_model(fp32_loss=True),
             self.args,
             stage=self.args.critic_zero_stage,
-            offload=False,
+            offload=self.args.offload_reward_model,
             micro_batch=self.args.per_device_training_batch_size,
         )
 

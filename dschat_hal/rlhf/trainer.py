@@ -67,6 +67,7 @@ class PPOTrainer:
             ppo_math.AdaptiveKLController(config.kl_ctl, config.target_kl) if config.target_kl else None
         )
         self.generator = generator or PlainGenerator(engine.actor, backend, generation_config(config, tokenizer))
+        self.align_overflow = bool(getattr(engine.args, "align_overflow", False))
         self.timings: dict[str, float] = {"generation": 0.0, "experience": 0.0, "training": 0.0}
         self._timings_at_last_step = dict(self.timings)
         self.last_experience: dict[str, torch.Tensor] = {}
@@ -151,8 +152,9 @@ class PPOTrainer:
         )
         self.actor.backward(actor_loss)
         self.backend.mark_step()
-        self.actor.step()
-        self.backend.mark_step()
+        if not self.align_overflow:
+            self.actor.step()
+            self.backend.mark_step()
 
         values = self.critic.forward_value(seq, mask, return_value_only=True)[:, :-1]
         critic_loss = ppo_math.critic_loss(
@@ -160,6 +162,9 @@ class PPOTrainer:
         )
         self.critic.backward(critic_loss)
         self.backend.mark_step()
+        if self.align_overflow:  # both backwards done before either steps (upstream's order)
+            self.actor.step()
+            self.backend.mark_step()
         self.critic.step()
         self.backend.mark_step()
         self.timings["training"] += time.time() - started
@@ -172,7 +177,9 @@ class PPOTrainer:
         }
 
     def train_unsupervised(self, batch: dict[str, torch.Tensor], unsup_coef: float) -> torch.Tensor:
-        """The ptx term: an LM loss on unsupervised text, scaled by `unsup_coef`, own backward."""
+        """The ptx term: an LM loss on unsupervised text, scaled by `unsup_coef`. Its backward is
+        accumulated with the PPO micro-batch's (the actor engine accumulates twice as many
+        micro-batches when ptx is on), so the pair makes one actor optimizer step."""
         logits = self.actor(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).logits
@@ -195,19 +202,22 @@ class PPOTrainer:
     def train_on(
         self, experiences: list[dict], unsup_batches: list, ppo_epochs: int, batch_size: int, unsup_coef: float
     ) -> dict[str, torch.Tensor | float]:
-        """PPO epochs over collected experience (cut into training micro-batches), the ptx term and
-        the EMA update. Returns this step's statistics as device tensors (no host sync), except the
-        host timings; only the adaptive KL controller, when on, reads the KL back every step."""
+        """PPO epochs over collected experience, cut into training micro-batches. Each micro-batch
+        is paired with a slice of its generation batch's ptx batch (when on), and the actor EMA is
+        updated after it, as upstream does. Returns this step's statistics as device tensors (no host
+        sync), except the host timings; only the adaptive KL controller, when on, reads the KL back
+        every step."""
         timings_before = dict(self._timings_at_last_step)
         stats = []
         for _ in range(ppo_epochs):
             for exp, unsup in zip(experiences, unsup_batches, strict=True):
-                n = exp["seq"].size(0)
-                for i in range(0, n, batch_size):
+                starts = range(0, exp["seq"].size(0), batch_size)
+                unsup_slices = split_rows(unsup, len(starts)) if unsup is not None else [None] * len(starts)
+                for i, unsup_slice in zip(starts, unsup_slices, strict=True):
                     stats.append(self.train_rlhf({k: v[i : i + batch_size] for k, v in exp.items()}))
-                if unsup is not None:
-                    stats[-1]["unsup_loss"] = self.train_unsupervised(unsup, unsup_coef)
-            self.rlhf.update_ema()
+                    if unsup_slice is not None:
+                        stats[-1]["unsup_loss"] = self.train_unsupervised(unsup_slice, unsup_coef)
+                    self.rlhf.update_ema()
         lengths = torch.cat([e["answer_length"] for e in experiences]).float()
         record: dict[str, torch.Tensor | float] = {key: torch.stack([s[key] for s in stats]).mean() for key in stats[0]}
         record.update(
@@ -223,6 +233,15 @@ class PPOTrainer:
         record.update({f"{phase}_s": self.timings[phase] - timings_before.get(phase, 0.0) for phase in self.timings})
         self._timings_at_last_step = dict(self.timings)
         return record
+
+
+def split_rows(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    """`batch` cut into `parts` row slices of near-equal size (each must get at least one row)."""
+    rows = next(iter(batch.values())).size(0)
+    if rows < parts:
+        raise ValueError(f"a ptx batch of {rows} rows cannot be split across {parts} PPO micro-batches")
+    pieces = {key: torch.tensor_split(value, parts) for key, value in batch.items()}
+    return [{key: pieces[key][i] for key in batch} for i in range(parts)]
 
 
 def materialize(record: dict[str, torch.Tensor | float]) -> dict[str, float]:

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Step 1: SFT of bloom-1b1 (ZeRO-2). On HPU the loss is computed in fp32 (bloom diverges in bf16).
+# Step 1: SFT of bloom-1b1. Hyper-parameters of HabanaAI's DeepSpeed-Chat fork
+# (example_scripts/bloom/train_step1_bloom_1.1b.sh): ZeRO-1, micro-batch 8, global batch 128,
+# lr 2e-5, weight decay 0, dropout 0.1, 4 epochs, 20 warmup steps, seed 10; fp32 loss on HPU.
 FAMILY=bloom
 source "$(dirname "$0")/../common.sh"
 if [ "$TINY" = 1 ]; then
   MODEL=(--model_name_or_path tiny-bloom --max_seq_len 64 --per_device_train_batch_size 4 --max_steps 4)
 else
-  MODEL=(--model_name_or_path bigscience/bloom-1b1 --max_seq_len 512 --per_device_train_batch_size 8
-         --data_path Dahoas/rm-static Dahoas/full-hh-rlhf --learning_rate 9.65e-6 --weight_decay 0.1)
+  MODEL=(--model_name_or_path bigscience/bloom-1b1 --data_path Dahoas/rm-static Dahoas/full-hh-rlhf
+         --per_device_train_batch_size 8 --gradient_accumulation_steps "$(accumulation 128 8)"
+         --per_device_eval_batch_size 8 --learning_rate 2e-5 --weight_decay 0.0 --dropout 0.1
+         --num_train_epochs 4 --num_warmup_steps 20 --seed 10)
 fi
 [ "$DEVICE" = hpu ] && MODEL+=(--compute_fp32_loss)
-launch training/step1_supervised_finetuning/main.py "${MODEL[@]}" --zero_stage 2 --output_dir "$OUTPUT/actor"
+launch training/step1_supervised_finetuning/main.py "${MODEL[@]}" --zero_stage 1 --output_dir "$OUTPUT/actor"

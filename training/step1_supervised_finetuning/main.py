@@ -8,6 +8,7 @@ from dschat_hal import loop
 from dschat_hal.args import step1_parser, validate
 from dschat_hal.errors import cli_entry
 from dschat_hal.models import create_lm, load_tokenizer, model_family, save_lm
+from dschat_hal.models.lm import add_eot_token
 from dschat_hal.runtime import (
     ScalarWriter,
     apply_lora,
@@ -26,6 +27,8 @@ def main(argv: list[str]) -> dict:
     args = validate(step1_parser().parse_args(argv))
     backend = setup(args)
     tokenizer = load_tokenizer(args.model_name_or_path)
+    if args.add_eot_token:
+        add_eot_token(tokenizer, args.eot_token)
     train_set, eval_set, train_loader, eval_loader = loop.supervised_loaders(args, 1, tokenizer, backend)
 
     load_config = zero3_load_config(backend, args, args.zero_stage, args.per_device_train_batch_size)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dschat_hal import loop
 from dschat_hal.args import step2_parser, validate
 from dschat_hal.errors import cli_entry
-from dschat_hal.models import create_reward_model, load_tokenizer, model_family
+from dschat_hal.models import create_reward_model, is_reward_checkpoint, load_tokenizer, model_family
+from dschat_hal.models.lm import add_eot_token
+from dschat_hal.models.reward_model import reset_final_norm
 from dschat_hal.runtime import (
     ScalarWriter,
     apply_lora,
@@ -24,6 +26,8 @@ def main(argv: list[str]) -> dict:
     args = validate(step2_parser().parse_args(argv))
     backend = setup(args)
     tokenizer = load_tokenizer(args.model_name_or_path)
+    if args.add_eot_token:
+        add_eot_token(tokenizer, args.eot_token)
     train_set, eval_set, train_loader, eval_loader = loop.supervised_loaders(args, 2, tokenizer, backend)
 
     fp32_loss = backend.compute_fp32_loss(model_family(args.model_name_or_path), args.compute_fp32_loss)
@@ -36,7 +40,10 @@ def main(argv: list[str]) -> dict:
         compute_fp32_loss=fp32_loss,
         seed=args.seed,
     )
-    apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora)
+    # a new value head: reset bloom's final norm under it; the head (and that norm) stay trainable
+    # under --only_optimize_lora, or the reward model would keep a random head
+    reset = () if is_reward_checkpoint(args.model_name_or_path) else reset_final_norm(model)
+    apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora, ("v_head.", *reset))
     engine = engine_from_flags(
         backend,
         model,
@@ -62,7 +69,7 @@ def main(argv: list[str]) -> dict:
         }
 
     def report(when: str) -> dict[str, float]:
-        totals = loop.evaluate(engine, eval_loader, pair_metrics, backend)
+        totals = loop.evaluate(engine, eval_loader, pair_metrics, backend, max_batches=args.eval_iters)
         n = max(totals["n"], 1.0)
         result = {
             "accuracy": totals["correct"] / n,
@@ -78,7 +85,14 @@ def main(argv: list[str]) -> dict:
     print_rank0(f"step 2 on {backend.describe()}: {len(train_set)} train / {len(eval_set)} eval pairs")
     before = report("before training")
     writer = ScalarWriter(args.tensorboard_path if args.enable_tensorboard else None, "step2")
-    losses = loop.train(engine, train_loader, pair_loss, backend, args, writer, "step2")
+    evaluations: list[dict[str, float]] = []
+
+    def periodic_eval(step: int) -> None:
+        if args.eval_interval and step % args.eval_interval == 0:
+            evaluations.append({"step": step, **report(f"step {step}")})
+            writer.add({f"step2/eval_{k}": v for k, v in evaluations[-1].items() if k != "step"}, step)
+
+    losses = loop.train(engine, train_loader, pair_loss, backend, args, writer, "step2", on_step=periodic_eval)
     after = report("after training")
     writer.add({f"step2/eval_{k}": v for k, v in after.items()}, engine.global_steps)
     writer.close()
@@ -89,6 +103,7 @@ def main(argv: list[str]) -> dict:
         "shape_counts": shape_counts(backend),
         "losses": losses,
         "before": before,
+        "evaluations": evaluations,
         **after,
         "output_dir": args.output_dir,
     }

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import itertools
-import math
 import time
+
+import torch
 
 from dschat_hal.args import step3_parser, validate
 from dschat_hal.data import Collator, DataSpec, load_or_build
@@ -12,8 +13,11 @@ from dschat_hal.data.unsupervised import block_dataset, collate_blocks, read_tex
 from dschat_hal.errors import UserError, cli_entry
 from dschat_hal.loop import HealthGuard, load_checkpoint, progress, save_checkpoint, set_rng_state
 from dschat_hal.models import load_tokenizer, require_reward_checkpoint, save_lm
+from dschat_hal.models.lm import add_eot_token
 from dschat_hal.rlhf.engine import RLHFEngine
+from dschat_hal.rlhf.evaluation import mean_reward
 from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine
+from dschat_hal.rlhf.schedule import step3_plan
 from dschat_hal.rlhf.trainer import PPOConfig, PPOTrainer, generation_config, materialize
 from dschat_hal.runtime import ScalarWriter, dataloader, is_rank0, print_rank0, setup, shape_counts, write_summary
 
@@ -64,25 +68,37 @@ def main(argv: list[str]) -> dict:
     if args.tp_gather_partition_size < 1:
         raise UserError("--tp_gather_partition_size must be at least 1 (layers gathered per group)")
     backend = setup(args)
+    if args.align_overflow and args.dtype_resolved == torch.float16:
+        raise UserError(
+            "--align_overflow with fp16 needs DeepSpeed's external overflow check and skip_step, which "
+            "DeepSpeed 0.19 no longer has; use --dtype bf16 (no loss scaling, nothing to align) or drop the flag"
+        )
+    if args.align_overflow:
+        print_rank0("note: --align_overflow: without fp16 loss scaling no step overflows; nothing to align")
     tokenizer = load_tokenizer(args.actor_model_name_or_path)
+    if args.add_eot_token:
+        add_eot_token(tokenizer, args.eot_token)
     spec = DataSpec(args.data_path, args.data_split, 3, args.seed, max_prompt_seq_len=args.max_prompt_seq_len)
-    prompts, _, dropped = load_or_build(spec, tokenizer, args.data_output_path)
+    prompts, eval_prompts, dropped = load_or_build(spec, tokenizer, args.data_output_path)
     if dropped:
         print_rank0(f"dropped {dropped} prompts longer than --max_prompt_seq_len {args.max_prompt_seq_len}")
-    loader = dataloader(
-        prompts,
-        Collator(3, tokenizer.pad_token_id, backend, args.max_prompt_seq_len),
-        args.per_device_generation_batch_size,
-        args.seed,
-    )
+    collate = Collator(3, tokenizer.pad_token_id, backend, args.max_prompt_seq_len)
+    loader = dataloader(prompts, collate, args.per_device_generation_batch_size, args.seed)
+    eval_loader = dataloader(eval_prompts, collate, args.per_device_generation_batch_size, args.seed, shuffle=False)
     unsup_loader = None
     if args.unsupervised_dataset_name:
         texts = read_texts(args.unsupervised_dataset_name, args.unsupervised_dataset_config_name)
         blocks = block_dataset(texts, tokenizer, args.max_prompt_seq_len + args.max_answer_seq_len)
-        unsup_loader = dataloader(blocks, collate_blocks, args.per_device_unsup_batch_size, args.seed)
+        unsup_rows = args.per_device_unsup_batch_size or args.per_device_generation_batch_size
+        micro_batches = -(-args.per_device_generation_batch_size // args.per_device_training_batch_size)
+        if unsup_rows < micro_batches:
+            raise UserError(
+                f"--per_device_unsup_batch_size {unsup_rows} cannot give each of the {micro_batches} PPO "
+                f"micro-batches of a generation batch a ptx row; use at least {micro_batches}"
+            )
+        unsup_loader = dataloader(blocks, collate_blocks, unsup_rows, args.seed)
 
-    updates_per_batch = math.ceil(args.per_device_generation_batch_size / args.per_device_training_batch_size)
-    total_iters = args.num_train_epochs * len(loader) * args.ppo_epochs * updates_per_batch
+    micro_batches, total_iters = step3_plan(args, loader, unsup_loader)
     engine = RLHFEngine(backend, args, tokenizer, total_iters)
     ppo_config = PPOConfig(
         max_answer_seq_len=args.max_answer_seq_len,
@@ -104,9 +120,13 @@ def main(argv: list[str]) -> dict:
     position = load_checkpoint(engines, args) or {"epoch": 0, "batch": 0, "step": 0, "reward_ema": None}
     writer = ScalarWriter(args.tensorboard_path if args.enable_tensorboard else None, "step3")
     guard = HealthGuard(args.max_bad_steps)
-    print_rank0(f"step 3 on {backend.describe()}: {len(prompts)} prompts, {total_iters} PPO updates planned")
+    print_rank0(
+        f"step 3 on {backend.describe()}: {len(prompts)} prompts, {micro_batches} PPO micro-batches, "
+        f"{total_iters} optimizer steps planned"
+    )
 
     history: list[dict[str, float]] = []
+    evaluations: list[dict[str, float]] = []
     pending: list[dict] = []  # statistics still on the device: read back every --log_interval steps
     step, reward_ema, started = position["step"], position["reward_ema"], time.time()
 
@@ -152,6 +172,10 @@ def main(argv: list[str]) -> dict:
             step += 1
             if step % args.log_interval == 0 or (stop_at and step >= stop_at):
                 reward_ema = flush()
+            if args.eval_interval and step % args.eval_interval == 0:
+                evaluations.append({"step": step, "reward": mean_reward(trainer, eval_loader, args.eval_iters)})
+                writer.add({"step3/eval_reward": evaluations[-1]["reward"]}, step)
+                print_rank0(f"[step3] step {step}: mean reward on held-out prompts {evaluations[-1]['reward']:.3f}")
             if args.print_answers and step % args.print_answers_interval == 0:
                 print_rank0(trainer.describe_sample(trainer.last_experience))
             if args.save_interval and step % args.save_interval == 0:
@@ -175,6 +199,12 @@ def main(argv: list[str]) -> dict:
     summary = {
         "shape_counts": shape_counts(backend),
         "history": history,
+        "evaluations": evaluations,
+        "optimizer_steps": {
+            "planned": total_iters,
+            "actor": engine.actor.global_steps,
+            "critic": engine.critic.global_steps,
+        },
         "timings": trainer.timings,
         "output_dir": args.output_dir,
     }
