@@ -10,8 +10,18 @@ from dschat_hal.args import step3_parser, validate
 from dschat_hal.data import Collator, DataSpec, load_or_build
 from dschat_hal.data.unsupervised import block_dataset, collate_blocks, read_texts
 from dschat_hal.errors import UserError, cli_entry
-from dschat_hal.loop import HealthGuard, load_checkpoint, progress, save_checkpoint, set_rng_state
-from dschat_hal.models import load_tokenizer, require_reward_checkpoint, save_lm
+from dschat_hal.faults import fault_point
+from dschat_hal.loop import (
+    HealthGuard,
+    TrainingHealthError,
+    claim_outputs,
+    load_checkpoint,
+    progress,
+    save_checkpoint,
+    set_rng_state,
+)
+from dschat_hal.models import atomic_directory, check_positions, load_tokenizer, require_reward_checkpoint, write_lm
+from dschat_hal.models.tiny import is_tiny
 from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.trainer import PPOConfig, PPOTrainer, materialize
 from dschat_hal.runtime import ScalarWriter, dataloader, is_rank0, print_rank0, setup, shape_counts, write_summary
@@ -31,10 +41,54 @@ def report(step: int, epoch: int, record: dict, started: float) -> str:
     )
 
 
+def save_models(engine: RLHFEngine, tokenizer, output_dir: str) -> None:
+    """Actor, critic (and EMA) written in full, then published together by one rename: a kill
+    never leaves a new actor beside an old critic. Collective under ZeRO-3."""
+    with atomic_directory(output_dir, enabled=is_rank0()) as tmp:
+        write_lm(engine.actor.module, tokenizer, tmp / "actor" if tmp else None)
+        fault_point("step3_actor_written")
+        engine.critic.module.write(tmp / "critic" if tmp else None, tokenizer)
+        if engine.actor_ema is not None:
+            write_lm(engine.actor_ema.module, tokenizer, tmp / "actor_ema" if tmp else None)
+
+
+def at_optimizer_boundary(engines: dict) -> bool:
+    """Every trained engine has just taken an optimizer step (no accumulated gradients pending)."""
+    return all(e.micro_steps % e.gradient_accumulation_steps() == 0 for e in engines.values() if e.optimizer)
+
+
+def check_last_update(pending: list[dict], flush, engine: RLHFEngine, step: int):
+    """Stop before generation if the last update produced non-finite losses and left the actor's
+    weights non-finite (one host read per step, where generation syncs anyway). Returns the reward
+    EMA when it had to flush the pending statistics, else None."""
+    import torch
+
+    last = pending[-1]
+    losses = torch.stack([torch.as_tensor(last[k]).float() for k in ("actor_loss", "critic_loss")])
+    if bool(torch.isfinite(losses).all()):
+        return None
+    ema = flush()  # raises past --max_bad_steps, naming the step
+    if not all(bool(torch.isfinite(p).all()) for p in engine.actor.module.parameters()):
+        raise TrainingHealthError(
+            f"training stopped at step {step}: the actor's weights are no longer finite, so it cannot generate; "
+            "lower --actor_learning_rate, use --dtype bf16/fp32, or resume from an earlier checkpoint"
+        )
+    return ema
+
+
 @cli_entry
 def main(argv: list[str]) -> dict:
     args = validate(step3_parser().parse_args(argv))
     require_reward_checkpoint(args.critic_model_name_or_path)
+    if is_tiny(args.critic_model_name_or_path) and not args.allow_random_critic:
+        raise UserError(
+            f"--critic_model_name_or_path {args.critic_model_name_or_path} is a random built-in model, not a trained "
+            "reward model; pass step 2's --output_dir, or add --allow_random_critic for a smoke test"
+        )
+    check_positions(
+        args.actor_model_name_or_path, args.max_prompt_seq_len + args.max_answer_seq_len, "prompt + answer length"
+    )
+    claim_outputs(args)
     if args.hybrid_engine == "deepspeed":
         raise UserError(
             "--hybrid_engine deepspeed is not supported: DeepSpeed's Hybrid Engine crashes or silently "
@@ -111,7 +165,7 @@ def main(argv: list[str]) -> dict:
         return ema
 
     stop_at = args.test_stop_step if args.enable_test_mode and args.test_stop_step else None
-    experiences, unsup_batches = [], []
+    experiences, unsup_batches, save_due = [], [], False
     for epoch in range(position["epoch"], args.num_train_epochs):
         loader.sampler.set_epoch(epoch)
         unsup_iter = iter(unsup_loader) if unsup_loader else itertools.repeat(None)
@@ -122,6 +176,9 @@ def main(argv: list[str]) -> dict:
                 continue
             if "rng" in position:  # after the loader drew its seed, as in an uninterrupted run
                 set_rng_state(position.pop("rng"))
+            if pending:  # before generating with the updated actor: a diverged actor would crash generate()
+                flushed_ema = check_last_update(pending, flush, engine, step)
+                reward_ema = reward_ema if flushed_ema is None else flushed_ema
             batch = backend.to_device(batch)
             experiences.append(trainer.generate_experience(batch["prompt"], batch["prompt_att_mask"]))
             unsup_batches.append(backend.to_device(unsup))
@@ -138,11 +195,13 @@ def main(argv: list[str]) -> dict:
                 reward_ema = flush()
             if args.print_answers and step % args.print_answers_interval == 0:
                 print_rank0(trainer.describe_sample(trainer.last_experience))
-            if args.save_interval and step % args.save_interval == 0:
+            save_due = save_due or bool(args.save_interval and step % args.save_interval == 0)
+            if save_due and at_optimizer_boundary(engines):  # never inside an accumulation window
                 reward_ema = flush()
                 save_checkpoint(
-                    engines, args, {"epoch": epoch, "batch": index + 1, "step": step, "reward_ema": reward_ema}
+                    engines, args, {"epoch": epoch, "batch": index + 1, "step": step, "reward_ema": reward_ema}, step
                 )
+                save_due = False
             if stop_at and step >= stop_at:
                 break
         if stop_at and step >= stop_at:
@@ -151,10 +210,7 @@ def main(argv: list[str]) -> dict:
     writer.close()
     print_rank0("step 3 time: " + ", ".join(f"{k} {v:.1f}s" for k, v in trainer.timings.items()))
     if args.output_dir:
-        save_lm(engine.actor.module, tokenizer, f"{args.output_dir}/actor", is_writer=is_rank0())
-        engine.critic.module.save(f"{args.output_dir}/critic", tokenizer, is_writer=is_rank0())
-        if engine.actor_ema is not None:
-            save_lm(engine.actor_ema.module, tokenizer, f"{args.output_dir}/actor_ema", is_writer=is_rank0())
+        save_models(engine, tokenizer, args.output_dir)
         print_rank0(f"saved actor and critic under {args.output_dir}")
     summary = {
         "shape_counts": shape_counts(backend),
