@@ -178,7 +178,7 @@ def _build_in_progress(build_dir: Path) -> bool:
     return False
 
 
-def clear_stale_build_locks(root: str | os.PathLike | None = None, min_age_s: float = 120.0) -> list[Path]:
+def clear_stale_build_locks(root: str | os.PathLike | None = None, min_age_s: float = 30.0) -> list[Path]:
     """Remove torch's op-build `lock` files whose build is gone (no process works in the build
     directory and the lock is older than `min_age_s`); say so. A lock with a live build is reported,
     so a run that waits on it never waits without a message."""
