@@ -174,6 +174,8 @@ def main(argv: list[str]) -> dict:
         for index, (batch, unsup) in enumerate(batches):
             if index < skip:
                 continue
+            if stop_at and step >= stop_at:  # resumed from a checkpoint taken at the last step
+                break
             if "rng" in position:  # after the loader drew its seed, as in an uninterrupted run
                 set_rng_state(position.pop("rng"))
             if pending:  # before generating with the updated actor: a diverged actor would crash generate()
