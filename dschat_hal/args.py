@@ -226,8 +226,8 @@ def validate_numbers(args: argparse.Namespace) -> None:
         if name not in present:
             continue
         value = present[name]
-        if not math.isfinite(value) or value < 0:
-            raise UserError(f"{_flag(name)} must be a finite number >= 0 (got {value})")
+        if not math.isfinite(value) or value < 0 or value > 3.4e38:
+            raise UserError(f"{_flag(name)} must be a finite number >= 0 that fits a float32 (got {value})")
         if value == 0 and "lora" not in name:
             print(f"warning: {_flag(name)} is 0: the weights will not change", file=sys.stderr)
     for name in DROPOUTS:

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_script
 
 from training.chat import main as chat
@@ -145,6 +146,7 @@ CASES = [
     ("answer length 0", step3, [*S3, "--max_answer_seq_len", "0"], None, 2, "--max_answer_seq_len must be at least 1"),
     ("temperature 0", step3, [*S3, "--temperature", "0"], None, 2, "--temperature must be > 0"),
     ("negative lr", step1, [*S1, "--learning_rate=-1e-3"], None, 2, "--learning_rate must be a finite number >= 0"),
+    ("huge lr", step3, [*S3, "--actor_learning_rate", "1e39"], None, 2, "--actor_learning_rate must be a finite number >= 0"),
     ("negative lora dim", step1, [*S1, "--lora_dim", "-4"], None, 2, "--lora_dim must be 0 or more"),
     ("max_steps -1", step1, [*S1, "--max_steps", "-1"], None, 2, "--max_steps must be 0 or more"),
     ("zero epochs", step1, [*S1, "--num_train_epochs", "0"], None, 2, "--num_train_epochs must be at least 1"),
@@ -305,3 +307,29 @@ def test_a_concurrent_process_is_refused(tmp_path):
         holder.wait()
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error:") and "in use by another run" in result.stderr
+
+
+def test_a_diverging_actor_stops_before_generation(models, tmp_path, capsys):
+    """An actor blown up by its first update stops the run with one line naming the step, instead of
+    a RuntimeError from inside generate()."""
+    argv = [a.format(cache=tmp_path / "c", out=tmp_path / "o", **models) for a in S3]
+    with pytest.raises(SystemExit) as stop:
+        step3([*argv, "--actor_learning_rate", "1e8", "--lr_scheduler_type", "constant", "--enable_test_mode",
+               "--test_stop_step", "3"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and "training stopped after step 1" in err[-1], err[-3:]
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_finite_actor_weights_are_detected(models):
+    from types import SimpleNamespace
+
+    from dschat_hal.models import create_lm, load_tokenizer
+    from training.step3_rlhf_finetuning.main import actor_is_finite
+
+    model = create_lm("tiny-opt", load_tokenizer("tiny-opt"))
+    engine = SimpleNamespace(actor=SimpleNamespace(module=model))
+    assert actor_is_finite(engine)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    assert not actor_is_finite(engine)

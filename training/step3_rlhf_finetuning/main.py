@@ -57,20 +57,41 @@ def at_optimizer_boundary(engines: dict) -> bool:
     return all(e.micro_steps % e.gradient_accumulation_steps() == 0 for e in engines.values() if e.optimizer)
 
 
+def actor_is_finite(engine: RLHFEngine) -> bool:
+    """Are all of the actor's (local) weights finite? One host read."""
+    import torch
+
+    params = [p.detach() for p in engine.actor.module.parameters() if p.numel()]
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(params, float("inf")))).all())
+
+
+def generate_checked(trainer: PPOTrainer, batch: dict, step: int) -> dict:
+    """`generate_experience`, with sampling from non-finite probabilities (an actor whose finite
+    weights overflow in its forward) reported as the divergence it is, naming the step."""
+    try:
+        return trainer.generate_experience(batch["prompt"], batch["prompt_att_mask"])
+    except RuntimeError as err:
+        if "probability tensor contains" not in str(err):
+            raise
+        raise TrainingHealthError(
+            f"training stopped after step {step}: the actor's outputs are no longer finite (its probabilities "
+            "contain inf/nan), so it cannot generate; lower --actor_learning_rate, or resume from an earlier checkpoint"
+        ) from None
+
+
 def check_last_update(pending: list[dict], flush, engine: RLHFEngine, step: int):
-    """Stop before generation if the last update produced non-finite losses and left the actor's
-    weights non-finite (one host read per step, where generation syncs anyway). Returns the reward
-    EMA when it had to flush the pending statistics, else None."""
+    """Stop before generation when the last update diverged: non-finite losses (counted against
+    --max_bad_steps) or non-finite actor weights (always fatal: the actor can no longer generate).
+    One host read per step, where generation syncs anyway. Returns the reward EMA when it had to
+    flush the pending statistics, else None."""
     import torch
 
     last = pending[-1]
     losses = torch.stack([torch.as_tensor(last[k]).float() for k in ("actor_loss", "critic_loss")])
-    if bool(torch.isfinite(losses).all()):
-        return None
-    ema = flush()  # raises past --max_bad_steps, naming the step
-    if not all(bool(torch.isfinite(p).all()) for p in engine.actor.module.parameters()):
+    ema = None if bool(torch.isfinite(losses).all()) else flush()  # flush raises past --max_bad_steps
+    if not actor_is_finite(engine):
         raise TrainingHealthError(
-            f"training stopped at step {step}: the actor's weights are no longer finite, so it cannot generate; "
+            f"training stopped after step {step}: the actor's weights are no longer finite, so it cannot generate; "
             "lower --actor_learning_rate, use --dtype bf16/fp32, or resume from an earlier checkpoint"
         )
     return ema
@@ -182,7 +203,7 @@ def main(argv: list[str]) -> dict:
                 flushed_ema = check_last_update(pending, flush, engine, step)
                 reward_ema = reward_ema if flushed_ema is None else flushed_ema
             batch = backend.to_device(batch)
-            experiences.append(trainer.generate_experience(batch["prompt"], batch["prompt_att_mask"]))
+            experiences.append(generate_checked(trainer, batch, step))
             unsup_batches.append(backend.to_device(unsup))
             if len(experiences) < args.generation_batches:
                 continue
