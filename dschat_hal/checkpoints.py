@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from dschat_hal.errors import UserError
-from dschat_hal.faults import apply_umask, fault_point, remove_stale_temporaries
+from dschat_hal.faults import apply_umask, fault_point, remove_stale_temporaries, signals_deferred
 
 log = logging.getLogger("dschat_hal")
 
@@ -73,7 +73,11 @@ def _umask() -> int:
 def save_unit(root: str | os.PathLike, step: int, engines: dict, client_state: dict, setup: dict) -> Path:
     """Save `engines` (name -> DeepSpeed engine) as the unit `global_step{step}` and point `latest`
     at it. Collective: every rank calls it (each writes its own ZeRO shards)."""
-    root = Path(root)
+    with signals_deferred():
+        return _save_unit(Path(root), step, engines, client_state, setup)
+
+
+def _save_unit(root: Path, step: int, engines: dict, client_state: dict, setup: dict) -> Path:
     tag = f"global_step{step}"
     staging = root / f".{tag}.tmp-{_rank0_pid()}"
     if _rank0():

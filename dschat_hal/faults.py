@@ -11,6 +11,8 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from dschat_hal.errors import UserError, on_exit
@@ -32,6 +34,18 @@ def fault_point(name: str) -> None:
     _reached[name] = _reached.get(name, 0) + 1
     if _reached[name] >= int(count or 1):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends (a save completes, then Ctrl-C acts). kill -9 cannot
+    be held: that is what publishing by rename is for."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 # ---- paths -----------------------------------------------------------------------------------

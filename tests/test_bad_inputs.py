@@ -333,3 +333,13 @@ def test_non_finite_actor_weights_are_detected(models):
     with torch.no_grad():
         next(model.parameters())[0, 0] = float("nan")
     assert not actor_is_finite(engine)
+
+
+def test_chat_keeps_the_newest_tokens_of_a_long_conversation(models, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("tell me " * 400 + "\nquit\n"))
+    assert chat(["--path", str(models["actor"]), "--device", "cpu", "--max_new_tokens", "4", "--greedy"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("Assistant:") == 1
+    assert "exceeds the model's 512 positions; keeping its last 508 tokens" in captured.err

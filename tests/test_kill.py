@@ -152,3 +152,18 @@ def test_step3_killed_while_saving_resumes_exactly(kill_at, step3_models, step3_
         assert [r[key] for r in resumed] == pytest.approx([r[key] for r in full[done:]], abs=1e-4), key
     for model in ("actor", "critic"):
         assert weights_equal(reference / model / "model.safetensors", out / model / "model.safetensors")
+
+
+def test_ctrl_c_exits_130_with_one_line_and_checkpoints_intact(tmp_path):
+    child = subprocess.Popen(
+        [sys.executable, STEP1, *step1_args(tmp_path), "--output_dir", str(tmp_path / "run"), "--num_train_epochs", "50"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for line in child.stdout:
+        if "step 3/" in line:
+            break
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)") and "Traceback" not in err
+    assert assert_nothing_partial(tmp_path / "run_checkpoints", tmp_path / "run") >= 2
