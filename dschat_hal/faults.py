@@ -38,14 +38,22 @@ def fault_point(name: str) -> None:
 
 @contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block ends (a save completes, then Ctrl-C acts). kill -9 cannot
-    be held: that is what publishing by rename is for."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Hold SIGINT/SIGTERM until the block ends (a save completes, then Ctrl-C acts as usual).
+    kill -9 cannot be held: that is what publishing by rename is for."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda number, _: received.append(number)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if received:
+            signal.raise_signal(received[0])
 
 
 # ---- paths -----------------------------------------------------------------------------------
