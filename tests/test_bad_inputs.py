@@ -168,6 +168,7 @@ CASES = [
     ("empty dataset", step1, [*S1, "--data_path", "{data}"], rows(0), 2, "the dataset is too small: 0 training rows"),
     ("two-row dataset", step1, [*S1, "--data_path", "{data}"], rows(3), 2, "the dataset is too small: 2 training rows"),
     ("all pairs identical after truncation", step2, [*S1, "--max_seq_len", "4", "--data_path", "{data}"], rows(40), 2, "every train pair is identical after truncation"),
+    ("bad ptx JSONL line 2", step3, [*S3, "--unsupervised_dataset_name", "{data}/u.jsonl"], write_data("u.jsonl", '{"text": "a"}\n{"text": \n'), 2, "u.jsonl is not valid JSONL (line 2"),
     # models
     ("model dir with only config.json", step1, [*S1, "--model_name_or_path", "{tmp}/m"], copy_model("actor", only_config), 2, "has a config.json but no weights"),
     ("truncated weights", step1, [*S1, "--model_name_or_path", "{tmp}/m"], copy_model("actor", truncate_weights), 2, "are damaged or incomplete"),
