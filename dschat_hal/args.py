@@ -247,11 +247,25 @@ def validate_numbers(args: argparse.Namespace) -> None:
 
 def validate_paths(args: argparse.Namespace) -> None:
     """Output, checkpoint and cache locations usable before any work is done (not after training)."""
+    import os
+
+    from dschat_hal.errors import UserError
     from dschat_hal.faults import require_writable_dir
 
     checkpoints = args.checkpoint_dir or (f"{args.output_dir.rstrip('/')}_checkpoints" if args.output_dir else None)
     if args.output_dir:
         require_writable_dir(args.output_dir, "--output_dir")
+        out = os.path.realpath(os.path.expanduser(args.output_dir))
+        if os.path.commonpath([out, os.getcwd()]) == out:
+            raise UserError(
+                f"--output_dir {args.output_dir} contains the current directory, and the final save replaces "
+                "the whole output directory; choose a new subdirectory such as ./output"
+            )
+        if args.checkpoint_dir and os.path.commonpath([out, os.path.realpath(args.checkpoint_dir)]) == out:
+            raise UserError(
+                f"--checkpoint_dir {args.checkpoint_dir} is inside --output_dir, which the final save replaces; "
+                "put it beside the output (the default is OUTPUT_DIR_checkpoints)"
+            )
     if checkpoints and (args.save_interval or args.resume):
         require_writable_dir(checkpoints, "--checkpoint_dir" if args.checkpoint_dir else "the checkpoint directory")
     if getattr(args, "data_output_path", None):

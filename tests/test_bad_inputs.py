@@ -159,6 +159,8 @@ CASES = [
     ("read-only output_dir", step1, [*S1, "--output_dir", "/sys/kernel/dschat_out"], None, 2, "is not writable"),
     ("data cache path is a file", step1, S1, make_file("cache"), 2, "--data_output_path {cache} is a file"),
     ("checkpoint dir is a file", step1, [*S1, "--save_interval", "1", "--checkpoint_dir", "{tmp}/ck"], make_file("ck"), 2, "--checkpoint_dir {tmp}/ck is a file"),
+    ("output_dir is the current directory", step1, [*S1, "--output_dir", "."], None, 2, "contains the current directory"),
+    ("checkpoint_dir inside output_dir", step1, [*S1, "--save_interval", "1", "--checkpoint_dir", "{out}/ck"], None, 2, "is inside --output_dir"),
     # data
     ("non-UTF-8 data", step1, [*S1, "--data_path", "{data}"], write_data("train.json", b'[{"prompt": "\xff\xfe"}]'), 2, "is not UTF-8 text (byte 13, line 1)"),
     ("corrupt parquet", step1, [*S1, "--data_path", "{data}"], corrupt_parquet, 2, "train.parquet is not a readable parquet file"),
