@@ -172,7 +172,7 @@ CASES = [
     ("all pairs identical after truncation", step2, [*S1, "--max_seq_len", "4", "--data_path", "{data}"], rows(40), 2, "every train pair is identical after truncation"),
     ("bad ptx JSONL line 2", step3, [*S3, "--unsupervised_dataset_name", "{data}/u.jsonl"], write_data("u.jsonl", '{"text": "a"}\n{"text": \n'), 2, "u.jsonl is not valid JSONL (line 2"),
     # models
-    ("model dir with only config.json", step1, [*S1, "--model_name_or_path", "{tmp}/m"], copy_model("actor", only_config), 2, "has a config.json but no weights"),
+    ("model dir with only config.json", step1, [*S1, "--model_name_or_path", "{tmp}/m"], copy_model("actor", only_config), 2, "the save was incomplete"),
     ("truncated weights", step1, [*S1, "--model_name_or_path", "{tmp}/m"], copy_model("actor", truncate_weights), 2, "are damaged or incomplete"),
     ("invalid config.json", step1, [*S1, "--model_name_or_path", "{tmp}/m"], copy_model("actor", invalid_config), 2, "config.json is not a valid model config"),
     ("missing relative critic path", step3, [*S3, "--critic_model_name_or_path", "no_such_output/reward"], None, 2, "nor in the local cache, and the model hub is unreachable"),

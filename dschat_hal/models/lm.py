@@ -28,14 +28,14 @@ WEIGHT_FILES = (
 )
 
 
-def check_model_source(name_or_path: str) -> None:
+def check_model_source(name_or_path: str, need_weights: bool = True) -> None:
     """Fail early, in one line, on a local path that is not a saved model, and on a hub name when
     no hub is reachable and the name is not in the local cache (instead of minutes of retries)."""
     if is_tiny(name_or_path):
         return
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        check_model_dir(path)
+        check_model_dir(path, need_weights)
         return
     if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise UserError(
@@ -49,8 +49,8 @@ def check_model_source(name_or_path: str) -> None:
         )
 
 
-def check_model_dir(path: Path) -> None:
-    """A saved model directory: a readable config.json naming a model type, and weights."""
+def check_model_dir(path: Path, need_weights: bool = True) -> None:
+    """A saved model directory: a readable config.json naming a model type, and weights (when needed)."""
     config = path / "config.json"
     if not config.exists():
         raise UserError(
@@ -63,13 +63,14 @@ def check_model_dir(path: Path) -> None:
         raise UserError(f"{config} is not a valid model config ({err}); re-save the model or fix the file") from None
     if not model_type:
         raise UserError(f"{config} names no model_type; re-save the model with save_pretrained")
-    if not any((path / name).exists() for name in WEIGHT_FILES):
+    if need_weights and not any((path / name).exists() for name in WEIGHT_FILES):
         raise UserError(
             f"model directory {path} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); "
             "the save was incomplete: save the model again"
         )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 _hub_reachable: bool | None = None
 
 
@@ -133,11 +134,17 @@ def load_config(name_or_path: str) -> Any:
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Load a tokenizer; one without a pad token gets its eos token as pad (said in the log)."""
-    check_model_source(name_or_path)
+    check_model_source(name_or_path, need_weights=False)
     source = TOKENIZER_DIR if is_tiny(name_or_path) else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, fast_tokenizer=True)
     except (OSError, TypeError, ValueError) as err:
+        local = Path(name_or_path).expanduser()
+        if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
+            raise UserError(
+                f"model directory {local} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); "
+                "the save was incomplete: save the model again (with its tokenizer)"
+            ) from None
         raise UserError(
             f"cannot load a tokenizer from {name_or_path!r} ({str(err).splitlines()[0]}); "
             "pass a local model directory or tiny-opt when no model hub is reachable"

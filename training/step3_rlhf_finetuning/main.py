@@ -58,11 +58,17 @@ def at_optimizer_boundary(engines: dict) -> bool:
 
 
 def actor_is_finite(engine: RLHFEngine) -> bool:
-    """Are all of the actor's (local) weights finite? One host read."""
+    """Are all of the actor's weights finite (ZeRO-3: each rank's partition), on every rank? One host read."""
     import torch
 
-    params = [p.detach() for p in engine.actor.module.parameters() if p.numel()]
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(params, float("inf")))).all())
+    from dschat_hal.runtime import all_reduce_mean
+
+    local = [getattr(p, "ds_tensor", p) if hasattr(p, "ds_id") else p for p in engine.actor.module.parameters()]
+    local = [t.detach() for t in local if t.numel()]
+    finite = (
+        torch.isfinite(torch.stack(torch._foreach_norm(local, float("inf")))).all() if local else torch.tensor(True)
+    )
+    return all_reduce_mean(finite.float()).item() == 1.0
 
 
 def generate_checked(trainer: PPOTrainer, batch: dict, step: int) -> dict:
@@ -86,9 +92,11 @@ def check_last_update(pending: list[dict], flush, engine: RLHFEngine, step: int)
     flush the pending statistics, else None."""
     import torch
 
+    from dschat_hal.runtime import all_reduce_mean
+
     last = pending[-1]
-    losses = torch.stack([torch.as_tensor(last[k]).float() for k in ("actor_loss", "critic_loss")])
-    ema = None if bool(torch.isfinite(losses).all()) else flush()  # flush raises past --max_bad_steps
+    losses = all_reduce_mean(torch.stack([torch.as_tensor(last[k]).float() for k in ("actor_loss", "critic_loss")]))
+    ema = None if bool(torch.isfinite(losses).all()) else flush()  # the same on every rank; raises past --max_bad_steps
     if not actor_is_finite(engine):
         raise TrainingHealthError(
             f"training stopped after step {step}: the actor's weights are no longer finite, so it cannot generate; "
