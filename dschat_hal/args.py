@@ -90,6 +90,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save_interval", type=int, default=0, help="save a resumable checkpoint every N steps (0: off)")
     g.add_argument("--checkpoint_dir", default=None, help="where checkpoints go (default: OUTPUT_DIR_checkpoints)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    g.add_argument("--save_total_limit", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
     g.add_argument("--max_bad_steps", type=int, default=0, help="non-finite/overflow steps tolerated before stopping")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--audit_shapes", action="store_true", help="record the distinct input shapes each model sees")
@@ -257,6 +258,11 @@ def step3_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
     p.add_argument("--print_answers", action="store_true", help="print a prompt and its answer")
     p.add_argument("--print_answers_interval", type=int, default=1, help="PPO steps between printed answers")
+    p.add_argument(
+        "--allow_random_critic",
+        action="store_true",
+        help="accept a built-in tiny (random) critic/reward model instead of a step-2 output",
+    )
     p.add_argument("--enable_test_mode", action="store_true", help="stop after --test_stop_step PPO steps")
     p.add_argument("--test_stop_step", type=int, default=0, help="the PPO step --enable_test_mode stops at")
     add_data_args(p)
@@ -272,10 +278,119 @@ def step3_parser() -> argparse.ArgumentParser:
     return p
 
 
-def validate(args: argparse.Namespace) -> argparse.Namespace:
-    """Reject contradictory flags with one line each."""
+POSITIVE_INTS = (
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "per_device_generation_batch_size",
+    "per_device_training_batch_size",
+    "per_device_unsup_batch_size",
+    "gradient_accumulation_steps",
+    "max_seq_len",
+    "max_prompt_seq_len",
+    "max_answer_seq_len",
+    "num_train_epochs",
+    "ppo_epochs",
+    "generation_batches",
+    "log_interval",
+    "print_answers_interval",
+)
+NON_NEGATIVE_INTS = (
+    "max_steps",
+    "save_interval",
+    "save_total_limit",
+    "max_bad_steps",
+    "num_warmup_steps",
+    "test_stop_step",
+    "lora_dim",
+    "actor_lora_dim",
+    "critic_lora_dim",
+)
+LEARNING_RATES = (
+    "learning_rate",
+    "actor_learning_rate",
+    "critic_learning_rate",
+    "lora_learning_rate",
+    "actor_lora_learning_rate",
+    "critic_lora_learning_rate",
+)
+DROPOUTS = ("dropout", "actor_dropout", "critic_dropout")
+ZERO_STAGES = ("zero_stage", "actor_zero_stage", "critic_zero_stage")
+
+
+def _flag(name: str) -> str:
+    return f"--{name}"
+
+
+def validate_numbers(args: argparse.Namespace) -> None:
+    """Counts, sizes, rates and probabilities in their ranges; one line naming the flag and the fix."""
+    import math
+    import sys
+
     from dschat_hal.errors import UserError
 
+    present = vars(args)
+    for name in POSITIVE_INTS:
+        if name in present and present[name] < 1:
+            raise UserError(f"{_flag(name)} must be at least 1 (got {present[name]})")
+    for name in NON_NEGATIVE_INTS:
+        if name in present and present[name] is not None and present[name] < 0:
+            off = " (0 turns it off)" if name not in ("num_warmup_steps", "test_stop_step") else ""
+            raise UserError(f"{_flag(name)} must be 0 or more{off} (got {present[name]})")
+    for name in LEARNING_RATES:
+        if name not in present:
+            continue
+        value = present[name]
+        if not math.isfinite(value) or value < 0 or value > 3.4e38:
+            raise UserError(f"{_flag(name)} must be a finite number >= 0 that fits a float32 (got {value})")
+        if value == 0 and "lora" not in name:
+            print(f"warning: {_flag(name)} is 0: the weights will not change", file=sys.stderr)
+    for name in DROPOUTS:
+        value = present.get(name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise UserError(f"{_flag(name)} must be in [0, 1) (got {value})")
+    if "temperature" in present and not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise UserError(
+            f"--temperature must be > 0 (got {args.temperature}); for greedy decoding use step 3's greedy "
+            "generation option instead of temperature 0"
+        )
+    if getattr(args, "offload", False):
+        for name in ZERO_STAGES:
+            if present.get(name) == 0:
+                raise UserError(f"--offload needs ZeRO: set {_flag(name)} to 1, 2 or 3 (or drop --offload)")
+
+
+def validate_paths(args: argparse.Namespace) -> None:
+    """Output, checkpoint and cache locations usable before any work is done (not after training)."""
+    import os
+
+    from dschat_hal.errors import UserError
+    from dschat_hal.faults import require_writable_dir
+
+    checkpoints = args.checkpoint_dir or (f"{args.output_dir.rstrip('/')}_checkpoints" if args.output_dir else None)
+    if args.output_dir:
+        require_writable_dir(args.output_dir, "--output_dir")
+        out = os.path.realpath(os.path.expanduser(args.output_dir))
+        if os.path.commonpath([out, os.getcwd()]) == out:
+            raise UserError(
+                f"--output_dir {args.output_dir} contains the current directory, and the final save replaces "
+                "the whole output directory; choose a new subdirectory such as ./output"
+            )
+        if args.checkpoint_dir and os.path.commonpath([out, os.path.realpath(args.checkpoint_dir)]) == out:
+            raise UserError(
+                f"--checkpoint_dir {args.checkpoint_dir} is inside --output_dir, which the final save replaces; "
+                "put it beside the output (the default is OUTPUT_DIR_checkpoints)"
+            )
+    if checkpoints and (args.save_interval or args.resume):
+        require_writable_dir(checkpoints, "--checkpoint_dir" if args.checkpoint_dir else "the checkpoint directory")
+    if getattr(args, "data_output_path", None):
+        require_writable_dir(args.data_output_path, "--data_output_path")
+
+
+def validate(args: argparse.Namespace) -> argparse.Namespace:
+    """Reject out-of-range and contradictory flags and unusable paths, with one line each."""
+    from dschat_hal.errors import UserError
+
+    validate_numbers(args)
     lora_dims = [getattr(args, k) for k in ("lora_dim", "actor_lora_dim", "critic_lora_dim") if hasattr(args, k)]
     if args.only_optimize_lora and not any(lora_dims):
         raise UserError("--only_optimize_lora needs LoRA: add --lora_dim (or --actor_lora_dim/--critic_lora_dim) > 0")
@@ -283,4 +398,5 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--resume needs to know where checkpoints are: pass --output_dir or --checkpoint_dir")
     if args.save_interval and not (args.checkpoint_dir or args.output_dir):
         raise UserError("--save_interval needs --output_dir or --checkpoint_dir")
+    validate_paths(args)
     return args

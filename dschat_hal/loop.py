@@ -43,10 +43,35 @@ def supervised_loaders(args: argparse.Namespace, phase: int, tokenizer, backend:
         sft_only_data_path=args.sft_only_data_path if phase == 1 else [],
     )
     train_set, eval_set, _ = load_or_build(spec, tokenizer, args.data_output_path)
+    if phase == 2:
+        train_set = drop_identical_pairs(train_set, "train", args.max_seq_len)
+        eval_set = drop_identical_pairs(eval_set, "eval", args.max_seq_len, keep_if_all=True)
     collate = Collator(phase, tokenizer.pad_token_id, backend, args.max_seq_len)
     train_loader = dataloader(train_set, collate, args.per_device_train_batch_size, args.seed)
     eval_loader = dataloader(eval_set, collate, args.per_device_eval_batch_size, args.seed, shuffle=False)
     return train_set, eval_set, train_loader, eval_loader
+
+
+def drop_identical_pairs(dataset, what: str, max_seq_len: int, keep_if_all: bool = False):
+    """Step 2's pairs whose chosen and rejected tokens are identical (truncation cut off where they
+    differ) teach nothing and score 50%: count them, warn, and drop them."""
+    from torch.utils.data import Subset
+
+    keep = [i for i in range(len(dataset)) if dataset[i]["chosen"] != dataset[i]["rejected"]]
+    dropped = len(dataset) - len(keep)
+    if not dropped:
+        return dataset
+    print_rank0(
+        f"warning: {dropped} of {len(dataset)} {what} pairs have identical chosen and rejected tokens after "
+        f"truncation to --max_seq_len {max_seq_len}; dropped them (raise --max_seq_len to keep them)"
+    )
+    if not keep:
+        if keep_if_all:
+            return dataset
+        raise UserError(
+            f"every {what} pair is identical after truncation to --max_seq_len {max_seq_len}; raise --max_seq_len"
+        )
+    return Subset(dataset, keep)
 
 
 def total_optimizer_steps(loader, args: argparse.Namespace) -> int:
@@ -79,29 +104,90 @@ def checkpoint_dir(args: argparse.Namespace) -> str | None:
     return args.checkpoint_dir or (f"{args.output_dir.rstrip('/')}_checkpoints" if args.output_dir else None)
 
 
-def save_checkpoint(engines: dict, args: argparse.Namespace, position: dict) -> None:
-    """DeepSpeed checkpoints (model, optimizer, scheduler) of each engine, plus RNG and data position."""
-    root = checkpoint_dir(args)
-    for name, engine in engines.items():
-        engine.save_checkpoint(os.path.join(root, name), client_state={"position": position, "rng": rng_state()})
+def save_checkpoint(engines: dict, args: argparse.Namespace, position: dict, step: int) -> None:
+    """One resumable checkpoint of all `engines` (model, optimizer, scheduler) plus RNG and data
+    position, published as one unit (see `dschat_hal.checkpoints`). Collective: every rank calls it."""
+    from dschat_hal.checkpoints import save_unit
+
+    save_unit(checkpoint_dir(args), step, engines, {"position": position, "rng": rng_state()}, resume_setup(args))
+    if args.save_total_limit:
+        from dschat_hal.checkpoints import prune
+
+        if is_rank0():
+            prune(checkpoint_dir(args), args.save_total_limit)
 
 
 def load_checkpoint(engines: dict, args: argparse.Namespace) -> dict | None:
-    """Resume every engine from its latest checkpoint; returns the saved data position and RNG state
-    (None: fresh start). The caller restores the RNG at the first resumed batch, after the data
+    """Resume every engine from the latest checkpoint unit; returns the saved data position and RNG
+    state (None: fresh start). The caller restores the RNG at the first resumed batch, after the data
     loader's iterator has drawn its own seed, as it did in the uninterrupted run."""
+    from dschat_hal.checkpoints import load_unit
+
     root = checkpoint_dir(args)
-    if not (args.resume and root and os.path.exists(os.path.join(root, next(iter(engines)), "latest"))):
-        if args.resume:
-            print_rank0(f"--resume: no checkpoint under {root}; starting from scratch")
+    if not args.resume:
         return None
-    client = None
-    for name, engine in engines.items():
-        path, client = engine.load_checkpoint(os.path.join(root, name), load_module_strict=False)
-        if path is None:
-            raise UserError(f"cannot load the checkpoint under {os.path.join(root, name)}; delete it or drop --resume")
+    client = load_unit(root, engines, resume_setup(args))
+    if client is None:
+        print_rank0(f"--resume: no checkpoint under {root}; starting from scratch")
+        return None
     print_rank0(f"resumed from {root} at {client['position']}")
     return {**client["position"], "rng": client["rng"]}
+
+
+def claim_outputs(args: argparse.Namespace) -> None:
+    """At start (rank 0): lock the output and checkpoint directories for this run, and remove the
+    leftovers of interrupted saves (temporary directories, incomplete checkpoints)."""
+    from dschat_hal.checkpoints import clean_root
+    from dschat_hal.faults import lock_output, lock_path, remove_stale_temporaries
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    root = checkpoint_dir(args)
+    lock_output(args.output_dir)
+    if root and (args.save_interval or args.resume):
+        if args.checkpoint_dir and lock_path(root) != (lock_path(args.output_dir) if args.output_dir else None):
+            lock_output(root)
+        clean_root(root)
+    if args.output_dir:
+        out = os.path.abspath(os.path.expanduser(args.output_dir))
+        remove_stale_temporaries(os.path.dirname(out), os.path.basename(out))
+
+
+RESUME_KEYS = (
+    "model_name_or_path",
+    "actor_model_name_or_path",
+    "critic_model_name_or_path",
+    "per_device_train_batch_size",
+    "per_device_generation_batch_size",
+    "per_device_training_batch_size",
+    "generation_batches",
+    "gradient_accumulation_steps",
+    "zero_stage",
+    "actor_zero_stage",
+    "critic_zero_stage",
+    "lora_dim",
+    "actor_lora_dim",
+    "critic_lora_dim",
+    "enable_ema",
+    "offload",
+)
+
+
+def resume_setup(args: argparse.Namespace) -> dict:
+    """What a checkpoint must agree with to resume exactly: models, batch sizes, ZeRO stages, LoRA,
+    world size and dtype."""
+    from dschat_hal.runtime import world_size
+
+    setup = {}
+    for key in RESUME_KEYS:
+        if hasattr(args, key):
+            value = getattr(args, key)
+            if key.endswith("model_name_or_path") and os.path.exists(os.path.expanduser(value)):
+                value = os.path.realpath(os.path.expanduser(value))
+            setup[key] = value
+    setup["world_size"] = world_size()
+    setup["dtype"] = str(getattr(args, "dtype_resolved", args.dtype))
+    return setup
 
 
 # ---- health ----------------------------------------------------------------------------------
@@ -182,12 +268,11 @@ def train(
                     f"[{tag}] epoch {epoch + 1} step {engine.global_steps}/{limit} loss {mean:.4f} "
                     f"({time.time() - start:.1f}s)"
                 )
-            if (
-                args.save_interval
-                and engine.is_gradient_accumulation_boundary()
-                and engine.global_steps % args.save_interval == 0
-            ):
-                save_checkpoint({tag: engine}, args, {"epoch": epoch, "batch": index + 1})
+            # only between optimizer steps: a checkpoint inside an accumulation window would lose the
+            # window's gradients (DeepSpeed counts micro-steps from 0 again after a resume)
+            at_boundary = engine.micro_steps % args.gradient_accumulation_steps == 0
+            if args.save_interval and at_boundary and engine.global_steps % args.save_interval == 0:
+                save_checkpoint({tag: engine}, args, {"epoch": epoch, "batch": index + 1}, engine.global_steps)
             if done:
                 return reported
     return reported

@@ -31,6 +31,9 @@ def setup(args: argparse.Namespace) -> Accelerator:
     if args.audit_shapes:
         backend.enable_shape_audit()
     backend.init_distributed()
+    from dschat_hal.faults import clear_stale_build_locks
+
+    clear_stale_build_locks()  # a killed op build leaves a lock that makes every later run wait forever
     _silence_deepspeed()
     backend.manual_seed(args.seed)
     args.dtype_resolved = backend.resolve_dtype(args.dtype)

@@ -112,10 +112,12 @@ def test_step3_without_a_step2_checkpoint(tmp_path, capsys, e2e_output):
     )
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    with pytest.raises(Exception, match="has no config.json"):
-        (tmp_path / "m").mkdir()
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
         step1([*base(tmp_path), "--model_name_or_path", str(tmp_path / "m"), "--debug"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" in err and "has no config.json" in err.splitlines()[-1]
 
 
 def test_resume_after_a_kill_continues_the_same_loss_curve(tmp_path):
@@ -126,7 +128,8 @@ def test_resume_after_a_kill_continues_the_same_loss_curve(tmp_path):
     assert len(full) == 20 and len(killed) == 7 and len(resumed) == 13
     assert killed == pytest.approx(full[:7], abs=1e-6)
     assert resumed == pytest.approx(full[7:], abs=1e-5)
-    assert (tmp_path / "run_checkpoints" / "step1" / "latest").exists()
+    assert (tmp_path / "run_checkpoints" / "latest").read_text().strip() == "global_step7"
+    assert (tmp_path / "run_checkpoints" / "global_step7" / "step1").is_dir()
 
 
 def test_non_finite_loss_stops_training(tmp_path, capsys):

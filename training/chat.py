@@ -13,8 +13,9 @@ import sys
 import torch
 
 import accel
-from dschat_hal.errors import cli_entry
+from dschat_hal.errors import UserError, cli_entry
 from dschat_hal.models import check_model_source, load_tokenizer
+from dschat_hal.models.lm import load_pretrained
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -27,10 +28,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def answer(model, tokenizer, backend, conversation: str, max_new_tokens: int, greedy: bool) -> str:
-    inputs = backend.to_device(
-        tokenizer(conversation, return_tensors="pt", add_special_tokens=False, return_token_type_ids=False)
+def context_limit(model) -> int | None:
+    """The model's position limit (None for models without one, e.g. ALiBi)."""
+    config = model.config
+    return next(
+        (getattr(config, k) for k in ("max_position_embeddings", "n_positions") if getattr(config, k, None)), None
     )
+
+
+def fit_to_context(inputs: dict, limit: int | None, max_new_tokens: int) -> dict:
+    """Keep the newest tokens of the conversation so that it and the answer fit the model; say so."""
+    if limit is None or inputs["input_ids"].size(1) + max_new_tokens <= limit:
+        return inputs
+    keep = limit - max_new_tokens
+    print(
+        f"note: the conversation ({inputs['input_ids'].size(1)} tokens) plus --max_new_tokens {max_new_tokens} "
+        f"exceeds the model's {limit} positions; keeping its last {keep} tokens",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {k: v[:, -keep:] for k, v in inputs.items()}
+
+
+def answer(model, tokenizer, backend, conversation: str, max_new_tokens: int, greedy: bool) -> str:
+    encoded = tokenizer(conversation, return_tensors="pt", add_special_tokens=False, return_token_type_ids=False)
+    inputs = backend.to_device(fit_to_context(dict(encoded), context_limit(model), max_new_tokens))
     with torch.no_grad(), backend.generation_context(model) as generator:
         out = generator.generate(
             **inputs,
@@ -49,10 +71,15 @@ def main(argv: list[str]) -> int:
     from transformers import AutoModelForCausalLM
 
     args = parse_args(argv)
-    backend = accel.get(args.device)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be at least 1 (got {args.max_new_tokens})")
     check_model_source(args.path)
+    backend = accel.get(args.device)
     tokenizer = load_tokenizer(args.path)
-    model = backend.to_device(AutoModelForCausalLM.from_pretrained(args.path)).eval()
+    model = backend.to_device(load_pretrained(AutoModelForCausalLM, args.path)).eval()
+    limit = context_limit(model)
+    if limit is not None and args.max_new_tokens >= limit:
+        raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for input in {limit} positions")
     interactive = sys.stdin.isatty()
     conversation = ""
     while True:

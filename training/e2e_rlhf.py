@@ -142,9 +142,24 @@ def summary_line(step: int, result: dict) -> str:
     return f"reward {history[0]['reward']:.3f} (first step) -> {history[-1]['reward']:.3f} (last step)"
 
 
+def check_step_args(args: argparse.Namespace) -> str | None:
+    """The first `--stepN-args` string that does not split like a shell line, as an error message."""
+    for step in (1, 2, 3):
+        value = getattr(args, f"step{step}_args")
+        try:
+            shlex.split(value)
+        except ValueError as err:
+            return f"--step{step}-args {value!r} cannot be split ({err}); balance the quotes"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir).resolve()
+    problem = check_step_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     rows = []
     for step in sorted(args.step):
         if step == 3:

@@ -152,6 +152,14 @@ def build_datasets(spec: DataSpec, tokenizer) -> tuple[TokenDataset, TokenDatase
                 f"all {dropped} step-3 prompts are longer than --max_prompt_seq_len {spec.max_prompt_seq_len}; "
                 "raise --max_prompt_seq_len or use shorter prompts"
             )
+        sizes = {name: len(get_raw_dataset(name).train) for name in spec.data_path}
+        if sum(sizes.values()) < 10:
+            shares = [len(phase_indices(sum(sizes.values()), spec.data_split, p, spec.seed)) for p in (1, 2, 3)]
+            raise UserError(
+                f"the dataset is too small: {sum(sizes.values())} training rows, split by --data_split "
+                f"{spec.data_split} into {shares[0]}/{shares[1]}/{shares[2]} rows for steps 1/2/3, so step "
+                f"{spec.phase} gets none; add rows"
+            )
         raise UserError(
             f"step {spec.phase} gets no training rows from --data_split {spec.data_split}; "
             f"give step {spec.phase} a non-zero share (e.g. 2,4,4)"
@@ -187,7 +195,14 @@ def load_or_build(spec: DataSpec, tokenizer, output_path: str | None) -> tuple[T
         torch.save({"train": train.samples, "eval": evaluation.samples, "dropped": dropped}, tmp)
         os.replace(tmp, path)
     _barrier()
-    blob = torch.load(path, weights_only=True)
+    try:
+        blob = torch.load(path, weights_only=True)
+    except Exception as err:  # truncated/corrupted cache file: any unpickling error
+        if not _is_writer():
+            raise
+        log.warning("warning: data cache %s is unreadable (%s); rebuilding it", path, str(err).splitlines()[0][:120])
+        path.unlink(missing_ok=True)
+        return load_or_build(spec, tokenizer, output_path)
     return TokenDataset(blob["train"]), TokenDataset(blob["eval"]), blob["dropped"]
 
 

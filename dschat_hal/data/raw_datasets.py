@@ -7,11 +7,11 @@ prompt/chosen/rejected schema works the same way.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
+from dschat_hal.data.checks import check_data_file
 from dschat_hal.errors import UserError
 from dschat_hal.models.tiny import DATA_DIR
 
@@ -48,22 +48,7 @@ def read_rows(path: Path, required: tuple[str, ...] = REQUIRED_KEYS) -> list[Row
     """Rows of a .json (list) / .jsonl / .parquet file, each checked for the required string keys."""
     if not path.exists():
         raise UserError(f"data file {path} does not exist")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path).to_pylist()
-    else:
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix == ".jsonl":
-                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            else:
-                rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(
-                f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
-                "fix the file or regenerate it"
-            ) from None
+    rows = check_data_file(path)
     if not isinstance(rows, list):
         raise UserError(f"{path} must hold a list of rows with keys {', '.join(required)}")
     for index, row in enumerate(rows):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from dschat_hal.data.checks import parse_json_rows, read_text
 from dschat_hal.data.pipeline import TokenDataset
 from dschat_hal.errors import UserError
 
@@ -15,16 +15,14 @@ def read_texts(name: str, config_name: str | None = None) -> list[str]:
     """Texts of a local .txt / .json / .jsonl file (rows with a `text` key, or prompt+chosen rows) or a hub name."""
     path = Path(name).expanduser()
     if path.is_file():
+        text = read_text(path)
         if path.suffix == ".txt":
-            return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return [line for line in text.splitlines() if line.strip()]
+        rows = parse_json_rows(path, text)
         try:
-            raw = path.read_text(encoding="utf-8")
-            rows = (
-                [json.loads(x) for x in raw.splitlines() if x.strip()] if path.suffix == ".jsonl" else json.loads(raw)
-            )
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is not valid JSON (line {err.lineno}: {err.msg})") from None
-        return [row["text"] if "text" in row else row["prompt"] + row["chosen"] for row in rows]
+            return [row["text"] if "text" in row else row["prompt"] + row["chosen"] for row in rows]
+        except (KeyError, TypeError):
+            raise UserError(f"{path}: every row needs a 'text' key (or 'prompt' and 'chosen')") from None
     try:
         import datasets
 

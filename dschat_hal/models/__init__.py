@@ -1,7 +1,7 @@
 """Models: causal LMs, reward/critic models, LoRA, tiny built-ins and checkpointing."""
 
-from dschat_hal.models.checkpoint import atomic_directory, gathered_state_dict, save_lm
-from dschat_hal.models.lm import check_model_source, create_lm, load_tokenizer, model_family
+from dschat_hal.models.checkpoint import atomic_directory, gathered_state_dict, save_lm, write_lm
+from dschat_hal.models.lm import check_model_source, check_positions, create_lm, load_tokenizer, model_family
 from dschat_hal.models.reward_model import (
     RewardModel,
     create_reward_model,
@@ -13,6 +13,7 @@ __all__ = [
     "RewardModel",
     "atomic_directory",
     "check_model_source",
+    "check_positions",
     "create_lm",
     "create_reward_model",
     "gathered_state_dict",
@@ -21,4 +22,5 @@ __all__ = [
     "model_family",
     "require_reward_checkpoint",
     "save_lm",
+    "write_lm",
 ]

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dschat_hal.faults import apply_umask, fault_point, remove_stale_temporaries
 from dschat_hal.models.lora import LoRALinear, strip_lora_state
 
 
@@ -41,16 +42,24 @@ def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike, enabled: bool = True) -> Iterator[Path | None]:
     """Yield a temporary directory that replaces `target` only once the block completes.
 
-    A crash inside the block leaves `target` untouched (old contents or absent), never half-written.
+    A crash inside the block leaves `target` untouched (old contents or absent), never half-written;
+    the next save (or run) removes the leftovers. Modes follow the umask. With `enabled=False`
+    (ranks that do not write) it yields None and touches nothing.
     """
+    if not enabled:
+        yield None
+        return
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_temporaries(target.parent, target.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
+        apply_umask(tmp)
+        fault_point("publish")
         backup = target.with_name(f".{target.name}.old-{os.getpid()}")
         if target.exists():
             target.rename(backup)
@@ -60,15 +69,18 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_lm(model: nn.Module, tokenizer, out_dir: str | os.PathLike, is_writer: bool = True) -> None:
-    """Save a causal LM (LoRA fused, ZeRO-3 gathered) and its tokenizer in HF format, atomically.
-
-    Collective under ZeRO-3: every rank calls it; only the writer touches the disk.
-    """
+def write_lm(model: nn.Module, tokenizer, directory: Path | None) -> None:
+    """Write a causal LM (LoRA fused, ZeRO-3 gathered) and its tokenizer into `directory` in HF
+    format. Collective under ZeRO-3: every rank calls it; ranks that do not write pass None."""
     model = getattr(model, "module", model)
     state = gathered_state_dict(model)
-    if not is_writer:
+    if directory is None:
         return
-    with atomic_directory(out_dir) as tmp:
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+    model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+def save_lm(model: nn.Module, tokenizer, out_dir: str | os.PathLike, is_writer: bool = True) -> None:
+    """Save a causal LM and its tokenizer to `out_dir` atomically (see `write_lm`)."""
+    with atomic_directory(out_dir, enabled=is_writer) as tmp:
+        write_lm(model, tokenizer, tmp)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,32 +20,131 @@ log = logging.getLogger(__name__)
 DROPOUT_KEYS = ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout", "attention_probs_dropout_prob")
 
 
-def check_model_source(name_or_path: str) -> None:
-    """Fail early, in one line, on a local path that is not a saved model."""
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_model_source(name_or_path: str, need_weights: bool = True) -> None:
+    """Fail early, in one line, on a local path that is not a saved model, and on a hub name when
+    no hub is reachable and the name is not in the local cache (instead of minutes of retries)."""
     if is_tiny(name_or_path):
         return
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise UserError(
-                f"model directory {path} has no config.json; point at a directory written by "
-                "save_pretrained (e.g. a step-1 output), a hub name, or tiny-opt"
-            )
+        check_model_dir(path, need_weights)
         return
-    if path.exists() or name_or_path.startswith((".", "/", "~")):
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise UserError(
-            f"model path {path} is not a model directory; pass a directory written by save_pretrained, "
+            f"model path {path.absolute()} is not a model directory; pass a directory written by save_pretrained, "
             "a hub name, or tiny-opt"
         )
+    if not hub_model_available(name_or_path):
+        raise UserError(
+            f"model {name_or_path!r} is neither a local directory (no {path.absolute()}) nor in the local cache, "
+            "and the model hub is unreachable; pass a local model directory (e.g. a step-1 output) or tiny-opt"
+        )
+
+
+def check_model_dir(path: Path, need_weights: bool = True) -> None:
+    """A saved model directory: a readable config.json naming a model type, and weights (when needed)."""
+    config = path / "config.json"
+    if not config.exists():
+        raise UserError(
+            f"model directory {path} has no config.json; point at a directory written by "
+            "save_pretrained (e.g. a step-1 output), a hub name, or tiny-opt"
+        )
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError) as err:
+        raise UserError(f"{config} is not a valid model config ({err}); re-save the model or fix the file") from None
+    if not model_type:
+        raise UserError(f"{config} names no model_type; re-save the model with save_pretrained")
+    if need_weights and not any((path / name).exists() for name in WEIGHT_FILES):
+        raise UserError(
+            f"model directory {path} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); "
+            "the save was incomplete: save the model again"
+        )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+_hub_reachable: bool | None = None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can the model hub be reached (one quick TCP connect, remembered)? False when HF_HUB_OFFLINE is set."""
+    global _hub_reachable
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    if _hub_reachable is None:
+        import socket
+        from urllib.parse import urlparse
+
+        endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+        try:
+            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+            _hub_reachable = True
+        except OSError:
+            _hub_reachable = False
+    return _hub_reachable
+
+
+def hub_model_available(name: str) -> bool:
+    """A hub name that can load: in the local Hugging Face cache, or the hub is reachable."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return True
+    except Exception:  # an invalid repo id: let the loader report it
+        return True
+    return hub_reachable()
+
+
+def check_positions(name_or_config: Any, length: int, flag: str) -> None:
+    """`length` tokens fit the model's position embeddings (models with no limit, e.g. ALiBi, pass)."""
+    config = tiny_config_of(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    limit = next(
+        (getattr(config, k) for k in ("max_position_embeddings", "n_positions") if getattr(config, k, None)), None
+    )
+    if limit is not None and length > limit:
+        raise UserError(f"{flag} {length} exceeds the model's {limit} positions; use at most {limit}")
+
+
+def tiny_config_of(name_or_path: str) -> Any:
+    """The config of a tiny name or a local/hub model (vocabulary size irrelevant here)."""
+    from dschat_hal.models.tiny import TINY_MODELS, tiny_config
+
+    if is_tiny(name_or_path):
+        return tiny_config(TINY_MODELS[name_or_path], 8)
+    return load_config(name_or_path)
+
+
+def load_config(name_or_path: str) -> Any:
+    """`AutoConfig.from_pretrained` with one-line errors."""
+    check_model_source(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"cannot read the model config of {name_or_path!r} ({str(err).splitlines()[0]})") from None
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Load a tokenizer; one without a pad token gets its eos token as pad (said in the log)."""
-    check_model_source(name_or_path)
+    check_model_source(name_or_path, need_weights=False)
     source = TOKENIZER_DIR if is_tiny(name_or_path) else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, fast_tokenizer=True)
-    except OSError as err:
+    except (OSError, TypeError, ValueError) as err:
+        local = Path(name_or_path).expanduser()
+        if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
+            raise UserError(
+                f"model directory {local} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); "
+                "the save was incomplete: save the model again (with its tokenizer)"
+            ) from None
         raise UserError(
             f"cannot load a tokenizer from {name_or_path!r} ({str(err).splitlines()[0]}); "
             "pass a local model directory or tiny-opt when no model hub is reachable"
@@ -55,8 +156,10 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
                 "tokenizer of %s has no pad token: using its eos token %r as pad", name_or_path, tokenizer.eos_token
             )
         else:
-            tokenizer.add_special_tokens({"pad_token": "<pad>"})
-            log.warning("tokenizer of %s has no pad or eos token: added '<pad>'", name_or_path)
+            raise UserError(
+                f"the tokenizer of {name_or_path!r} has neither a pad nor an EOS token; samples need an end "
+                "token: set eos_token (and pad_token) in its tokenizer_config.json"
+            )
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -79,8 +182,7 @@ def model_family(model_or_name: Any) -> str:
     if isinstance(model_or_name, str):
         if is_tiny(model_or_name):
             return model_or_name.split("-", 1)[1]
-        check_model_source(model_or_name)
-        return AutoConfig.from_pretrained(model_or_name).model_type
+        return load_config(model_or_name).model_type
     config = getattr(model_or_name, "config", model_or_name)
     return config.model_type
 
@@ -101,12 +203,19 @@ def load_pretrained(auto_class: Any, name_or_path: str, ds_config: dict | None =
         from transformers.integrations import HfDeepSpeedConfig
 
         dschf = HfDeepSpeedConfig(ds_config)  # must stay alive while the model is built  # noqa: F841
+    from safetensors import SafetensorError
+
     try:
         return auto_class.from_pretrained(name_or_path, **kwargs)
     except OSError as err:
         raise UserError(
             f"cannot load model {name_or_path!r} ({str(err).splitlines()[0]}); "
             "pass a local directory or tiny-opt when no model hub is reachable"
+        ) from None
+    except (SafetensorError, RuntimeError, ValueError) as err:
+        raise UserError(
+            f"the weights of {name_or_path!r} are damaged or incomplete ({str(err).splitlines()[0][:160]}); "
+            "save the model again"
         ) from None
 
 
@@ -124,7 +233,7 @@ def create_lm(
     if is_tiny(name_or_path):
         model = tiny_model(name_or_path, padded_vocab_size(tokenizer), seed=seed, dropout=dropout)
     else:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = load_config(name_or_path)
         set_dropout(config, dropout)
         model = load_pretrained(AutoModelForCausalLM, name_or_path, ds_config, config=config)
     model.config.pad_token_id = tokenizer.pad_token_id

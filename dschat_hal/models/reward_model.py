@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase
+from transformers import AutoModel, PreTrainedTokenizerBase
 
 from dschat_hal.models.checkpoint import atomic_directory, gathered_state_dict
-from dschat_hal.models.lm import load_pretrained, padded_vocab_size, set_dropout
+from dschat_hal.models.lm import load_config, load_pretrained, padded_vocab_size, set_dropout
 from dschat_hal.models.tiny import is_tiny, tiny_model
 
 HEAD_FILE = "value_head.safetensors"
@@ -105,18 +105,24 @@ class RewardModel(nn.Module):
         self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, is_writer: bool = True
     ) -> None:
         """Save atomically: backbone in HF format, the head beside it (collective under ZeRO-3)."""
+        with atomic_directory(out_dir, enabled=is_writer) as tmp:
+            self.write(tmp, tokenizer)
+
+    def write(self, directory: Path | None, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        """Write into `directory` (None on ranks that do not write; collective under ZeRO-3)."""
         state = gathered_state_dict(self)
-        if not is_writer:
+        if directory is None:
             return
         backbone_state = {
             k.removeprefix("rwtransformer."): v for k, v in state.items() if k.startswith("rwtransformer.")
         }
-        with atomic_directory(out_dir) as tmp:
-            self.rwtransformer.save_pretrained(tmp, state_dict=backbone_state, safe_serialization=True)
-            save_file({"weight": state["v_head.weight"].contiguous()}, str(tmp / HEAD_FILE))
-            (tmp / MARKER_FILE).write_text(json.dumps({"format": "dschat_hal.RewardModel", "version": 1}) + "\n")
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+        self.rwtransformer.save_pretrained(directory, state_dict=backbone_state, safe_serialization=True)
+        save_file({"weight": state["v_head.weight"].contiguous()}, str(Path(directory) / HEAD_FILE))
+        (Path(directory) / MARKER_FILE).write_text(
+            json.dumps({"format": "dschat_hal.RewardModel", "version": 1}) + "\n"
+        )
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
 
 
 def reset_final_norm(model: RewardModel) -> tuple[str, ...]:
@@ -170,7 +176,7 @@ def create_reward_model(
     if is_tiny(name_or_path):
         backbone = tiny_model(name_or_path, padded_vocab_size(tokenizer), seed=seed, head=False, dropout=dropout)
     else:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = load_config(name_or_path)
         set_dropout(config, dropout)
         backbone = load_pretrained(AutoModel, name_or_path, ds_config, config=config)
     backbone.config.pad_token_id = tokenizer.pad_token_id

@@ -7,7 +7,7 @@ import math
 from dschat_hal import loop
 from dschat_hal.args import step1_parser, validate
 from dschat_hal.errors import cli_entry
-from dschat_hal.models import create_lm, load_tokenizer, model_family, save_lm
+from dschat_hal.models import check_positions, create_lm, load_tokenizer, model_family, save_lm
 from dschat_hal.models.lm import add_eot_token
 from dschat_hal.runtime import (
     ScalarWriter,
@@ -25,6 +25,8 @@ from dschat_hal.runtime import (
 @cli_entry
 def main(argv: list[str]) -> dict:
     args = validate(step1_parser().parse_args(argv))
+    check_positions(args.model_name_or_path, args.max_seq_len, "--max_seq_len")
+    loop.claim_outputs(args)
     backend = setup(args)
     tokenizer = load_tokenizer(args.model_name_or_path)
     if args.add_eot_token:

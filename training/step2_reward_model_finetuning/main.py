@@ -5,7 +5,7 @@ from __future__ import annotations
 from dschat_hal import loop
 from dschat_hal.args import step2_parser, validate
 from dschat_hal.errors import cli_entry
-from dschat_hal.models import create_reward_model, is_reward_checkpoint, load_tokenizer, model_family
+from dschat_hal.models import check_positions, create_reward_model, is_reward_checkpoint, load_tokenizer, model_family
 from dschat_hal.models.lm import add_eot_token
 from dschat_hal.models.reward_model import reset_final_norm
 from dschat_hal.runtime import (
@@ -24,6 +24,8 @@ from dschat_hal.runtime import (
 @cli_entry
 def main(argv: list[str]) -> dict:
     args = validate(step2_parser().parse_args(argv))
+    check_positions(args.model_name_or_path, args.max_seq_len, "--max_seq_len")
+    loop.claim_outputs(args)
     backend = setup(args)
     tokenizer = load_tokenizer(args.model_name_or_path)
     if args.add_eot_token:

@@ -11,9 +11,19 @@ from dschat_hal.args import step3_parser, validate
 from dschat_hal.data import Collator, DataSpec, load_or_build
 from dschat_hal.data.unsupervised import block_dataset, collate_blocks, read_texts
 from dschat_hal.errors import UserError, cli_entry
-from dschat_hal.loop import HealthGuard, load_checkpoint, progress, save_checkpoint, set_rng_state
-from dschat_hal.models import load_tokenizer, require_reward_checkpoint, save_lm
+from dschat_hal.faults import fault_point
+from dschat_hal.loop import (
+    HealthGuard,
+    TrainingHealthError,
+    claim_outputs,
+    load_checkpoint,
+    progress,
+    save_checkpoint,
+    set_rng_state,
+)
+from dschat_hal.models import atomic_directory, check_positions, load_tokenizer, require_reward_checkpoint, write_lm
 from dschat_hal.models.lm import add_eot_token
+from dschat_hal.models.tiny import is_tiny
 from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.evaluation import mean_reward
 from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine
@@ -51,10 +61,73 @@ def make_generator(engine: RLHFEngine, backend, config: GenerationConfig, args) 
     )
 
 
+def save_models(engine: RLHFEngine, tokenizer, output_dir: str) -> None:
+    """Actor, critic (and EMA) written in full, then published together by one rename: a kill
+    never leaves a new actor beside an old critic. Collective under ZeRO-3."""
+    with atomic_directory(output_dir, enabled=is_rank0()) as tmp:
+        write_lm(engine.actor.module, tokenizer, tmp / "actor" if tmp else None)
+        fault_point("step3_actor_written")
+        engine.critic.module.write(tmp / "critic" if tmp else None, tokenizer)
+        if engine.actor_ema is not None:
+            write_lm(engine.actor_ema.module, tokenizer, tmp / "actor_ema" if tmp else None)
+
+
+def at_optimizer_boundary(engines: dict) -> bool:
+    """Every trained engine has just taken an optimizer step (no accumulated gradients pending)."""
+    return all(e.micro_steps % e.gradient_accumulation_steps() == 0 for e in engines.values() if e.optimizer)
+
+
+def actor_is_finite(engine: RLHFEngine) -> bool:
+    """Are all of the actor's weights finite (ZeRO-3: each rank's partition), on every rank? One host read."""
+    import torch
+
+    from dschat_hal.runtime import all_reduce_mean
+
+    local = [getattr(p, "ds_tensor", p) if hasattr(p, "ds_id") else p for p in engine.actor.module.parameters()]
+    local = [t.detach() for t in local if t.numel()]
+    finite = (
+        torch.isfinite(torch.stack(torch._foreach_norm(local, float("inf")))).all() if local else torch.tensor(True)
+    )
+    return all_reduce_mean(finite.float()).item() == 1.0
+
+
+def generate_checked(trainer: PPOTrainer, batch: dict, step: int) -> dict:
+    """`generate_experience`, with sampling from non-finite probabilities (an actor whose finite
+    weights overflow in its forward) reported as the divergence it is, naming the step."""
+    try:
+        return trainer.generate_experience(batch["prompt"], batch["prompt_att_mask"])
+    except RuntimeError as err:
+        if "probability tensor contains" not in str(err):
+            raise
+        raise TrainingHealthError(
+            f"training stopped after step {step}: the actor's outputs are no longer finite (its probabilities "
+            "contain inf/nan), so it cannot generate; lower --actor_learning_rate, or resume from an earlier checkpoint"
+        ) from None
+
+
+def check_last_update(pending: list[dict], flush, engine: RLHFEngine, step: int):
+    """Stop before generation when the last update diverged: non-finite losses (counted against
+    --max_bad_steps) or non-finite actor weights (always fatal: the actor can no longer generate).
+    One host read per step, where generation syncs anyway. Returns the reward EMA when it had to
+    flush the pending statistics, else None."""
+    import torch
+
+    from dschat_hal.runtime import all_reduce_mean
+
+    last = pending[-1]
+    losses = all_reduce_mean(torch.stack([torch.as_tensor(last[k]).float() for k in ("actor_loss", "critic_loss")]))
+    ema = None if bool(torch.isfinite(losses).all()) else flush()  # the same on every rank; raises past --max_bad_steps
+    if not actor_is_finite(engine):
+        raise TrainingHealthError(
+            f"training stopped after step {step}: the actor's weights are no longer finite, so it cannot generate; "
+            "lower --actor_learning_rate, use --dtype bf16/fp32, or resume from an earlier checkpoint"
+        )
+    return ema
+
+
 @cli_entry
 def main(argv: list[str]) -> dict:
     args = validate(step3_parser().parse_args(argv))
-    require_reward_checkpoint(args.critic_model_name_or_path)
     if args.hybrid_engine == "deepspeed":
         raise UserError(
             "--hybrid_engine deepspeed is not supported: DeepSpeed's Hybrid Engine crashes or silently "
@@ -67,6 +140,16 @@ def main(argv: list[str]) -> dict:
         )
     if args.tp_gather_partition_size < 1:
         raise UserError("--tp_gather_partition_size must be at least 1 (layers gathered per group)")
+    require_reward_checkpoint(args.critic_model_name_or_path)
+    if is_tiny(args.critic_model_name_or_path) and not args.allow_random_critic:
+        raise UserError(
+            f"--critic_model_name_or_path {args.critic_model_name_or_path} is a random built-in model, not a trained "
+            "reward model; pass step 2's --output_dir, or add --allow_random_critic for a smoke test"
+        )
+    check_positions(
+        args.actor_model_name_or_path, args.max_prompt_seq_len + args.max_answer_seq_len, "prompt + answer length"
+    )
+    claim_outputs(args)
     backend = setup(args)
     if args.align_overflow and args.dtype_resolved == torch.float16:
         raise UserError(
@@ -147,7 +230,7 @@ def main(argv: list[str]) -> dict:
         return ema
 
     stop_at = args.test_stop_step if args.enable_test_mode and args.test_stop_step else None
-    experiences, unsup_batches = [], []
+    experiences, unsup_batches, save_due = [], [], False
     for epoch in range(position["epoch"], args.num_train_epochs):
         loader.sampler.set_epoch(epoch)
         unsup_iter = iter(unsup_loader) if unsup_loader else itertools.repeat(None)
@@ -156,10 +239,15 @@ def main(argv: list[str]) -> dict:
         for index, (batch, unsup) in enumerate(batches):
             if index < skip:
                 continue
+            if stop_at and step >= stop_at:  # resumed from a checkpoint taken at the last step
+                break
             if "rng" in position:  # after the loader drew its seed, as in an uninterrupted run
                 set_rng_state(position.pop("rng"))
+            if pending:  # before generating with the updated actor: a diverged actor would crash generate()
+                flushed_ema = check_last_update(pending, flush, engine, step)
+                reward_ema = reward_ema if flushed_ema is None else flushed_ema
             batch = backend.to_device(batch)
-            experiences.append(trainer.generate_experience(batch["prompt"], batch["prompt_att_mask"]))
+            experiences.append(generate_checked(trainer, batch, step))
             unsup_batches.append(backend.to_device(unsup))
             if len(experiences) < args.generation_batches:
                 continue
@@ -178,11 +266,13 @@ def main(argv: list[str]) -> dict:
                 print_rank0(f"[step3] step {step}: mean reward on held-out prompts {evaluations[-1]['reward']:.3f}")
             if args.print_answers and step % args.print_answers_interval == 0:
                 print_rank0(trainer.describe_sample(trainer.last_experience))
-            if args.save_interval and step % args.save_interval == 0:
+            save_due = save_due or bool(args.save_interval and step % args.save_interval == 0)
+            if save_due and at_optimizer_boundary(engines):  # never inside an accumulation window
                 reward_ema = flush()
                 save_checkpoint(
-                    engines, args, {"epoch": epoch, "batch": index + 1, "step": step, "reward_ema": reward_ema}
+                    engines, args, {"epoch": epoch, "batch": index + 1, "step": step, "reward_ema": reward_ema}, step
                 )
+                save_due = False
             if stop_at and step >= stop_at:
                 break
         if stop_at and step >= stop_at:
@@ -191,10 +281,7 @@ def main(argv: list[str]) -> dict:
     writer.close()
     print_rank0("step 3 time: " + ", ".join(f"{k} {v:.1f}s" for k, v in trainer.timings.items()))
     if args.output_dir:
-        save_lm(engine.actor.module, tokenizer, f"{args.output_dir}/actor", is_writer=is_rank0())
-        engine.critic.module.save(f"{args.output_dir}/critic", tokenizer, is_writer=is_rank0())
-        if engine.actor_ema is not None:
-            save_lm(engine.actor_ema.module, tokenizer, f"{args.output_dir}/actor_ema", is_writer=is_rank0())
+        save_models(engine, tokenizer, args.output_dir)
         print_rank0(f"saved actor and critic under {args.output_dir}")
     summary = {
         "shape_counts": shape_counts(backend),

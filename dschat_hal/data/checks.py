@@ -1,0 +1,71 @@
+"""Reading data files with one-line errors: unreadable, not UTF-8, malformed JSON/JSONL (with the
+real line number), corrupt parquet. Loaders call these before (or instead of) parsing on their own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dschat_hal.errors import UserError
+
+
+def read_text(path: Path) -> str:
+    """The file's text, or one line saying why it cannot be read."""
+    try:
+        data = path.read_bytes()
+    except PermissionError:
+        raise UserError(f"data file {path} is not readable (permission denied); fix its permissions") from None
+    except IsADirectoryError:
+        raise UserError(f"data file {path} is a directory; pass a .json, .jsonl or .parquet file") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserError(f"{path} is not UTF-8 text (byte {err.start}, line {line}); re-encode it as UTF-8") from None
+
+
+def parse_json_rows(path: Path, text: str) -> Any:
+    """A .json document or the rows of a .jsonl file; errors name the file's real line."""
+    if path.suffix != ".jsonl":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(
+                f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
+                "fix the file or regenerate it"
+            ) from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise UserError(
+                f"{path} is not valid JSONL (line {number}, column {err.colno}: {err.msg}); "
+                "fix that line or regenerate the file"
+            ) from None
+    return rows
+
+
+def read_parquet_rows(path: Path) -> list[dict]:
+    """The rows of a parquet file, or one line saying it is corrupt or unreadable."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except PermissionError:
+        raise UserError(f"data file {path} is not readable (permission denied); fix its permissions") from None
+    except (pa.ArrowException, OSError) as err:
+        raise UserError(
+            f"{path} is not a readable parquet file ({str(err).splitlines()[0][:120]}); regenerate it"
+        ) from None
+
+
+def check_data_file(path: Path) -> Any:
+    """Read and parse a local data file (.json, .jsonl or .parquet) with one-line errors."""
+    if path.suffix == ".parquet":
+        return read_parquet_rows(path)
+    return parse_json_rows(path, read_text(path))

@@ -1,0 +1,224 @@
+"""Surviving faults: writable-path checks, the output-directory lock, stale leftovers of killed runs
+(temporary save directories, DeepSpeed op-build locks), file modes that follow the umask, and named
+fault points that tests use to kill a run at an exact moment of a save."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dschat_hal.errors import UserError, on_exit
+
+log = logging.getLogger("dschat_hal")
+
+KILL_ENV = "DSCHAT_HAL_KILL_AT"  # "POINT" or "POINT:N": SIGKILL this process the Nth time POINT is reached
+_reached: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """A named moment (e.g. inside a save) where `DSCHAT_HAL_KILL_AT` kills the process, as kill -9 would."""
+    wanted = os.environ.get(KILL_ENV)
+    if not wanted:
+        return
+    point, _, count = wanted.partition(":")
+    if point != name:
+        return
+    _reached[name] = _reached.get(name, 0) + 1
+    if _reached[name] >= int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends (a save completes, then Ctrl-C acts as usual).
+    kill -9 cannot be held: that is what publishing by rename is for."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda number, _: received.append(number)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
+# ---- paths -----------------------------------------------------------------------------------
+def require_writable_dir(path: str | os.PathLike, flag: str) -> None:
+    """`path` is (or can become) a writable directory: not a file, and its nearest existing
+    ancestor accepts a new entry (probed by creating and removing one, which also catches
+    read-only file systems and runs as root)."""
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{flag} {target} is a file, not a directory; remove it or choose another path")
+    probe_in = target
+    while not probe_in.exists():
+        if probe_in.parent == probe_in:
+            break
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise UserError(f"{flag} {target}: {probe_in} is a file, so the directory cannot be created")
+    try:
+        Path(tempfile.mkdtemp(prefix=".write-probe-", dir=probe_in)).rmdir()
+    except OSError as err:
+        raise UserError(
+            f"{flag} {target} is not writable ({err.strerror} in {probe_in}); choose a writable directory"
+        ) from None
+
+
+# ---- modes -------------------------------------------------------------------------------------
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: str | os.PathLike) -> None:
+    """Give `root` and everything under it the modes a plain mkdir/open would (`tempfile` makes 0700/0600)."""
+    mask = current_umask()
+    root = Path(root)
+    os.chmod(root, 0o777 & ~mask)
+    for directory, subdirs, files in os.walk(root):
+        for name in subdirs:
+            os.chmod(os.path.join(directory, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o666 & ~mask)
+
+
+# ---- the output lock ----------------------------------------------------------------------------
+def lock_path(directory: str | os.PathLike) -> Path:
+    """A sibling of the directory, so the lock survives the directory being replaced by a rename."""
+    directory = Path(directory).expanduser().resolve()
+    return directory.with_name(f".{directory.name}.lock")
+
+
+def lock_output(directory: str | os.PathLike | None) -> None:
+    """Hold an exclusive lock on `directory` until the run ends; a second run on it refuses at once.
+
+    `flock` locks die with their process, so a killed run never leaves a stale lock behind.
+    """
+    if not directory:
+        return
+    import fcntl
+
+    path = lock_path(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 (held open until the run ends)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not path.exists() or os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
+            raise BlockingIOError  # the previous holder removed it between our open and our lock
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(
+            f"{directory} is in use by another run ({owner}); wait for it to finish or choose another output directory"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+
+    def release() -> None:
+        path.unlink(missing_ok=True)  # before unlocking, so no one locks a file that is going away
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+    on_exit(release)
+
+
+# ---- leftovers of killed runs -----------------------------------------------------------------
+TEMP_NAME = re.compile(r"^\.(?P<name>.+?)\.(tmp|old)-(?P<pid>\d+)(-.*)?$")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove `.NAME.tmp-PID-*` / `.NAME.old-PID` entries in `directory` whose process is gone
+    (only those of `name` when given); returns what was removed."""
+    directory = Path(directory)
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        match = TEMP_NAME.match(entry.name)
+        if not match or (name is not None and match["name"] != name) or pid_alive(int(match["pid"])):
+            continue
+        original = directory / match["name"]
+        if entry.name.startswith(f".{match['name']}.old-") and not original.exists():
+            entry.rename(original)  # killed between moving the old copy aside and publishing the new one
+            log.warning("restored %s from the copy an interrupted save had moved aside", original)
+            continue
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        removed.append(entry)
+    if removed:
+        log.warning("removed %d leftover(s) of an interrupted save in %s", len(removed), directory)
+    return removed
+
+
+# ---- DeepSpeed/torch op builds -----------------------------------------------------------------
+def extensions_dir() -> Path:
+    """Where torch builds ops (DeepSpeed's CPU Adam, shm comm, ...): TORCH_EXTENSIONS_DIR or its default."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torch_extensions"
+
+
+def _build_in_progress(build_dir: Path) -> bool:
+    """Is any live process working inside `build_dir` (ninja and the compilers run there)?"""
+    target = str(build_dir.resolve())
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if cwd == target or cwd.startswith(target + os.sep):
+            return True
+    return False
+
+
+def clear_stale_build_locks(root: str | os.PathLike | None = None, min_age_s: float = 30.0) -> list[Path]:
+    """Remove torch's op-build `lock` files whose build is gone (no process works in the build
+    directory and the lock is older than `min_age_s`); say so. A lock with a live build is reported,
+    so a run that waits on it never waits without a message."""
+    root = Path(root) if root else extensions_dir()
+    removed: list[Path] = []
+    if not root.is_dir() or not Path("/proc/self").exists():
+        return removed
+    for lock in root.glob("**/lock"):
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if _build_in_progress(lock.parent):
+            log.warning("waiting: another process is building the op in %s (lock %s)", lock.parent, lock)
+        elif age >= min_age_s:
+            lock.unlink(missing_ok=True)
+            removed.append(lock)
+            log.warning("removed a stale op-build lock %s (its build was killed %.0f s ago)", lock, age)
+        else:
+            log.warning("op-build lock %s is %.0f s old; its build may still be starting", lock, age)
+    return removed

@@ -1,0 +1,348 @@
+"""Every bad input ends with one `error:` line naming the problem, the right exit code, and nothing
+left behind. One row per case: (entry point, argv, setup, exit code, message fragment).
+
+Arguments may use placeholders: {tmp} (the case's directory), {out} ({tmp}/out, the output that must
+not appear), {data} ({tmp}/d, for setups that write data), {actor}/{reward} (tiny saved models),
+{cache} (a data cache directory).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_script
+
+from training.chat import main as chat
+from training.e2e_rlhf import main as e2e
+from training.step1_supervised_finetuning.main import main as step1
+from training.step2_reward_model_finetuning.main import main as step2
+from training.step3_rlhf_finetuning.main import main as step3
+
+S1 = ["--device", "cpu", "--data_output_path", "{cache}", "--max_seq_len", "64", "--output_dir", "{out}"]
+S3 = [
+    "--device",
+    "cpu",
+    "--data_output_path",
+    "{cache}",
+    "--actor_model_name_or_path",
+    "{actor}",
+    "--critic_model_name_or_path",
+    "{reward}",
+    "--max_prompt_seq_len",
+    "32",
+    "--max_answer_seq_len",
+    "8",
+    "--output_dir",
+    "{out}",
+]
+ROW = {"prompt": " Human: hi Assistant:", "chosen": " hello there", "rejected": " go away"}
+
+
+# ---- setups: each writes what its cases need under the case directory --------------------------
+def write_data(name: str, content: bytes | str):
+    def setup(tmp: Path, models: dict) -> None:
+        (tmp / "d").mkdir()
+        path = tmp / "d" / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+
+    return setup
+
+
+def rows(n: int, name: str = "train.json", **override) -> callable:
+    return write_data(name, json.dumps([{**ROW, **override}] * n))
+
+
+def jsonl_with_bad_line(line: int):
+    good = json.dumps(ROW)
+    lines = [good] * (line - 1) + ['{"prompt": "x",'] + [good] * 3
+    return write_data("train.jsonl", "\n".join(lines) + "\n")
+
+
+def copy_model(source: str, damage):
+    def setup(tmp: Path, models: dict) -> None:
+        shutil.copytree(models[source], tmp / "m")
+        damage(tmp / "m")
+
+    return setup
+
+
+def only_config(path: Path) -> None:
+    for entry in path.iterdir():
+        if entry.name != "config.json":
+            entry.unlink()
+
+
+def truncate_weights(path: Path) -> None:
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+def invalid_config(path: Path) -> None:
+    (path / "config.json").write_text("{not json")
+
+
+def make_file(relative: str):
+    def setup(tmp: Path, models: dict) -> None:
+        (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / relative).write_text("I am a file")
+
+    return setup
+
+
+def corrupt_parquet(tmp: Path, models: dict) -> None:
+    write_data("train.parquet", b"PAR1 this is not parquet PAR1")(tmp, models)
+
+
+def no_eos_tokenizer(tmp: Path, models: dict) -> None:
+    copy_model("actor", lambda p: None)(tmp, models)
+    config = json.loads((tmp / "m" / "tokenizer_config.json").read_text())
+    config.update(eos_token=None, pad_token=None)
+    (tmp / "m" / "tokenizer_config.json").write_text(json.dumps(config))
+    special = tmp / "m" / "special_tokens_map.json"
+    if special.exists():
+        special.write_text("{}")
+
+
+def checkpointed(damage=None):
+    """A step-1 run of one step with a resumable checkpoint under {out}_checkpoints."""
+
+    def setup(tmp: Path, models: dict) -> None:
+        argv = [a.format(cache=tmp / "cache", out=tmp / "out") for a in S1]
+        step1([*argv, "--max_steps", "1", "--save_interval", "1"])
+        if damage:
+            damage(tmp / "out_checkpoints")
+
+    return setup
+
+
+def drop_manifest(root: Path) -> None:
+    (root / "global_step1" / "manifest.json").unlink()
+
+
+def interrupt_training(monkeypatch):
+    from dschat_hal import loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+
+
+CASES = [
+    # flags
+    ("train batch 0", step1, [*S1, "--per_device_train_batch_size", "0"], None, 2, "--per_device_train_batch_size must be at least 1"),
+    ("eval batch 0", step2, [*S1, "--per_device_eval_batch_size", "0"], None, 2, "--per_device_eval_batch_size must be at least 1"),
+    ("step-3 training batch 0", step3, [*S3, "--per_device_training_batch_size", "0"], None, 2, "--per_device_training_batch_size must be at least 1"),
+    ("grad accum 0", step1, [*S1, "--gradient_accumulation_steps", "0"], None, 2, "--gradient_accumulation_steps must be at least 1"),
+    ("max_seq_len 0", step1, [*S1, "--max_seq_len", "0"], None, 2, "--max_seq_len must be at least 1"),
+    ("max_seq_len beyond positions", step1, [*S1, "--max_seq_len", "4096"], None, 2, "exceeds the model's 512 positions"),
+    ("step-3 lengths beyond positions", step3, [*S3, "--max_prompt_seq_len", "500", "--max_answer_seq_len", "100"], None, 2, "prompt + answer length 600 exceeds"),
+    ("dropout 1", step1, [*S1, "--dropout", "1.0"], None, 2, "--dropout must be in [0, 1)"),
+    ("dropout negative", step3, [*S3, "--actor_dropout", "-0.1"], None, 2, "--actor_dropout must be in [0, 1)"),
+    ("answer length 0", step3, [*S3, "--max_answer_seq_len", "0"], None, 2, "--max_answer_seq_len must be at least 1"),
+    ("temperature 0", step3, [*S3, "--temperature", "0"], None, 2, "--temperature must be > 0"),
+    ("negative lr", step1, [*S1, "--learning_rate=-1e-3"], None, 2, "--learning_rate must be a finite number >= 0"),
+    ("huge lr", step3, [*S3, "--actor_learning_rate", "1e39"], None, 2, "--actor_learning_rate must be a finite number >= 0"),
+    ("negative lora dim", step1, [*S1, "--lora_dim", "-4"], None, 2, "--lora_dim must be 0 or more"),
+    ("max_steps -1", step1, [*S1, "--max_steps", "-1"], None, 2, "--max_steps must be 0 or more"),
+    ("zero epochs", step1, [*S1, "--num_train_epochs", "0"], None, 2, "--num_train_epochs must be at least 1"),
+    ("save_interval -1", step1, [*S1, "--save_interval", "-1"], None, 2, "--save_interval must be 0 or more"),
+    ("offload with ZeRO 0", step1, [*S1, "--offload"], None, 2, "--offload needs ZeRO: set --zero_stage"),
+    ("step-3 offload with ZeRO 0", step3, [*S3, "--offload", "--actor_zero_stage", "2"], None, 2, "set --critic_zero_stage"),
+    ("random tiny critic", step3, [*S3, "--critic_model_name_or_path", "tiny-opt"], None, 2, "add --allow_random_critic"),
+    # paths
+    ("output_dir is a file", step1, S1, make_file("out"), 2, "--output_dir {out} is a file"),
+    ("read-only output_dir", step1, [*S1, "--output_dir", "/sys/kernel/dschat_out"], None, 2, "is not writable"),
+    ("data cache path is a file", step1, S1, make_file("cache"), 2, "--data_output_path {cache} is a file"),
+    ("checkpoint dir is a file", step1, [*S1, "--save_interval", "1", "--checkpoint_dir", "{tmp}/ck"], make_file("ck"), 2, "--checkpoint_dir {tmp}/ck is a file"),
+    ("output_dir is the current directory", step1, [*S1, "--output_dir", "."], None, 2, "contains the current directory"),
+    ("checkpoint_dir inside output_dir", step1, [*S1, "--save_interval", "1", "--checkpoint_dir", "{out}/ck"], None, 2, "is inside --output_dir"),
+    # data
+    ("non-UTF-8 data", step1, [*S1, "--data_path", "{data}"], write_data("train.json", b'[{"prompt": "\xff\xfe"}]'), 2, "is not UTF-8 text (byte 13, line 1)"),
+    ("corrupt parquet", step1, [*S1, "--data_path", "{data}"], corrupt_parquet, 2, "train.parquet is not a readable parquet file"),
+    ("data file is a directory", step1, [*S1, "--data_path", "{data}"], make_file("d/train.json/x"), 2, "train.json is a directory"),
+    ("data directory without data", step1, [*S1, "--data_path", "{data}"], make_file("d/notes.txt"), 2, "has no train.json"),
+    ("bad JSONL line 3", step1, [*S1, "--data_path", "{data}"], jsonl_with_bad_line(3), 2, "not valid JSONL (line 3"),
+    ("empty dataset", step1, [*S1, "--data_path", "{data}"], rows(0), 2, "the dataset is too small: 0 training rows"),
+    ("two-row dataset", step1, [*S1, "--data_path", "{data}"], rows(3), 2, "the dataset is too small: 2 training rows"),
+    ("all pairs identical after truncation", step2, [*S1, "--max_seq_len", "4", "--data_path", "{data}"], rows(40), 2, "every train pair is identical after truncation"),
+    ("bad ptx JSONL line 2", step3, [*S3, "--unsupervised_dataset_name", "{data}/u.jsonl"], write_data("u.jsonl", '{"text": "a"}\n{"text": \n'), 2, "u.jsonl is not valid JSONL (line 2"),
+    # models
+    ("model dir with only config.json", step1, [*S1, "--model_name_or_path", "{tmp}/m"], copy_model("actor", only_config), 2, "the save was incomplete"),
+    ("truncated weights", step1, [*S1, "--model_name_or_path", "{tmp}/m"], copy_model("actor", truncate_weights), 2, "are damaged or incomplete"),
+    ("invalid config.json", step1, [*S1, "--model_name_or_path", "{tmp}/m"], copy_model("actor", invalid_config), 2, "config.json is not a valid model config"),
+    ("missing relative critic path", step3, [*S3, "--critic_model_name_or_path", "no_such_output/reward"], None, 2, "nor in the local cache, and the model hub is unreachable"),
+    ("unreachable hub model", step1, [*S1, "--model_name_or_path", "nobody/no-model"], None, 2, "the model hub is unreachable"),
+    ("tokenizer without pad or EOS", step1, [*S1, "--model_name_or_path", "{tmp}/m"], no_eos_tokenizer, 2, "has neither a pad nor an EOS token"),
+    # chat and e2e
+    ("chat max_new_tokens 0", chat, ["--path", "{actor}", "--max_new_tokens", "0"], None, 2, "--max_new_tokens must be at least 1"),
+    ("chat on a damaged model", chat, ["--path", "{tmp}/m"], copy_model("actor", truncate_weights), 2, "damaged or incomplete"),
+    ("e2e unbalanced quote", e2e, ["--output-dir", "{out}", "--step1-args", "--seed '5"], None, 2, "--step1-args \"--seed '5\" cannot be split"),
+    # resume
+    ("resume, other batch size", step1, [*S1, "--resume", "--per_device_train_batch_size", "4"], checkpointed(), 2, "the run changed (per_device_train_batch_size 8 -> 4)"),
+    ("resume, other ZeRO stage", step1, [*S1, "--resume", "--zero_stage", "1"], checkpointed(), 2, "the run changed (zero_stage 0 -> 1)"),
+    ("resume, other model", step1, [*S1, "--resume", "--model_name_or_path", "tiny-llama"], checkpointed(), 2, "model_name_or_path 'tiny-opt' -> 'tiny-llama'"),
+    ("resume, incomplete checkpoint", step1, [*S1, "--resume"], checkpointed(drop_manifest), 2, "global_step1 is incomplete"),
+    # --debug and Ctrl-C
+    ("--debug keeps exit 2", step1, [*S1, "--lora_dim", "-4", "--debug"], None, 2, "--lora_dim must be 0 or more"),
+    ("Ctrl-C", step1, S1, interrupt_training, 130, "interrupted (Ctrl-C)"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A saved tiny actor and reward model (random weights; nothing trains here)."""
+    from dschat_hal.models import create_lm, create_reward_model, load_tokenizer, save_lm
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = load_tokenizer("tiny-opt")
+    save_lm(create_lm("tiny-opt", tokenizer), tokenizer, root / "actor")
+    create_reward_model("tiny-opt", tokenizer).save(root / "reward", tokenizer)
+    return {"actor": root / "actor", "reward": root / "reward"}
+
+
+def tree(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    ("entry", "argv", "setup", "code", "fragment"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_input(entry, argv, setup, code, fragment, models, tmp_path, capsys, monkeypatch):
+    if setup is interrupt_training:
+        interrupt_training(monkeypatch)
+    elif setup is not None:
+        setup(tmp_path, models)
+    before = tree(tmp_path)
+    values = {"tmp": tmp_path, "out": tmp_path / "out", "data": tmp_path / "d", "cache": tmp_path / "cache", **models}
+    argv = [a.format(**values) for a in argv]
+    fragment = fragment.format(**values)
+    capsys.readouterr()
+    try:
+        result = entry(argv)
+    except SystemExit as stop:
+        result = stop.code
+    assert result == code
+    err = capsys.readouterr().err.strip().splitlines()
+    print(err[-1])
+    assert err and err[-1].startswith("error:") and fragment in err[-1], err[-5:]
+    if "--debug" in argv:
+        assert any("Traceback" in line for line in err)
+    else:
+        assert not any("Traceback" in line for line in err), err
+    left = tree(tmp_path) - before
+    assert not {p for p in left if not p.startswith("cache")}, left  # only the data cache may appear
+
+
+def test_legitimate_but_suspicious_inputs_warn(models, tmp_path, capsys):
+    """Learning rate 0 is allowed (e.g. to measure) with a warning; identical pairs are counted and dropped."""
+    step1(
+        [*[a.format(cache=tmp_path / "c", out=tmp_path / "o") for a in S1], "--learning_rate", "0", "--max_steps", "1"]
+    )
+    assert "--learning_rate is 0" in capsys.readouterr().err
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps([ROW] * 30 + [{**ROW, "rejected": ROW["chosen"]}] * 10))
+    result = step2(
+        ["--device", "cpu", "--data_output_path", str(tmp_path / "c"), "--data_path", str(data), "--max_steps", "1"]
+    )
+    assert "identical chosen and rejected tokens" in capsys.readouterr().out
+    assert result["accuracy"] >= 0
+
+
+def test_a_corrupted_data_cache_is_rebuilt(tmp_path, caplog):
+    argv = ["--device", "cpu", "--data_output_path", str(tmp_path / "c"), "--max_seq_len", "64", "--max_steps", "1"]
+    first = step1(argv)
+    (cached,) = (tmp_path / "c").glob("*.pt")
+    cached.write_bytes(cached.read_bytes()[:100])
+    second = step1(argv)
+    assert "rebuilding it" in caplog.text
+    assert second["losses"] == pytest.approx(first["losses"])
+
+
+def test_unreadable_data_file(tmp_path, capsys, monkeypatch):
+    """Permission bits do not stop root, so the read itself is made to fail as it would for a user."""
+    rows(20)(tmp_path, {})
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(SystemExit) as stop:
+        step1(["--device", "cpu", "--data_output_path", "", "--data_path", str(tmp_path / "d")])
+    assert stop.value.code == 2 and "is not readable (permission denied)" in capsys.readouterr().err
+
+
+def test_a_second_run_on_the_same_output_refuses(tmp_path, capsys):
+    from dschat_hal.errors import _run_cleanups
+    from dschat_hal.faults import lock_output
+
+    lock_output(tmp_path / "out")  # as a concurrent run would hold it
+    try:
+        with pytest.raises(SystemExit) as stop:
+            step1(["--device", "cpu", "--output_dir", str(tmp_path / "out"), "--data_output_path", ""])
+    finally:
+        _run_cleanups()
+    assert stop.value.code == 2 and "is in use by another run" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_concurrent_process_is_refused(tmp_path):
+    """Two processes: the second exits 2 with one line while the first holds the output directory."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from dschat_hal.faults import lock_output; "
+         "lock_output(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = run_script(
+            "training/step1_supervised_finetuning/main.py", "--device", "cpu", "--output_dir", str(tmp_path / "out")
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error:") and "in use by another run" in result.stderr
+
+
+def test_a_diverging_actor_stops_before_generation(models, tmp_path, capsys):
+    """An actor blown up by its first update stops the run with one line naming the step, instead of
+    a RuntimeError from inside generate()."""
+    argv = [a.format(cache=tmp_path / "c", out=tmp_path / "o", **models) for a in S3]
+    with pytest.raises(SystemExit) as stop:
+        step3([*argv, "--actor_learning_rate", "1e8", "--lr_scheduler_type", "constant", "--enable_test_mode",
+               "--test_stop_step", "3"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and "training stopped after step 1" in err[-1], err[-3:]
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_finite_actor_weights_are_detected(models):
+    from types import SimpleNamespace
+
+    from dschat_hal.models import create_lm, load_tokenizer
+    from training.step3_rlhf_finetuning.main import actor_is_finite
+
+    model = create_lm("tiny-opt", load_tokenizer("tiny-opt"))
+    engine = SimpleNamespace(actor=SimpleNamespace(module=model))
+    assert actor_is_finite(engine)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    assert not actor_is_finite(engine)
+
+
+def test_chat_keeps_the_newest_tokens_of_a_long_conversation(models, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("tell me " * 400 + "\nquit\n"))
+    assert chat(["--path", str(models["actor"]), "--device", "cpu", "--max_new_tokens", "4", "--greedy"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("Assistant:") == 1
+    assert "exceeds the model's 512 positions; keeping its last 508 tokens" in captured.err

@@ -1,0 +1,88 @@
+"""Faults: leftovers of killed runs, stale op-build locks, file modes, checkpoint units, pruning,
+and exact resume with gradient accumulation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dschat_hal.faults import clear_stale_build_locks, remove_stale_temporaries
+from training.step1_supervised_finetuning.main import main as step1
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_leftovers_of_a_dead_save_are_removed_and_a_moved_aside_copy_restored(tmp_path):
+    pid = dead_pid()
+    (tmp_path / f".out.tmp-{pid}-abc").mkdir()
+    (tmp_path / f".model.old-{pid}").mkdir()  # killed between moving model aside and publishing
+    (tmp_path / f".other.tmp-{os.getpid()}-x").mkdir()  # a live save of this process: kept
+    removed = remove_stale_temporaries(tmp_path)
+    assert [p.name for p in removed] == [f".out.tmp-{pid}-abc"]
+    assert (tmp_path / "model").is_dir() and (tmp_path / f".other.tmp-{os.getpid()}-x").is_dir()
+
+
+def test_a_stale_op_build_lock_is_removed_and_a_live_one_reported(tmp_path, caplog):
+    stale, live = tmp_path / "py_cpu" / "cpu_adam", tmp_path / "py_cpu" / "shm_comm"
+    for build in (stale, live):
+        build.mkdir(parents=True)
+        (build / "lock").touch()
+        os.utime(build / "lock", (time.time() - 600, time.time() - 600))
+    ninja = subprocess.Popen(["sleep", "30"], cwd=live)  # a build still running in its directory
+    try:
+        removed = clear_stale_build_locks(tmp_path)
+    finally:
+        ninja.kill()
+        ninja.wait()
+    assert removed == [stale / "lock"] and (live / "lock").exists()
+    assert "removed a stale op-build lock" in caplog.text and "another process is building" in caplog.text
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_models_follow_the_umask(tmp_path, umask):
+    from dschat_hal.models import create_lm, load_tokenizer, save_lm
+
+    tokenizer = load_tokenizer("tiny-opt")
+    old = os.umask(umask)
+    try:
+        save_lm(create_lm("tiny-opt", tokenizer), tokenizer, tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def base(tmp_path) -> list[str]:
+    return ["--device", "cpu", "--data_output_path", str(tmp_path / "cache"), "--max_seq_len", "64", "--seed", "3"]
+
+
+def test_resume_with_gradient_accumulation_repeats_the_run_exactly(tmp_path):
+    """Accumulation 2 and a checkpoint every optimizer step: a run stopped after 3 steps and resumed
+    gives the uninterrupted run's losses (every micro-batch) and final weights."""
+    args = [*base(tmp_path), "--gradient_accumulation_steps", "2", "--print_loss", "--learning_rate", "2e-3"]
+    full = step1([*args, "--output_dir", str(tmp_path / "full")])["losses"]
+    first = step1([*args, "--output_dir", str(tmp_path / "run"), "--save_interval", "1", "--max_steps", "3"])
+    resumed = step1([*args, "--output_dir", str(tmp_path / "run"), "--resume", "--save_interval", "1"])["losses"]
+    assert len(first["losses"]) == 6 and len(full) == 6 + len(resumed)
+    assert first["losses"] + resumed == pytest.approx(full, abs=1e-5)
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_save_total_limit_keeps_the_newest_units(tmp_path):
+    step1([*base(tmp_path), "--output_dir", str(tmp_path / "o"), "--max_steps", "4", "--save_interval", "1",
+           "--save_total_limit", "2"])  # fmt: skip
+    root = tmp_path / "o_checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["global_step3", "global_step4", "latest"]
+    manifest = json.loads((root / "global_step4" / "manifest.json").read_text())
+    assert manifest["step"] == 4 and manifest["engines"] == ["step1"]
