@@ -293,8 +293,12 @@ POSITIVE_INTS = (
     "generation_batches",
     "log_interval",
     "print_answers_interval",
+    "eval_iters",
+    "tp_gather_partition_size",
+    "inference_tp_size",
 )
 NON_NEGATIVE_INTS = (
+    "eval_interval",
     "max_steps",
     "save_interval",
     "save_total_limit",
@@ -330,7 +334,7 @@ def validate_numbers(args: argparse.Namespace) -> None:
 
     present = vars(args)
     for name in POSITIVE_INTS:
-        if name in present and present[name] < 1:
+        if name in present and present[name] is not None and present[name] < 1:
             raise UserError(f"{_flag(name)} must be at least 1 (got {present[name]})")
     for name in NON_NEGATIVE_INTS:
         if name in present and present[name] is not None and present[name] < 0:

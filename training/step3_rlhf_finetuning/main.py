@@ -138,8 +138,6 @@ def main(argv: list[str]) -> dict:
             f"--inference_tp_size {args.inference_tp_size}: tensor-parallel generation is not implemented; "
             "the hybrid engine generates on every rank with the whole gathered model: drop the flag (or pass 1)"
         )
-    if args.tp_gather_partition_size < 1:
-        raise UserError("--tp_gather_partition_size must be at least 1 (layers gathered per group)")
     require_reward_checkpoint(args.critic_model_name_or_path)
     if is_tiny(args.critic_model_name_or_path) and not args.allow_random_critic:
         raise UserError(
