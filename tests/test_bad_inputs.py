@@ -22,7 +22,18 @@ from training.step1_supervised_finetuning.main import main as step1
 from training.step2_reward_model_finetuning.main import main as step2
 from training.step3_rlhf_finetuning.main import main as step3
 
-S1 = ["--device", "cpu", "--data_output_path", "{cache}", "--max_seq_len", "64", "--output_dir", "{out}"]
+S1 = [
+    "--device",
+    "cpu",
+    "--data_output_path",
+    "{cache}",
+    "--max_seq_len",
+    "64",
+    "--per_device_train_batch_size",
+    "8",
+    "--output_dir",
+    "{out}",
+]
 S3 = [
     "--device",
     "cpu",
