@@ -31,7 +31,7 @@ class TrainingHealthError(UserError):
 
 def supervised_loaders(args: argparse.Namespace, phase: int, tokenizer, backend: Accelerator):
     """Step 1 or 2's (train_set, eval_set, train_loader, eval_loader) from the shared flags."""
-    from dschat_hal.data import Collator, DataSpec, load_or_build
+    from dschat_hal.data import Collator, DataSpec, cache_dir_for, load_or_build
     from dschat_hal.runtime import dataloader
 
     spec = DataSpec(
@@ -42,7 +42,7 @@ def supervised_loaders(args: argparse.Namespace, phase: int, tokenizer, backend:
         args.max_seq_len,
         sft_only_data_path=args.sft_only_data_path if phase == 1 else [],
     )
-    train_set, eval_set, _ = load_or_build(spec, tokenizer, args.data_output_path)
+    train_set, eval_set, _ = load_or_build(spec, tokenizer, cache_dir_for(args), args.preprocessing_num_workers)
     collate = Collator(phase, tokenizer.pad_token_id, backend, args.max_seq_len)
     train_loader = dataloader(train_set, collate, args.per_device_train_batch_size, args.seed)
     eval_loader = dataloader(eval_set, collate, args.per_device_eval_batch_size, args.seed, shuffle=False)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import accel
 from dschat_hal.data import Collator, DataSpec, get_raw_dataset, load_or_build, pad_sequences, phase_indices
-from dschat_hal.data.pipeline import cache_key
+from dschat_hal.data.pipeline import cache_dir_for, cache_key
 from dschat_hal.errors import UserError
 from dschat_hal.models import load_tokenizer
 
@@ -53,17 +54,26 @@ def test_local_directory_and_jsonl_file(tmp_path, tokenizer):
     assert len(get_raw_dataset(str(jsonl)).train) == 36
 
 
-def test_malformed_json_and_missing_keys_name_the_file_and_row(tmp_path):
+def test_malformed_json_and_missing_keys_name_the_file_and_column(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "train.json").write_text('[{"prompt": "a", "chosen": "b"')
     with pytest.raises(UserError, match=r"train.json is not valid JSON \(line 1"):
         get_raw_dataset(str(bad))
-    write_rows(tmp_path / "missing", [ROWS[0], {"prompt": "x", "chosen": "y"}])
-    with pytest.raises(UserError, match=r"row 1 has no string 'rejected'"):
+    (tmp_path / "rows.jsonl").write_text(json.dumps(ROWS[0]) + "\n{oops\n")
+    with pytest.raises(UserError, match=r"rows.jsonl is not valid JSON \(line 2"):
+        get_raw_dataset(str(tmp_path / "rows.jsonl"))
+    write_rows(tmp_path / "missing", [{"prompt": "x", "chosen": "y", "answer": "z"}])
+    with pytest.raises(UserError, match=r"has columns prompt, chosen, answer but needs prompt, chosen, rejected"):
         get_raw_dataset(str(tmp_path / "missing"))
+    write_rows(tmp_path / "nulls", [ROWS[0], {"prompt": "x", "chosen": "y", "rejected": None}])
+    with pytest.raises(UserError, match=r"column 'rejected' has 1 empty \(null\) rows"):
+        get_raw_dataset(str(tmp_path / "nulls"))
     with pytest.raises(UserError, match="neither a known dataset"):
         get_raw_dataset("no/such-dataset")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no"):
+        get_raw_dataset(str(tmp_path / "empty"))
 
 
 def test_step_datasets_and_collators(tokenizer):
@@ -99,19 +109,34 @@ def test_cache_is_reused_and_rebuilt_when_inputs_change(tmp_path, tokenizer):
     directory = write_rows(tmp_path / "d", ROWS)
     spec = DataSpec([str(directory)], phase=1, max_seq_len=32)
     cache = tmp_path / "cache"
-    load_or_build(spec, tokenizer, str(cache))
-    files = sorted(cache.glob("*.pt"))
-    assert len(files) == 1
-    load_or_build(spec, tokenizer, str(cache))
-    assert sorted(cache.glob("*.pt")) == files  # reused
+    first, _, _ = load_or_build(spec, tokenizer, str(cache))
+    entries = sorted(cache.glob("step1_*"))
+    assert len(entries) == 1 and (entries[0] / "train").is_dir()
+    again, _, _ = load_or_build(spec, tokenizer, str(cache))
+    assert sorted(cache.glob("step1_*")) == entries  # reused
+    assert [again[i] for i in range(len(again))] == [first[i] for i in range(len(first))]
     key = cache_key(spec, tokenizer)
+    (directory / "notes.txt").write_text("a log or README beside the data")  # not read: same key
+    (directory / "run.log").write_text("more")
+    assert cache_key(spec, tokenizer) == key
     spec.max_seq_len = 16
     assert cache_key(spec, tokenizer) != key
     spec.max_seq_len = 32
     write_rows(directory, ROWS[:30])  # the data changed on disk
     assert cache_key(spec, tokenizer) != key
     train, _, _ = load_or_build(spec, tokenizer, str(cache))
-    assert len(sorted(cache.glob("*.pt"))) == 2 and len(train) < 10
+    assert len(sorted(cache.glob("step1_*"))) == 2 and len(train) < 10
+
+
+def test_cache_directory_default_sits_beside_the_output(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    assert cache_dir_for(Namespace(data_output_path="", output_dir=None)) is None
+    assert cache_dir_for(Namespace(data_output_path="/x/c", output_dir="/y")) == "/x/c"
+    out = tmp_path / "run" / "actor"
+    assert cache_dir_for(Namespace(data_output_path=None, output_dir=str(out))) == str(tmp_path / "run" / "data_cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir_for(Namespace(data_output_path=None, output_dir=None)) == str(tmp_path / "xdg/dschat_hal/data")
 
 
 def test_pad_sequences_left_and_right():
@@ -120,3 +145,110 @@ def test_pad_sequences_left_and_right():
     ids, mask = pad_sequences([[5, 6], [7]], pad_id=0, length=3, left=True)
     assert ids.tolist() == [[0, 5, 6], [0, 0, 7]] and mask.sum().item() == 3
     assert ids.dtype == torch.long
+
+
+# ---- the layouts users have ---------------------------------------------------------------------
+def bundled_rows() -> tuple[list[dict], list[dict]]:
+    from dschat_hal.models.tiny import DATA_DIR
+
+    return json.loads((DATA_DIR / "train.json").read_text()), json.loads((DATA_DIR / "eval.json").read_text())
+
+
+def write_table(path, rows) -> None:
+    import pyarrow as pa
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+    elif path.suffix == ".arrow":
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    elif path.suffix == ".csv":
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(table, path)
+    else:
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+
+
+def test_local_layouts_load_train_and_the_test_split_for_eval(tmp_path):
+    import datasets
+
+    train, test = bundled_rows()
+    half = len(train) // 2
+    snapshot = tmp_path / "snapshot"  # what `huggingface-cli download --repo-type dataset` leaves
+    write_table(snapshot / "data" / "train-00000-of-00001.parquet", train)
+    write_table(snapshot / "data" / "test-00000-of-00001.parquet", test)
+    (snapshot / "README.md").write_text("---\nlicense: mit\n---\n# card\n")
+    layouts = {
+        "snapshot root": [snapshot],
+        "snapshot data/": [snapshot / "data"],
+        "files together": [
+            snapshot / "data" / "train-00000-of-00001.parquet",
+            snapshot / "data" / "test-00000-of-00001.parquet",
+        ],
+    }
+    for suffix in (".jsonl", ".json", ".csv", ".arrow"):
+        shards = tmp_path / f"shards{suffix}"
+        write_table(shards / f"train-00000-of-00002{suffix}", train[:half])
+        write_table(shards / f"train-00001-of-00002{suffix}", train[half:])
+        write_table(shards / f"validation{suffix}", test)
+        layouts[f"sharded {suffix}"] = [shards]
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(train), "test": datasets.Dataset.from_list(test)}
+    ).save_to_disk(str(tmp_path / "saved_dict"))
+    layouts["save_to_disk DatasetDict"] = [tmp_path / "saved_dict"]
+    legacy = write_rows(write_rows(tmp_path / "legacy", train), test, name="eval.json")
+    layouts["train.json + eval.json"] = [legacy]
+    for layout, paths in layouts.items():
+        raw = get_raw_dataset([str(p) for p in paths], cache_dir=str(tmp_path / "hf"))
+        assert (len(raw.train), len(raw.eval)) == (len(train), len(test)), layout
+        assert sorted(raw.prompt(r) for r in raw.eval) == sorted(r["prompt"] for r in test), layout
+        assert raw.files and all(Path(f).exists() for f in raw.files), layout
+    datasets.Dataset.from_list(train).save_to_disk(str(tmp_path / "saved_one"))
+    raw = get_raw_dataset(str(tmp_path / "saved_one"))  # no test split: a tenth of train, fixed
+    assert len(raw.train) + len(raw.eval) == len(train) and len(raw.eval) == len(train) // 10
+
+
+def test_files_of_one_folder_form_one_dataset_in_a_step(tmp_path, tokenizer):
+    train, test = bundled_rows()
+    write_table(tmp_path / "d" / "train.parquet", train)
+    write_table(tmp_path / "d" / "test.parquet", test)
+    spec = DataSpec([str(tmp_path / "d" / "train.parquet"), str(tmp_path / "d" / "test.parquet")], phase=2)
+    pairs, evaluation, _ = load_or_build(spec, tokenizer, str(tmp_path / "cache"))
+    assert len(pairs) == len(phase_indices(len(train), "2,4,4", 2, spec.seed))
+    assert len(evaluation) == len(phase_indices(len(test), "2,4,4", 2, spec.seed))
+
+
+def test_other_registered_schemas_load_locally_and_hub_names_go_the_same_way(tmp_path, monkeypatch):
+    import datasets
+
+    rows = [
+        {"question": {"full_text": f"q{i}"}, "answer_0": "good [1]", "answer_1": "bad", "score_0": 1.0, "score_1": -1.0}
+        for i in range(20)
+    ]
+    write_table(tmp_path / "webgpt" / "train.jsonl", rows)
+    raw = get_raw_dataset(str(tmp_path / "webgpt"))
+    assert type(raw).__name__ == "WebGptComparisons"
+    assert raw.prompt(raw.train[0]).startswith(" Human: q") and raw.chosen(raw.train[0]) == " good"
+    calls = []
+
+    def fake_load_dataset(name, *args, **kwargs):
+        calls.append(name)
+        shp = [{"history": "h", "human_ref_A": "a", "human_ref_B": "b", "labels": 1}] * 10
+        return datasets.DatasetDict(
+            {"train": datasets.Dataset.from_list(shp), "validation": datasets.Dataset.from_list(shp[:3])}
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    raw = get_raw_dataset("stanfordnlp/SHP")
+    assert calls == ["stanfordnlp/SHP"] and (len(raw.train), len(raw.eval)) == (10, 3)
+    assert raw.chosen(raw.train[0]) == " a" and raw.files == ()
+    with pytest.raises(UserError, match="needs history, human_ref_A, human_ref_B, labels"):
+        monkeypatch.setattr(
+            datasets, "load_dataset", lambda *a, **k: datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)})
+        )
+        get_raw_dataset("stanfordnlp/SHP")

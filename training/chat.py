@@ -13,6 +13,7 @@ import sys
 import torch
 
 import accel
+from dschat_hal.data.tokens import Encoder
 from dschat_hal.errors import cli_entry
 from dschat_hal.models import check_model_source, load_tokenizer
 
@@ -28,9 +29,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def answer(model, tokenizer, backend, conversation: str, max_new_tokens: int, greedy: bool) -> str:
-    inputs = backend.to_device(
-        tokenizer(conversation, return_tensors="pt", add_special_tokens=False, return_token_type_ids=False)
-    )
+    ids = torch.tensor(Encoder(tokenizer).prompts([conversation]), dtype=torch.long)
+    inputs = backend.to_device({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     with torch.no_grad(), backend.generation_context(model) as generator:
         out = generator.generate(
             **inputs,

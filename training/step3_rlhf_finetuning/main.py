@@ -7,7 +7,7 @@ import math
 import time
 
 from dschat_hal.args import step3_parser, validate
-from dschat_hal.data import Collator, DataSpec, load_or_build
+from dschat_hal.data import Collator, DataSpec, cache_dir_for, load_or_build
 from dschat_hal.data.unsupervised import block_dataset, collate_blocks, read_texts
 from dschat_hal.errors import UserError, cli_entry
 from dschat_hal.loop import HealthGuard, load_checkpoint, progress, save_checkpoint, set_rng_state
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> dict:
         )
     tokenizer = load_tokenizer(args.actor_model_name_or_path)
     spec = DataSpec(args.data_path, args.data_split, 3, args.seed, max_prompt_seq_len=args.max_prompt_seq_len)
-    prompts, _, dropped = load_or_build(spec, tokenizer, args.data_output_path)
+    prompts, _, dropped = load_or_build(spec, tokenizer, cache_dir_for(args), args.preprocessing_num_workers)
     if dropped:
         print_rank0(f"dropped {dropped} prompts longer than --max_prompt_seq_len {args.max_prompt_seq_len}")
     loader = dataloader(
