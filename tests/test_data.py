@@ -252,3 +252,56 @@ def test_other_registered_schemas_load_locally_and_hub_names_go_the_same_way(tmp
             datasets, "load_dataset", lambda *a, **k: datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)})
         )
         get_raw_dataset("stanfordnlp/SHP")
+
+
+# ---- the tokenizer's own special tokens (BOS) ---------------------------------------------------
+def tokenizer_with(template: str):
+    """The tiny tokenizer whose defaults add BOS (`<s> $A`, like Llama) or BOS and EOS (`<s> $A </s>`)."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = load_tokenizer("tiny-opt")
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=template, special_tokens=[("<s>", tok.bos_token_id), ("</s>", tok.eos_token_id)]
+    )
+    return tok
+
+
+def test_sequences_start_with_the_tokenizers_bos_everywhere(tmp_path):
+    from dschat_hal.data.tokens import Encoder
+    from dschat_hal.data.unsupervised import block_dataset
+    from training.chat import answer
+
+    for template in ("<s> $A", "<s> $A </s>"):
+        tok = tokenizer_with(template)
+        bos, eos = tok.bos_token_id, tok.eos_token_id
+        assert tok("Human: hi")["input_ids"][0] == bos
+        sft, _, _ = load_or_build(DataSpec(["local/jsonfile"], phase=1, max_seq_len=512), tok, None)
+        short, _, _ = load_or_build(DataSpec(["local/jsonfile"], phase=1, max_seq_len=8), tok, None)
+        pairs, _, _ = load_or_build(DataSpec(["local/jsonfile"], phase=2, max_seq_len=512), tok, None)
+        prompts, _, _ = load_or_build(DataSpec(["local/jsonfile"], phase=3, max_prompt_seq_len=512), tok, None)
+        for ids in (sft[0]["input_ids"], pairs[0]["chosen"], pairs[0]["rejected"]):
+            assert ids[0] == bos and ids[-1] == eos and eos not in ids[1:-1]
+        assert len(short[0]["input_ids"]) == 8 and short[0]["input_ids"][0] == bos and short[0]["input_ids"][-1] == eos
+        prompt = prompts[0]["prompt"]
+        assert prompt[0] == bos and prompt[-1] != eos  # a prompt ends where its text ends
+        assert Encoder(tok).prompts(["Human: hi Assistant:"])[0] == [
+            bos,
+            *tok("Human: hi Assistant:", add_special_tokens=False)["input_ids"],
+        ]
+        texts = ["one two three four five six", "seven eight nine ten"]
+        blocks = block_dataset(texts, tok, 4)
+        flat = [i for b in blocks for i in b["input_ids"]]
+        bare = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        assert flat == ([bos, *bare[0], eos, bos, *bare[1], eos])[: len(flat)]
+        seen = []
+
+        class Recorder(torch.nn.Module):  # stands in for the model: records what chat feeds generate
+            def generate(self, input_ids, attention_mask, seen=seen, end=eos, **kwargs):
+                seen.append(input_ids[0].tolist())
+                return torch.cat([input_ids, torch.tensor([[end]])], dim=1)
+
+        answer(Recorder(), tok, accel.get("cpu"), " Human: hi Assistant:", 4, True)
+        assert seen == [[bos, *tok(" Human: hi Assistant:", add_special_tokens=False)["input_ids"]]]
+    plain = load_tokenizer("tiny-opt")  # the bundled tokenizer adds nothing: unchanged encoding
+    sft, _, _ = load_or_build(DataSpec(["local/jsonfile"], phase=1, max_seq_len=512), plain, None)
+    assert sft[0]["input_ids"][0] != plain.bos_token_id
