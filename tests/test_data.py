@@ -305,3 +305,21 @@ def test_sequences_start_with_the_tokenizers_bos_everywhere(tmp_path):
     plain = load_tokenizer("tiny-opt")  # the bundled tokenizer adds nothing: unchanged encoding
     sft, _, _ = load_or_build(DataSpec(["local/jsonfile"], phase=1, max_seq_len=512), plain, None)
     assert sft[0]["input_ids"][0] != plain.bos_token_id
+
+
+def test_json_arrays_stream_to_json_lines_with_the_same_rows(tmp_path, monkeypatch):
+    from dschat_hal.data import json_array
+
+    monkeypatch.setattr(json_array, "CHUNK", 7)  # objects straddle every read
+    rows = [
+        {"prompt": 'a ]}{ [\n\t"' + str(i) + '" \u00e9', "chosen": "x,\r\ny", "rejected": "", "n": i} for i in range(25)
+    ]
+    source = tmp_path / "rows.json"
+    source.write_text(json.dumps(rows, indent=2, ensure_ascii=False))
+    assert json_array.is_json_array(source)
+    assert json_array.array_to_lines(source, tmp_path / "rows.jsonl")
+    lines = (tmp_path / "rows.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == rows
+    (tmp_path / "numbers.json").write_text("[1, 2]")
+    assert not json_array.array_to_lines(tmp_path / "numbers.json", tmp_path / "numbers.jsonl")
+    assert not (tmp_path / "numbers.jsonl").exists()

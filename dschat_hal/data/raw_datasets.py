@@ -9,12 +9,15 @@ is reachable), local data the way `load_dataset` resolves a directory: split nam
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from dschat_hal.data.json_array import array_to_lines, is_json_array
 from dschat_hal.errors import UserError
 from dschat_hal.models.tiny import DATA_DIR
 
@@ -175,6 +178,24 @@ def _raise_for_bad_json(files: list[str]) -> None:
                 ) from None
 
 
+def _as_json_lines(files: dict[str, list[str]], directory: Path) -> dict[str, list[str]]:
+    """The files with each JSON-array file swapped for a JSON-lines copy in `directory` (kept by
+    path, size and mtime, so a later run reuses it)."""
+    converted: dict[str, list[str]] = {}
+    for split, found in files.items():
+        converted[split] = []
+        for name in found:
+            path = Path(name)
+            if is_json_array(path):
+                stat = path.stat()
+                tag = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+                lines = directory / f"{path.stem}-{tag}.jsonl"
+                if lines.exists() or array_to_lines(path, lines):
+                    name = str(lines)
+            converted[split].append(name)
+    return converted
+
+
 def load_splits(sources: list[Path], cache_dir: str | None = None) -> tuple[dict[str, Any], tuple[str, ...]]:
     """{split: datasets.Dataset} of local data, and the data files read."""
     import datasets
@@ -192,8 +213,12 @@ def load_splits(sources: list[Path], cache_dir: str | None = None) -> tuple[dict
     quiet = logging.getLogger("datasets")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # our one error line replaces datasets' own error log
+    scratch = None if cache_dir else tempfile.TemporaryDirectory(prefix="dschat_json_lines_")
     try:
-        loaded = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir)
+        readable = files
+        if builder == "json":
+            readable = _as_json_lines(files, Path(cache_dir) / "json_lines" if cache_dir else Path(scratch.name))
+        loaded = datasets.load_dataset(builder, data_files=readable, cache_dir=cache_dir)
     except Exception as err:  # malformed JSON, a corrupt parquet file, mismatched columns across shards
         if builder == "json":
             _raise_for_bad_json([f for found in files.values() for f in found])
@@ -202,6 +227,8 @@ def load_splits(sources: list[Path], cache_dir: str | None = None) -> tuple[dict
         ) from None
     finally:
         quiet.setLevel(level)
+        if scratch is not None:
+            scratch.cleanup()
     return dict(loaded), tuple(f for found in files.values() for f in found)
 
 
