@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase
 
-from dschat_hal.models.checkpoint import atomic_directory, gathered_state_dict
+from dschat_hal.models.checkpoint import atomic_directory, gathered_state_dict, save_tokenizer
 from dschat_hal.models.lm import load_pretrained, padded_vocab_size, set_dropout
 from dschat_hal.models.tiny import is_tiny, tiny_model
 
@@ -116,7 +116,7 @@ class RewardModel(nn.Module):
             save_file({"weight": state["v_head.weight"].contiguous()}, str(tmp / HEAD_FILE))
             (tmp / MARKER_FILE).write_text(json.dumps({"format": "dschat_hal.RewardModel", "version": 1}) + "\n")
             if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+                save_tokenizer(tokenizer, self.rwtransformer, tmp)
 
 
 def is_reward_checkpoint(path: str | Path) -> bool:
