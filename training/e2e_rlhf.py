@@ -4,8 +4,9 @@
     python training/e2e_rlhf.py --actor-model facebook/opt-1.3b --reward-model facebook/opt-350m \\
         --device cuda --deployment-type single_node
 
-Each step runs in its own process (through the `deepspeed` launcher for single_node/multi_node);
-extra flags for one step go after `--step1-args`, `--step2-args` or `--step3-args` as one string.
+Each step runs in its own process (for single_node/multi_node through DeepSpeed's launcher, run by
+this interpreter: no `deepspeed` on PATH needed); extra flags for one step go after `--step1-args`,
+`--step2-args` or `--step3-args` as one string.
 """
 
 from __future__ import annotations
@@ -71,9 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def launcher(args: argparse.Namespace) -> list[str]:
+    """This interpreter, or DeepSpeed's launcher run by it (no `deepspeed` on PATH needed)."""
     if args.deployment_type == "single_device":
         return [sys.executable]
-    cmd = ["deepspeed"]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     if args.num_devices:
         cmd += ["--num_gpus", str(args.num_devices)]
     if args.deployment_type == "multi_node" and args.hostfile:
