@@ -67,7 +67,7 @@ def test_malformed_json_and_missing_keys_name_the_file_and_column(tmp_path):
     with pytest.raises(UserError, match=r"has columns prompt, chosen, answer but needs prompt, chosen, rejected"):
         get_raw_dataset(str(tmp_path / "missing"))
     write_rows(tmp_path / "nulls", [ROWS[0], {"prompt": "x", "chosen": "y", "rejected": None}])
-    with pytest.raises(UserError, match=r"column 'rejected' has 1 empty \(null\) rows"):
+    with pytest.raises(UserError, match=r"row 1 has no string 'rejected' \(1 such rows\)"):
         get_raw_dataset(str(tmp_path / "nulls"))
     with pytest.raises(UserError, match="neither a known dataset"):
         get_raw_dataset("no/such-dataset")

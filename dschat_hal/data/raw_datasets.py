@@ -265,9 +265,15 @@ def check_columns(schema: type[RawDataset], dataset, where: str) -> None:
         dtype = getattr(dataset.features[column], "dtype", None)
         if dtype not in ("string", "large_string"):
             raise UserError(f"{where}: column {column!r} holds {dtype or 'non-text'} values, not strings")
-        nulls = dataset.data.column(column).null_count
-        if nulls:
-            raise UserError(f"{where}: column {column!r} has {nulls} empty (null) rows; drop or fill them")
+        values = dataset.data.column(column)
+        if values.null_count:
+            import pyarrow.compute as pc
+
+            first = pc.index(pc.is_null(values), True).as_py()
+            raise UserError(
+                f"{where}: row {first} has no string {column!r} ({values.null_count} such rows); "
+                f"every row needs {', '.join(schema.text_columns)}"
+            )
 
 
 # ---- schemas of the registered sources --------------------------------------------------------
