@@ -36,6 +36,9 @@ def setup(args: argparse.Namespace) -> Accelerator:
     _silence_deepspeed()
     backend.manual_seed(args.seed)
     args.dtype_resolved = backend.resolve_dtype(args.dtype)
+    chosen = str(args.dtype_resolved).removeprefix("torch.")
+    why = f"--dtype auto: {backend.default_dtype_reason()}" if args.dtype in (None, "auto") else f"--dtype {args.dtype}"
+    print_rank0(f"running on {backend.describe()} in {chosen} ({why})")
     return backend
 
 

@@ -36,6 +36,8 @@ def tiny_step3_argv(
     return [
         "--device",
         device,
+        "--dtype",
+        "fp32",
         "--data_output_path",
         str(tmp_path / "cache"),
         "--actor_model_name_or_path",
