@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, tiny_step3_argv
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
@@ -107,3 +107,13 @@ def test_single_node_launches_deepspeed_through_this_interpreter_with_two_proces
     assert "dist_world_size=2" in result.stdout + result.stderr
     assert "reduce_scatter_tensor" not in result.stderr
     generates_with_plain_transformers(out / "actor")
+
+
+def test_step3_bf16_zero3_critic_from_a_saved_reward_model(e2e_output, tmp_path):
+    """A step-2 checkpoint loaded under ZeRO-3 in bf16 gets a bf16 value head (one dtype for ZeRO-3)."""
+
+    argv = [*tiny_step3_argv(e2e_output, tmp_path, answer=4), "--dtype", "bf16", "--actor_zero_stage", "3"]
+    argv += ["--critic_zero_stage", "3", "--enable_test_mode", "--test_stop_step", "1"]
+    result = run_script("training/step3_rlhf_finetuning/main.py", *argv, "--output_dir", str(tmp_path / "rlhf"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "in bfloat16 (--dtype bf16)" in result.stdout

@@ -157,6 +157,9 @@ def create_reward_model(
     if backbone.get_input_embeddings().num_embeddings < len(tokenizer):
         backbone.resize_token_embeddings(padded_vocab_size(tokenizer))
     model = RewardModel(backbone, compute_fp32_loss=compute_fp32_loss)
+    # A bf16 checkpoint loaded under ZeRO-3 (zero.Init) stays bf16; the new head must match it, since
+    # DeepSpeed's ZeRO-3 optimizer flattens all trainable parameters into one buffer of one dtype.
+    model.v_head.to(next(backbone.parameters()).dtype)
     if not is_tiny(name_or_path) and is_reward_checkpoint(name_or_path):
         head = load_file(str(Path(name_or_path) / HEAD_FILE))
         with torch.no_grad():
