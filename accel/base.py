@@ -152,6 +152,10 @@ class Accelerator(abc.ABC):
     def default_dtype(self) -> torch.dtype:
         """The dtype used when the user does not choose one."""
 
+    def default_dtype_reason(self) -> str:
+        """Why `default_dtype` is what it is, for the start-up line."""
+        return f"{self.name}'s default"
+
     def resolve_dtype(self, name: str | None) -> torch.dtype:
         """Map `fp32|bf16|fp16` (or None for the default) to a supported torch dtype."""
         if name is None or name == "auto":

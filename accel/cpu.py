@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 
 from accel._deepspeed import ds_accelerator
 from accel.base import Accelerator
+
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 flags, Arm's "Features" entry
+
+
+@functools.cache
+def native_bf16_flags() -> tuple[str, ...]:
+    """The CPU's native-bf16 feature flags from /proc/cpuinfo (none where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    for line in text.splitlines():
+        if line.split(":", 1)[0].strip() in ("flags", "Features"):
+            present = set(line.split(":", 1)[1].split())
+            return tuple(flag for flag in NATIVE_BF16_FLAGS if flag in present)
+    return ()
 
 
 class CpuAccelerator(Accelerator):
@@ -35,7 +54,12 @@ class CpuAccelerator(Accelerator):
 
     @property
     def default_dtype(self) -> torch.dtype:
-        return torch.float32
+        """bf16 where the CPU computes it natively (AVX512-BF16, AMX, Arm BF16), fp32 elsewhere."""
+        return torch.bfloat16 if native_bf16_flags() else torch.float32
+
+    def default_dtype_reason(self) -> str:
+        flags = native_bf16_flags()
+        return f"the CPU has native bf16 ({', '.join(flags)})" if flags else "no native bf16 on this CPU"
 
     def synchronize(self) -> None:
         """CPU kernels run synchronously."""

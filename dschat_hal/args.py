@@ -39,12 +39,17 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--data_split", default="2,4,4", help="shares of each dataset for steps 1,2,3 (disjoint slices)")
     g.add_argument("--sft_only_data_path", nargs="*", default=[], help="datasets used only in step 1")
-    g.add_argument("--data_output_path", default="/tmp/data_files/", help="cache of tokenised data ('' to disable)")
+    g.add_argument(
+        "--data_output_path",
+        default=None,
+        help="Arrow cache of tokenised data (default: data_cache beside --output_dir, else "
+        "~/.cache/dschat_hal/data; '' to disable)",
+    )
     g.add_argument(
         "--preprocessing_num_workers",
         type=int,
         default=None,
-        help="processes that tokenise the data sets (accepted; tokenisation runs in one process for now)",
+        help="processes that tokenise the data (datasets.map num_proc; default: one)",
     )
     g.add_argument(
         "--add_eot_token",

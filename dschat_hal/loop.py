@@ -31,7 +31,7 @@ class TrainingHealthError(UserError):
 
 def supervised_loaders(args: argparse.Namespace, phase: int, tokenizer, backend: Accelerator):
     """Step 1 or 2's (train_set, eval_set, train_loader, eval_loader) from the shared flags."""
-    from dschat_hal.data import Collator, DataSpec, load_or_build
+    from dschat_hal.data import Collator, DataSpec, cache_dir_for, load_or_build
     from dschat_hal.runtime import dataloader
 
     spec = DataSpec(
@@ -42,7 +42,7 @@ def supervised_loaders(args: argparse.Namespace, phase: int, tokenizer, backend:
         args.max_seq_len,
         sft_only_data_path=args.sft_only_data_path if phase == 1 else [],
     )
-    train_set, eval_set, _ = load_or_build(spec, tokenizer, args.data_output_path)
+    train_set, eval_set, _ = load_or_build(spec, tokenizer, cache_dir_for(args), args.preprocessing_num_workers)
     if phase == 2:
         train_set = drop_identical_pairs(train_set, "train", args.max_seq_len)
         eval_set = drop_identical_pairs(eval_set, "eval", args.max_seq_len, keep_if_all=True)

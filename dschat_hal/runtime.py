@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_
 def setup(args: argparse.Namespace) -> Accelerator:
     """Choose the backend, initialise distributed, seed; quiet third-party logs."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    silence_known_warnings()
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -37,7 +39,24 @@ def setup(args: argparse.Namespace) -> Accelerator:
     _silence_deepspeed()
     backend.manual_seed(args.seed)
     args.dtype_resolved = backend.resolve_dtype(args.dtype)
+    chosen = str(args.dtype_resolved).removeprefix("torch.")
+    why = f"--dtype auto: {backend.default_dtype_reason()}" if args.dtype in (None, "auto") else f"--dtype {args.dtype}"
+    print_rank0(f"running on {backend.describe()} in {chosen} ({why})")
     return backend
+
+
+# Deprecations raised inside third-party code (DeepSpeed's ZeRO calls these torch collectives on
+# every step): nothing a user can act on, dozens per ZeRO-3 run.
+KNOWN_THIRD_PARTY_WARNINGS = (
+    (FutureWarning, r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"),
+    (FutureWarning, r"`torch\.distributed\.(_reduce_scatter_base|_all_gather_base)` is a private function"),
+)
+
+
+def silence_known_warnings() -> None:
+    """Ignore the known third-party deprecation warnings (once per process, at start-up)."""
+    for category, message in KNOWN_THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 def _silence_deepspeed() -> None:

@@ -14,6 +14,7 @@ FAKES = Path(__file__).resolve().parent / "fakes"
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as accel sets it; here before any test imports torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -37,6 +38,8 @@ def tiny_step3_argv(
     return [
         "--device",
         device,
+        "--dtype",
+        "fp32",
         "--data_output_path",
         str(tmp_path / "cache"),
         "--actor_model_name_or_path",

@@ -83,8 +83,14 @@ def test_unavailable_and_unknown_devices_fail_with_one_clear_line():
             accel.get("cuda")
 
 
-def test_cpu_backend_answers():
+def test_cpu_backend_answers(monkeypatch):
+    import accel.cpu
+
     cpu = accel.get("cpu")
+    monkeypatch.setattr(accel.cpu, "native_bf16_flags", lambda: ("avx512_bf16",))
+    assert cpu.resolve_dtype("auto") == torch.bfloat16 and "native bf16 (avx512_bf16)" in cpu.default_dtype_reason()
+    monkeypatch.setattr(accel.cpu, "native_bf16_flags", lambda: ())
+    assert cpu.resolve_dtype("auto") == torch.float32 and "no native bf16" in cpu.default_dtype_reason()
     assert cpu.dist_backend == "gloo"
     assert cpu.optimizer_class() is torch.optim.AdamW
     assert cpu.optimizer_class(offload=True) is torch.optim.AdamW

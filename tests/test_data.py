@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import accel
 from dschat_hal.data import Collator, DataSpec, get_raw_dataset, load_or_build, pad_sequences, phase_indices
-from dschat_hal.data.pipeline import cache_key
+from dschat_hal.data.pipeline import cache_dir_for, cache_key
 from dschat_hal.errors import UserError
 from dschat_hal.models import load_tokenizer
 
@@ -53,17 +54,26 @@ def test_local_directory_and_jsonl_file(tmp_path, tokenizer):
     assert len(get_raw_dataset(str(jsonl)).train) == 36
 
 
-def test_malformed_json_and_missing_keys_name_the_file_and_row(tmp_path):
+def test_malformed_json_and_missing_keys_name_the_file_and_column(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "train.json").write_text('[{"prompt": "a", "chosen": "b"')
     with pytest.raises(UserError, match=r"train.json is not valid JSON \(line 1"):
         get_raw_dataset(str(bad))
-    write_rows(tmp_path / "missing", [ROWS[0], {"prompt": "x", "chosen": "y"}])
-    with pytest.raises(UserError, match=r"row 1 has no string 'rejected'"):
+    (tmp_path / "rows.jsonl").write_text(json.dumps(ROWS[0]) + "\n{oops\n")
+    with pytest.raises(UserError, match=r"rows.jsonl is not valid JSON \(line 2"):
+        get_raw_dataset(str(tmp_path / "rows.jsonl"))
+    write_rows(tmp_path / "missing", [{"prompt": "x", "chosen": "y", "answer": "z"}])
+    with pytest.raises(UserError, match=r"has columns prompt, chosen, answer but needs prompt, chosen, rejected"):
         get_raw_dataset(str(tmp_path / "missing"))
+    write_rows(tmp_path / "nulls", [ROWS[0], {"prompt": "x", "chosen": "y", "rejected": None}])
+    with pytest.raises(UserError, match=r"row 1 has no string 'rejected' \(1 such rows\)"):
+        get_raw_dataset(str(tmp_path / "nulls"))
     with pytest.raises(UserError, match="neither a known dataset"):
         get_raw_dataset("no/such-dataset")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no"):
+        get_raw_dataset(str(tmp_path / "empty"))
 
 
 def test_step_datasets_and_collators(tokenizer):
@@ -99,19 +109,34 @@ def test_cache_is_reused_and_rebuilt_when_inputs_change(tmp_path, tokenizer):
     directory = write_rows(tmp_path / "d", ROWS)
     spec = DataSpec([str(directory)], phase=1, max_seq_len=32)
     cache = tmp_path / "cache"
-    load_or_build(spec, tokenizer, str(cache))
-    files = sorted(cache.glob("*.pt"))
-    assert len(files) == 1
-    load_or_build(spec, tokenizer, str(cache))
-    assert sorted(cache.glob("*.pt")) == files  # reused
+    first, _, _ = load_or_build(spec, tokenizer, str(cache))
+    entries = sorted(cache.glob("step1_*"))
+    assert len(entries) == 1 and (entries[0] / "train").is_dir()
+    again, _, _ = load_or_build(spec, tokenizer, str(cache))
+    assert sorted(cache.glob("step1_*")) == entries  # reused
+    assert [again[i] for i in range(len(again))] == [first[i] for i in range(len(first))]
     key = cache_key(spec, tokenizer)
+    (directory / "notes.txt").write_text("a log or README beside the data")  # not read: same key
+    (directory / "run.log").write_text("more")
+    assert cache_key(spec, tokenizer) == key
     spec.max_seq_len = 16
     assert cache_key(spec, tokenizer) != key
     spec.max_seq_len = 32
     write_rows(directory, ROWS[:30])  # the data changed on disk
     assert cache_key(spec, tokenizer) != key
     train, _, _ = load_or_build(spec, tokenizer, str(cache))
-    assert len(sorted(cache.glob("*.pt"))) == 2 and len(train) < 10
+    assert len(sorted(cache.glob("step1_*"))) == 2 and len(train) < 10
+
+
+def test_cache_directory_default_sits_beside_the_output(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    assert cache_dir_for(Namespace(data_output_path="", output_dir=None)) is None
+    assert cache_dir_for(Namespace(data_output_path="/x/c", output_dir="/y")) == "/x/c"
+    out = tmp_path / "run" / "actor"
+    assert cache_dir_for(Namespace(data_output_path=None, output_dir=str(out))) == str(tmp_path / "run" / "data_cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir_for(Namespace(data_output_path=None, output_dir=None)) == str(tmp_path / "xdg/dschat_hal/data")
 
 
 def test_pad_sequences_left_and_right():
@@ -120,3 +145,181 @@ def test_pad_sequences_left_and_right():
     ids, mask = pad_sequences([[5, 6], [7]], pad_id=0, length=3, left=True)
     assert ids.tolist() == [[0, 5, 6], [0, 0, 7]] and mask.sum().item() == 3
     assert ids.dtype == torch.long
+
+
+# ---- the layouts users have ---------------------------------------------------------------------
+def bundled_rows() -> tuple[list[dict], list[dict]]:
+    from dschat_hal.models.tiny import DATA_DIR
+
+    return json.loads((DATA_DIR / "train.json").read_text()), json.loads((DATA_DIR / "eval.json").read_text())
+
+
+def write_table(path, rows) -> None:
+    import pyarrow as pa
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+    elif path.suffix == ".arrow":
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    elif path.suffix == ".csv":
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(table, path)
+    else:
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+
+
+def test_local_layouts_load_train_and_the_test_split_for_eval(tmp_path):
+    import datasets
+
+    train, test = bundled_rows()
+    half = len(train) // 2
+    snapshot = tmp_path / "snapshot"  # what `huggingface-cli download --repo-type dataset` leaves
+    write_table(snapshot / "data" / "train-00000-of-00001.parquet", train)
+    write_table(snapshot / "data" / "test-00000-of-00001.parquet", test)
+    (snapshot / "README.md").write_text("---\nlicense: mit\n---\n# card\n")
+    layouts = {
+        "snapshot root": [snapshot],
+        "snapshot data/": [snapshot / "data"],
+        "files together": [
+            snapshot / "data" / "train-00000-of-00001.parquet",
+            snapshot / "data" / "test-00000-of-00001.parquet",
+        ],
+    }
+    for suffix in (".jsonl", ".json", ".csv", ".arrow"):
+        shards = tmp_path / f"shards{suffix}"
+        write_table(shards / f"train-00000-of-00002{suffix}", train[:half])
+        write_table(shards / f"train-00001-of-00002{suffix}", train[half:])
+        write_table(shards / f"validation{suffix}", test)
+        layouts[f"sharded {suffix}"] = [shards]
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(train), "test": datasets.Dataset.from_list(test)}
+    ).save_to_disk(str(tmp_path / "saved_dict"))
+    layouts["save_to_disk DatasetDict"] = [tmp_path / "saved_dict"]
+    legacy = write_rows(write_rows(tmp_path / "legacy", train), test, name="eval.json")
+    layouts["train.json + eval.json"] = [legacy]
+    for layout, paths in layouts.items():
+        raw = get_raw_dataset([str(p) for p in paths], cache_dir=str(tmp_path / "hf"))
+        assert (len(raw.train), len(raw.eval)) == (len(train), len(test)), layout
+        assert sorted(raw.prompt(r) for r in raw.eval) == sorted(r["prompt"] for r in test), layout
+        assert raw.files and all(Path(f).exists() for f in raw.files), layout
+    datasets.Dataset.from_list(train).save_to_disk(str(tmp_path / "saved_one"))
+    raw = get_raw_dataset(str(tmp_path / "saved_one"))  # no test split: a tenth of train, fixed
+    assert len(raw.train) + len(raw.eval) == len(train) and len(raw.eval) == len(train) // 10
+
+
+def test_files_of_one_folder_form_one_dataset_in_a_step(tmp_path, tokenizer):
+    train, test = bundled_rows()
+    write_table(tmp_path / "d" / "train.parquet", train)
+    write_table(tmp_path / "d" / "test.parquet", test)
+    spec = DataSpec([str(tmp_path / "d" / "train.parquet"), str(tmp_path / "d" / "test.parquet")], phase=2)
+    pairs, evaluation, _ = load_or_build(spec, tokenizer, str(tmp_path / "cache"))
+    assert len(pairs) == len(phase_indices(len(train), "2,4,4", 2, spec.seed))
+    assert len(evaluation) == len(phase_indices(len(test), "2,4,4", 2, spec.seed))
+
+
+def test_other_registered_schemas_load_locally_and_hub_names_go_the_same_way(tmp_path, monkeypatch):
+    import datasets
+
+    rows = [
+        {"question": {"full_text": f"q{i}"}, "answer_0": "good [1]", "answer_1": "bad", "score_0": 1.0, "score_1": -1.0}
+        for i in range(20)
+    ]
+    write_table(tmp_path / "webgpt" / "train.jsonl", rows)
+    raw = get_raw_dataset(str(tmp_path / "webgpt"))
+    assert type(raw).__name__ == "WebGptComparisons"
+    assert raw.prompt(raw.train[0]).startswith(" Human: q") and raw.chosen(raw.train[0]) == " good"
+    calls = []
+
+    def fake_load_dataset(name, *args, **kwargs):
+        calls.append(name)
+        shp = [{"history": "h", "human_ref_A": "a", "human_ref_B": "b", "labels": 1}] * 10
+        return datasets.DatasetDict(
+            {"train": datasets.Dataset.from_list(shp), "validation": datasets.Dataset.from_list(shp[:3])}
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    raw = get_raw_dataset("stanfordnlp/SHP")
+    assert calls == ["stanfordnlp/SHP"] and (len(raw.train), len(raw.eval)) == (10, 3)
+    assert raw.chosen(raw.train[0]) == " a" and raw.files == ()
+    with pytest.raises(UserError, match="needs history, human_ref_A, human_ref_B, labels"):
+        monkeypatch.setattr(
+            datasets, "load_dataset", lambda *a, **k: datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)})
+        )
+        get_raw_dataset("stanfordnlp/SHP")
+
+
+# ---- the tokenizer's own special tokens (BOS) ---------------------------------------------------
+def tokenizer_with(template: str):
+    """The tiny tokenizer whose defaults add BOS (`<s> $A`, like Llama) or BOS and EOS (`<s> $A </s>`)."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = load_tokenizer("tiny-opt")
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=template, special_tokens=[("<s>", tok.bos_token_id), ("</s>", tok.eos_token_id)]
+    )
+    return tok
+
+
+def test_sequences_start_with_the_tokenizers_bos_everywhere(tmp_path):
+    from dschat_hal.data.tokens import Encoder
+    from dschat_hal.data.unsupervised import block_dataset
+    from training.chat import answer
+
+    for template in ("<s> $A", "<s> $A </s>"):
+        tok = tokenizer_with(template)
+        bos, eos = tok.bos_token_id, tok.eos_token_id
+        assert tok("Human: hi")["input_ids"][0] == bos
+        sft, _, _ = load_or_build(DataSpec(["local/jsonfile"], phase=1, max_seq_len=512), tok, None)
+        short, _, _ = load_or_build(DataSpec(["local/jsonfile"], phase=1, max_seq_len=8), tok, None)
+        pairs, _, _ = load_or_build(DataSpec(["local/jsonfile"], phase=2, max_seq_len=512), tok, None)
+        prompts, _, _ = load_or_build(DataSpec(["local/jsonfile"], phase=3, max_prompt_seq_len=512), tok, None)
+        for ids in (sft[0]["input_ids"], pairs[0]["chosen"], pairs[0]["rejected"]):
+            assert ids[0] == bos and ids[-1] == eos and eos not in ids[1:-1]
+        assert len(short[0]["input_ids"]) == 8 and short[0]["input_ids"][0] == bos and short[0]["input_ids"][-1] == eos
+        prompt = prompts[0]["prompt"]
+        assert prompt[0] == bos and prompt[-1] != eos  # a prompt ends where its text ends
+        assert Encoder(tok).prompts(["Human: hi Assistant:"])[0] == [
+            bos,
+            *tok("Human: hi Assistant:", add_special_tokens=False)["input_ids"],
+        ]
+        texts = ["one two three four five six", "seven eight nine ten"]
+        blocks = block_dataset(texts, tok, 4)
+        flat = [i for b in blocks for i in b["input_ids"]]
+        bare = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        assert flat == ([bos, *bare[0], eos, bos, *bare[1], eos])[: len(flat)]
+        seen = []
+
+        class Recorder(torch.nn.Module):  # stands in for the model: records what chat feeds generate
+            def generate(self, input_ids, attention_mask, seen=seen, end=eos, **kwargs):
+                seen.append(input_ids[0].tolist())
+                return torch.cat([input_ids, torch.tensor([[end]])], dim=1)
+
+        answer(Recorder(), tok, accel.get("cpu"), " Human: hi Assistant:", 4, True)
+        assert seen == [[bos, *tok(" Human: hi Assistant:", add_special_tokens=False)["input_ids"]]]
+    plain = load_tokenizer("tiny-opt")  # the bundled tokenizer adds nothing: unchanged encoding
+    sft, _, _ = load_or_build(DataSpec(["local/jsonfile"], phase=1, max_seq_len=512), plain, None)
+    assert sft[0]["input_ids"][0] != plain.bos_token_id
+
+
+def test_json_arrays_stream_to_json_lines_with_the_same_rows(tmp_path, monkeypatch):
+    from dschat_hal.data import json_array
+
+    monkeypatch.setattr(json_array, "CHUNK", 7)  # objects straddle every read
+    rows = [
+        {"prompt": 'a ]}{ [\n\t"' + str(i) + '" \u00e9', "chosen": "x,\r\ny", "rejected": "", "n": i} for i in range(25)
+    ]
+    source = tmp_path / "rows.json"
+    source.write_text(json.dumps(rows, indent=2, ensure_ascii=False))
+    assert json_array.is_json_array(source)
+    assert json_array.array_to_lines(source, tmp_path / "rows.jsonl")
+    lines = (tmp_path / "rows.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == rows
+    (tmp_path / "numbers.json").write_text("[1, 2]")
+    assert not json_array.array_to_lines(tmp_path / "numbers.json", tmp_path / "numbers.jsonl")
+    assert not (tmp_path / "numbers.jsonl").exists()

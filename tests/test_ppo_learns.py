@@ -43,7 +43,7 @@ def feature_frequency(actor_dir, prompts: list[str]) -> float:
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     paths = write_feature_task(root / "data", seed=SEED)
-    common = ["--device", "cpu", "--data_output_path", str(root / "cache"), "--seed", str(SEED)]
+    common = ["--device", "cpu", "--dtype", "fp32", "--data_output_path", str(root / "cache"), "--seed", str(SEED)]
     step1(
         [
             *common,

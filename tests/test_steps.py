@@ -15,7 +15,7 @@ from training.step3_rlhf_finetuning.main import main as step3
 
 
 def common(tmp_path, family):
-    return ["--device", "cpu", "--data_output_path", str(tmp_path / "cache"), "--seed", "3"]
+    return ["--device", "cpu", "--dtype", "fp32", "--data_output_path", str(tmp_path / "cache"), "--seed", "3"]
 
 
 @pytest.mark.parametrize("family", ["opt", "bloom", "llama"])

@@ -13,6 +13,7 @@ import sys
 import torch
 
 import accel
+from dschat_hal.data.tokens import Encoder
 from dschat_hal.errors import UserError, cli_entry
 from dschat_hal.models import check_model_source, load_tokenizer
 from dschat_hal.models.lm import load_pretrained
@@ -51,8 +52,9 @@ def fit_to_context(inputs: dict, limit: int | None, max_new_tokens: int) -> dict
 
 
 def answer(model, tokenizer, backend, conversation: str, max_new_tokens: int, greedy: bool) -> str:
-    encoded = tokenizer(conversation, return_tensors="pt", add_special_tokens=False, return_token_type_ids=False)
-    inputs = backend.to_device(fit_to_context(dict(encoded), context_limit(model), max_new_tokens))
+    ids = torch.tensor(Encoder(tokenizer).prompts([conversation]), dtype=torch.long)
+    encoded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs = backend.to_device(fit_to_context(encoded, context_limit(model), max_new_tokens))
     with torch.no_grad(), backend.generation_context(model) as generator:
         out = generator.generate(
             **inputs,

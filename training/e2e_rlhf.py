@@ -4,13 +4,17 @@
     python training/e2e_rlhf.py --actor-model facebook/opt-1.3b --reward-model facebook/opt-350m \\
         --device cuda --deployment-type single_node
 
-Each step runs in its own process (through the `deepspeed` launcher for single_node/multi_node);
-extra flags for one step go after `--step1-args`, `--step2-args` or `--step3-args` as one string.
+Each step runs in its own process (for single_node/multi_node through DeepSpeed's launcher, run by
+this interpreter: no `deepspeed` on PATH needed), except the tiny demo on one device, which runs its
+steps in this process; extra flags for one step go after `--step1-args`,
+`--step2-args` or `--step3-args` as one string.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
 import json
 import shlex
 import subprocess
@@ -77,9 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def launcher(args: argparse.Namespace) -> list[str]:
+    """This interpreter, or DeepSpeed's launcher run by it (no `deepspeed` on PATH needed)."""
     if args.deployment_type == "single_device":
         return [sys.executable]
-    cmd = ["deepspeed"]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     if args.num_devices:
         cmd += ["--num_gpus", str(args.num_devices)]
     if args.deployment_type == "multi_node" and args.hostfile:
@@ -131,6 +136,28 @@ def step_command(step: int, args: argparse.Namespace, out: Path) -> list[str]:
     ]
 
 
+def in_this_process(args: argparse.Namespace) -> bool:
+    """The tiny demo on one device runs its steps in this process: no launcher is needed, and
+    starting three more interpreters (~4 s of imports each) would dominate it. Real models keep one
+    process per step, so each step starts with all device memory free."""
+    tiny = args.actor_model.startswith("tiny-") and args.reward_model.startswith("tiny-")
+    return args.deployment_type == "single_device" and tiny
+
+
+def run_in_process(step: int, argv: list[str]) -> int:
+    """Call step `step`'s `main(argv)` here; its exit code (user errors exit 2 with one line)."""
+    spec = importlib.util.spec_from_file_location(f"dschat_hal_step{step}_main", SCRIPTS[step])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        module.main(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        gc.collect()
+    return 0
+
+
 def summary_line(step: int, result: dict) -> str:
     if step == 1:
         return f"perplexity {result['perplexity_before']:.1f} -> {result['perplexity']:.1f}"
@@ -171,9 +198,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     return 2
         cmd = step_command(step, args, out)
-        print(f"==> step {step}: {shlex.join(cmd)}", flush=True)
+        here = in_this_process(args)
+        print(f"==> step {step}: {shlex.join(cmd)}{' (run in this process)' if here else ''}", flush=True)
         started = time.time()
-        code = subprocess.call(cmd)
+        code = run_in_process(step, cmd[2:]) if here else subprocess.call(cmd)
         elapsed = time.time() - started
         if code != 0:
             print(f"error: step {step} failed with exit code {code} after {elapsed:.0f}s", file=sys.stderr)

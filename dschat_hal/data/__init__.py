@@ -1,7 +1,15 @@
 """Data: raw preference datasets, per-step tokenised splits, caching and collators."""
 
-from dschat_hal.data.pipeline import Collator, DataSpec, TokenDataset, load_or_build, pad_sequences, phase_indices
-from dschat_hal.data.raw_datasets import HUB_DATASETS, RawDataset, get_raw_dataset, read_rows
+from dschat_hal.data.pipeline import (
+    Collator,
+    DataSpec,
+    TokenDataset,
+    cache_dir_for,
+    load_or_build,
+    pad_sequences,
+    phase_indices,
+)
+from dschat_hal.data.raw_datasets import HUB_DATASETS, RawDataset, get_raw_dataset
 
 __all__ = [
     "Collator",
@@ -9,9 +17,9 @@ __all__ = [
     "HUB_DATASETS",
     "RawDataset",
     "TokenDataset",
+    "cache_dir_for",
     "get_raw_dataset",
     "load_or_build",
     "pad_sequences",
     "phase_indices",
-    "read_rows",
 ]

@@ -1,8 +1,10 @@
-"""Per-step datasets: disjoint seeded splits, tokenisation, a hash-keyed cache, and collators.
+"""Per-step datasets: disjoint seeded splits, batched tokenisation into a shared Arrow cache, collators.
 
-Step 1 trains on prompt+chosen, step 2 on chosen/rejected pairs, step 3 on prompts only. Token ids
-are stored unpadded; collators pad each batch to `accel.bucket_length(...)`, which is the batch
-maximum on CPU/GPU and a static bucket on graph-compiling devices.
+Step 1 trains on prompt+chosen, step 2 on chosen/rejected pairs, step 3 on prompts only. Rows are
+tokenised with `datasets.map(batched=True, num_proc=...)` into Arrow files keyed by everything that
+changes them (the data files read, the split, the lengths, the tokenizer); rank 0 builds them once,
+every rank memory-maps the same files. Token ids are stored unpadded; collators pad each batch to
+`accel.bucket_length(...)`, the batch maximum on CPU/GPU and a static bucket on graph-compiling devices.
 """
 
 from __future__ import annotations
@@ -12,17 +14,22 @@ import json
 import logging
 import os
 import random
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from dschat_hal.data.raw_datasets import RawDataset, get_raw_dataset
+from dschat_hal.data.raw_datasets import RawDataset, get_raw_dataset, group_sources, source_files
+from dschat_hal.data.tokens import Encoder, special_affixes
 from dschat_hal.errors import UserError
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+COLUMNS = {1: ("input_ids",), 2: ("chosen", "rejected"), 3: ("prompt",)}
 
 
 @dataclass
@@ -62,91 +69,112 @@ def phase_indices(n: int, data_split: str, phase: int, seed: int) -> list[int]:
 
 
 class TokenDataset(Dataset):
-    """A list of samples, each a dict of token-id lists."""
+    """Samples, each a dict of token-id lists, over an Arrow table (memory-mapped) or a list."""
 
-    def __init__(self, samples: list[dict[str, list[int]]]) -> None:
+    def __init__(self, samples: Any) -> None:
         self.samples = samples
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return self.samples[index]
+        return self.samples[int(index)]
 
 
-def _encode(tokenizer, text: str, max_len: int, add_eos: bool) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if add_eos:
-        ids = ids[: max_len - 1] + [tokenizer.eos_token_id]
-    return ids[:max_len]
+# ---- tokenisation -------------------------------------------------------------------------------
+def tokenize_batch(batch: dict[str, list], raw: RawDataset, encoder: Encoder, spec: DataSpec) -> dict[str, list]:
+    """One `datasets.map` batch of raw rows to step `spec.phase`'s token columns."""
+    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    if spec.phase == 1:
+        return {"input_ids": encoder.sequences([raw.prompt_and_chosen(r) for r in rows], spec.max_seq_len)}
+    if spec.phase == 2:
+        return {
+            "chosen": encoder.sequences([raw.prompt_and_chosen(r) for r in rows], spec.max_seq_len),
+            "rejected": encoder.sequences([raw.prompt_and_rejected(r) for r in rows], spec.max_seq_len),
+        }
+    return {"prompt": encoder.prompts([raw.prompt(r) for r in rows])}
 
 
-def tokenize_rows(raw: RawDataset, rows: list, tokenizer, spec: DataSpec) -> tuple[list[dict], int]:
-    """Samples for `spec.phase`, and the number of prompts dropped as too long (step 3)."""
-    samples, dropped = [], 0
-    for row in rows:
-        if spec.phase == 1:
-            samples.append({"input_ids": _encode(tokenizer, raw.prompt_and_chosen(row), spec.max_seq_len, True)})
-        elif spec.phase == 2:
-            samples.append(
-                {
-                    "chosen": _encode(tokenizer, raw.prompt_and_chosen(row), spec.max_seq_len, True),
-                    "rejected": _encode(tokenizer, raw.prompt_and_rejected(row), spec.max_seq_len, True),
-                }
-            )
-        else:
-            ids = tokenizer(raw.prompt(row), add_special_tokens=False)["input_ids"]
-            if len(ids) > spec.max_prompt_seq_len:
-                dropped += 1
-            else:
-                samples.append({"prompt": ids})
-    return samples, dropped
+def _fits(prompts: list[list[int]], limit: int) -> list[bool]:
+    return [len(ids) <= limit for ids in prompts]
 
 
-def _file_fingerprint(name: str) -> str:
-    path = Path(name).expanduser()
-    if not path.exists():
-        return name
-    files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
-    return ";".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+class _Builder:
+    """Tokenises row sets into Arrow files under `workdir` (in memory when None)."""
+
+    def __init__(self, spec: DataSpec, tokenizer, workdir: Path | None, num_proc: int | None) -> None:
+        self.spec, self.encoder, self.workdir, self.num_proc = spec, Encoder(tokenizer), workdir, num_proc
+        self.count = 0
+
+    def _file(self, tag: str) -> dict[str, Any]:
+        self.count += 1
+        if self.workdir is None:
+            return {"keep_in_memory": True}
+        return {"cache_file_name": str(self.workdir / f"{self.count:03d}_{tag}.arrow")}
+
+    def tokenize(self, raw: RawDataset, rows) -> tuple[Any, int]:
+        """(tokenised rows, prompts dropped as too long)."""
+        import datasets
+
+        features = datasets.Features({c: datasets.Sequence(datasets.Value("int32")) for c in COLUMNS[self.spec.phase]})
+        num_proc = self.num_proc if self.num_proc and self.num_proc > 1 and len(rows) >= 2 * self.num_proc else None
+        out = rows.map(
+            tokenize_batch,
+            batched=True,
+            num_proc=num_proc,
+            remove_columns=rows.column_names,
+            features=features,
+            fn_kwargs={"raw": raw, "encoder": self.encoder, "spec": self.spec},
+            new_fingerprint=f"tok{self.count}",
+            load_from_cache_file=False,
+            desc=f"tokenising step {self.spec.phase} data",
+            **self._file("tok"),
+        )
+        if self.spec.phase != 3:
+            return out, 0
+        kept = out.filter(
+            _fits,
+            batched=True,
+            input_columns="prompt",
+            fn_kwargs={"limit": self.spec.max_prompt_seq_len},
+            num_proc=num_proc,
+            new_fingerprint=f"fit{self.count}",
+            load_from_cache_file=False,
+            **self._file("fit"),
+        )
+        return kept, len(out) - len(kept)
 
 
-def cache_key(spec: DataSpec, tokenizer) -> str:
-    from dschat_hal.models.tiny import DATA_DIR
+def _concatenate(parts: list) -> Any:
+    import datasets
 
-    sources = [str(DATA_DIR) if p == "local/jsonfile" else p for p in spec.data_path + spec.sft_only_data_path]
-    payload = {
-        "version": CACHE_VERSION,
-        "spec": asdict(spec),
-        "files": [_file_fingerprint(p) for p in sources],
-        "tokenizer": [
-            tokenizer.name_or_path,
-            len(tokenizer),
-            tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
-            hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest(),
-        ],
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
-def build_datasets(spec: DataSpec, tokenizer) -> tuple[TokenDataset, TokenDataset, int]:
-    """Tokenised (train, eval) datasets of one step and the count of dropped over-long prompts."""
+def build_datasets(
+    spec: DataSpec,
+    tokenizer,
+    workdir: Path | None = None,
+    num_proc: int | None = None,
+    raw_cache_dir: str | None = None,
+) -> tuple[Any, Any, int]:
+    """Tokenised (train, eval) `datasets.Dataset`s of one step and the count of dropped over-long prompts."""
+    builder = _Builder(spec, tokenizer, workdir, num_proc)
     train, evaluation, dropped = [], [], 0
-    for name in spec.data_path:
-        raw = get_raw_dataset(name)
-        train_rows = [raw.train[i] for i in phase_indices(len(raw.train), spec.data_split, spec.phase, spec.seed)]
-        eval_rows = [raw.eval[i] for i in phase_indices(len(raw.eval), spec.data_split, spec.phase, spec.seed)]
-        for rows, out in ((train_rows, train), (eval_rows or raw.eval, evaluation)):
-            samples, n_dropped = tokenize_rows(raw, rows, tokenizer, spec)
-            out.extend(samples)
+    for group in group_sources(spec.data_path):
+        raw = get_raw_dataset(group, raw_cache_dir)
+        for rows, out in ((raw.train, train), (raw.eval, evaluation)):
+            picked = rows.select(phase_indices(len(rows), spec.data_split, spec.phase, spec.seed))
+            samples, n_dropped = builder.tokenize(raw, picked if len(picked) or out is train else rows)
+            out.append(samples)
             dropped += n_dropped if out is train else 0
     if spec.phase == 1:
-        for name in spec.sft_only_data_path:
-            raw = get_raw_dataset(name)
-            train.extend(tokenize_rows(raw, raw.train, tokenizer, spec)[0])
-            evaluation.extend(tokenize_rows(raw, raw.eval, tokenizer, spec)[0])
-    if not train:
+        for group in group_sources(spec.sft_only_data_path):
+            raw = get_raw_dataset(group, raw_cache_dir)
+            train.append(builder.tokenize(raw, raw.train)[0])
+            evaluation.append(builder.tokenize(raw, raw.eval)[0])
+    train_set, eval_set = _concatenate(train), _concatenate(evaluation)
+    if not len(train_set):
         if dropped:
             raise UserError(
                 f"all {dropped} step-3 prompts are longer than --max_prompt_seq_len {spec.max_prompt_seq_len}; "
@@ -164,7 +192,48 @@ def build_datasets(spec: DataSpec, tokenizer) -> tuple[TokenDataset, TokenDatase
             f"step {spec.phase} gets no training rows from --data_split {spec.data_split}; "
             f"give step {spec.phase} a non-zero share (e.g. 2,4,4)"
         )
-    return TokenDataset(train), TokenDataset(evaluation), dropped
+    return train_set, eval_set, dropped
+
+
+# ---- the cache ----------------------------------------------------------------------------------
+def _file_fingerprint(name: str) -> str:
+    stat = os.stat(name)
+    return f"{Path(name).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def cache_key(spec: DataSpec, tokenizer) -> str:
+    """A hash of the spec, the data files actually read (path, size, mtime) and the tokenizer."""
+    sources = [group for path in (spec.data_path, spec.sft_only_data_path) for group in group_sources(path)]
+    payload = {
+        "version": CACHE_VERSION,
+        "spec": asdict(spec),
+        "files": [[_file_fingerprint(f) for f in source_files(group)] or group for group in sources],
+        "tokenizer": [
+            tokenizer.name_or_path,
+            len(tokenizer),
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            special_affixes(tokenizer),
+            hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest(),
+        ],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def default_cache_dir(output_dir: str | None) -> str:
+    """Beside the run's output (`<output_dir>/../data_cache`, shared by the steps of one run), else
+    the user's cache directory (`$XDG_CACHE_HOME/dschat_hal/data`)."""
+    if output_dir:
+        return str(Path(output_dir).expanduser().resolve().parent / "data_cache")
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "dschat_hal" / "data")
+
+
+def cache_dir_for(args) -> str | None:
+    """`--data_output_path` resolved: '' disables the cache, unset means `default_cache_dir`."""
+    if args.data_output_path == "":
+        return None
+    return args.data_output_path or default_cache_dir(getattr(args, "output_dir", None))
 
 
 def _is_writer() -> bool:
@@ -180,30 +249,61 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def load_or_build(spec: DataSpec, tokenizer, output_path: str | None) -> tuple[TokenDataset, TokenDataset, int]:
+def _write_cache(spec: DataSpec, tokenizer, path: Path, num_proc: int | None) -> None:
+    """Build into a temporary directory beside `path`, then rename it into place (atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        train, evaluation, dropped = build_datasets(
+            spec, tokenizer, tmp / "work", num_proc, raw_cache_dir=str(path.parent / "raw")
+        )
+        train.save_to_disk(str(tmp / "train"))
+        evaluation.save_to_disk(str(tmp / "eval"))
+        (tmp / "meta.json").write_text(json.dumps({"dropped": dropped, "spec": asdict(spec)}))
+        shutil.rmtree(tmp / "work", ignore_errors=True)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process finished the same key first: theirs is identical
+            if not path.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_or_build(
+    spec: DataSpec, tokenizer, output_path: str | None, num_proc: int | None = None, _rebuilt: bool = False
+) -> tuple[TokenDataset, TokenDataset, int]:
     """`build_datasets`, cached under `output_path` by a hash of everything that changes the result.
 
-    Rank 0 builds and writes the cache (atomically); the other ranks wait and then read it.
+    Rank 0 builds the Arrow cache (atomically); the other ranks wait, then all memory-map it.
+    Without `output_path`, builds in memory.
     """
     if not output_path:
-        return build_datasets(spec, tokenizer)
-    path = Path(output_path) / f"step{spec.phase}_{cache_key(spec, tokenizer)}.pt"
-    if _is_writer() and not path.exists():
-        train, evaluation, dropped = build_datasets(spec, tokenizer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"train": train.samples, "eval": evaluation.samples, "dropped": dropped}, tmp)
-        os.replace(tmp, path)
+        train, evaluation, dropped = build_datasets(spec, tokenizer, None, num_proc)
+        return TokenDataset(train), TokenDataset(evaluation), dropped
+    import datasets
+
+    path = Path(output_path).expanduser() / f"step{spec.phase}_{cache_key(spec, tokenizer)}"
+    if _is_writer():
+        if path.exists():
+            log.info("step %d data: reusing the cache %s", spec.phase, path)
+        else:
+            log.info("step %d data: building the cache %s", spec.phase, path)
+            _write_cache(spec, tokenizer, path, num_proc)
     _barrier()
     try:
-        blob = torch.load(path, weights_only=True)
-    except Exception as err:  # truncated/corrupted cache file: any unpickling error
-        if not _is_writer():
+        dropped = json.loads((path / "meta.json").read_text())["dropped"]
+        train = datasets.load_from_disk(str(path / "train"))
+        evaluation = datasets.load_from_disk(str(path / "eval"))
+    except Exception as err:  # a damaged cache directory: rebuild it (rank 0; other ranks report it)
+        if not _is_writer() or _rebuilt:
             raise
         log.warning("warning: data cache %s is unreadable (%s); rebuilding it", path, str(err).splitlines()[0][:120])
-        path.unlink(missing_ok=True)
-        return load_or_build(spec, tokenizer, output_path)
-    return TokenDataset(blob["train"]), TokenDataset(blob["eval"]), blob["dropped"]
+        shutil.rmtree(path, ignore_errors=True)
+        if path.is_file():
+            path.unlink()
+        return load_or_build(spec, tokenizer, output_path, num_proc, _rebuilt=True)
+    return TokenDataset(train), TokenDataset(evaluation), dropped
 
 
 # ---- collators ----------------------------------------------------------------------------------

@@ -1,31 +1,45 @@
-"""Raw preference datasets: one small class per source, all exposing the same five accessors.
+"""Raw preference datasets: one small class per source schema, all exposing the same five accessors.
 
-Hub names load through `datasets.load_dataset` (wherever a hub is reachable); `local/jsonfile`
-is the bundled set; any other local directory or .json/.jsonl/.parquet file in the
-prompt/chosen/rejected schema works the same way.
+Every source goes through `datasets`: hub names through `datasets.load_dataset(name)` (wherever a hub
+is reachable), local data the way `load_dataset` resolves a directory: split names from file names
+(train / test|eval / validation, sharded `train-00000-of-00002.parquet`, a hub snapshot root or its
+`data/` folder), json/jsonl/parquet/csv/arrow files, and directories written by `save_to_disk`.
+`local/jsonfile` is the bundled set. Splits stay Arrow tables (memory-mapped), never Python lists.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from dschat_hal.data.checks import check_data_file
+from dschat_hal.data.json_array import array_to_lines, is_json_array
 from dschat_hal.errors import UserError
 from dschat_hal.models.tiny import DATA_DIR
 
 Row = dict[str, Any]
 REQUIRED_KEYS = ("prompt", "chosen", "rejected")
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+EVAL_SPLITS = ("test", "validation", "eval", "valid", "dev")
 
 
 class RawDataset:
-    """Accessors over rows; `train` and `eval` are lists of rows."""
+    """Accessors over rows of `train` and `eval` (Arrow-backed `datasets.Dataset`s).
+
+    `columns` are the string columns a source of this schema must have; `files` are the data
+    files actually read (empty for hub names): the cache key fingerprints exactly these.
+    """
 
     name = ""
+    columns: tuple[str, ...] = REQUIRED_KEYS
+    text_columns: tuple[str, ...] = REQUIRED_KEYS
 
-    def __init__(self, train: list[Row], eval: list[Row]) -> None:
-        self.train, self.eval = train, eval
+    def __init__(self, train, eval, files: tuple[str, ...] = ()) -> None:
+        self.train, self.eval, self.files = train, eval, files
 
     def prompt(self, row: Row) -> str:
         return row["prompt"]
@@ -43,74 +57,227 @@ class RawDataset:
         return self.prompt(row) + self.rejected(row)
 
 
-# ---- local files -------------------------------------------------------------------------------
-def read_rows(path: Path, required: tuple[str, ...] = REQUIRED_KEYS) -> list[Row]:
-    """Rows of a .json (list) / .jsonl / .parquet file, each checked for the required string keys."""
-    if not path.exists():
-        raise UserError(f"data file {path} does not exist")
-    rows = check_data_file(path)
-    if not isinstance(rows, list):
-        raise UserError(f"{path} must hold a list of rows with keys {', '.join(required)}")
-    for index, row in enumerate(rows):
-        missing = [key for key in required if not isinstance(row, dict) or not isinstance(row.get(key), str)]
-        if missing:
-            raise UserError(f"{path}: row {index} has no string {missing[0]!r} (every row needs {', '.join(required)})")
-    return rows
+# ---- resolving local data the way `datasets.load_dataset` does -----------------------------------
+def _first_line(err: BaseException) -> str:
+    cause = err
+    while cause.__cause__ is not None or cause.__context__ is not None:  # datasets wraps the real error
+        cause = cause.__cause__ or cause.__context__
+    text = (str(cause) or type(cause).__name__).strip().splitlines()
+    return (text[0] if text else type(cause).__name__)[:200]
 
 
-def split_files(directory: Path) -> tuple[Path, Path]:
-    for suffix in (".json", ".jsonl", ".parquet"):
-        train, evaluation = directory / f"train{suffix}", directory / f"eval{suffix}"
-        if train.exists():
-            return train, evaluation if evaluation.exists() else directory / f"test{suffix}"
-    raise UserError(f"data directory {directory} has no train.json, train.jsonl or train.parquet")
+def split_of(path: Path) -> str:
+    """The split a data file's name means: train, test (also eval/evaluation) or validation."""
+    name = path.name.lower()
+    for split, words in (
+        ("validation", ("validation", "valid", "val", "dev")),
+        ("test", ("test", "testing", "eval", "evaluation")),
+        ("train", ("train", "training")),
+    ):
+        if any(re.search(rf"(^|[-._ ]){word}([-._ 0-9]|$)", name) for word in words):
+            return split
+    return "train"
 
 
-class LocalDataset(RawDataset):
-    def __init__(self, path: str | Path) -> None:
-        path = Path(path).expanduser()
-        self.name = f"local:{path}"
-        if path.is_dir():
-            train_file, eval_file = split_files(path)
-            train = read_rows(train_file)
-            evaluation = read_rows(eval_file) if eval_file.exists() else []
-        else:
-            train, evaluation = read_rows(path), []
-        if not evaluation:  # carve a small eval set out of train, deterministically
-            cut = max(1, len(train) // 10)
-            train, evaluation = train[cut:], train[:cut]
-        super().__init__(train, evaluation)
+def data_files_of(paths: list[Path]) -> dict[str, list[str]]:
+    """Files grouped by split (named by the file names); files in no named split are train."""
+    files: dict[str, list[str]] = {}
+    for path in sorted(paths):
+        files.setdefault(split_of(path), []).append(str(path))
+    return files
 
 
-# ---- hub datasets ------------------------------------------------------------------------------
-def _load_hub(name: str) -> tuple[list[Row], list[Row]]:
+def _directory_files(directory: Path) -> dict[str, list[str]]:
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
     try:
-        import datasets
-
-        ds = datasets.load_dataset(name)
-    except Exception as err:  # offline, unknown name, or auth: one line either way
+        patterns = get_data_patterns(str(directory))
+        resolved = DataFilesDict.from_patterns(patterns, base_path=str(directory))
+    except Exception as err:  # empty directory, nothing matching
         raise UserError(
-            f"cannot load dataset {name!r} from the hub ({str(err).splitlines()[0][:160]}); "
-            "use a local path or local/jsonfile when no hub is reachable"
+            f"data directory {directory} holds no data files ({_first_line(err)}); put train/test "
+            f"files ({', '.join(sorted(set(BUILDERS)))}) or a save_to_disk dataset there"
         ) from None
-    eval_split = "test" if "test" in ds else ("validation" if "validation" in ds else None)
-    train = list(ds["train"])
-    evaluation = list(ds[eval_split]) if eval_split else []
-    if not evaluation:
-        cut = max(1, len(train) // 10)
-        train, evaluation = train[cut:], train[:cut]
-    return train, evaluation
+    files = {str(split): [f for f in found if Path(f).suffix in BUILDERS] for split, found in resolved.items()}
+    return {split: found for split, found in files.items() if found}
 
 
-class HubDataset(RawDataset):
-    """Rows already in prompt/chosen/rejected form (Dahoas/rm-static, Dahoas/full-hh-rlhf, …)."""
+def _builder(files: dict[str, list[str]], where: str) -> str:
+    kinds = {BUILDERS.get(Path(f).suffix) for found in files.values() for f in found}
+    if None in kinds or len(kinds) != 1:
+        suffixes = sorted({Path(f).suffix or "(none)" for found in files.values() for f in found})
+        raise UserError(
+            f"{where}: data files of one dataset must share one format ({', '.join(sorted(set(BUILDERS)))}); "
+            f"found {', '.join(suffixes)}"
+        )
+    return kinds.pop()
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        super().__init__(*_load_hub(name))
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists())
 
 
-class SyntheticInstructGptjPairwise(HubDataset):
+def resolve_local(sources: list[Path]) -> dict[str, list[str]] | None:
+    """The data files of a local dataset by split; None for a `save_to_disk` directory."""
+    where = ", ".join(str(p) for p in sources)
+    for path in sources:
+        if not path.exists():
+            raise UserError(f"data path {path} does not exist")
+    if len(sources) == 1 and _is_saved_dataset(sources[0]):
+        return None
+    if len(sources) == 1 and sources[0].is_dir():
+        files = _directory_files(sources[0])
+    elif any(p.is_dir() for p in sources):
+        raise UserError(f"--data_path {where}: give one directory, or data files, per dataset")
+    else:
+        files = data_files_of(sources)
+    if not files:
+        raise UserError(f"data directory {where} holds no {', '.join(sorted(set(BUILDERS)))} files")
+    return files
+
+
+def local_entries(source: str | list[str]) -> list[Path] | None:
+    """The local paths of a `--data_path` group (`local/jsonfile` is the bundled set); None for a name."""
+    entries = [source] if isinstance(source, str) else list(source)
+    if entries == ["local/jsonfile"]:
+        return [DATA_DIR]
+    paths = [Path(e).expanduser() for e in entries]
+    if all(p.exists() for p in paths):
+        return paths
+    if len(entries) == 1 and entries[0] in HUB_DATASETS:
+        return None
+    missing = next(e for e, p in zip(entries, paths, strict=True) if not p.exists())
+    known = ", ".join(["local/jsonfile", *HUB_DATASETS])
+    raise UserError(f"--data_path {missing!r} is neither a known dataset ({known}) nor an existing path")
+
+
+def source_files(source: str | list[str]) -> tuple[str, ...]:
+    """The files a dataset is read from (what its cache key fingerprints); () for hub names."""
+    paths = local_entries(source)
+    if paths is None:
+        return ()
+    files = resolve_local(paths)
+    if files is None:
+        return tuple(sorted(str(p) for p in paths[0].rglob("*") if p.is_file()))
+    return tuple(f for found in files.values() for f in found)
+
+
+def _raise_for_bad_json(files: list[str]) -> None:
+    """Name the first file that is not valid JSON / JSON lines, with the line (error path only)."""
+    for name in files:
+        text = Path(name).read_text(encoding="utf-8")
+        whole = not name.endswith(".jsonl") and text.lstrip().startswith("[")
+        for offset, chunk in [(0, text)] if whole else enumerate(text.splitlines()):
+            try:
+                if chunk.strip():
+                    json.loads(chunk)
+            except json.JSONDecodeError as err:
+                raise UserError(
+                    f"{name} is not valid JSON (line {offset + err.lineno}, column {err.colno}: {err.msg}); "
+                    "fix the file or regenerate it"
+                ) from None
+
+
+def _as_json_lines(files: dict[str, list[str]], directory: Path) -> dict[str, list[str]]:
+    """The files with each JSON-array file swapped for a JSON-lines copy in `directory` (kept by
+    path, size and mtime, so a later run reuses it)."""
+    converted: dict[str, list[str]] = {}
+    for split, found in files.items():
+        converted[split] = []
+        for name in found:
+            path = Path(name)
+            if is_json_array(path):
+                stat = path.stat()
+                tag = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+                lines = directory / f"{path.stem}-{tag}.jsonl"
+                if lines.exists() or array_to_lines(path, lines):
+                    name = str(lines)
+            converted[split].append(name)
+    return converted
+
+
+def load_splits(sources: list[Path], cache_dir: str | None = None) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """{split: datasets.Dataset} of local data, and the data files read."""
+    import datasets
+
+    where = ", ".join(str(p) for p in sources)
+    files = resolve_local(sources)
+    if files is None:
+        try:
+            loaded = datasets.load_from_disk(str(sources[0]))
+        except Exception as err:
+            raise UserError(f"cannot read the saved dataset {where} ({_first_line(err)})") from None
+        splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        return splits, tuple(sorted(str(p) for p in sources[0].rglob("*") if p.is_file()))
+    builder = _builder(files, where)
+    quiet = logging.getLogger("datasets")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # our one error line replaces datasets' own error log
+    scratch = None if cache_dir else tempfile.TemporaryDirectory(prefix="dschat_json_lines_")
+    try:
+        readable = files
+        if builder == "json":
+            readable = _as_json_lines(files, Path(cache_dir) / "json_lines" if cache_dir else Path(scratch.name))
+        loaded = datasets.load_dataset(builder, data_files=readable, cache_dir=cache_dir)
+    except Exception as err:  # malformed JSON, a corrupt parquet file, mismatched columns across shards
+        if builder == "json":
+            _raise_for_bad_json([f for found in files.values() for f in found])
+        raise UserError(
+            f"cannot read {where} as {builder} data ({_first_line(err)}); fix or regenerate the file"
+        ) from None
+    finally:
+        quiet.setLevel(level)
+        if scratch is not None:
+            scratch.cleanup()
+    return dict(loaded), tuple(f for found in files.values() for f in found)
+
+
+def eval_split_name(splits: dict[str, Any]) -> str | None:
+    return next((name for name in EVAL_SPLITS if name in splits), None)
+
+
+def train_and_eval(splits: dict[str, Any], where: str) -> tuple[Any, Any]:
+    """The train split and the test/validation split; without one, the first tenth of train (fixed)."""
+    if "train" not in splits:
+        raise UserError(f"{where} has no train split (splits: {', '.join(splits) or 'none'}); name a file train.*")
+    train, eval_name = splits["train"], eval_split_name(splits)
+    if eval_name is not None and len(splits[eval_name]):
+        return train, splits[eval_name]
+    cut = max(1, len(train) // 10)
+    if cut >= len(train):  # a single row: it is both
+        return train, train
+    return train.select(range(cut, len(train))), train.select(range(cut))
+
+
+def check_columns(schema: type[RawDataset], dataset, where: str) -> None:
+    """One line naming what is missing: absent columns, non-string columns, or empty (null) values."""
+    present = dataset.column_names
+    missing = [c for c in schema.columns if c not in present]
+    if missing:
+        others = "; ".join(f"{', '.join(s.columns)}" for s in LOCAL_SCHEMAS if s is not schema)
+        raise UserError(
+            f"{where} has columns {', '.join(present) or '(none)'} but needs {', '.join(schema.columns)} "
+            f"(other accepted schemas: {others}); rename the columns or convert the data"
+        )
+    for column in schema.columns:
+        if column not in schema.text_columns:
+            continue
+        dtype = getattr(dataset.features[column], "dtype", None)
+        if dtype not in ("string", "large_string"):
+            raise UserError(f"{where}: column {column!r} holds {dtype or 'non-text'} values, not strings")
+        values = dataset.data.column(column)
+        if values.null_count:
+            import pyarrow.compute as pc
+
+            first = pc.index(pc.is_null(values), True).as_py()
+            raise UserError(
+                f"{where}: row {first} has no string {column!r} ({values.null_count} such rows); "
+                f"every row needs {', '.join(schema.text_columns)}"
+            )
+
+
+# ---- schemas of the registered sources --------------------------------------------------------
+class SyntheticInstructGptjPairwise(RawDataset):
     def prompt(self, row: Row) -> str:
         return " Human: " + row["prompt"] + " Assistant:"
 
@@ -121,7 +288,7 @@ class SyntheticInstructGptjPairwise(HubDataset):
         return " " + row["rejected"]
 
 
-class YitingxieRlhfReward(HubDataset):
+class YitingxieRlhfReward(RawDataset):
     def prompt(self, row: Row) -> str:
         return row["prompt"] + "Assistant:"
 
@@ -132,7 +299,10 @@ class YitingxieRlhfReward(HubDataset):
         return row["rejected"].split("Assistant:")[-1]
 
 
-class WebGptComparisons(HubDataset):
+class WebGptComparisons(RawDataset):
+    columns = ("question", "answer_0", "answer_1", "score_0", "score_1")
+    text_columns = ("answer_0", "answer_1")
+
     @staticmethod
     def _clean(text: str) -> str:
         return " " + re.sub(r" [\(\[].*?[\)\]]", "", text).replace("[", "").replace("]", "")
@@ -151,7 +321,10 @@ class WebGptComparisons(HubDataset):
         return self._clean(self._pair(row)[1])
 
 
-class StanfordSHP(HubDataset):
+class StanfordSHP(RawDataset):
+    columns = ("history", "human_ref_A", "human_ref_B", "labels")
+    text_columns = ("history", "human_ref_A", "human_ref_B")
+
     def prompt(self, row: Row) -> str:
         return " Human: " + row["history"] + " Assistant:"
 
@@ -162,23 +335,74 @@ class StanfordSHP(HubDataset):
         return " " + (row["human_ref_B"] if int(row["labels"]) == 1 else row["human_ref_A"])
 
 
-HUB_DATASETS: dict[str, type[HubDataset]] = {
-    "Dahoas/rm-static": HubDataset,
-    "Dahoas/full-hh-rlhf": HubDataset,
+HUB_DATASETS: dict[str, type[RawDataset]] = {
+    "Dahoas/rm-static": RawDataset,
+    "Dahoas/full-hh-rlhf": RawDataset,
     "Dahoas/synthetic-instruct-gptj-pairwise": SyntheticInstructGptjPairwise,
     "yitingxie/rlhf-reward-datasets": YitingxieRlhfReward,
     "openai/webgpt_comparisons": WebGptComparisons,
     "stanfordnlp/SHP": StanfordSHP,
 }
+# Local data is matched to a schema by a registry name in its path (a snapshot keeps it), else by columns.
+LOCAL_SCHEMAS: tuple[type[RawDataset], ...] = (RawDataset, WebGptComparisons, StanfordSHP)
 
 
-def get_raw_dataset(name_or_path: str) -> RawDataset:
-    """Resolve a registry name, `local/jsonfile`, or an existing local path."""
-    if name_or_path == "local/jsonfile":
-        return LocalDataset(DATA_DIR)
-    if name_or_path in HUB_DATASETS:
-        return HUB_DATASETS[name_or_path](name_or_path)
-    if Path(name_or_path).expanduser().exists():
-        return LocalDataset(name_or_path)
-    known = ", ".join(["local/jsonfile", *HUB_DATASETS])
-    raise UserError(f"--data_path {name_or_path!r} is neither a known dataset ({known}) nor an existing path")
+def schema_for(sources: list[Path], columns: list[str]) -> type[RawDataset]:
+    text = "/".join(str(p.resolve()) for p in sources)
+    for name, schema in HUB_DATASETS.items():
+        if name.replace("/", "--") in text or f"/{name}" in text:
+            return schema
+    return next((s for s in LOCAL_SCHEMAS if all(c in columns for c in s.columns)), RawDataset)
+
+
+def _from_splits(schema: type[RawDataset], name: str, splits: dict, files: tuple[str, ...]) -> RawDataset:
+    for split, dataset in splits.items():
+        check_columns(schema, dataset, f"{name} ({split} split)")
+    train, evaluation = train_and_eval(splits, name)
+    raw = schema(train, evaluation, files)
+    raw.name = name
+    return raw
+
+
+def _load_hub(name: str, cache_dir: str | None) -> dict:
+    try:
+        import datasets
+
+        return dict(datasets.load_dataset(name, cache_dir=cache_dir))
+    except Exception as err:  # offline, unknown name, or auth: one line either way
+        raise UserError(
+            f"cannot load dataset {name!r} from the hub ({_first_line(err)[:160]}); "
+            "use a local path or local/jsonfile when no hub is reachable"
+        ) from None
+
+
+def group_sources(data_path: list[str]) -> list[list[str]]:
+    """`--data_path` entries as datasets: data files of one folder and format (train + test files,
+    shards) form one dataset; each directory or name is a dataset of its own."""
+    groups: list[list[str]] = []
+    by_folder: dict[tuple[str, str], list[str]] = {}
+    for entry in data_path:
+        path = Path(entry).expanduser()
+        if path.is_file() and path.suffix in BUILDERS:
+            key = (str(path.parent.resolve()), BUILDERS[path.suffix])
+            if key not in by_folder:
+                by_folder[key] = []
+                groups.append(by_folder[key])
+            by_folder[key].append(entry)
+        else:
+            groups.append([entry])
+    return groups
+
+
+def get_raw_dataset(source: str | list[str], cache_dir: str | None = None) -> RawDataset:
+    """Resolve a registry name, `local/jsonfile`, a local directory, or data files of one dataset.
+
+    `cache_dir` holds `datasets`' Arrow conversion of the files (its default cache when None).
+    """
+    name = source if isinstance(source, str) else " ".join(source)
+    paths = local_entries(source)
+    if paths is None:
+        return _from_splits(HUB_DATASETS[name], name, _load_hub(name, cache_dir), ())
+    splits, files = load_splits(paths, cache_dir)
+    columns = splits["train"].column_names if "train" in splits else []
+    return _from_splits(schema_for(paths, columns), name, splits, files)

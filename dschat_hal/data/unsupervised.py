@@ -8,6 +8,7 @@ import torch
 
 from dschat_hal.data.checks import parse_json_rows, read_text
 from dschat_hal.data.pipeline import TokenDataset
+from dschat_hal.data.tokens import Encoder
 from dschat_hal.errors import UserError
 
 
@@ -36,9 +37,13 @@ def read_texts(name: str, config_name: str | None = None) -> list[str]:
 
 
 def block_dataset(texts: list[str], tokenizer, block_size: int) -> TokenDataset:
+    """Texts encoded with the tokenizer's default special tokens (BOS) and an EOS each, concatenated,
+    cut into blocks of `block_size` (the tail shorter than a block is dropped)."""
     ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    encoder = Encoder(tokenizer)
+    for start in range(0, len(texts), 1000):
+        for seq in encoder.documents(texts[start : start + 1000]):
+            ids.extend(seq)
     blocks = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
     if not blocks:
         raise UserError(f"the unsupervised dataset has fewer than {block_size} tokens; add text or lower the lengths")

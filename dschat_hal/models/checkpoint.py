@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
@@ -69,6 +70,18 @@ def atomic_directory(target: str | os.PathLike, enabled: bool = True) -> Iterato
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def save_tokenizer(tokenizer, model: nn.Module, out_dir: str | os.PathLike) -> None:
+    """Save `tokenizer` with `model_input_names` cut to the inputs `model.forward` takes, so that
+    `model.generate(**tokenizer(text, return_tensors="pt"))` works on the reloaded pair (no
+    `token_type_ids` for OPT, BLOOM, Llama, ...). The tokenizer object keeps the cut names."""
+    accepted = inspect.signature(model.forward).parameters
+    names = [name for name in tokenizer.model_input_names if name in accepted]
+    if "input_ids" in names:
+        tokenizer.model_input_names = names
+        tokenizer.init_kwargs["model_input_names"] = names  # what save_pretrained writes
+    tokenizer.save_pretrained(out_dir)
+
+
 def write_lm(model: nn.Module, tokenizer, directory: Path | None) -> None:
     """Write a causal LM (LoRA fused, ZeRO-3 gathered) and its tokenizer into `directory` in HF
     format. Collective under ZeRO-3: every rank calls it; ranks that do not write pass None."""
@@ -77,7 +90,7 @@ def write_lm(model: nn.Module, tokenizer, directory: Path | None) -> None:
     if directory is None:
         return
     model.save_pretrained(directory, state_dict=state, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
+    save_tokenizer(tokenizer, model, directory)
 
 
 def save_lm(model: nn.Module, tokenizer, out_dir: str | os.PathLike, is_writer: bool = True) -> None:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, PreTrainedTokenizerBase
 
-from dschat_hal.models.checkpoint import atomic_directory, gathered_state_dict
+from dschat_hal.models.checkpoint import atomic_directory, gathered_state_dict, save_tokenizer
 from dschat_hal.models.lm import load_config, load_pretrained, padded_vocab_size, set_dropout
 from dschat_hal.models.tiny import is_tiny, tiny_model
 
@@ -122,7 +122,7 @@ class RewardModel(nn.Module):
             json.dumps({"format": "dschat_hal.RewardModel", "version": 1}) + "\n"
         )
         if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+            save_tokenizer(tokenizer, self.rwtransformer, directory)
 
 
 def reset_final_norm(model: RewardModel) -> tuple[str, ...]:
@@ -183,6 +183,9 @@ def create_reward_model(
     if backbone.get_input_embeddings().num_embeddings < len(tokenizer):
         backbone.resize_token_embeddings(padded_vocab_size(tokenizer))
     model = RewardModel(backbone, compute_fp32_loss=compute_fp32_loss)
+    # A bf16 checkpoint loaded under ZeRO-3 (zero.Init) stays bf16; the new head must match it, since
+    # DeepSpeed's ZeRO-3 optimizer flattens all trainable parameters into one buffer of one dtype.
+    model.v_head.to(next(backbone.parameters()).dtype)
     if not is_tiny(name_or_path) and is_reward_checkpoint(name_or_path):
         head = load_file(str(Path(name_or_path) / HEAD_FILE))
         with torch.no_grad():

@@ -8,7 +8,7 @@ import time
 import torch
 
 from dschat_hal.args import step3_parser, validate
-from dschat_hal.data import Collator, DataSpec, load_or_build
+from dschat_hal.data import Collator, DataSpec, cache_dir_for, load_or_build
 from dschat_hal.data.unsupervised import block_dataset, collate_blocks, read_texts
 from dschat_hal.errors import UserError, cli_entry
 from dschat_hal.faults import fault_point
@@ -160,7 +160,7 @@ def main(argv: list[str]) -> dict:
     if args.add_eot_token:
         add_eot_token(tokenizer, args.eot_token)
     spec = DataSpec(args.data_path, args.data_split, 3, args.seed, max_prompt_seq_len=args.max_prompt_seq_len)
-    prompts, eval_prompts, dropped = load_or_build(spec, tokenizer, args.data_output_path)
+    prompts, eval_prompts, dropped = load_or_build(spec, tokenizer, cache_dir_for(args), args.preprocessing_num_workers)
     if dropped:
         print_rank0(f"dropped {dropped} prompts longer than --max_prompt_seq_len {args.max_prompt_seq_len}")
     collate = Collator(3, tokenizer.pad_token_id, backend, args.max_prompt_seq_len)

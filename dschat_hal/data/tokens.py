@@ -1,0 +1,58 @@
+"""Text to token ids with the tokenizer's own special tokens (BOS), as DeepSpeed-Chat encodes them.
+
+Sequences start the way the tokenizer's defaults start them (OPT's `</s>`, Llama's `<s>`, nothing
+for GPT-2-style tokenizers). Where the defaults also append tokens (an EOS), those are dropped and
+our end rule applies instead: a training sequence always ends in EOS, kept even when truncated;
+a prompt ends where its text ends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer's defaults put before and after a text's own ids."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
+    return [], []
+
+
+class Encoder:
+    """Batched encoding of prompts, training sequences and plain documents."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.eos = tokenizer.eos_token_id
+        self.prefix, self.suffix = special_affixes(tokenizer)
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        """`tokenizer(texts)["input_ids"]`; for a fast tokenizer with no truncation or padding set,
+        straight from its Rust backend without offsets (`encode_batch_fast`, same ids, ~25% faster)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        fast = getattr(backend, "encode_batch_fast", None)
+        if fast is not None and backend.truncation is None and backend.padding is None:
+            return [encoding.ids for encoding in fast(list(texts), add_special_tokens=True)]
+        return self.tokenizer(list(texts))["input_ids"]
+
+    def _default(self, texts: list[str]) -> list[list[int]]:
+        ids = self._ids(texts)
+        cut = len(self.suffix)
+        if cut:
+            ids = [seq[:-cut] if seq[-cut:] == self.suffix and len(seq) > len(self.prefix) else seq for seq in ids]
+        return ids
+
+    def prompts(self, texts: list[str]) -> list[list[int]]:
+        """Prompts as the model should see them before an answer: BOS (if any) + text."""
+        return self._default(texts)
+
+    def sequences(self, texts: list[str], max_len: int) -> list[list[int]]:
+        """Training sequences: BOS (if any) + text, cut to `max_len` with EOS always last."""
+        return [seq[: max_len - 1] + [self.eos] for seq in self._default(texts)]
+
+    def documents(self, texts: list[str]) -> list[list[int]]:
+        """Plain text for the LM (ptx) loss: BOS (if any) + text + EOS, uncut."""
+        return [seq + [self.eos] for seq in self._default(texts)]
