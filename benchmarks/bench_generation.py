@@ -99,18 +99,9 @@ def _opt_125m_config():
 
 
 def _engine(model: torch.nn.Module, stage: int, args: argparse.Namespace, backend):
-    from dschat_hal.runtime import training_engine
+    from dschat_hal.runtime import engine_settings, training_engine
 
-    flags = argparse.Namespace(
-        dtype_resolved=backend.resolve_dtype(args.dtype),
-        offload=False,
-        gradient_accumulation_steps=1,
-        enable_tensorboard=False,
-        tensorboard_path=None,
-        no_fused_kernels=True,
-        lr_scheduler_type="constant",
-        num_warmup_steps=0,
-    )
+    flags = engine_settings(backend.resolve_dtype(args.dtype), fused=False)
     return training_engine(
         backend, model, flags, lr=1e-5, weight_decay=0.0, lora_lr=1e-5, stage=stage, total_steps=1,
         micro_batch=args.batch,

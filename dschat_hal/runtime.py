@@ -119,6 +119,21 @@ def param_groups(model: nn.Module, weight_decay: float, lora_lr: float) -> list[
     return [g for g in groups if g["params"]]
 
 
+def engine_settings(dtype: torch.dtype, fused: bool = True) -> argparse.Namespace:
+    """The flags `training_engine` reads, at their plain values (constant lr, no offload, no
+    accumulation, no TensorBoard): for engines built outside a step's parser (tests, benchmarks)."""
+    return argparse.Namespace(
+        dtype_resolved=dtype,
+        offload=False,
+        gradient_accumulation_steps=1,
+        enable_tensorboard=False,
+        tensorboard_path=None,
+        no_fused_kernels=not fused,
+        lr_scheduler_type="constant",
+        num_warmup_steps=0,
+    )
+
+
 def training_engine(
     backend: Accelerator,
     model: nn.Module,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 import accel
 from dschat_hal.models import create_lm, load_tokenizer
-from dschat_hal.runtime import training_engine
+from dschat_hal.runtime import engine_settings, training_engine
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
@@ -19,16 +18,7 @@ def test_tiny_model_trains_three_steps(stage):
     backend.init_distributed()
     backend.manual_seed(0)
     tokenizer = load_tokenizer("tiny-opt")
-    args = argparse.Namespace(
-        dtype_resolved=torch.bfloat16,
-        offload=False,
-        gradient_accumulation_steps=1,
-        enable_tensorboard=False,
-        tensorboard_path=None,
-        no_fused_kernels=False,
-        lr_scheduler_type="constant",
-        num_warmup_steps=0,
-    )
+    args = engine_settings(torch.bfloat16)
     engine = training_engine(
         backend,
         create_lm("tiny-opt", tokenizer),

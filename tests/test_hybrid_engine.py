@@ -3,7 +3,6 @@ and LoRA setting; seeded sampling reproduces; training weights come back exactly
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 
@@ -14,7 +13,7 @@ from transformers import AutoModelForCausalLM, BloomConfig, GPT2Config, GPTNeoXC
 import accel
 from dschat_hal.models.lora import convert_to_lora, fuse_lora, lora_layers
 from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine, PlainGenerator, hf_generate
-from dschat_hal.runtime import training_engine
+from dschat_hal.runtime import engine_settings, training_engine
 
 VOCAB, PAD, EOS = 96, 0, 2
 SPECIAL = {"pad_token_id": PAD, "bos_token_id": 1, "eos_token_id": EOS}
@@ -78,16 +77,7 @@ def reference_tokens(model: torch.nn.Module, prompts, mask, config: GenerationCo
 def engine_for(model: torch.nn.Module, stage: int):
     backend = accel.get("cpu")
     backend.init_distributed()
-    args = argparse.Namespace(
-        dtype_resolved=torch.float32,
-        offload=False,
-        gradient_accumulation_steps=1,
-        enable_tensorboard=False,
-        tensorboard_path=None,
-        no_fused_kernels=False,
-        lr_scheduler_type="constant",
-        num_warmup_steps=0,
-    )
+    args = engine_settings(torch.float32)
     engine = training_engine(
         backend, model, args, lr=1e-3, weight_decay=0.0, lora_lr=1e-3, stage=stage, total_steps=4, micro_batch=3
     )
