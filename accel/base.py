@@ -252,6 +252,10 @@ class Accelerator(abc.ABC):
         """Device bookkeeping around a generation phase (e.g. flushing a lazy graph)."""
         yield model
 
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments this device's HF `generate` needs (plain generation path)."""
+        return {}
+
     def capture_decode_step(self, step: torch.nn.Module) -> Callable[..., torch.Tensor]:
         """The hybrid engine's per-token decode step, captured in a device graph where the backend can
         (`use_graphs`); plain elsewhere. Only this generation-only module is ever captured."""

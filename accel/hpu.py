@@ -50,7 +50,7 @@ class HpuAccelerator(Accelerator):
         self.simulated = bool(getattr(_habana(), "IS_TEST_FAKE", False))
         self.lazy_mode = os.environ.get("PT_HPU_LAZY_MODE", "1") == "1"
         self.mark_step_calls = 0
-        self._adapt_transformers()
+        self.gaudi_generate = self._adapt_transformers()
 
     @classmethod
     def is_available(cls) -> bool:
@@ -64,22 +64,30 @@ class HpuAccelerator(Accelerator):
         return "HPU requested but habana_frameworks is not importable; run inside a Gaudi image or use --device cpu"
 
     @staticmethod
-    def _adapt_transformers() -> None:
+    def _adapt_transformers() -> bool:
         """Apply optimum-habana's Gaudi model patches once, when it is installed, and its
         activation-checkpointing function (HabanaAI's DeepSpeed-Chat swaps it in for
         `torch.utils.checkpoint.checkpoint`, which the models' gradient checkpointing calls)."""
         try:
             from optimum.habana.transformers.modeling_utils import adapt_transformers_to_gaudi
         except ImportError:
-            return
+            return False
         adapt_transformers_to_gaudi()
         try:
             from optimum.habana.transformers import gradient_checkpointing
         except ImportError:
-            return
+            return True
         import torch.utils.checkpoint
 
         torch.utils.checkpoint.checkpoint = gradient_checkpointing.checkpoint
+        return True
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """optimum-habana's `generate` (when it patched transformers) runs lazy mode per token and
+        honours EOS only when told, as HabanaAI's fork calls it."""
+        if not self.gaudi_generate:
+            return {}
+        return {"lazy_mode": self.lazy_mode, "ignore_eos": False}
 
     @property
     def device(self) -> torch.device:

@@ -56,6 +56,7 @@ def test_every_backend_implements_the_interface(name, fake_hpu):
     with backend.generation_context(model) as generating:
         assert generating is model
     assert backend.capture_decode_step(model) is model  # graphs only when asked (use_graphs)
+    assert backend.generate_kwargs() == {}  # optimum-habana's generate options only where it is installed
     free = backend.available_memory()
     assert free is None or free > 0
     assert os.environ["DS_ACCELERATOR"] == backend.ds_name

@@ -108,7 +108,8 @@ class PlainGenerator:
         self.actor.eval()
         try:
             with folded_lora(module, enabled=not self.synced), self.backend.generation_context(module) as model:
-                seq = hf_generate(model, prompts, mask, self.config, synced_gpus=self.synced, **generate_kwargs)
+                extra = self.backend.generate_kwargs() | generate_kwargs
+                seq = hf_generate(model, prompts, mask, self.config, synced_gpus=self.synced, **extra)
         finally:
             self.actor.train()
         return pad_answers(seq, prompts.size(1), self.config, self.backend)
