@@ -121,6 +121,7 @@ def test_greedy_tokens_equal_hf_generate(family, stage, lora):
     assert answers_equal(hybrid.generate(prompts, mask), reference)  # a second phase reuses cache and copy
     if stage == 3:
         assert hybrid.copy is not None and hybrid.copy.gather_calls == 2  # all at once, once per phase
+        assert hybrid.copy.nbytes == hybrid.copy.full_bytes()  # no second copy of a tied head
     else:  # the training weights come back bit for bit after LoRA was folded in
         after = engine.module.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)

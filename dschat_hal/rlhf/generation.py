@@ -229,6 +229,7 @@ class InferenceCopy:
 
         with torch.device(self.backend.device), no_init_weights():
             model = type(self.source)._from_config(self.source.config, torch_dtype=self.dtype)
+        model.tie_weights()  # skipped with the weight init: a tied head must not become a second copy
         model.eval().requires_grad_(False)
         for name, buffer in model.named_buffers():
             with contextlib.suppress(AttributeError):
