@@ -31,7 +31,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def context_limit(model) -> int | None:
     """The model's position limit (None for models without one, e.g. ALiBi)."""
-    config = model.config
+    config = getattr(model, "config", None)
     return next(
         (getattr(config, k) for k in ("max_position_embeddings", "n_positions") if getattr(config, k, None)), None
     )
