@@ -58,6 +58,15 @@ def tiny_step3_argv(
     ]
 
 
+def tiny_step1_argv(tmp_path: Path, *extra: str) -> list[str]:
+    """Step-1/2 flags for short CPU runs: a private data cache, 64 tokens, batches of 8."""
+    return [
+        *("--device", "cpu", "--data_output_path", str(tmp_path / "cache"), "--max_seq_len", "64"),
+        *("--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8"),
+        *extra,
+    ]
+
+
 # The step-3 optimisation the tiny models train with (upstream's defaults are for billion-parameter models).
 TINY_STEP3_OPTIM = [
     "--actor_learning_rate",

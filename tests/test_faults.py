@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_step1_argv
 from safetensors.torch import load_file
 
 from dschat_hal.faults import clear_stale_build_locks, remove_stale_temporaries
@@ -63,20 +64,7 @@ def test_saved_models_follow_the_umask(tmp_path, umask):
 
 
 def base(tmp_path) -> list[str]:
-    return [
-        "--device",
-        "cpu",
-        "--data_output_path",
-        str(tmp_path / "cache"),
-        "--max_seq_len",
-        "64",
-        "--seed",
-        "3",
-        "--per_device_train_batch_size",
-        "8",
-        "--per_device_eval_batch_size",
-        "8",
-    ]
+    return tiny_step1_argv(tmp_path, "--seed", "3")
 
 
 def test_resume_with_gradient_accumulation_repeats_the_run_exactly(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_step3_argv
+from conftest import tiny_step1_argv, tiny_step3_argv
 
 from training.step1_supervised_finetuning.main import main as step1
 from training.step2_reward_model_finetuning.main import main as step2
@@ -22,16 +22,7 @@ def fails_with(capsys, main, argv, message):
 
 
 def base(tmp_path):
-    return [
-        "--device",
-        "cpu",
-        "--data_output_path",
-        str(tmp_path / "cache"),
-        "--max_seq_len",
-        "64",
-        "--per_device_train_batch_size",
-        "8",
-    ]
+    return tiny_step1_argv(tmp_path)
 
 
 def test_malformed_json_names_file_and_line(tmp_path, capsys):
