@@ -174,10 +174,10 @@ CASES = [
     ("checkpoint_dir inside output_dir", step1, [*S1, "--save_interval", "1", "--checkpoint_dir", "{out}/ck"], None, 2, "is inside --output_dir"),
     # data
     ("non-UTF-8 data", step1, [*S1, "--data_path", "{data}"], write_data("train.json", b'[{"prompt": "\xff\xfe"}]'), 2, "is not UTF-8 text (byte 13, line 1)"),
-    ("corrupt parquet", step1, [*S1, "--data_path", "{data}"], corrupt_parquet, 2, "train.parquet is not a readable parquet file"),
-    ("data file is a directory", step1, [*S1, "--data_path", "{data}"], make_file("d/train.json/x"), 2, "train.json is a directory"),
-    ("data directory without data", step1, [*S1, "--data_path", "{data}"], make_file("d/notes.txt"), 2, "has no train.json"),
-    ("bad JSONL line 3", step1, [*S1, "--data_path", "{data}"], jsonl_with_bad_line(3), 2, "not valid JSONL (line 3"),
+    ("corrupt parquet", step1, [*S1, "--data_path", "{data}"], corrupt_parquet, 2, "train.parquet is not a readable parquet file (Parquet file size is 29 bytes"),
+    ("data file is a directory", step1, [*S1, "--data_path", "{data}"], make_file("d/train.json/x"), 2, "data file {data}/train.json is a directory"),
+    ("data directory without data", step1, [*S1, "--data_path", "{data}"], make_file("d/notes.txt"), 2, "data directory {data} holds no .arrow, .csv, .json, .jsonl, .parquet files"),
+    ("bad JSONL line 3", step1, [*S1, "--data_path", "{data}"], jsonl_with_bad_line(3), 2, "train.jsonl is not valid JSON (line 3"),
     ("empty dataset", step1, [*S1, "--data_path", "{data}"], rows(0), 2, "the dataset is too small: 0 training rows"),
     ("two-row dataset", step1, [*S1, "--data_path", "{data}"], rows(3), 2, "the dataset is too small: 2 training rows"),
     ("all pairs identical after truncation", step2, [*S1, "--max_seq_len", "4", "--data_path", "{data}"], rows(40), 2, "every train pair is identical after truncation"),
@@ -267,21 +267,26 @@ def test_legitimate_but_suspicious_inputs_warn(models, tmp_path, capsys):
 def test_a_corrupted_data_cache_is_rebuilt(tmp_path, caplog):
     argv = ["--device", "cpu", "--data_output_path", str(tmp_path / "c"), "--max_seq_len", "64", "--max_steps", "1"]
     first = step1(argv)
-    (cached,) = (tmp_path / "c").glob("*.pt")
-    cached.write_bytes(cached.read_bytes()[:100])
+    cached = sorted((tmp_path / "c").glob("step1_*/train/*.arrow"))
+    assert cached, list((tmp_path / "c").rglob("*"))
+    for arrow in cached:
+        arrow.write_bytes(arrow.read_bytes()[:100])
     second = step1(argv)
-    assert "rebuilding it" in caplog.text
+    assert "is unreadable" in caplog.text and "rebuilding it" in caplog.text
     assert second["losses"] == pytest.approx(first["losses"])
 
 
 def test_unreadable_data_file(tmp_path, capsys, monkeypatch):
-    """Permission bits do not stop root, so the read itself is made to fail as it would for a user."""
+    """Permission bits do not stop root, so opening the data file is made to fail as it would for a user."""
     rows(20)(tmp_path, {})
+    data, real_open = tmp_path / "d" / "train.json", Path.open
 
-    def denied(self):
-        raise PermissionError(13, "Permission denied", str(self))
+    def denied(self, *args, **kwargs):
+        if self == data:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr(Path, "open", denied)
     with pytest.raises(SystemExit) as stop:
         step1(["--device", "cpu", "--data_output_path", "", "--data_path", str(tmp_path / "d")])
     assert stop.value.code == 2 and "is not readable (permission denied)" in capsys.readouterr().err

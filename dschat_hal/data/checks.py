@@ -3,6 +3,7 @@ real line number), corrupt parquet. Loaders call these before (or instead of) pa
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,39 @@ def read_text(path: Path) -> str:
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise UserError(f"{path} is not UTF-8 text (byte {err.start}, line {line}); re-encode it as UTF-8") from None
+
+
+def check_readable(path: Path) -> None:
+    """One line when the data file cannot be opened (reads one byte; cheap for any size)."""
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except PermissionError:
+        raise UserError(f"data file {path} is not readable (permission denied); fix its permissions") from None
+    except IsADirectoryError:
+        raise UserError(f"data file {path} is a directory; pass a .json, .jsonl or .parquet file") from None
+
+
+def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    """One line naming the first byte (and its line) that is not UTF-8; streams the file."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = lines = 0
+    with path.open("rb") as f:
+        while True:
+            data = f.read(chunk)
+            pending = decoder.getstate()[0]
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as err:
+                line = lines + (pending + data)[: err.start].count(b"\n") + 1
+                raise UserError(
+                    f"{path} is not UTF-8 text (byte {offset - len(pending) + err.start}, line {line}); "
+                    "re-encode it as UTF-8"
+                ) from None
+            if not data:
+                return
+            offset += len(data)
+            lines += data.count(b"\n")
 
 
 def parse_json_rows(path: Path, text: str) -> Any:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from dschat_hal.data.checks import check_readable, check_utf8
 from dschat_hal.data.json_array import array_to_lines, is_json_array
 from dschat_hal.errors import UserError
 from dschat_hal.models.tiny import DATA_DIR
@@ -87,6 +89,13 @@ def data_files_of(paths: list[Path]) -> dict[str, list[str]]:
     return files
 
 
+def _raise_for_folder_named_as_file(directory: Path) -> None:
+    """One line when what looks like a data file (train.json/) is a folder (error path only)."""
+    folders = sorted(p for p in directory.iterdir() if p.is_dir() and p.suffix in BUILDERS)
+    if folders:
+        raise UserError(f"data file {folders[0]} is a directory; pass a .json, .jsonl or .parquet file")
+
+
 def _directory_files(directory: Path) -> dict[str, list[str]]:
     from datasets.data_files import DataFilesDict, get_data_patterns
 
@@ -94,6 +103,7 @@ def _directory_files(directory: Path) -> dict[str, list[str]]:
         patterns = get_data_patterns(str(directory))
         resolved = DataFilesDict.from_patterns(patterns, base_path=str(directory))
     except Exception as err:  # empty directory, nothing matching
+        _raise_for_folder_named_as_file(directory)
         raise UserError(
             f"data directory {directory} holds no data files ({_first_line(err)}); put train/test "
             f"files ({', '.join(sorted(set(BUILDERS)))}) or a save_to_disk dataset there"
@@ -132,6 +142,8 @@ def resolve_local(sources: list[Path]) -> dict[str, list[str]] | None:
     else:
         files = data_files_of(sources)
     if not files:
+        if sources[0].is_dir():
+            _raise_for_folder_named_as_file(sources[0])
         raise UserError(f"data directory {where} holds no {', '.join(sorted(set(BUILDERS)))} files")
     return files
 
@@ -178,6 +190,41 @@ def _raise_for_bad_json(files: list[str]) -> None:
                 ) from None
 
 
+def _holds_no_rows(name: str) -> bool:
+    """Whether a (small) text data file is blank or an empty JSON array; large files are not read."""
+    size = os.stat(name).st_size
+    if size == 0 or size > 4096 or Path(name).suffix not in (".json", ".jsonl", ".csv"):
+        return size == 0
+    return Path(name).read_text(encoding="utf-8", errors="replace").strip(" \ufeff\t\r\n") in ("", "[]")
+
+
+def _raise_for_no_rows(files: dict[str, list[str]], readable: dict[str, list[str]]) -> None:
+    """One line when the train split, or one data file, holds no rows (error path only)."""
+    empty = {
+        original
+        for split, found in files.items()
+        for original, read in zip(found, readable.get(split, found), strict=True)
+        if _holds_no_rows(original) or _holds_no_rows(read)
+    }
+    if files.get("train") and empty.issuperset(files["train"]):
+        raise UserError(
+            f"the dataset is too small: 0 training rows ({', '.join(files['train'])} holds no rows); add rows"
+        )
+    if empty:
+        raise UserError(f"data file {sorted(empty)[0]} holds no rows; add rows or remove the file")
+
+
+def _raise_for_bad_parquet(files: list[str]) -> None:
+    """Name the first parquet file whose footer cannot be read (error path only; reads metadata)."""
+    import pyarrow.parquet as pq
+
+    for name in files:
+        try:
+            pq.ParquetFile(name).close()
+        except Exception as err:
+            raise UserError(f"{name} is not a readable parquet file ({_first_line(err)}); regenerate it") from None
+
+
 def _as_json_lines(files: dict[str, list[str]], directory: Path) -> dict[str, list[str]]:
     """The files with each JSON-array file swapped for a JSON-lines copy in `directory` (kept by
     path, size and mtime, so a later run reuses it)."""
@@ -210,23 +257,36 @@ def load_splits(sources: list[Path], cache_dir: str | None = None) -> tuple[dict
         splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
         return splits, tuple(sorted(str(p) for p in sources[0].rglob("*") if p.is_file()))
     builder = _builder(files, where)
+    every = [f for found in files.values() for f in found]
+    for name in every:
+        check_readable(Path(name))
     quiet = logging.getLogger("datasets")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # our one error line replaces datasets' own error log
+    bars = not datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()  # "Generating train split" bars would share the error's line
     scratch = None if cache_dir else tempfile.TemporaryDirectory(prefix="dschat_json_lines_")
+    readable = files
     try:
-        readable = files
         if builder == "json":
             readable = _as_json_lines(files, Path(cache_dir) / "json_lines" if cache_dir else Path(scratch.name))
         loaded = datasets.load_dataset(builder, data_files=readable, cache_dir=cache_dir)
-    except Exception as err:  # malformed JSON, a corrupt parquet file, mismatched columns across shards
+    except Exception as err:  # malformed JSON, not UTF-8, no rows, a corrupt parquet file, mismatched shards
+        if builder in ("json", "csv"):
+            for name in every:
+                check_utf8(Path(name))
+            _raise_for_no_rows(files, readable)
         if builder == "json":
-            _raise_for_bad_json([f for found in files.values() for f in found])
+            _raise_for_bad_json(every)
+        if builder == "parquet":
+            _raise_for_bad_parquet(every)
         raise UserError(
             f"cannot read {where} as {builder} data ({_first_line(err)}); fix or regenerate the file"
         ) from None
     finally:
         quiet.setLevel(level)
+        if bars:
+            datasets.utils.enable_progress_bars()
         if scratch is not None:
             scratch.cleanup()
     return dict(loaded), tuple(f for found in files.values() for f in found)
