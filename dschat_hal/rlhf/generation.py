@@ -221,7 +221,8 @@ class InferenceCopy:
 
     def full_bytes(self) -> int:
         """Bytes of the gathered model (ZeRO-3 keeps the full shape in `ds_numel`)."""
-        sizes = (getattr(p, "ds_numel", p.numel()) for p in self.source.parameters() if not _is_lora(p, self.source))
+        lora = {id(p) for layer in lora_layers(self.source) for p in (layer.lora_right_weight, layer.lora_left_weight)}
+        sizes = (getattr(p, "ds_numel", p.numel()) for p in self.source.parameters() if id(p) not in lora)
         return sum(sizes) * torch.finfo(self.dtype).bits // 8
 
     def _build(self) -> nn.Module:
@@ -283,10 +284,6 @@ class InferenceCopy:
     def release(self) -> None:
         self.model = None
         self.backend.empty_cache()
-
-
-def _is_lora(param: nn.Parameter, module: nn.Module) -> bool:
-    return any(param is p for layer in lora_layers(module) for p in (layer.lora_right_weight, layer.lora_left_weight))
 
 
 class HybridEngine:
