@@ -30,17 +30,18 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fused = False
 
-    def _delta(self) -> torch.Tensor:
+    def delta(self) -> torch.Tensor:
+        """scaling · (AB)ᵀ, the update folded into `weight`."""
         return (self.lora_right_weight @ self.lora_left_weight).t() * self.lora_scaling
 
     def fuse(self) -> None:
         if not self.fused:
-            self.weight.data += self._delta().to(self.weight.dtype)
+            self.weight.data += self.delta().to(self.weight.dtype)
             self.fused = True
 
     def unfuse(self) -> None:
         if self.fused:
-            self.weight.data -= self._delta().to(self.weight.dtype)
+            self.weight.data -= self.delta().to(self.weight.dtype)
             self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -264,13 +264,10 @@ class InferenceCopy:
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 self.gather_calls += 1
                 for name, (weight, *lora) in zip(names, sources, strict=True):
-                    target = self.model.get_parameter(name)
                     value = weight.data
                     if lora:
-                        owner = self.source.get_submodule(name.rpartition(".")[0])
-                        right, left = (p.data for p in lora)
-                        value = value + ((right @ left).t() * owner.lora_scaling).to(value.dtype)
-                    target.copy_(value)
+                        value = value + self.source.get_submodule(name.rpartition(".")[0]).delta().to(value.dtype)
+                    self.model.get_parameter(name).copy_(value)
         return self.model
 
     def _sources(self, name: str) -> list[nn.Parameter]:
