@@ -1,5 +1,5 @@
 """Reading data files with one-line errors: unreadable, not UTF-8, malformed JSON/JSONL (with the
-real line number), corrupt parquet. Loaders call these before (or instead of) parsing on their own."""
+real line number). The datasets loader calls the cheap checks when a load fails; the ptx reader parses with them."""
 
 from __future__ import annotations
 
@@ -81,25 +81,3 @@ def parse_json_rows(path: Path, text: str) -> Any:
                 "fix that line or regenerate the file"
             ) from None
     return rows
-
-
-def read_parquet_rows(path: Path) -> list[dict]:
-    """The rows of a parquet file, or one line saying it is corrupt or unreadable."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path).to_pylist()
-    except PermissionError:
-        raise UserError(f"data file {path} is not readable (permission denied); fix its permissions") from None
-    except (pa.ArrowException, OSError) as err:
-        raise UserError(
-            f"{path} is not a readable parquet file ({str(err).splitlines()[0][:120]}); regenerate it"
-        ) from None
-
-
-def check_data_file(path: Path) -> Any:
-    """Read and parse a local data file (.json, .jsonl or .parquet) with one-line errors."""
-    if path.suffix == ".parquet":
-        return read_parquet_rows(path)
-    return parse_json_rows(path, read_text(path))
