@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 
-# OpenMP threads that spin while they wait collapse when other processes share the cores (a tiny
-# training loop ran 7-10x slower on 2 loaded cores with the default than with PASSIVE); let them
-# sleep unless the user chose. Read when torch loads its OpenMP runtime, so set before the import.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from accel._openmp import set_wait_defaults
+
+set_wait_defaults()  # before accel.base imports torch, which reads these once
 
 from accel.base import DTYPE_NAMES, Accelerator, DeviceUnavailableError, UnsupportedDtypeError  # noqa: E402
 

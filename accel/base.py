@@ -265,6 +265,10 @@ class Accelerator(abc.ABC):
     def describe(self) -> str:
         return f"{self.name} ({self.device})"
 
+    def runtime_notes(self) -> str:
+        """What else about the backend's runtime the start-up line should say ("" for nothing)."""
+        return ""
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()}>"
 

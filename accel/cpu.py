@@ -43,6 +43,11 @@ class CpuAccelerator(Accelerator):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    def runtime_notes(self) -> str:
+        from accel import _openmp
+
+        return f"{torch.get_num_threads()} threads, OpenMP waits: {_openmp.choice}"
+
     def optimizer_class(self, offload: bool = False, fused: bool = True) -> type[torch.optim.Optimizer]:
         # Parameters already live in host memory: offload changes nothing, and torch's AdamW
         # avoids DeepSpeedCPUAdam's JIT build (the engine allows it via zero_force_ds_cpu_optimizer).

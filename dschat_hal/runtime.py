@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
+import importlib
 import logging
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -37,11 +41,14 @@ def setup(args: argparse.Namespace) -> Accelerator:
 
     clear_stale_build_locks()  # a killed op build leaves a lock that makes every later run wait forever
     _silence_deepspeed()
+    _import_muon_uncompiled()
+    freeze_startup_objects()
     backend.manual_seed(args.seed)
     args.dtype_resolved = backend.resolve_dtype(args.dtype)
     chosen = str(args.dtype_resolved).removeprefix("torch.")
     why = f"--dtype auto: {backend.default_dtype_reason()}" if args.dtype in (None, "auto") else f"--dtype {args.dtype}"
-    print_rank0(f"running on {backend.describe()} in {chosen} ({why})")
+    notes = backend.runtime_notes()
+    print_rank0(f"running on {backend.describe()} in {chosen} ({why}){'; ' + notes if notes else ''}")
     return backend
 
 
@@ -57,6 +64,38 @@ def silence_known_warnings() -> None:
     """Ignore the known third-party deprecation warnings (once per process, at start-up)."""
     for category, message in KNOWN_THIRD_PARTY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+
+
+@functools.cache
+def freeze_startup_objects() -> None:
+    """Once per process, after the imports: keep the objects alive now out of the cyclic collector.
+
+    They are ~400k, nearly all module state of torch, transformers and DeepSpeed; DeepSpeed calls
+    `gc.collect()` at every engine start and memory report, 0.25 s each with them on 2 CPU cores.
+    """
+    gc.freeze()
+
+
+def _import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon optimizer module with `torch.compile` as the identity.
+
+    Every DeepSpeed optimizer start imports that module only to `isinstance`-check the client
+    optimizer against its class; the import wraps three functions in `torch.compile`, which loads
+    inductor (0.8-1.3 s per process on 2 CPU cores). This project never builds a Muon optimizer.
+    """
+    name = "deepspeed.runtime.zero.muon.muon_optimizer"
+    if name in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    original = compiler.compile
+    compiler.compile = lambda: lambda function: function
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass
+    finally:
+        compiler.compile = original
 
 
 def _silence_deepspeed() -> None:

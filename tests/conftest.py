@@ -14,9 +14,10 @@ FAKES = Path(__file__).resolve().parent / "fakes"
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as accel sets it; here before any test imports torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import accel  # noqa: E402  (sets the OpenMP wait defaults before torch loads; every test process inherits them)
 
 
 def run_script(
@@ -98,7 +99,6 @@ def fake_hpu(monkeypatch):
     yield htorch
     for name in [m for m in sys.modules if m.startswith("habana_frameworks")]:
         sys.modules.pop(name)
-    import accel
 
     accel.get("cpu")
 

@@ -104,6 +104,24 @@ def test_cpu_backend_answers(monkeypatch):
     assert cpu.bucket_length(37) == 37 and cpu.bucket_length(37, maximum=64) == 37  # dynamic off HPU
 
 
+def test_openmp_waits_spin_on_idle_cores_and_sleep_on_loaded_ones(monkeypatch):
+    from accel import _openmp
+
+    monkeypatch.setattr(_openmp, "choice", _openmp.choice)  # restored after the test
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (cpus - 0.5, 0.0, 0.0))
+    idle: dict[str, str] = {}
+    assert _openmp.set_wait_defaults(idle).startswith("spin then sleep")
+    assert idle == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": str(_openmp.SPIN_COUNT)}
+    monkeypatch.setattr(os, "getloadavg", lambda: (cpus + 1.0, 0.0, 0.0))
+    loaded: dict[str, str] = {}
+    assert _openmp.set_wait_defaults(loaded).startswith("sleep at once")
+    assert loaded == {"OMP_WAIT_POLICY": "PASSIVE"}
+    mine = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert _openmp.set_wait_defaults(mine) == "as set in the environment" and mine == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert "OpenMP waits: as set in the environment" in accel.get("cpu").runtime_notes()
+
+
 def test_buckets_and_static_padding():
     cpu = accel.get("cpu")
     cpu.set_buckets([64, 16, 32])

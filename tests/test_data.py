@@ -86,14 +86,14 @@ def test_step_datasets_and_collators(tokenizer):
     batch = Collator(2, tokenizer.pad_token_id, backend, 64)([pairs[0], pairs[1]])
     assert batch["input_ids"].shape[0] == 4  # chosen then rejected
     prompts, _, dropped = load_or_build(DataSpec(["local/jsonfile"], phase=3, max_prompt_seq_len=64), tokenizer, None)
-    assert dropped == 0
+    assert dropped == {"train": 0, "eval": 0}
     batch = Collator(3, tokenizer.pad_token_id, backend, 64)([prompts[0], prompts[1]])
     assert (batch["prompt_att_mask"][:, -1] == 1).all()  # left padded: every prompt ends at the right edge
 
 
 def test_long_prompts_are_dropped_and_counted(tokenizer):
     _, _, dropped = load_or_build(DataSpec(["local/jsonfile"], phase=3, max_prompt_seq_len=12), tokenizer, None)
-    assert dropped > 0
+    assert dropped["train"] > 0
     with pytest.raises(UserError, match="longer than --max_prompt_seq_len 2"):
         load_or_build(DataSpec(["local/jsonfile"], phase=3, max_prompt_seq_len=2), tokenizer, None)
 
@@ -211,6 +211,29 @@ def test_local_layouts_load_train_and_the_test_split_for_eval(tmp_path):
     datasets.Dataset.from_list(train).save_to_disk(str(tmp_path / "saved_one"))
     raw = get_raw_dataset(str(tmp_path / "saved_one"))  # no test split: a tenth of train, fixed
     assert len(raw.train) + len(raw.eval) == len(train) and len(raw.eval) == len(train) // 10
+
+
+def test_a_dataset_card_configs_name_the_files_and_splits(tmp_path, caplog):
+    """A snapshot whose README.md YAML says which files are which split (file names say nothing)."""
+    train, test = bundled_rows()
+    snapshot = tmp_path / "card"
+    write_table(snapshot / "prefs" / "part-a.parquet", train)
+    write_table(snapshot / "prefs" / "part-b.parquet", test)
+    write_table(snapshot / "other" / "train.parquet", test[:3])  # a second config, not the default
+    card = (
+        "---\nconfigs:\n- config_name: small\n  data_files: other/*.parquet\n"
+        "- config_name: default\n  data_files:\n  - split: train\n    path: prefs/part-a.parquet\n"
+        "  - split: test\n    path: prefs/part-b.parquet\n---\n# card\n"
+    )
+    (snapshot / "README.md").write_text(card)
+    raw = get_raw_dataset(str(snapshot), cache_dir=str(tmp_path / "hf"))
+    assert (len(raw.train), len(raw.eval)) == (len(train), len(test))
+    assert sorted(Path(f).name for f in raw.files) == ["part-a.parquet", "part-b.parquet"]
+    (snapshot / "README.md").write_text("---\nconfigs: [unclosed\n---\n")  # a card that does not parse
+    with caplog.at_level("WARNING"):
+        raw = get_raw_dataset(str(snapshot), cache_dir=str(tmp_path / "hf"))
+    assert "ignoring the dataset card" in caplog.text
+    assert len(raw.train) + len(raw.eval) == 3  # as `datasets` resolves it without a card: other/train.parquet
 
 
 def test_files_of_one_folder_form_one_dataset_in_a_step(tmp_path, tokenizer):

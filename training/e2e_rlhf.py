@@ -63,7 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--actor-zero-stage", type=int, default=2)
     p.add_argument("--reward-zero-stage", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=DEVICE_CHOICES)
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="default: auto, except fp32 for the tiny models on the CPU (at hidden size 64, bf16's casts cost more "
+        "than its matmuls save: demo 9.9 s fp32 vs 11.6 s bf16, benchmarks/RESULTS_startup.md)",
+    )
     p.add_argument("--deployment-type", default="single_device", choices=["single_device", "single_node", "multi_node"])
     p.add_argument("--num-devices", type=int, default=0, help="devices per node for the launcher (0: all)")
     p.add_argument("--hostfile", default=None, help="hostfile for multi_node")
@@ -95,11 +101,12 @@ def launcher(args: argparse.Namespace) -> list[str]:
 def step_command(step: int, args: argparse.Namespace, out: Path) -> list[str]:
     tiny = args.actor_model.startswith("tiny-") and args.reward_model.startswith("tiny-")
     defaults = (TINY_DEFAULTS if tiny else MODEL_DEFAULTS)[step]
+    dtype = args.dtype or ("fp32" if tiny and args.device == "cpu" else "auto")
     common = [
         "--device",
         args.device,
         "--dtype",
-        args.dtype,
+        dtype,
         "--data_path",
         *args.data_path,
         "--data_output_path",

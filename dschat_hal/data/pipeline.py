@@ -28,7 +28,7 @@ from dschat_hal.data.tokens import Encoder, special_affixes
 from dschat_hal.errors import UserError
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 COLUMNS = {1: ("input_ids",), 2: ("chosen", "rejected"), 3: ("prompt",)}
 
 
@@ -99,6 +99,10 @@ def _fits(prompts: list[list[int]], limit: int) -> list[bool]:
     return [len(ids) <= limit for ids in prompts]
 
 
+def _differs(chosen: list[list[int]], rejected: list[list[int]]) -> list[bool]:
+    return [c != r for c, r in zip(chosen, rejected, strict=True)]
+
+
 class _Builder:
     """Tokenises row sets into Arrow files under `workdir` (in memory when None)."""
 
@@ -112,16 +116,15 @@ class _Builder:
             return {"keep_in_memory": True}
         return {"cache_file_name": str(self.workdir / f"{self.count:03d}_{tag}.arrow")}
 
-    def tokenize(self, raw: RawDataset, rows) -> tuple[Any, int]:
-        """(tokenised rows, prompts dropped as too long)."""
+    def tokenize(self, raw: RawDataset, rows) -> Any:
+        """Step `spec.phase`'s token columns of `rows`."""
         import datasets
 
         features = datasets.Features({c: datasets.Sequence(datasets.Value("int32")) for c in COLUMNS[self.spec.phase]})
-        num_proc = self.num_proc if self.num_proc and self.num_proc > 1 and len(rows) >= 2 * self.num_proc else None
-        out = rows.map(
+        return rows.map(
             tokenize_batch,
             batched=True,
-            num_proc=num_proc,
+            num_proc=self._num_proc(rows),
             remove_columns=rows.column_names,
             features=features,
             fn_kwargs={"raw": raw, "encoder": self.encoder, "spec": self.spec},
@@ -130,19 +133,30 @@ class _Builder:
             desc=f"tokenising step {self.spec.phase} data",
             **self._file("tok"),
         )
-        if self.spec.phase != 3:
-            return out, 0
-        kept = out.filter(
-            _fits,
+
+    def drop_unusable(self, rows) -> tuple[Any, int]:
+        """(rows, count dropped): step 2 drops pairs whose chosen and rejected tokens are identical
+        (truncation cut off where they differ: they teach nothing), step 3 prompts over the limit."""
+        if self.spec.phase == 1:
+            return rows, 0
+        if self.spec.phase == 2:
+            keep, columns, kwargs = _differs, ["chosen", "rejected"], {}
+        else:
+            keep, columns, kwargs = _fits, "prompt", {"limit": self.spec.max_prompt_seq_len}
+        kept = rows.filter(
+            keep,
             batched=True,
-            input_columns="prompt",
-            fn_kwargs={"limit": self.spec.max_prompt_seq_len},
-            num_proc=num_proc,
-            new_fingerprint=f"fit{self.count}",
+            input_columns=columns,
+            fn_kwargs=kwargs,
+            num_proc=self._num_proc(rows),
+            new_fingerprint=f"keep{self.count}",
             load_from_cache_file=False,
-            **self._file("fit"),
+            **self._file("keep"),
         )
-        return kept, len(out) - len(kept)
+        return kept, len(rows) - len(kept)
+
+    def _num_proc(self, rows) -> int | None:
+        return self.num_proc if self.num_proc and self.num_proc > 1 and len(rows) >= 2 * self.num_proc else None
 
 
 def _concatenate(parts: list) -> Any:
@@ -157,28 +171,37 @@ def build_datasets(
     workdir: Path | None = None,
     num_proc: int | None = None,
     raw_cache_dir: str | None = None,
-) -> tuple[Any, Any, int]:
-    """Tokenised (train, eval) `datasets.Dataset`s of one step and the count of dropped over-long prompts."""
+) -> tuple[Any, Any, dict[str, int]]:
+    """Tokenised (train, eval) `datasets.Dataset`s of one step and the rows dropped from each
+    (`Builder.drop_unusable`; eval pairs that are all identical are kept, to have something to measure)."""
     builder = _Builder(spec, tokenizer, workdir, num_proc)
-    train, evaluation, dropped = [], [], 0
+    train, evaluation, dropped = [], [], {"train": 0, "eval": 0}
     for group in group_sources(spec.data_path):
         raw = get_raw_dataset(group, raw_cache_dir)
-        for rows, out in ((raw.train, train), (raw.eval, evaluation)):
+        for rows, out, split in ((raw.train, train, "train"), (raw.eval, evaluation, "eval")):
             picked = rows.select(phase_indices(len(rows), spec.data_split, spec.phase, spec.seed))
-            samples, n_dropped = builder.tokenize(raw, picked if len(picked) or out is train else rows)
-            out.append(samples)
-            dropped += n_dropped if out is train else 0
+            samples = builder.tokenize(raw, picked if len(picked) or out is train else rows)
+            kept, n_dropped = builder.drop_unusable(samples)
+            if split == "eval" and spec.phase == 2 and not len(kept):
+                kept, n_dropped = samples, 0
+            out.append(kept)
+            dropped[split] += n_dropped
     if spec.phase == 1:
         for group in group_sources(spec.sft_only_data_path):
             raw = get_raw_dataset(group, raw_cache_dir)
-            train.append(builder.tokenize(raw, raw.train)[0])
-            evaluation.append(builder.tokenize(raw, raw.eval)[0])
+            train.append(builder.tokenize(raw, raw.train))
+            evaluation.append(builder.tokenize(raw, raw.eval))
     train_set, eval_set = _concatenate(train), _concatenate(evaluation)
     if not len(train_set):
-        if dropped:
+        if dropped["train"] and spec.phase == 2:
             raise UserError(
-                f"all {dropped} step-3 prompts are longer than --max_prompt_seq_len {spec.max_prompt_seq_len}; "
-                "raise --max_prompt_seq_len or use shorter prompts"
+                f"every train pair is identical after truncation to --max_seq_len {spec.max_seq_len}; "
+                "raise --max_seq_len"
+            )
+        if dropped["train"]:
+            raise UserError(
+                f"all {dropped['train']} step-3 prompts are longer than --max_prompt_seq_len "
+                f"{spec.max_prompt_seq_len}; raise --max_prompt_seq_len or use shorter prompts"
             )
         sizes = {name: len(get_raw_dataset(name).train) for name in spec.data_path}
         if sum(sizes.values()) < 10:
@@ -272,8 +295,8 @@ def _write_cache(spec: DataSpec, tokenizer, path: Path, num_proc: int | None) ->
 
 def load_or_build(
     spec: DataSpec, tokenizer, output_path: str | None, num_proc: int | None = None, _rebuilt: bool = False
-) -> tuple[TokenDataset, TokenDataset, int]:
-    """`build_datasets`, cached under `output_path` by a hash of everything that changes the result.
+) -> tuple[TokenDataset, TokenDataset, dict[str, int]]:
+    """`build_datasets` (train, eval, rows dropped from each), cached under `output_path` by a hash of everything that changes the result.
 
     Rank 0 builds the Arrow cache (atomically); the other ranks wait, then all memory-map it.
     Without `output_path`, builds in memory.

@@ -3,7 +3,8 @@
 Every source goes through `datasets`: hub names through `datasets.load_dataset(name)` (wherever a hub
 is reachable), local data the way `load_dataset` resolves a directory: split names from file names
 (train / test|eval / validation, sharded `train-00000-of-00002.parquet`, a hub snapshot root or its
-`data/` folder), json/jsonl/parquet/csv/arrow files, and directories written by `save_to_disk`.
+`data/` folder) or from a dataset card's `configs:`, json/jsonl/parquet/csv/arrow files, and
+directories written by `save_to_disk`.
 `local/jsonfile` is the bundled set. Splits stay Arrow tables (memory-mapped), never Python lists.
 """
 
@@ -23,6 +24,7 @@ from dschat_hal.data.json_array import array_to_lines, is_json_array
 from dschat_hal.errors import UserError
 from dschat_hal.models.tiny import DATA_DIR
 
+log = logging.getLogger(__name__)
 Row = dict[str, Any]
 REQUIRED_KEYS = ("prompt", "chosen", "rejected")
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
@@ -96,11 +98,37 @@ def _raise_for_folder_named_as_file(directory: Path) -> None:
         raise UserError(f"data file {folders[0]} is a directory; pass a .json, .jsonl or .parquet file")
 
 
+def card_patterns(directory: Path) -> dict[str, list[str]] | None:
+    """The data-file patterns of the default config in a dataset card's YAML (`configs:` in
+    README.md or .huggingface.yaml, as a hub snapshot has them); None without one."""
+    from datasets.data_files import sanitize_patterns
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    readme, standalone = directory / "README.md", directory / ".huggingface.yaml"
+    if not readme.is_file() and not standalone.is_file():
+        return None
+    try:
+        card = DatasetCard.load(readme).data.to_dict() if readme.is_file() else {}
+        if standalone.is_file():
+            import yaml
+
+            card.update(yaml.safe_load(standalone.read_text(encoding="utf-8")) or {})
+        configs = MetadataConfigs.from_dataset_card_data(DatasetCardData(**card))
+        name = configs.get_default_config_name() or next(iter(configs), None)
+    except Exception as err:  # a card that does not parse: the file names still say the splits
+        log.warning("warning: ignoring the dataset card in %s (%s)", directory, _first_line(err))
+        return None
+    if name is None or "data_files" not in configs[name]:
+        return None
+    return sanitize_patterns(configs[name]["data_files"])
+
+
 def _directory_files(directory: Path) -> dict[str, list[str]]:
     from datasets.data_files import DataFilesDict, get_data_patterns
 
     try:
-        patterns = get_data_patterns(str(directory))
+        patterns = card_patterns(directory) or get_data_patterns(str(directory))
         resolved = DataFilesDict.from_patterns(patterns, base_path=str(directory))
     except Exception as err:  # empty directory, nothing matching
         _raise_for_folder_named_as_file(directory)

@@ -161,8 +161,8 @@ def main(argv: list[str]) -> dict:
         add_eot_token(tokenizer, args.eot_token)
     spec = DataSpec(args.data_path, args.data_split, 3, args.seed, max_prompt_seq_len=args.max_prompt_seq_len)
     prompts, eval_prompts, dropped = load_or_build(spec, tokenizer, cache_dir_for(args), args.preprocessing_num_workers)
-    if dropped:
-        print_rank0(f"dropped {dropped} prompts longer than --max_prompt_seq_len {args.max_prompt_seq_len}")
+    if dropped["train"]:
+        print_rank0(f"dropped {dropped['train']} prompts longer than --max_prompt_seq_len {args.max_prompt_seq_len}")
     collate = Collator(3, tokenizer.pad_token_id, backend, args.max_prompt_seq_len)
     loader = dataloader(prompts, collate, args.per_device_generation_batch_size, args.seed)
     eval_loader = dataloader(eval_prompts, collate, args.per_device_generation_batch_size, args.seed, shuffle=False)
