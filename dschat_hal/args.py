@@ -284,6 +284,7 @@ def step3_parser() -> argparse.ArgumentParser:
 
 
 POSITIVE_INTS = (
+    "preprocessing_num_workers",
     "per_device_train_batch_size",
     "per_device_eval_batch_size",
     "per_device_generation_batch_size",

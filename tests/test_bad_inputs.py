@@ -104,6 +104,17 @@ def make_file(relative: str):
     return setup
 
 
+def card_naming(pattern: str):
+    """A data directory whose README.md configs name `pattern` for train (beside a real train.json)."""
+
+    def setup(tmp: Path, models: dict) -> None:
+        rows(40)(tmp, models)
+        card = f"---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: {pattern}\n---\n"
+        (tmp / "d" / "README.md").write_text(card)
+
+    return setup
+
+
 def corrupt_parquet(tmp: Path, models: dict) -> None:
     write_data("train.parquet", b"PAR1 this is not parquet PAR1")(tmp, models)
 
@@ -159,6 +170,7 @@ CASES = [
     ("negative lr", step1, [*S1, "--learning_rate=-1e-3"], None, 2, "--learning_rate must be a finite number >= 0"),
     ("huge lr", step3, [*S3, "--actor_learning_rate", "1e39"], None, 2, "--actor_learning_rate must be a finite number >= 0"),
     ("negative lora dim", step1, [*S1, "--lora_dim", "-4"], None, 2, "--lora_dim must be 0 or more"),
+    ("negative tokenising workers", step1, [*S1, "--preprocessing_num_workers", "-3"], None, 2, "--preprocessing_num_workers must be at least 1"),
     ("max_steps -1", step1, [*S1, "--max_steps", "-1"], None, 2, "--max_steps must be 0 or more"),
     ("zero epochs", step1, [*S1, "--num_train_epochs", "0"], None, 2, "--num_train_epochs must be at least 1"),
     ("save_interval -1", step1, [*S1, "--save_interval", "-1"], None, 2, "--save_interval must be 0 or more"),
@@ -176,6 +188,7 @@ CASES = [
     ("non-UTF-8 data", step1, [*S1, "--data_path", "{data}"], write_data("train.json", b'[{"prompt": "\xff\xfe"}]'), 2, "is not UTF-8 text (byte 13, line 1)"),
     ("corrupt parquet", step1, [*S1, "--data_path", "{data}"], corrupt_parquet, 2, "train.parquet is not a readable parquet file (Parquet file size is 29 bytes"),
     ("data file is a directory", step1, [*S1, "--data_path", "{data}"], make_file("d/train.json/x"), 2, "data file {data}/train.json is a directory"),
+    ("dataset card names missing files", step1, [*S1, "--data_path", "{data}"], card_naming("data/missing-*.parquet"), 2, "the dataset card of {data} (configs: in README.md) names data files that do not exist (nothing matches data/missing-*.parquet)"),
     ("data directory without data", step1, [*S1, "--data_path", "{data}"], make_file("d/notes.txt"), 2, "data directory {data} holds no .arrow, .csv, .json, .jsonl, .parquet files"),
     ("bad JSONL line 3", step1, [*S1, "--data_path", "{data}"], jsonl_with_bad_line(3), 2, "train.jsonl is not valid JSON (line 3"),
     ("empty dataset", step1, [*S1, "--data_path", "{data}"], rows(0), 2, "the dataset is too small: 0 training rows"),
@@ -192,6 +205,7 @@ CASES = [
     # chat and e2e
     ("chat max_new_tokens 0", chat, ["--path", "{actor}", "--max_new_tokens", "0"], None, 2, "--max_new_tokens must be at least 1"),
     ("chat on a damaged model", chat, ["--path", "{tmp}/m"], copy_model("actor", truncate_weights), 2, "damaged or incomplete"),
+    ("e2e output-dir is a file", e2e, ["--output-dir", "{out}"], make_file("out"), 2, "--output-dir {out} is a file; pass a directory"),
     ("e2e unbalanced quote", e2e, ["--output-dir", "{out}", "--step1-args", "--seed '5"], None, 2, "--step1-args \"--seed '5\" cannot be split"),
     # resume
     ("resume, other batch size", step1, [*S1, "--resume", "--per_device_train_batch_size", "4"], checkpointed(), 2, "the run changed (per_device_train_batch_size 8 -> 4)"),

@@ -91,6 +91,21 @@ def test_step_datasets_and_collators(tokenizer):
     assert (batch["prompt_att_mask"][:, -1] == 1).all()  # left padded: every prompt ends at the right edge
 
 
+def test_step2_pairs_end_with_the_registered_eot_token_as_upstream():
+    from dschat_hal.models import load_tokenizer
+    from dschat_hal.models.lm import add_eot_token
+
+    tokenizer = add_eot_token(load_tokenizer("tiny-opt"), "<|eot|>")
+    (eot,) = tokenizer("<|eot|>", add_special_tokens=False)["input_ids"]
+    pairs, _, _ = load_or_build(
+        DataSpec(["local/jsonfile"], phase=2, max_seq_len=16, end_token="<|eot|>"), tokenizer, None
+    )
+    assert all(pairs[i]["chosen"][-1] == eot == pairs[i]["rejected"][-1] for i in range(len(pairs)))
+    assert all(len(pairs[i]["chosen"]) <= 16 for i in range(len(pairs)))  # kept when truncated
+    sft, _, _ = load_or_build(DataSpec(["local/jsonfile"], phase=1, max_seq_len=16), tokenizer, None)
+    assert sft[0]["input_ids"][-1] == tokenizer.eos_token_id  # step 1 ends in EOS, as upstream's
+
+
 def test_long_prompts_are_dropped_and_counted(tokenizer):
     _, _, dropped = load_or_build(DataSpec(["local/jsonfile"], phase=3, max_prompt_seq_len=12), tokenizer, None)
     assert dropped["train"] > 0
@@ -346,3 +361,14 @@ def test_json_arrays_stream_to_json_lines_with_the_same_rows(tmp_path, monkeypat
     (tmp_path / "numbers.json").write_text("[1, 2]")
     assert not json_array.array_to_lines(tmp_path / "numbers.json", tmp_path / "numbers.jsonl")
     assert not (tmp_path / "numbers.jsonl").exists()
+
+
+def test_two_ranks_share_one_cache_and_wait_while_rank0_rebuilds_a_damaged_one(tmp_path):
+    from conftest import run_script
+
+    script = "tests/workers/data_cache_ranks.py"
+    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", script, str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1 and rank0[0] == rank0[1] and rank0[0][0] > 0
+    assert (result.stdout + result.stderr).count("is unreadable") == 1  # rank 0 found it, rebuilt it

@@ -155,15 +155,20 @@ def test_step3_killed_while_saving_resumes_exactly(kill_at, step3_models, step3_
 
 
 def test_ctrl_c_exits_130_with_one_line_and_checkpoints_intact(tmp_path):
+    # A shell without job control starts background jobs with SIGINT ignored, and children inherit
+    # that: give the step the default disposition, as a terminal's Ctrl-C finds it.
     child = subprocess.Popen(
         [sys.executable, STEP1, *step1_args(tmp_path), "--output_dir", str(tmp_path / "run"), "--num_train_epochs", "50"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
+    seen = []
     for line in child.stdout:
+        seen.append(line)
         if "step 3/" in line:
             break
     child.send_signal(signal.SIGINT)
-    _, err = child.communicate(timeout=120)
-    assert child.returncode == 130, err[-2000:]
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130, "".join(seen)[-3000:] + out[-1000:] + err[-2000:]
     assert err.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)") and "Traceback" not in err
     assert assert_nothing_partial(tmp_path / "run_checkpoints", tmp_path / "run") >= 2

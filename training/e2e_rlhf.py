@@ -190,7 +190,7 @@ def check_step_args(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir).resolve()
-    problem = check_step_args(args)
+    problem = check_step_args(args) or (f"--output-dir {out} is a file; pass a directory" if out.is_file() else None)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

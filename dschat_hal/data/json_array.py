@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-CHUNK = 1 << 22  # characters read at a time
+CHUNK = 1 << 20  # characters read at a time
 
 
 def is_json_array(path: Path) -> bool:

@@ -28,7 +28,7 @@ from dschat_hal.data.tokens import Encoder, special_affixes
 from dschat_hal.errors import UserError
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 COLUMNS = {1: ("input_ids",), 2: ("chosen", "rejected"), 3: ("prompt",)}
 
 
@@ -43,6 +43,7 @@ class DataSpec:
     max_seq_len: int = 512
     max_prompt_seq_len: int = 256
     sft_only_data_path: list[str] = field(default_factory=list)
+    end_token: str = ""  # ends training sequences instead of EOS (a registered special token)
 
 
 def split_fractions(data_split: str) -> list[float]:
@@ -82,140 +83,140 @@ class TokenDataset(Dataset):
 
 
 # ---- tokenisation -------------------------------------------------------------------------------
-def tokenize_batch(batch: dict[str, list], raw: RawDataset, encoder: Encoder, spec: DataSpec) -> dict[str, list]:
-    """One `datasets.map` batch of raw rows to step `spec.phase`'s token columns."""
+def tokenize_batch(
+    batch: dict[str, list], raw: RawDataset, encoder: Encoder, spec: DataSpec, drop: bool = True
+) -> dict[str, list]:
+    """One `datasets.map` batch of raw rows to step `spec.phase`'s token columns. With `drop`, rows
+    that cannot train leave here (the batch comes back shorter): step 2 pairs whose chosen and
+    rejected tokens are identical (truncation cut off where they differ), step 3 prompts over
+    `max_prompt_seq_len`."""
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     if spec.phase == 1:
         return {"input_ids": encoder.sequences([raw.prompt_and_chosen(r) for r in rows], spec.max_seq_len)}
     if spec.phase == 2:
-        return {
-            "chosen": encoder.sequences([raw.prompt_and_chosen(r) for r in rows], spec.max_seq_len),
-            "rejected": encoder.sequences([raw.prompt_and_rejected(r) for r in rows], spec.max_seq_len),
-        }
-    return {"prompt": encoder.prompts([raw.prompt(r) for r in rows])}
+        chosen = encoder.sequences([raw.prompt_and_chosen(r) for r in rows], spec.max_seq_len)
+        rejected = encoder.sequences([raw.prompt_and_rejected(r) for r in rows], spec.max_seq_len)
+        pairs = [(c, r) for c, r in zip(chosen, rejected, strict=True) if c != r or not drop]
+        return {"chosen": [c for c, _ in pairs], "rejected": [r for _, r in pairs]}
+    prompts = encoder.prompts([raw.prompt(r) for r in rows])
+    return {"prompt": [ids for ids in prompts if len(ids) <= spec.max_prompt_seq_len or not drop]}
 
 
-def _fits(prompts: list[list[int]], limit: int) -> list[bool]:
-    return [len(ids) <= limit for ids in prompts]
+def features(phase: int):
+    import datasets
+
+    return datasets.Features({c: datasets.Sequence(datasets.Value("int32")) for c in COLUMNS[phase]})
 
 
-def _differs(chosen: list[list[int]], rejected: list[list[int]]) -> list[bool]:
-    return [c != r for c, r in zip(chosen, rejected, strict=True)]
+def empty_dataset(phase: int):
+    import datasets
+
+    return datasets.Dataset.from_dict({c: [] for c in COLUMNS[phase]}, features=features(phase))
 
 
 class _Builder:
     """Tokenises row sets into Arrow files under `workdir` (in memory when None)."""
 
     def __init__(self, spec: DataSpec, tokenizer, workdir: Path | None, num_proc: int | None) -> None:
-        self.spec, self.encoder, self.workdir, self.num_proc = spec, Encoder(tokenizer), workdir, num_proc
+        self.spec, self.workdir, self.num_proc = spec, workdir, num_proc
+        self.encoder = Encoder(tokenizer, spec.end_token)
         self.count = 0
 
-    def _file(self, tag: str) -> dict[str, Any]:
+    def tokenize(self, raw: RawDataset, rows, drop: bool = True) -> tuple[Any, int]:
+        """(step `spec.phase`'s token columns of `rows`, count of rows dropped: see `tokenize_batch`)."""
         self.count += 1
-        if self.workdir is None:
-            return {"keep_in_memory": True}
-        return {"cache_file_name": str(self.workdir / f"{self.count:03d}_{tag}.arrow")}
-
-    def tokenize(self, raw: RawDataset, rows) -> Any:
-        """Step `spec.phase`'s token columns of `rows`."""
-        import datasets
-
-        features = datasets.Features({c: datasets.Sequence(datasets.Value("int32")) for c in COLUMNS[self.spec.phase]})
-        return rows.map(
+        if not len(rows):
+            return empty_dataset(self.spec.phase), 0
+        num_proc = self.num_proc if self.num_proc and self.num_proc > 1 and len(rows) >= 2 * self.num_proc else None
+        where = {"keep_in_memory": True}
+        if self.workdir is not None:
+            where = {"cache_file_name": str(self.workdir / f"{self.count:03d}.arrow")}
+        out = rows.map(
             tokenize_batch,
             batched=True,
-            num_proc=self._num_proc(rows),
+            num_proc=num_proc,
             remove_columns=rows.column_names,
-            features=features,
-            fn_kwargs={"raw": raw, "encoder": self.encoder, "spec": self.spec},
+            features=features(self.spec.phase),
+            fn_kwargs={"raw": raw, "encoder": self.encoder, "spec": self.spec, "drop": drop},
             new_fingerprint=f"tok{self.count}",
             load_from_cache_file=False,
             desc=f"tokenising step {self.spec.phase} data",
-            **self._file("tok"),
+            **where,
         )
-
-    def drop_unusable(self, rows) -> tuple[Any, int]:
-        """(rows, count dropped): step 2 drops pairs whose chosen and rejected tokens are identical
-        (truncation cut off where they differ: they teach nothing), step 3 prompts over the limit."""
-        if self.spec.phase == 1:
-            return rows, 0
-        if self.spec.phase == 2:
-            keep, columns, kwargs = _differs, ["chosen", "rejected"], {}
-        else:
-            keep, columns, kwargs = _fits, "prompt", {"limit": self.spec.max_prompt_seq_len}
-        kept = rows.filter(
-            keep,
-            batched=True,
-            input_columns=columns,
-            fn_kwargs=kwargs,
-            num_proc=self._num_proc(rows),
-            new_fingerprint=f"keep{self.count}",
-            load_from_cache_file=False,
-            **self._file("keep"),
-        )
-        return kept, len(rows) - len(kept)
-
-    def _num_proc(self, rows) -> int | None:
-        return self.num_proc if self.num_proc and self.num_proc > 1 and len(rows) >= 2 * self.num_proc else None
+        if not len(out):  # `map` hands back a view of its input when nothing is left
+            return empty_dataset(self.spec.phase), len(rows)
+        return out, len(rows) - len(out)
 
 
-def _concatenate(parts: list) -> Any:
+def _concatenate(parts: list, phase: int) -> Any:
     import datasets
 
+    parts = [part for part in parts if len(part)]
+    if not parts:
+        return empty_dataset(phase)
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
-def build_datasets(
+def build_parts(
     spec: DataSpec,
     tokenizer,
     workdir: Path | None = None,
     num_proc: int | None = None,
     raw_cache_dir: str | None = None,
-) -> tuple[Any, Any, dict[str, int]]:
-    """Tokenised (train, eval) `datasets.Dataset`s of one step and the rows dropped from each
-    (`Builder.drop_unusable`; eval pairs that are all identical are kept, to have something to measure)."""
+) -> tuple[list, list, dict[str, int]]:
+    """One step's tokenised train and eval parts (a `datasets.Dataset` per source, each its own
+    Arrow file(s) under `workdir`), and the rows dropped from each split (`tokenize_batch`; eval
+    pairs that are all identical are kept, to have something to measure)."""
     builder = _Builder(spec, tokenizer, workdir, num_proc)
     train, evaluation, dropped = [], [], {"train": 0, "eval": 0}
     for group in group_sources(spec.data_path):
         raw = get_raw_dataset(group, raw_cache_dir)
         for rows, out, split in ((raw.train, train, "train"), (raw.eval, evaluation, "eval")):
             picked = rows.select(phase_indices(len(rows), spec.data_split, spec.phase, spec.seed))
-            samples = builder.tokenize(raw, picked if len(picked) or out is train else rows)
-            kept, n_dropped = builder.drop_unusable(samples)
-            if split == "eval" and spec.phase == 2 and not len(kept):
-                kept, n_dropped = samples, 0
-            out.append(kept)
+            picked = picked if len(picked) or out is train else rows
+            samples, n_dropped = builder.tokenize(raw, picked)
+            if split == "eval" and spec.phase == 2 and n_dropped and not len(samples):
+                samples, n_dropped = builder.tokenize(raw, picked, drop=False)
+            out.append(samples)
             dropped[split] += n_dropped
     if spec.phase == 1:
         for group in group_sources(spec.sft_only_data_path):
             raw = get_raw_dataset(group, raw_cache_dir)
-            train.append(builder.tokenize(raw, raw.train))
-            evaluation.append(builder.tokenize(raw, raw.eval))
-    train_set, eval_set = _concatenate(train), _concatenate(evaluation)
-    if not len(train_set):
-        if dropped["train"] and spec.phase == 2:
-            raise UserError(
-                f"every train pair is identical after truncation to --max_seq_len {spec.max_seq_len}; "
-                "raise --max_seq_len"
-            )
-        if dropped["train"]:
-            raise UserError(
-                f"all {dropped['train']} step-3 prompts are longer than --max_prompt_seq_len "
-                f"{spec.max_prompt_seq_len}; raise --max_prompt_seq_len or use shorter prompts"
-            )
-        sizes = {name: len(get_raw_dataset(name).train) for name in spec.data_path}
-        if sum(sizes.values()) < 10:
-            shares = [len(phase_indices(sum(sizes.values()), spec.data_split, p, spec.seed)) for p in (1, 2, 3)]
-            raise UserError(
-                f"the dataset is too small: {sum(sizes.values())} training rows, split by --data_split "
-                f"{spec.data_split} into {shares[0]}/{shares[1]}/{shares[2]} rows for steps 1/2/3, so step "
-                f"{spec.phase} gets none; add rows"
-            )
+            train.append(builder.tokenize(raw, raw.train)[0])
+            evaluation.append(builder.tokenize(raw, raw.eval)[0])
+    if not sum(len(part) for part in train):
+        _raise_for_no_train_rows(spec, dropped["train"])
+    return train, evaluation, dropped
+
+
+def _raise_for_no_train_rows(spec: DataSpec, dropped: int) -> None:
+    if dropped and spec.phase == 2:
         raise UserError(
-            f"step {spec.phase} gets no training rows from --data_split {spec.data_split}; "
-            f"give step {spec.phase} a non-zero share (e.g. 2,4,4)"
+            f"every train pair is identical after truncation to --max_seq_len {spec.max_seq_len}; raise --max_seq_len"
         )
-    return train_set, eval_set, dropped
+    if dropped:
+        raise UserError(
+            f"all {dropped} step-3 prompts are longer than --max_prompt_seq_len {spec.max_prompt_seq_len}; "
+            "raise --max_prompt_seq_len or use shorter prompts"
+        )
+    sizes = {name: len(get_raw_dataset(name).train) for name in spec.data_path}
+    if sum(sizes.values()) < 10:
+        shares = [len(phase_indices(sum(sizes.values()), spec.data_split, p, spec.seed)) for p in (1, 2, 3)]
+        raise UserError(
+            f"the dataset is too small: {sum(sizes.values())} training rows, split by --data_split "
+            f"{spec.data_split} into {shares[0]}/{shares[1]}/{shares[2]} rows for steps 1/2/3, so step "
+            f"{spec.phase} gets none; add rows"
+        )
+    raise UserError(
+        f"step {spec.phase} gets no training rows from --data_split {spec.data_split}; "
+        f"give step {spec.phase} a non-zero share (e.g. 2,4,4)"
+    )
+
+
+def build_datasets(spec: DataSpec, tokenizer, num_proc: int | None = None) -> tuple[Any, Any, dict[str, int]]:
+    """Tokenised (train, eval) `datasets.Dataset`s of one step, in memory, and the rows dropped from each."""
+    train, evaluation, dropped = build_parts(spec, tokenizer, None, num_proc)
+    return _concatenate(train, spec.phase), _concatenate(evaluation, spec.phase), dropped
 
 
 # ---- the cache ----------------------------------------------------------------------------------
@@ -272,17 +273,43 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _move_files(parts: list, directory: Path) -> list[str]:
+    """Move the Arrow files behind `parts` into `directory` as 00000.arrow, ... in data order (each
+    part is what one `map` wrote: its own files, no indices mapping); their names."""
+    directory.mkdir()
+    names: list[str] = []
+    for part in parts:
+        if not len(part):
+            continue
+        assert part._indices is None, "a tokenised part is the Arrow files its map wrote"
+        for cache in part.cache_files:
+            names.append(f"{len(names):05d}.arrow")
+            os.replace(cache["filename"], directory / names[-1])
+    return names
+
+
 def _write_cache(spec: DataSpec, tokenizer, path: Path, num_proc: int | None) -> None:
-    """Build into a temporary directory beside `path`, then rename it into place (atomic)."""
+    """Tokenise into a temporary directory beside `path`, then rename it into place (atomic). The
+    Arrow files `map` writes are the cache itself: nothing is copied."""
+    import pyarrow as pa
+
+    # Arrow's default allocator (mimalloc) keeps freed blocks for reuse: ~15 MB more at the peak of
+    # reading 158 MB of JSON. After preparing, this process only memory-maps Arrow files.
+    pa.set_memory_pool(pa.system_memory_pool())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        train, evaluation, dropped = build_datasets(
+        train, evaluation, dropped = build_parts(
             spec, tokenizer, tmp / "work", num_proc, raw_cache_dir=str(path.parent / "raw")
         )
-        train.save_to_disk(str(tmp / "train"))
-        evaluation.save_to_disk(str(tmp / "eval"))
-        (tmp / "meta.json").write_text(json.dumps({"dropped": dropped, "spec": asdict(spec)}))
+        meta = {
+            "dropped": dropped,
+            "spec": asdict(spec),
+            "rows": {"train": sum(map(len, train)), "eval": sum(map(len, evaluation))},
+            "files": {"train": _move_files(train, tmp / "train"), "eval": _move_files(evaluation, tmp / "eval")},
+        }
+        del train, evaluation
+        (tmp / "meta.json").write_text(json.dumps(meta))
         shutil.rmtree(tmp / "work", ignore_errors=True)
         try:
             os.rename(tmp, path)
@@ -293,40 +320,57 @@ def _write_cache(spec: DataSpec, tokenizer, path: Path, num_proc: int | None) ->
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_or_build(
-    spec: DataSpec, tokenizer, output_path: str | None, num_proc: int | None = None, _rebuilt: bool = False
-) -> tuple[TokenDataset, TokenDataset, dict[str, int]]:
-    """`build_datasets` (train, eval, rows dropped from each), cached under `output_path` by a hash of everything that changes the result.
-
-    Rank 0 builds the Arrow cache (atomically); the other ranks wait, then all memory-map it.
-    Without `output_path`, builds in memory.
-    """
-    if not output_path:
-        train, evaluation, dropped = build_datasets(spec, tokenizer, None, num_proc)
-        return TokenDataset(train), TokenDataset(evaluation), dropped
+def _read_cache(path: Path, phase: int) -> tuple[Any, Any, dict[str, int]]:
+    """(train, eval, dropped) memory-mapped from a cache directory; raises if it is damaged."""
     import datasets
 
+    meta = json.loads((path / "meta.json").read_text())
+    splits = []
+    for split in ("train", "eval"):
+        parts = [datasets.Dataset.from_file(str(path / split / name)) for name in meta["files"][split]]
+        dataset = _concatenate(parts, phase)
+        if len(dataset) != meta["rows"][split]:
+            raise ValueError(f"{split} holds {len(dataset)} rows, its meta.json says {meta['rows'][split]}")
+        splits.append(dataset)
+    return splits[0], splits[1], meta["dropped"]
+
+
+def load_or_build(
+    spec: DataSpec, tokenizer, output_path: str | None, num_proc: int | None = None
+) -> tuple[TokenDataset, TokenDataset, dict[str, int]]:
+    """(train, eval, rows dropped from each) of one step, cached under `output_path` by a hash of
+    everything that changes them.
+
+    Rank 0 builds the Arrow cache (atomically), or checks the one it finds and rebuilds it if it is
+    damaged; the other ranks wait for it, then all memory-map the same files. Without
+    `output_path`, builds in memory.
+    """
+    if not output_path:
+        train, evaluation, dropped = build_datasets(spec, tokenizer, num_proc)
+        return TokenDataset(train), TokenDataset(evaluation), dropped
     path = Path(output_path).expanduser() / f"step{spec.phase}_{cache_key(spec, tokenizer)}"
     if _is_writer():
-        if path.exists():
-            log.info("step %d data: reusing the cache %s", spec.phase, path)
-        else:
-            log.info("step %d data: building the cache %s", spec.phase, path)
-            _write_cache(spec, tokenizer, path, num_proc)
+        _ensure_cache(spec, tokenizer, path, num_proc)
     _barrier()
-    try:
-        dropped = json.loads((path / "meta.json").read_text())["dropped"]
-        train = datasets.load_from_disk(str(path / "train"))
-        evaluation = datasets.load_from_disk(str(path / "eval"))
-    except Exception as err:  # a damaged cache directory: rebuild it (rank 0; other ranks report it)
-        if not _is_writer() or _rebuilt:
-            raise
-        log.warning("warning: data cache %s is unreadable (%s); rebuilding it", path, str(err).splitlines()[0][:120])
-        shutil.rmtree(path, ignore_errors=True)
-        if path.is_file():
-            path.unlink()
-        return load_or_build(spec, tokenizer, output_path, num_proc, _rebuilt=True)
+    train, evaluation, dropped = _read_cache(path, spec.phase)
     return TokenDataset(train), TokenDataset(evaluation), dropped
+
+
+def _ensure_cache(spec: DataSpec, tokenizer, path: Path, num_proc: int | None) -> None:
+    """Rank 0: a readable cache at `path`, reused when it reads back, (re)built otherwise."""
+    if path.exists():
+        try:
+            _read_cache(path, spec.phase)
+            log.info("step %d data: reusing the cache %s", spec.phase, path)
+            return
+        except Exception as err:  # a damaged cache directory: rebuild it before the others read it
+            first = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+            log.warning("warning: data cache %s is unreadable (%s); rebuilding it", path, first)
+            shutil.rmtree(path, ignore_errors=True)
+            if path.is_file():
+                path.unlink()
+    log.info("step %d data: building the cache %s", spec.phase, path)
+    _write_cache(spec, tokenizer, path, num_proc)
 
 
 # ---- collators ----------------------------------------------------------------------------------

@@ -29,6 +29,9 @@ Row = dict[str, Any]
 REQUIRED_KEYS = ("prompt", "chosen", "rejected")
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 EVAL_SPLITS = ("test", "validation", "eval", "valid", "dev")
+# JSON lines are parsed 1 MB at a time (datasets' default, 10 MB, held ~110 MB more at the peak of
+# reading a 158 MB file; benchmarks/RESULTS_data.md).
+READ_OPTIONS = {"json": {"chunksize": 1 << 20}}
 
 
 class RawDataset:
@@ -127,10 +130,18 @@ def card_patterns(directory: Path) -> dict[str, list[str]] | None:
 def _directory_files(directory: Path) -> dict[str, list[str]]:
     from datasets.data_files import DataFilesDict, get_data_patterns
 
+    card = card_patterns(directory)
     try:
-        patterns = card_patterns(directory) or get_data_patterns(str(directory))
-        resolved = DataFilesDict.from_patterns(patterns, base_path=str(directory))
+        resolved = DataFilesDict.from_patterns(card or get_data_patterns(str(directory)), base_path=str(directory))
+        if card and not all(resolved.values()):
+            missing = ", ".join(p for split, found in resolved.items() if not found for p in card[split])
+            raise FileNotFoundError(f"nothing matches {missing}")
     except Exception as err:  # empty directory, nothing matching
+        if card:
+            raise UserError(
+                f"the dataset card of {directory} (configs: in README.md) names data files that do not exist "
+                f"({_first_line(err)}); fix its data_files paths or download the files it names"
+            ) from None
         _raise_for_folder_named_as_file(directory)
         raise UserError(
             f"data directory {directory} holds no data files ({_first_line(err)}); put train/test "
@@ -298,7 +309,9 @@ def load_splits(sources: list[Path], cache_dir: str | None = None) -> tuple[dict
     try:
         if builder == "json":
             readable = _as_json_lines(files, Path(cache_dir) / "json_lines" if cache_dir else Path(scratch.name))
-        loaded = datasets.load_dataset(builder, data_files=readable, cache_dir=cache_dir)
+        loaded = datasets.load_dataset(
+            builder, data_files=readable, cache_dir=cache_dir, **READ_OPTIONS.get(builder, {})
+        )
     except Exception as err:  # malformed JSON, not UTF-8, no rows, a corrupt parquet file, mismatched shards
         if builder in ("json", "csv"):
             for name in every:

@@ -2,8 +2,9 @@
 
 Sequences start the way the tokenizer's defaults start them (OPT's `</s>`, Llama's `<s>`, nothing
 for GPT-2-style tokenizers). Where the defaults also append tokens (an EOS), those are dropped and
-our end rule applies instead: a training sequence always ends in EOS, kept even when truncated;
-a prompt ends where its text ends.
+our end rule applies instead: a training sequence always ends in EOS (or the registered end
+token step 2 appends with `--add_eot_token`, as DeepSpeed-Chat does), kept even when truncated; a
+prompt ends where its text ends.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
 class Encoder:
     """Batched encoding of prompts, training sequences and plain documents."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, end_token: str = "") -> None:
+        """`end_token`: what ends training sequences instead of EOS (step 2's `--add_eot_token`)."""
         self.tokenizer = tokenizer
-        self.eos = tokenizer.eos_token_id
+        self.eos = tokenizer.convert_tokens_to_ids(end_token) if end_token else tokenizer.eos_token_id
         self.prefix, self.suffix = special_affixes(tokenizer)
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
