@@ -1,6 +1,6 @@
 """Data preparation, old path vs new, on one generated prompt/chosen/rejected file (step 2 pairs).
 
-    python benchmarks/bench_data.py [--rows 100000] [--workers 2] [--old-rev b916b51] [--jsonl]
+    python benchmarks/bench_data.py [--rows 100000] [--workers 2] [--old-rev b916b51] [--format json|jsonl|parquet]
 
 The old path is the pipeline of git revision `--old-rev` (a pickle of Python lists, built row by
 row), unpacked into a temporary directory; the new one is this tree's (datasets.map into an Arrow
@@ -13,6 +13,7 @@ the RSS baseline in both paths, so its import (~90 MB) counts as neither's data.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -24,6 +25,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+KEYS = ("prompt", "chosen", "rejected")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS since it started (VmHWM: unlike ru_maxrss, not carried over from the
+    parent through fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def rss_mb() -> float:
@@ -39,7 +52,19 @@ def cpu_seconds() -> float:
 
 
 def write_rows(path: Path, rows: int, lines: bool = False, seed: int = 0) -> None:
-    """`rows` prompt/chosen/rejected rows of about 1.7 kB each: a JSON list (or JSON lines)."""
+    """`rows` prompt/chosen/rejected rows of about 1.7 kB each: a JSON list (or JSON lines; parquet
+    for a .parquet path, as a hub snapshot holds them)."""
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        json_lines = path.with_suffix(".jsonl")
+        write_rows(json_lines, rows, lines=True, seed=seed)
+        with json_lines.open() as lines_in, pq.ParquetWriter(path, pa.schema([(k, pa.string()) for k in KEYS])) as out:
+            while batch := [json.loads(line) for line in itertools.islice(lines_in, 5000)]:
+                out.write_table(pa.Table.from_pylist(batch))  # in batches: this process stays small
+        json_lines.unlink()
+        return
     rng = random.Random(seed)
     words = sorted(set((ROOT / "dschat_hal/assets/data/train.json").read_text().replace('"', " ").split()))
 
@@ -75,7 +100,7 @@ def child(args: argparse.Namespace) -> None:
         "cpu_seconds": cpu_seconds() - cpu_before,
         "rss_before_mb": before,
         "rss_after_mb": rss_mb(),
-        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mb": peak_rss_mb(),
         "workers_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "train": len(train),
         "eval": len(evaluation),
@@ -98,14 +123,14 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--workers", type=int, default=2, help="--preprocessing_num_workers of the new path")
     p.add_argument("--old-rev", default="b916b51", help="git revision with the old pipeline")
-    p.add_argument("--jsonl", action="store_true", help="write JSON lines instead of one JSON list")
+    p.add_argument("--format", default="json", choices=["json", "jsonl", "parquet"], help="file the rows are in")
     p.add_argument("--child", choices=["old", "new"], default=None)
     p.add_argument("--data")
     p.add_argument("--cache")
     args = p.parse_args()
     if args.child:
         return child(args)
-    suffix = ".jsonl" if args.jsonl else ".json"
+    suffix = f".{args.format}"
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         tmp = Path(tmp)
         old_tree = tmp / "old"
@@ -117,7 +142,7 @@ def main() -> None:
         for name, rows in sizes.items():
             files[name] = tmp / f"rows_{name}" / f"train{suffix}"
             files[name].parent.mkdir()
-            write_rows(files[name], rows, lines=args.jsonl)
+            write_rows(files[name], rows, lines=args.format == "jsonl")
         mb = files["full"].stat().st_size / 2**20
         print(f"{args.rows} rows, {mb:.0f} MB of {suffix}; step 2 pairs, tiny tokenizer, max_seq_len 512", flush=True)
         rows = []
