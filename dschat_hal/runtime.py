@@ -6,6 +6,7 @@ import argparse
 import functools
 import gc
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -84,11 +85,13 @@ def _import_muon_uncompiled() -> None:
     inductor (0.8-1.3 s per process on 2 CPU cores). This project never builds a Muon optimizer.
     """
     name = "deepspeed.runtime.zero.muon.muon_optimizer"
-    if name in sys.modules:
-        return
+    if name in sys.modules or importlib.util.find_spec("deepspeed.runtime.zero.muon") is None:
+        return  # imported already, or a DeepSpeed without Muon (older releases, Habana's fork)
     from deepspeed.runtime import compiler
 
-    original = compiler.compile
+    original = getattr(compiler, "compile", None)
+    if original is None:
+        return
     compiler.compile = lambda: lambda function: function
     try:
         importlib.import_module(name)

@@ -168,3 +168,19 @@ def test_known_third_party_deprecations_are_silenced_once_at_start_up():
 
     assert len(deprecations(silence=False)) == 2  # torch still warns: the filter has something to do
     assert deprecations(silence=True) == []
+
+
+def test_start_up_skips_what_costs_seconds_and_is_never_used():
+    """DeepSpeed's Muon module is importable for its isinstance checks without loading inductor, and
+    the objects alive after start-up are out of the cyclic collector's scans (DeepSpeed collects often)."""
+    probe = (
+        "import gc, sys, deepspeed\n"
+        "from dschat_hal import runtime\n"
+        "runtime._import_muon_uncompiled()\n"
+        "from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam\n"
+        "runtime.freeze_startup_objects()\n"
+        "print('inductor' if 'torch._inductor.compile_fx' in sys.modules else 'no inductor', gc.get_freeze_count() > 100000)\n"
+    )
+    result = run_script("-c", probe)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-3:] == ["no", "inductor", "True"]
