@@ -29,9 +29,6 @@ Row = dict[str, Any]
 REQUIRED_KEYS = ("prompt", "chosen", "rejected")
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 EVAL_SPLITS = ("test", "validation", "eval", "valid", "dev")
-# JSON lines are parsed 1 MB at a time (datasets' default, 10 MB, held ~110 MB more at the peak of
-# reading a 158 MB file; benchmarks/RESULTS_data.md).
-READ_OPTIONS = {"json": {"chunksize": 1 << 20}}
 
 
 class RawDataset:
@@ -282,6 +279,19 @@ def _as_json_lines(files: dict[str, list[str]], directory: Path) -> dict[str, li
     return converted
 
 
+def read_options(builder: str) -> dict[str, Any]:
+    """`datasets` builder options that keep reading's memory flat (benchmarks/RESULTS_data.md): JSON lines
+    parsed 1 MB at a time (the 10 MB default held 80-110 MB more reading a 158 MB file), parquet read
+    without pre-buffering whole row groups (75 MB more for a 75 MB file)."""
+    if builder == "json":
+        return {"chunksize": 1 << 20}
+    if builder == "parquet":
+        import pyarrow.dataset as pds
+
+        return {"fragment_scan_options": pds.ParquetFragmentScanOptions(pre_buffer=False)}
+    return {}
+
+
 def load_splits(sources: list[Path], cache_dir: str | None = None) -> tuple[dict[str, Any], tuple[str, ...]]:
     """{split: datasets.Dataset} of local data, and the data files read."""
     import datasets
@@ -309,9 +319,7 @@ def load_splits(sources: list[Path], cache_dir: str | None = None) -> tuple[dict
     try:
         if builder == "json":
             readable = _as_json_lines(files, Path(cache_dir) / "json_lines" if cache_dir else Path(scratch.name))
-        loaded = datasets.load_dataset(
-            builder, data_files=readable, cache_dir=cache_dir, **READ_OPTIONS.get(builder, {})
-        )
+        loaded = datasets.load_dataset(builder, data_files=readable, cache_dir=cache_dir, **read_options(builder))
     except Exception as err:  # malformed JSON, not UTF-8, no rows, a corrupt parquet file, mismatched shards
         if builder in ("json", "csv"):
             for name in every:
