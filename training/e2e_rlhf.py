@@ -98,8 +98,13 @@ def launcher(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
+def tiny_run(args: argparse.Namespace) -> bool:
+    """Both base models are the built-in tiny ones (the demo)."""
+    return args.actor_model.startswith("tiny-") and args.reward_model.startswith("tiny-")
+
+
 def step_command(step: int, args: argparse.Namespace, out: Path) -> list[str]:
-    tiny = args.actor_model.startswith("tiny-") and args.reward_model.startswith("tiny-")
+    tiny = tiny_run(args)
     defaults = (TINY_DEFAULTS if tiny else MODEL_DEFAULTS)[step]
     dtype = args.dtype or ("fp32" if tiny and args.device == "cpu" else "auto")
     common = [
@@ -147,8 +152,7 @@ def in_this_process(args: argparse.Namespace) -> bool:
     """The tiny demo on one device runs its steps in this process: no launcher is needed, and
     starting three more interpreters (~4 s of imports each) would dominate it. Real models keep one
     process per step, so each step starts with all device memory free."""
-    tiny = args.actor_model.startswith("tiny-") and args.reward_model.startswith("tiny-")
-    return args.deployment_type == "single_device" and tiny
+    return args.deployment_type == "single_device" and tiny_run(args)
 
 
 def run_in_process(step: int, argv: list[str]) -> int:

@@ -349,20 +349,19 @@ def load_or_build(
         train, evaluation, dropped = build_datasets(spec, tokenizer, num_proc)
         return TokenDataset(train), TokenDataset(evaluation), dropped
     path = Path(output_path).expanduser() / f"step{spec.phase}_{cache_key(spec, tokenizer)}"
-    if _is_writer():
-        _ensure_cache(spec, tokenizer, path, num_proc)
+    found = _reuse_or_build(spec, tokenizer, path, num_proc) if _is_writer() else None
     _barrier()
-    train, evaluation, dropped = _read_cache(path, spec.phase)
+    train, evaluation, dropped = found or _read_cache(path, spec.phase)
     return TokenDataset(train), TokenDataset(evaluation), dropped
 
 
-def _ensure_cache(spec: DataSpec, tokenizer, path: Path, num_proc: int | None) -> None:
-    """Rank 0: a readable cache at `path`, reused when it reads back, (re)built otherwise."""
+def _reuse_or_build(spec: DataSpec, tokenizer, path: Path, num_proc: int | None) -> tuple | None:
+    """Rank 0: the cache at `path` read back when it is readable (None after (re)building it)."""
     if path.exists():
         try:
-            _read_cache(path, spec.phase)
+            found = _read_cache(path, spec.phase)
             log.info("step %d data: reusing the cache %s", spec.phase, path)
-            return
+            return found
         except Exception as err:  # a damaged cache directory: rebuild it before the others read it
             first = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
             log.warning("warning: data cache %s is unreadable (%s); rebuilding it", path, first)
@@ -371,6 +370,7 @@ def _ensure_cache(spec: DataSpec, tokenizer, path: Path, num_proc: int | None) -
                 path.unlink()
     log.info("step %d data: building the cache %s", spec.phase, path)
     _write_cache(spec, tokenizer, path, num_proc)
+    return None
 
 
 # ---- collators ----------------------------------------------------------------------------------
