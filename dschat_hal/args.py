@@ -114,8 +114,9 @@ def add_optim_args(p: argparse.ArgumentParser, prefixes: tuple[str, ...] = ("",)
         g.add_argument(f"--{prefix}weight_decay", type=float, default=0.0, help="AdamW weight decay")
         g.add_argument(f"--{prefix}zero_stage", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage")
         g.add_argument(f"--{prefix}gradient_checkpointing", action="store_true")
+        unset = "0: off, as TRL does in PPO" if prefix else "its config's"
         g.add_argument(
-            f"--{prefix}dropout", type=float, default=None, help="override the model's dropout (None: its config's)"
+            f"--{prefix}dropout", type=float, default=None, help=f"override the model's dropout (None: {unset})"
         )
         g.add_argument(f"--{prefix}lora_dim", type=int, default=0, help="LoRA rank (0: off)")
         g.add_argument(

@@ -17,6 +17,13 @@ log = logging.getLogger(__name__)
 EMA_BETA = 0.992
 
 
+def ppo_dropout(flag: float | None) -> float:
+    """Step 3's dropout rate: the flag's when given, else 0. The old log-probs and values come from
+    eval-mode forwards and the new ones from train mode, so any dropout moves the PPO ratio off 1
+    (and clips) on the first epoch with unchanged weights; TRL turns dropout off for the same reason."""
+    return 0.0 if flag is None else flag
+
+
 def mixed_precision_lora_config(backend: Accelerator, args: argparse.Namespace) -> dict:
     """ZeRO++ entries of `--enable_mixed_precision_lora`: the actor's frozen (non-LoRA) weights are
     stored and gathered quantised; across nodes, a secondary partition per node (hpZ)."""
@@ -64,7 +71,11 @@ class RLHFEngine:
         stage = args.actor_zero_stage
         config = zero3_load_config(self.backend, args, stage, args.per_device_training_batch_size)
         model = create_lm(
-            args.actor_model_name_or_path, self.tokenizer, config, dropout=args.actor_dropout, seed=args.seed
+            args.actor_model_name_or_path,
+            self.tokenizer,
+            config,
+            dropout=ppo_dropout(args.actor_dropout),
+            seed=args.seed,
         )
         if lora:
             apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name, args.only_optimize_lora)
@@ -110,7 +121,7 @@ class RLHFEngine:
             args.critic_model_name_or_path,
             self.tokenizer,
             config,
-            dropout=args.critic_dropout,
+            dropout=ppo_dropout(args.critic_dropout),
             compute_fp32_loss=fp32_loss,
             seed=args.seed,
         )
