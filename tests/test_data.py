@@ -372,3 +372,59 @@ def test_two_ranks_share_one_cache_and_wait_while_rank0_rebuilds_a_damaged_one(t
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1 and rank0[0] == rank0[1] and rank0[0][0] > 0
     assert (result.stdout + result.stderr).count("is unreadable") == 1  # rank 0 found it, rebuilt it
+
+
+def two_node_ranks(script: str, out: Path, timeout: int = 300) -> list[str]:
+    """Run `script OUT NODE` as ranks 0 and 1 of a world of 2, each the first (LOCAL_RANK 0) of its own
+    simulated node; their combined output, after both exited 0."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    base = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, script, str(out), str(rank)],
+            cwd=ROOT,
+            env=base
+            | {"RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"}
+            | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [rank.communicate(timeout=timeout)[0] for rank in ranks]
+    failed = [f"rank {r}: {output[-2500:]}" for r, output in enumerate(outputs) if ranks[r].returncode]
+    assert not failed, "\n".join(failed)
+    return outputs
+
+
+def test_two_nodes_build_a_node_local_cache_each_share_a_shared_one_and_say_when_they_cannot(tmp_path):
+    two_node_ranks("tests/workers/data_cache_nodes.py", tmp_path)
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    for load in ("node_local", "shared"):
+        assert rank0[load]["sizes"] == rank1[load]["sizes"] and rank0[load]["sizes"][0] > 0
+        assert rank0[load]["first"] == rank1[load]["first"]
+    # node-local disks: each node's first rank built its own (rank 1 cannot see rank 0's)
+    assert [len(list((tmp_path / f"node{n}" / "cache").glob("step2_*/meta.json"))) for n in (0, 1)] == [1, 1]
+    assert any("building the cache" in line for line in rank0["node_local"]["log"])
+    assert any("not on this node's disk; building it here" in line for line in rank1["node_local"]["log"])
+    # shared storage: built once by rank 0, reused by the other node
+    assert any("building the cache" in line for line in rank0["shared"]["log"])
+    assert [line for line in rank1["shared"]["log"] if "cache" in line][0].startswith("step 2 data: reusing the cache")
+    assert not any("building" in line for line in rank1["shared"]["log"])
+    # without LOCAL_RANK the other node's rank does not build: one line says why it has no cache
+    assert rank0["unlabelled"] == "loaded"
+    assert (
+        rank1["unlabelled"].startswith("rank 1 cannot see the data cache ")
+        and "LOCAL_RANK is unset" in rank1["unlabelled"]
+    )

@@ -2,9 +2,10 @@
 
 Step 1 trains on prompt+chosen, step 2 on chosen/rejected pairs, step 3 on prompts only. Rows are
 tokenised with `datasets.map(batched=True, num_proc=...)` into Arrow files keyed by everything that
-changes them (the data files read, the split, the lengths, the tokenizer); rank 0 builds them once,
-every rank memory-maps the same files. Token ids are stored unpadded; collators pad each batch to
-`accel.bucket_length(...)`, the batch maximum on CPU/GPU and a static bucket on graph-compiling devices.
+changes them (the data files read, the split, the lengths, the tokenizer); rank 0 builds them once
+(and the first rank of a node that cannot see them builds that node's), every rank memory-maps its
+node's files. Token ids are stored unpadded; collators pad each batch to `accel.bucket_length(...)`,
+the batch maximum on CPU/GPU and a static bucket on graph-compiling devices.
 """
 
 from __future__ import annotations
@@ -260,10 +261,16 @@ def cache_dir_for(args) -> str | None:
     return args.data_output_path or default_cache_dir(getattr(args, "output_dir", None))
 
 
-def _is_writer() -> bool:
+def _ranks() -> tuple[int, int]:
+    """(global rank, rank within its node) of this process; (0, 0) outside torch.distributed. The
+    node rank is the launcher's LOCAL_RANK (torchrun, deepspeed, DeepSpeed's MPI discovery), the
+    global rank when there is none."""
     import torch.distributed as dist
 
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 0
+    rank = dist.get_rank()
+    return rank, int(os.environ.get("LOCAL_RANK", rank))
 
 
 def _barrier() -> None:
@@ -342,21 +349,35 @@ def load_or_build(
     everything that changes them.
 
     Rank 0 builds the Arrow cache (atomically), or checks the one it finds and rebuilds it if it is
-    damaged; the other ranks wait for it, then all memory-map the same files. Without
-    `output_path`, builds in memory.
+    damaged; then the first rank of every other node does the same, which reuses rank 0's cache on
+    storage the nodes share and builds the node's own on a node-local disk (once per node, as
+    upstream). The other ranks wait, then memory-map their node's files. Without `output_path`,
+    builds in memory.
     """
     if not output_path:
         train, evaluation, dropped = build_datasets(spec, tokenizer, num_proc)
         return TokenDataset(train), TokenDataset(evaluation), dropped
     path = Path(output_path).expanduser() / f"step{spec.phase}_{cache_key(spec, tokenizer)}"
-    found = _reuse_or_build(spec, tokenizer, path, num_proc) if _is_writer() else None
+    rank, local_rank = _ranks()
+    found = _reuse_or_build(spec, tokenizer, path, num_proc) if rank == 0 else None
     _barrier()
+    if rank != 0 and local_rank == 0:
+        if not path.exists():
+            log.info("rank %d: the data cache %s is not on this node's disk; building it here", rank, path)
+        found = _reuse_or_build(spec, tokenizer, path, num_proc)
+    _barrier()
+    if found is None and not (path / "meta.json").exists():
+        raise UserError(
+            f"rank {rank} cannot see the data cache {path} (its node's first rank did not build it: LOCAL_RANK "
+            f"is {os.environ.get('LOCAL_RANK', 'unset')}); launch with torchrun or deepspeed, which set "
+            "LOCAL_RANK per node, or put --data_output_path on storage all nodes share"
+        )
     train, evaluation, dropped = found or _read_cache(path, spec.phase)
     return TokenDataset(train), TokenDataset(evaluation), dropped
 
 
 def _reuse_or_build(spec: DataSpec, tokenizer, path: Path, num_proc: int | None) -> tuple | None:
-    """Rank 0: the cache at `path` read back when it is readable (None after (re)building it)."""
+    """Rank 0 (and each other node's first rank): the cache at `path` read back when it is readable (None after (re)building it)."""
     if path.exists():
         try:
             found = _read_cache(path, spec.phase)
