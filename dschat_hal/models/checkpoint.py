@@ -17,18 +17,26 @@ from dschat_hal.faults import apply_umask, fault_point, remove_stale_temporaries
 from dschat_hal.models.lora import LoRALinear, strip_lora_state
 
 
-def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def gathered_state_dict(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
     """The full state dict on the CPU, gathering ZeRO-3 partitions one parameter at a time.
 
     Collective under ZeRO-3: every rank must call it. LoRA factors are folded into their base
-    weights and dropped, so the result loads into the plain architecture.
+    weights and dropped, so the result loads into the plain architecture. With `keep=False` (ranks
+    that do not write) each partitioned parameter is gathered for the others and dropped at once,
+    and the result is empty: only the writing rank holds a copy of the model (as upstream's
+    `save_zero_three_model`).
     """
     import deepspeed
 
     state: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
+        if not (keep or hasattr(param, "ds_id")):
+            continue
         with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
-            state[name] = param.detach().cpu().clone()
+            if keep:
+                state[name] = param.detach().cpu().clone()
+    if not keep:
+        return state
     for name, buffer in model.named_buffers():
         state[name] = buffer.detach().cpu().clone()
     for name, layer in model.named_modules():
@@ -86,7 +94,7 @@ def write_lm(model: nn.Module, tokenizer, directory: Path | None) -> None:
     """Write a causal LM (LoRA fused, ZeRO-3 gathered) and its tokenizer into `directory` in HF
     format. Collective under ZeRO-3: every rank calls it; ranks that do not write pass None."""
     model = getattr(model, "module", model)
-    state = gathered_state_dict(model)
+    state = gathered_state_dict(model, keep=directory is not None)
     if directory is None:
         return
     model.save_pretrained(directory, state_dict=state, safe_serialization=True)

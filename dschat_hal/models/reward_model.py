@@ -110,7 +110,7 @@ class RewardModel(nn.Module):
 
     def write(self, directory: Path | None, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         """Write into `directory` (None on ranks that do not write; collective under ZeRO-3)."""
-        state = gathered_state_dict(self)
+        state = gathered_state_dict(self, keep=directory is not None)
         if directory is None:
             return
         backbone_state = {
