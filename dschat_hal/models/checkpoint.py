@@ -92,7 +92,8 @@ def save_tokenizer(tokenizer, model: nn.Module, out_dir: str | os.PathLike) -> N
 
 def write_lm(model: nn.Module, tokenizer, directory: Path | None) -> None:
     """Write a causal LM (LoRA fused, ZeRO-3 gathered) and its tokenizer into `directory` in HF
-    format. Collective under ZeRO-3: every rank calls it; ranks that do not write pass None."""
+    format. Collective under ZeRO-3: every rank calls it; ranks that do not write pass None and keep
+    nothing of what they gather."""
     model = getattr(model, "module", model)
     state = gathered_state_dict(model, keep=directory is not None)
     if directory is None:

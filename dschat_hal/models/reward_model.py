@@ -109,7 +109,8 @@ class RewardModel(nn.Module):
             self.write(tmp, tokenizer)
 
     def write(self, directory: Path | None, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
-        """Write into `directory` (None on ranks that do not write; collective under ZeRO-3)."""
+        """Write into `directory` (None on ranks that do not write, which keep nothing of what they
+        gather; collective under ZeRO-3)."""
         state = gathered_state_dict(self, keep=directory is not None)
         if directory is None:
             return
