@@ -4,7 +4,8 @@ Step 1 trains on prompt+chosen, step 2 on chosen/rejected pairs, step 3 on promp
 tokenised with `datasets.map(batched=True, num_proc=...)` into Arrow files keyed by everything that
 changes them (the data files read, the split, the lengths, the tokenizer); rank 0 builds them once,
 every rank memory-maps the same files. Token ids are stored unpadded; collators pad each batch to
-`accel.bucket_length(...)`, the batch maximum on CPU/GPU and a static bucket on graph-compiling devices.
+`accel.bucket_length(...)`, the batch maximum on CPU/GPU and a static bucket on graph-compiling devices
+(step-3 prompts also wherever the decode step is captured in a device graph).
 """
 
 from __future__ import annotations
@@ -395,7 +396,9 @@ class Collator:
         self.phase, self.pad_id, self.accel, self.max_len = phase, pad_id, accelerator, max_len
 
     def _length(self, seqs: list[list[int]]) -> int:
-        return self.accel.bucket_length(max(len(s) for s in seqs), maximum=self.max_len)
+        # step-3 prompts feed generation: static there whenever the decode step is captured
+        static = self.accel.static_generation_shapes if self.phase == 3 else None
+        return self.accel.bucket_length(max(len(s) for s in seqs), maximum=self.max_len, static=static)
 
     def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         if self.phase == 1:

@@ -29,6 +29,7 @@ from dschat_hal.models.lora import LoRALinear, lora_layers
 log = logging.getLogger(__name__)
 
 MB = 2**20
+DYNAMO_RECOMPILE_LIMIT = 8  # torch._dynamo.config.recompile_limit's default: compiled graphs per code object
 
 
 @dataclass
@@ -306,6 +307,12 @@ class HybridEngine:
         self._cache = None
         self._cache_key: tuple | None = None
         self._step = None
+        # fixed shapes where the decode step is captured: one cache and capture kept per shape (a new
+        # capture of a shape seen before would be a new graph), smaller batches padded to the largest
+        self.static_shapes = backend.static_generation_shapes
+        self._captures: dict[tuple, tuple] = {}
+        self._rows = 0
+        self._logged_shapes = 0
         self._gather_mode_logged = False
         self.fallback_reason = static_cache_reason(actor.module)
         if self.fallback_reason:
@@ -360,26 +367,59 @@ class HybridEngine:
         from transformers import StaticCache
 
         key = (id(model), batch, length)
-        if self._cache is None or self._cache_key != key:
+        if self._cache_key == key:
+            self._cache.reset()
+        elif key in self._captures:
+            self._cache, self._step = self._captures[key]
+            self._cache_key = key
+            self._cache.reset()
+        else:
             param = next(model.parameters())
             self._cache = StaticCache(
                 config=model.config, max_batch_size=batch, max_cache_len=length, device=param.device, dtype=param.dtype
             )
             self._cache_key = key
             self._step = self.backend.capture_decode_step(DecodeStep(model, self._cache))
-            log.info(
-                "hybrid engine: static KV cache for batch %d x %d positions: %.1f MB",
-                batch,
-                length,
-                sum(t.numel() * t.element_size() for t in _cache_tensors(self._cache)) / MB,
-            )
-        else:
-            self._cache.reset()
+            if self.static_shapes:
+                self._captures[key] = (self._cache, self._step)
+            self._log_new_cache(batch, length)
         return self._cache, self._step
+
+    def _log_new_cache(self, batch: int, length: int) -> None:
+        """Once per capture with fixed shapes (a few buckets); without, the first cache only (a new
+        prompt length is a new cache: debug)."""
+        self._logged_shapes += 1
+        captured = len(self._captures)
+        level = logging.INFO if self._logged_shapes == 1 or self.static_shapes else logging.DEBUG
+        log.log(
+            level,
+            "hybrid engine: static KV cache for batch %d x %d positions: %.1f MB%s",
+            batch,
+            length,
+            sum(t.numel() * t.element_size() for t in _cache_tensors(self._cache)) / MB,
+            f" (decode-step capture {captured})" if self.static_shapes else "",
+        )
+        if self.static_shapes and captured == DYNAMO_RECOMPILE_LIMIT + 1:
+            log.warning(
+                "hybrid engine: %d decode shapes captured; torch.compile stops capturing past %d "
+                "(torch._dynamo recompile_limit): use at most %d --bucket_lengths",
+                captured,
+                DYNAMO_RECOMPILE_LIMIT,
+                DYNAMO_RECOMPILE_LIMIT - 1,
+            )
 
     def _release_cache(self) -> None:
         self._cache = self._cache_key = self._step = None
+        self._captures.clear()
         self.backend.empty_cache()
+
+    def _pad_rows(self, prompts: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed shapes: a smaller batch (the last one) repeats its last row up to the largest batch."""
+        self._rows = max(self._rows, prompts.size(0))
+        missing = self._rows - prompts.size(0)
+        if not self.static_shapes or missing == 0:
+            return prompts, mask
+        return tuple(torch.cat([t, t[-1:].expand(missing, -1)]) for t in (prompts, mask))
 
     def decode(self, model: nn.Module, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """Prefill, then one token per step until every row ended (or max_answer_seq_len)."""
@@ -413,11 +453,12 @@ class HybridEngine:
 
     @torch.no_grad()
     def generate(self, prompts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        rows = prompts.size(0)
         with self.generation_form() as model, self.backend.generation_context(model):
             if self.fallback_reason:
                 seq = hf_generate(model, prompts, mask, self.config)
             else:
-                seq = self.decode(model, prompts, mask)
+                seq = self.decode(model, *self._pad_rows(prompts, mask))[:rows]
         if self.release_cache or (self.copy is not None and self.unpin):
             self._release_cache()
         return pad_answers(seq, prompts.size(1), self.config, self.backend)
