@@ -25,6 +25,7 @@ from torch import nn
 
 from accel import Accelerator
 from dschat_hal.models.lora import LoRALinear, lora_layers
+from dschat_hal.models.lora_fold import FoldedWeight, fold_exactly, unfold_exactly
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +119,17 @@ class PlainGenerator:
 
 @contextlib.contextmanager
 def folded_lora(module: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Fold LoRA adapters into their weights for the block; the exact training weights come back after."""
-    layers = lora_layers(module) if enabled else []
-    saved = [layer.weight.data.clone() for layer in layers]
-    for layer in layers:
-        layer.fuse()
+    """Fold LoRA adapters into their weights for the block; the exact training weights come back after,
+    with no copy of the weights on the device (`lora_fold`: what the fold's rounding loses, on the host)."""
+    layers = [layer for layer in lora_layers(module) if not layer.fused] if enabled else []
+    folds: list[FoldedWeight] = []
     try:
+        for layer in layers:
+            folds.append(fold_exactly(layer))
         yield
     finally:
-        for layer, weight in zip(layers, saved, strict=True):
-            layer.weight.data.copy_(weight)
-            layer.fused = False
+        for fold in folds:
+            unfold_exactly(fold)
 
 
 class DecodeStep(nn.Module):
@@ -308,7 +309,7 @@ class HybridEngine:
         self._cache_key: tuple | None = None
         self._step = None
         # fixed shapes where the decode step is captured: one cache and capture kept per shape (a new
-        # capture of a shape seen before would be a new graph), smaller batches padded to the largest
+        # cache for a shape seen before would be a new device-graph recording), smaller batches padded
         self.static_shapes = backend.static_generation_shapes
         self._captures: dict[tuple, tuple] = {}
         self._rows = 0
