@@ -26,6 +26,7 @@ from torch import nn
 from accel import Accelerator
 from dschat_hal.models.lora import LoRALinear, lora_layers
 from dschat_hal.models.lora_fold import FoldedWeight, fold_exactly, unfold_exactly
+from dschat_hal.rlhf.memory import PhaseMemory, kv_cache_bytes
 
 log = logging.getLogger(__name__)
 
@@ -243,15 +244,15 @@ class InferenceCopy:
 
     def groups(self, group_layers: int) -> list[list[str]]:
         """Parameter names of the copy, split into gather groups by transformer-layer index."""
-        names = [name for name, _ in self.model.named_parameters()]
-        if group_layers <= 0:
-            return [names]
-        keyed: dict[object, list[str]] = {}
-        for name in names:
-            match = re.search(r"\.(\d+)\.", name)
-            key = int(match.group(1)) // group_layers if match else "rest"
-            keyed.setdefault(key, []).append(name)
-        return list(keyed.values())
+        return _by_layer_group([name for name, _ in self.model.named_parameters()], group_layers)
+
+    def gathered_bytes(self, group_layers: int) -> list[int]:
+        """Bytes each gather group of the source (LoRA factors included) takes while gathered."""
+        params = dict(self.source.named_parameters())
+        return [
+            sum(getattr(params[n], "ds_numel", params[n].numel()) * params[n].element_size() for n in names)
+            for names in _by_layer_group(list(params), group_layers)
+        ]
 
     @torch.no_grad()
     def refill(self, group_layers: int) -> nn.Module:
@@ -285,6 +286,18 @@ class InferenceCopy:
         self.backend.empty_cache()
 
 
+def _by_layer_group(names: list[str], group_layers: int) -> list[list[str]]:
+    """`names` split by transformer-layer index into groups of `group_layers` layers (one group: all)."""
+    if group_layers <= 0:
+        return [names]
+    keyed: dict[object, list[str]] = {}
+    for name in names:
+        match = re.search(r"\.(\d+)\.", name)
+        key = int(match.group(1)) // group_layers if match else "rest"
+        keyed.setdefault(key, []).append(name)
+    return list(keyed.values())
+
+
 class HybridEngine:
     """Generation in the actor's generation form (see the module docstring); `generate` pads to
     prompt length + `max_answer_seq_len` like the plain path."""
@@ -300,7 +313,7 @@ class HybridEngine:
         release_inference_cache: bool = False,
         unpin_actor_parameters: bool = False,
     ) -> None:
-        self.actor, self.backend, self.config = actor, backend, config
+        self.actor, self.backend, self.config, self.dtype = actor, backend, config, dtype
         self.group_layers = gather_group_layers
         self.release_cache, self.unpin = release_inference_cache, unpin_actor_parameters
         self.zero3 = is_partitioned(actor.module)
@@ -320,29 +333,54 @@ class HybridEngine:
             log.info("hybrid engine: falling back to HF generate: %s", self.fallback_reason)
 
     # ---- the generation form ---------------------------------------------------------------------
-    def _group_layers(self) -> int:
-        """All at once when the gathered model fits beside what is allocated, else layer groups."""
-        needed = self.copy.full_bytes() * (1 if self.copy.model is not None else 2)
+    def phase_memory(self, batch: int, positions: int) -> PhaseMemory:
+        """What the next phase allocates on the device: the copy and the KV cache where not kept from before."""
+        cached = self._cache_key is not None and self._cache_key[1:] == (batch, positions)
+        cached = cached or any(key[1:] == (batch, positions) for key in self._captures)
+        module = self.actor.module
+        kv = 0 if cached else kv_cache_bytes(module.config, batch, positions, self.dtype)
+        if self.copy is None:
+            return PhaseMemory(0, 0, 0, kv, (batch, positions))
+        groups = self.copy.gathered_bytes(self.group_layers)
+        copy = 0 if self.copy.model is not None else self.copy.full_bytes()
+        return PhaseMemory(copy, sum(groups), max(groups), kv, (batch, positions))
+
+    def _free_memory(self) -> int | None:
+        """The device memory free on every rank (the least; ranks must agree on how they gather)."""
+        import torch.distributed as dist
+
         free = self.backend.available_memory()
-        group = 0 if free is None or needed < 0.8 * free else self.group_layers
-        if not self._gather_mode_logged:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return free
+        unknown = 2**62
+        least = torch.tensor([unknown if free is None else free], dtype=torch.int64, device=self.backend.device)
+        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        return None if int(least.item()) == unknown else int(least.item())
+
+    def _group_layers(self, needs: PhaseMemory) -> int:
+        """All at once when the gathered model and the KV cache fit beside what is allocated, else layer
+        groups; a one-line UserError before generating when neither fits."""
+        free = self._free_memory()
+        group = needs.group_layers(free, self.group_layers, zero3=self.copy is not None)
+        if self.copy is not None and not self._gather_mode_logged:
             how = "all at once" if group == 0 else f"in groups of {group} layers (--tp_gather_partition_size)"
             free_text = "unknown" if free is None else f"{free / MB:.0f} MB"
             log.info(
-                "hybrid engine: ZeRO-3 actor gathered %s per generation phase (needs %.0f MB, free %s)",
+                "hybrid engine: ZeRO-3 actor gathered %s per generation phase (needs %.0f MB with the KV cache, free %s)",
                 how,
-                needed / MB,
+                (needs.all_at_once() if group == 0 else needs.grouped()) / MB,
                 free_text,
             )
             self._gather_mode_logged = True
         return group
 
     @contextlib.contextmanager
-    def generation_form(self) -> Iterator[nn.Module]:
-        """The actor as one plain model with LoRA folded in, for the duration of the block."""
+    def generation_form(self, group_layers: int = 0) -> Iterator[nn.Module]:
+        """The actor as one plain model with LoRA folded in, for the duration of the block (ZeRO-3:
+        gathered in groups of `group_layers` layers, 0: all at once)."""
         if self.copy is not None:
             first = self.copy.model is None
-            model = self.copy.refill(self._group_layers())
+            model = self.copy.refill(group_layers)
             if first:
                 log.info(
                     "hybrid engine: hook-free inference copy of the actor: %.1f MB (%s between phases)",
@@ -455,7 +493,9 @@ class HybridEngine:
     @torch.no_grad()
     def generate(self, prompts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rows = prompts.size(0)
-        with self.generation_form() as model, self.backend.generation_context(model):
+        padded_rows = max(self._rows, rows) if self.static_shapes else rows
+        group = self._group_layers(self.phase_memory(padded_rows, prompts.size(1) + self.config.max_answer_seq_len))
+        with self.generation_form(group) as model, self.backend.generation_context(model):
             if self.fallback_reason:
                 seq = hf_generate(model, prompts, mask, self.config)
             else:
