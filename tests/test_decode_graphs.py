@@ -10,28 +10,14 @@ import random
 
 import pytest
 import torch
-from test_hybrid_engine import EOS, PAD, VOCAB, peaked_model
+from test_hybrid_engine import EOS, PAD, VOCAB, engine_for, peaked_model
 from torch._dynamo.testing import CompileCounter
 
-import accel
 from dschat_hal.data import Collator
 from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine
 from dschat_hal.runtime import dataloader
 
 MAX_PROMPT = 24
-
-
-class Actor:
-    """The part of a DeepSpeed engine the hybrid engine uses (ZeRO-0: `module`, `eval`, `train`)."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-
-    def eval(self) -> None:
-        self.module.eval()
-
-    def train(self) -> None:
-        self.module.train()
 
 
 def prompt_rows(count: int, seed: int = 0) -> list[dict[str, list[int]]]:
@@ -40,26 +26,30 @@ def prompt_rows(count: int, seed: int = 0) -> list[dict[str, list[int]]]:
     return [{"prompt": [rng.randrange(3, VOCAB) for _ in range(rng.randint(3, MAX_PROMPT))]} for _ in range(count)]
 
 
-def run_step3_generation(backend, buckets, rows: int = 42, batch: int = 4) -> tuple[list[torch.Tensor], list]:
+def run_step3_generation(backend, actor, buckets, rows: int = 42, batch: int = 4) -> tuple[list, list]:
     """Step 3's data path (the real collator and loader) into the hybrid engine; the answers and batches."""
     backend.set_buckets(buckets)
     loader = dataloader(prompt_rows(rows), Collator(3, PAD, backend, MAX_PROMPT), batch, seed=0, shuffle=False)
     config = GenerationConfig(max_answer_seq_len=6, pad_token_id=PAD, eos_token_id=EOS, do_sample=False)
-    engine = HybridEngine(Actor(peaked_model("opt", lora=True)), backend, config, dtype=torch.float32)
+    engine = HybridEngine(actor, backend, config, dtype=torch.float32)
     batches = list(loader)
     return [engine.generate(b["prompt"], b["prompt_att_mask"]) for b in batches], batches
 
 
 @pytest.mark.parametrize("buckets", [None, [8, 16]], ids=["max_prompt_seq_len", "bucket_lengths"])
 def test_decode_step_compiles_once_per_bucket(buckets, caplog):
-    backend = accel.get("cpu")
-    backend.init_distributed()
+    """On the actor's DeepSpeed engine (ZeRO-2, LoRA), as step 3 runs it: its hooks must not break the graph."""
+    backend, actor = engine_for(peaked_model("opt", lora=True), 2)
+    for _ in range(3):  # mid-run state: DeepSpeed's forward hooks now time every call (a graph break)
+        ids = torch.randint(3, VOCAB, (3, 8))
+        actor.backward(actor(input_ids=ids, labels=ids).loss)
+        actor.step()
     torch._dynamo.reset()
     counter = CompileCounter()
     backend.graph_compiler, backend.use_graphs = counter, True
     try:
         with caplog.at_level(logging.INFO):
-            answers, batches = run_step3_generation(backend, buckets)
+            answers, batches = run_step3_generation(backend, actor, buckets)
         lengths = {b["prompt"].size(1) for b in batches}
         assert len(batches) >= 10 and batches[-1]["prompt"].size(0) < batches[0]["prompt"].size(0)  # last one short
         allowed = len(buckets or []) + 1  # the buckets and --max_prompt_seq_len
@@ -70,7 +60,9 @@ def test_decode_step_compiles_once_per_bucket(buckets, caplog):
         backend.use_graphs = False
         caplog.clear()
         with caplog.at_level(logging.INFO):
-            eager, eager_batches = run_step3_generation(backend, None)  # uncompiled, each batch as long as it needs
+            eager, eager_batches = run_step3_generation(
+                backend, actor, None
+            )  # uncompiled, each batch as long as it needs
         assert all(torch.equal(a[:, -6:], e[:, -6:]) for a, e in zip(answers, eager, strict=True))
         assert len({b["prompt"].size(1) for b in eager_batches}) > len(lengths)  # a new cache per new length ...
         assert caplog.text.count("static KV cache") == 1  # ... logged once (#19: a line per prompt length)

@@ -154,7 +154,8 @@ class DecodeStep(nn.Module):
         cache_position: torch.Tensor,
     ) -> torch.Tensor:
         extra = {"position_ids": position_ids} if self.takes_positions else {}
-        out = self.model(
+        # `forward`, not the call: a DeepSpeed engine's hooks on the module (timers, profiler) would break the graph
+        out = self.model.forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             past_key_values=self.cache,
