@@ -71,3 +71,19 @@ def test_decode_step_compiles_once_per_bucket(buckets, caplog):
         backend.graph_compiler = "eager"
         backend.set_buckets(None)
         torch._dynamo.reset()
+
+
+def test_more_shapes_than_the_recompile_limit_are_named(monkeypatch, caplog):
+    """Prompts that do not come through step 3's collator (nine lengths): said once, with the fix."""
+    backend, actor = engine_for(peaked_model("opt", lora=False), 0)
+    monkeypatch.setattr(backend, "use_graphs", True)
+    monkeypatch.setattr(backend, "capture_decode_step", lambda step: step)  # shapes only: no compiler
+    config = GenerationConfig(max_answer_seq_len=2, pad_token_id=PAD, eos_token_id=EOS, do_sample=False)
+    engine = HybridEngine(actor, backend, config, dtype=torch.float32)
+    with caplog.at_level(logging.INFO):
+        for length in range(3, 13):
+            prompts = torch.randint(3, VOCAB, (2, length))
+            engine.generate(prompts, torch.ones_like(prompts))
+    assert caplog.text.count("decode-step capture") == 10
+    assert caplog.text.count("9 decode shapes captured; torch.compile stops capturing past 8") == 1
+    assert "--bucket_lengths" in caplog.text
