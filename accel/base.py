@@ -76,22 +76,29 @@ class Accelerator(abc.ABC):
         """Whether every step should see one of a few fixed shapes (graph-compiling devices)."""
         return False
 
+    @property
+    def static_generation_shapes(self) -> bool:
+        """Whether step-3 generation must see fixed shapes: graph-compiling devices, and any device
+        capturing the decode step in a device graph (`use_graphs`): each new shape is a new capture."""
+        return self.wants_static_shapes or self.use_graphs
+
     def set_buckets(self, sizes: list[int] | tuple[int, ...] | None) -> None:
         """Configure length buckets; an empty list restores the backend default."""
         self.bucket_sizes = tuple(sorted(int(s) for s in sizes or ()))
 
-    def bucket_length(self, n: int, maximum: int | None = None) -> int:
+    def bucket_length(self, n: int, maximum: int | None = None, static: bool | None = None) -> int:
         """The padded length for a sequence of length `n`.
 
-        Identity unless buckets are configured or the device wants static shapes, in which case
-        the smallest bucket >= n (or `maximum`, the static limit) is returned.
+        Identity unless buckets are configured or shapes are static (`static`, by default
+        `wants_static_shapes`), in which case the smallest bucket >= n (or `maximum`, the static
+        limit) is returned.
         """
         if self.bucket_sizes:
             for size in self.bucket_sizes:
                 if size >= n:
                     return size if maximum is None else min(size, max(maximum, n))
             return max(n, maximum or n)
-        if self.wants_static_shapes and maximum is not None:
+        if (self.wants_static_shapes if static is None else static) and maximum is not None:
             return max(n, maximum)
         return n
 

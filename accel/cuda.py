@@ -74,8 +74,10 @@ class CudaAccelerator(Accelerator):
         torch.cuda.empty_cache()
 
     def available_memory(self) -> int | None:
+        """Free on the device plus what torch's allocator holds unused (reusable without a new cudaMalloc)."""
         free, _total = torch.cuda.mem_get_info(self.device)
-        return int(free)
+        held = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return int(free + held)
 
     def capture_decode_step(self, step: torch.nn.Module) -> Callable[..., torch.Tensor]:
         """CUDA graphs through torch.compile's reduce-overhead mode (one capture per shape bucket)."""

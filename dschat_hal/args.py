@@ -226,7 +226,9 @@ def step3_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--enable_device_graphs",
         action="store_true",
-        help="capture the hybrid engine's decode step in device graphs (CUDA graphs, HPU graphs; none on the CPU)",
+        help="capture the hybrid engine's decode step in device graphs (CUDA graphs, HPU graphs; on the CPU "
+        "torch.compile's eager backend, a check of the capture); prompts then pad to --max_prompt_seq_len "
+        "(or --bucket_lengths)",
     )
     p.add_argument("--offload_reference_model", action="store_true", help="ZeRO-Offload the reference model")
     p.add_argument("--offload_reward_model", action="store_true", help="ZeRO-Offload the reward model")

@@ -5,7 +5,8 @@ tokenised with `datasets.map(batched=True, num_proc=...)` into Arrow files keyed
 changes them (the data files read, the split, the lengths, the tokenizer); rank 0 builds them once
 (and the first rank of a node that cannot see them builds that node's), every rank memory-maps its
 node's files. Token ids are stored unpadded; collators pad each batch to `accel.bucket_length(...)`,
-the batch maximum on CPU/GPU and a static bucket on graph-compiling devices.
+the batch maximum on CPU/GPU and a static bucket on graph-compiling devices (step-3 prompts also
+wherever the decode step is captured in a device graph).
 """
 
 from __future__ import annotations
@@ -416,7 +417,9 @@ class Collator:
         self.phase, self.pad_id, self.accel, self.max_len = phase, pad_id, accelerator, max_len
 
     def _length(self, seqs: list[list[int]]) -> int:
-        return self.accel.bucket_length(max(len(s) for s in seqs), maximum=self.max_len)
+        # step-3 prompts feed generation: static there whenever the decode step is captured
+        static = self.accel.static_generation_shapes if self.phase == 3 else None
+        return self.accel.bucket_length(max(len(s) for s in seqs), maximum=self.max_len, static=static)
 
     def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         if self.phase == 1:

@@ -25,10 +25,13 @@ from torch import nn
 
 from accel import Accelerator
 from dschat_hal.models.lora import LoRALinear, lora_layers
+from dschat_hal.models.lora_fold import FoldedWeight, fold_exactly, unfold_exactly
+from dschat_hal.rlhf.memory import PhaseMemory, kv_cache_bytes
 
 log = logging.getLogger(__name__)
 
 MB = 2**20
+DYNAMO_RECOMPILE_LIMIT = 8  # torch._dynamo.config.recompile_limit's default: compiled graphs per code object
 
 
 @dataclass
@@ -117,17 +120,17 @@ class PlainGenerator:
 
 @contextlib.contextmanager
 def folded_lora(module: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Fold LoRA adapters into their weights for the block; the exact training weights come back after."""
-    layers = lora_layers(module) if enabled else []
-    saved = [layer.weight.data.clone() for layer in layers]
-    for layer in layers:
-        layer.fuse()
+    """Fold LoRA adapters into their weights for the block; the exact training weights come back after,
+    with no copy of the weights on the device (`lora_fold`: what the fold's rounding loses, on the host)."""
+    layers = [layer for layer in lora_layers(module) if not layer.fused] if enabled else []
+    folds: list[FoldedWeight] = []
     try:
+        for layer in layers:
+            folds.append(fold_exactly(layer))
         yield
     finally:
-        for layer, weight in zip(layers, saved, strict=True):
-            layer.weight.data.copy_(weight)
-            layer.fused = False
+        for fold in folds:
+            unfold_exactly(fold)
 
 
 class DecodeStep(nn.Module):
@@ -151,7 +154,8 @@ class DecodeStep(nn.Module):
         cache_position: torch.Tensor,
     ) -> torch.Tensor:
         extra = {"position_ids": position_ids} if self.takes_positions else {}
-        out = self.model(
+        # `forward`, not the call: a DeepSpeed engine's hooks on the module (timers, profiler) would break the graph
+        out = self.model.forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             past_key_values=self.cache,
@@ -241,15 +245,15 @@ class InferenceCopy:
 
     def groups(self, group_layers: int) -> list[list[str]]:
         """Parameter names of the copy, split into gather groups by transformer-layer index."""
-        names = [name for name, _ in self.model.named_parameters()]
-        if group_layers <= 0:
-            return [names]
-        keyed: dict[object, list[str]] = {}
-        for name in names:
-            match = re.search(r"\.(\d+)\.", name)
-            key = int(match.group(1)) // group_layers if match else "rest"
-            keyed.setdefault(key, []).append(name)
-        return list(keyed.values())
+        return _by_layer_group([name for name, _ in self.model.named_parameters()], group_layers)
+
+    def gathered_bytes(self, group_layers: int) -> list[int]:
+        """Bytes each gather group of the source (LoRA factors included) takes while gathered."""
+        params = dict(self.source.named_parameters())
+        return [
+            sum(getattr(params[n], "ds_numel", params[n].numel()) * params[n].element_size() for n in names)
+            for names in _by_layer_group(list(params), group_layers)
+        ]
 
     @torch.no_grad()
     def refill(self, group_layers: int) -> nn.Module:
@@ -283,6 +287,18 @@ class InferenceCopy:
         self.backend.empty_cache()
 
 
+def _by_layer_group(names: list[str], group_layers: int) -> list[list[str]]:
+    """`names` split by transformer-layer index into groups of `group_layers` layers (one group: all)."""
+    if group_layers <= 0:
+        return [names]
+    keyed: dict[object, list[str]] = {}
+    for name in names:
+        match = re.search(r"\.(\d+)\.", name)
+        key = int(match.group(1)) // group_layers if match else "rest"
+        keyed.setdefault(key, []).append(name)
+    return list(keyed.values())
+
+
 class HybridEngine:
     """Generation in the actor's generation form (see the module docstring); `generate` pads to
     prompt length + `max_answer_seq_len` like the plain path."""
@@ -298,7 +314,7 @@ class HybridEngine:
         release_inference_cache: bool = False,
         unpin_actor_parameters: bool = False,
     ) -> None:
-        self.actor, self.backend, self.config = actor, backend, config
+        self.actor, self.backend, self.config, self.dtype = actor, backend, config, dtype
         self.group_layers = gather_group_layers
         self.release_cache, self.unpin = release_inference_cache, unpin_actor_parameters
         self.zero3 = is_partitioned(actor.module)
@@ -306,35 +322,66 @@ class HybridEngine:
         self._cache = None
         self._cache_key: tuple | None = None
         self._step = None
+        # fixed shapes where the decode step is captured: one cache and capture kept per shape (a new
+        # cache for a shape seen before would be a new device-graph recording), smaller batches padded
+        self.static_shapes = backend.static_generation_shapes
+        self._captures: dict[tuple, tuple] = {}
+        self._rows = 0
+        self._logged_shapes = 0
         self._gather_mode_logged = False
         self.fallback_reason = static_cache_reason(actor.module)
         if self.fallback_reason:
             log.info("hybrid engine: falling back to HF generate: %s", self.fallback_reason)
 
     # ---- the generation form ---------------------------------------------------------------------
-    def _group_layers(self) -> int:
-        """All at once when the gathered model fits beside what is allocated, else layer groups."""
-        needed = self.copy.full_bytes() * (1 if self.copy.model is not None else 2)
+    def phase_memory(self, batch: int, positions: int) -> PhaseMemory:
+        """What the next phase allocates on the device: the copy and the KV cache where not kept from before."""
+        cached = self._cache_key is not None and self._cache_key[1:] == (batch, positions)
+        cached = cached or any(key[1:] == (batch, positions) for key in self._captures)
+        module = self.actor.module
+        kv = 0 if cached else kv_cache_bytes(module.config, batch, positions, self.dtype)
+        if self.copy is None:
+            return PhaseMemory(0, 0, 0, kv, (batch, positions))
+        groups = self.copy.gathered_bytes(self.group_layers)
+        copy = 0 if self.copy.model is not None else self.copy.full_bytes()
+        return PhaseMemory(copy, sum(groups), max(groups), kv, (batch, positions))
+
+    def _free_memory(self) -> int | None:
+        """The device memory free on every rank (the least; ranks must agree on how they gather)."""
+        import torch.distributed as dist
+
         free = self.backend.available_memory()
-        group = 0 if free is None or needed < 0.8 * free else self.group_layers
-        if not self._gather_mode_logged:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return free
+        unknown = 2**62
+        least = torch.tensor([unknown if free is None else free], dtype=torch.int64, device=self.backend.device)
+        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        return None if int(least.item()) == unknown else int(least.item())
+
+    def _group_layers(self, needs: PhaseMemory) -> int:
+        """All at once when the gathered model and the KV cache fit beside what is allocated, else layer
+        groups; a one-line UserError before generating when neither fits."""
+        free = self._free_memory()
+        group = needs.group_layers(free, self.group_layers, zero3=self.copy is not None)
+        if self.copy is not None and not self._gather_mode_logged:
             how = "all at once" if group == 0 else f"in groups of {group} layers (--tp_gather_partition_size)"
             free_text = "unknown" if free is None else f"{free / MB:.0f} MB"
             log.info(
-                "hybrid engine: ZeRO-3 actor gathered %s per generation phase (needs %.0f MB, free %s)",
+                "hybrid engine: ZeRO-3 actor gathered %s per generation phase (needs %.0f MB with the KV cache, free %s)",
                 how,
-                needed / MB,
+                (needs.all_at_once() if group == 0 else needs.grouped()) / MB,
                 free_text,
             )
             self._gather_mode_logged = True
         return group
 
     @contextlib.contextmanager
-    def generation_form(self) -> Iterator[nn.Module]:
-        """The actor as one plain model with LoRA folded in, for the duration of the block."""
+    def generation_form(self, group_layers: int = 0) -> Iterator[nn.Module]:
+        """The actor as one plain model with LoRA folded in, for the duration of the block (ZeRO-3:
+        gathered in groups of `group_layers` layers, 0: all at once)."""
         if self.copy is not None:
             first = self.copy.model is None
-            model = self.copy.refill(self._group_layers())
+            model = self.copy.refill(group_layers)
             if first:
                 log.info(
                     "hybrid engine: hook-free inference copy of the actor: %.1f MB (%s between phases)",
@@ -360,26 +407,59 @@ class HybridEngine:
         from transformers import StaticCache
 
         key = (id(model), batch, length)
-        if self._cache is None or self._cache_key != key:
+        if self._cache_key == key:
+            self._cache.reset()
+        elif key in self._captures:
+            self._cache, self._step = self._captures[key]
+            self._cache_key = key
+            self._cache.reset()
+        else:
             param = next(model.parameters())
             self._cache = StaticCache(
                 config=model.config, max_batch_size=batch, max_cache_len=length, device=param.device, dtype=param.dtype
             )
             self._cache_key = key
             self._step = self.backend.capture_decode_step(DecodeStep(model, self._cache))
-            log.info(
-                "hybrid engine: static KV cache for batch %d x %d positions: %.1f MB",
-                batch,
-                length,
-                sum(t.numel() * t.element_size() for t in _cache_tensors(self._cache)) / MB,
-            )
-        else:
-            self._cache.reset()
+            if self.static_shapes:
+                self._captures[key] = (self._cache, self._step)
+            self._log_new_cache(batch, length)
         return self._cache, self._step
+
+    def _log_new_cache(self, batch: int, length: int) -> None:
+        """Once per capture with fixed shapes (a few buckets); without, the first cache only (a new
+        prompt length is a new cache: debug)."""
+        self._logged_shapes += 1
+        captured = len(self._captures)
+        level = logging.INFO if self._logged_shapes == 1 or self.static_shapes else logging.DEBUG
+        log.log(
+            level,
+            "hybrid engine: static KV cache for batch %d x %d positions: %.1f MB%s",
+            batch,
+            length,
+            sum(t.numel() * t.element_size() for t in _cache_tensors(self._cache)) / MB,
+            f" (decode-step capture {captured})" if self.static_shapes else "",
+        )
+        if self.static_shapes and captured == DYNAMO_RECOMPILE_LIMIT + 1:
+            log.warning(
+                "hybrid engine: %d decode shapes captured; torch.compile stops capturing past %d "
+                "(torch._dynamo recompile_limit): use at most %d --bucket_lengths",
+                captured,
+                DYNAMO_RECOMPILE_LIMIT,
+                DYNAMO_RECOMPILE_LIMIT - 1,
+            )
 
     def _release_cache(self) -> None:
         self._cache = self._cache_key = self._step = None
+        self._captures.clear()
         self.backend.empty_cache()
+
+    def _pad_rows(self, prompts: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed shapes: a smaller batch (the last one) repeats its last row up to the largest batch."""
+        self._rows = max(self._rows, prompts.size(0))
+        missing = self._rows - prompts.size(0)
+        if not self.static_shapes or missing == 0:
+            return prompts, mask
+        return tuple(torch.cat([t, t[-1:].expand(missing, -1)]) for t in (prompts, mask))
 
     def decode(self, model: nn.Module, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """Prefill, then one token per step until every row ended (or max_answer_seq_len)."""
@@ -413,11 +493,14 @@ class HybridEngine:
 
     @torch.no_grad()
     def generate(self, prompts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        with self.generation_form() as model, self.backend.generation_context(model):
+        rows = prompts.size(0)
+        padded_rows = max(self._rows, rows) if self.static_shapes else rows
+        group = self._group_layers(self.phase_memory(padded_rows, prompts.size(1) + self.config.max_answer_seq_len))
+        with self.generation_form(group) as model, self.backend.generation_context(model):
             if self.fallback_reason:
                 seq = hf_generate(model, prompts, mask, self.config)
             else:
-                seq = self.decode(model, prompts, mask)
+                seq = self.decode(model, *self._pad_rows(prompts, mask))[:rows]
         if self.release_cache or (self.copy is not None and self.unpin):
             self._release_cache()
         return pad_answers(seq, prompts.size(1), self.config, self.backend)
