@@ -83,18 +83,31 @@ TINY_STEP3_OPTIM = [
 ]
 
 
-@pytest.fixture
-def fake_hpu(monkeypatch):
-    """Make the recording fake of `habana_frameworks` importable; removed again afterwards."""
-    monkeypatch.syspath_prepend(str(FAKES))
+def import_fake_hpu():
+    """(Re)import the fake bridge, which fixes lazy or eager mode from PT_HPU_LAZY_MODE as it imports."""
     for name in [m for m in sys.modules if m.startswith("habana_frameworks")]:
-        monkeypatch.delitem(sys.modules, name)
+        sys.modules.pop(name)
     import habana_frameworks.torch as htorch
 
     htorch.core.reset()
     htorch.hpu.reset()
     htorch.hpex.optimizers.reset()
     htorch.dynamo.reset()
+    return htorch
+
+
+@pytest.fixture
+def fake_hpu(monkeypatch):
+    """Make the recording fake of `habana_frameworks` importable; removed again afterwards. The HPU
+    environment defaults are set first, as `accel/__init__` does in a process that will use the HPU."""
+    from accel._hpu_env import HPU_ENV_DEFAULTS
+
+    monkeypatch.syspath_prepend(str(FAKES))
+    for name in [m for m in sys.modules if m.startswith("habana_frameworks")]:
+        monkeypatch.delitem(sys.modules, name)
+    for key, value in HPU_ENV_DEFAULTS.items():
+        monkeypatch.setenv(key, os.environ.get(key, value))
+    htorch = import_fake_hpu()
     monkeypatch.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))
     yield htorch
     for name in [m for m in sys.modules if m.startswith("habana_frameworks")]:
