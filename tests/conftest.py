@@ -116,6 +116,34 @@ def fake_hpu(monkeypatch):
     accel.get("cpu")
 
 
+@pytest.fixture
+def fake_optimum_habana(fake_hpu, monkeypatch):
+    """The fake HPU plus the double of optimum-habana (`tests/fakes/optimum_habana`): the HPU backend
+    then applies its patch (Llama only). Everything it replaces in torch and transformers is put back."""
+    import torch.utils.checkpoint
+    import transformers
+    import transformers.modeling_utils
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.syspath_prepend(str(FAKES / "optimum_habana"))
+    for name in [m for m in sys.modules if m == "optimum" or m.startswith("optimum.")]:
+        monkeypatch.delitem(sys.modules, name)
+    for owner, name in (
+        (torch.utils.checkpoint, "checkpoint"),
+        (transformers.modeling_utils, "checkpoint"),
+        (modeling_llama, "LlamaForCausalLM"),
+    ):
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # restored after the test
+    mapping = transformers.AutoModelForCausalLM._model_mapping
+    monkeypatch.setattr(mapping, "_extra_content", dict(mapping._extra_content))
+    import optimum.habana.transformers.gradient_checkpointing
+    import optimum.habana.transformers.models.llama
+
+    yield optimum.habana
+    for name in [m for m in sys.modules if m == "optimum" or m.startswith("optimum.")]:
+        sys.modules.pop(name)
+
+
 @pytest.fixture(scope="session")
 def e2e_output(tmp_path_factory) -> Path:
     """The README's demo (all three steps, tiny OPT, CPU), run once as a user would."""
