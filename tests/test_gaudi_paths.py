@@ -74,7 +74,9 @@ def test_the_patched_llama_double_behaves_as_optimum_habanas(fake_optimum_habana
     # its static-shape generate is transformers' greedy decoding on the same weights
     with torch.no_grad():
         seq = hf_generate(model, prompts, mask, GREEDY, lazy_mode=True, ignore_eos=False)
-    assert answers_equal(torch.nn.functional.pad(seq, (0, 21 - seq.size(1)), value=PAD), plain_reference(model, prompts, mask))
+    assert answers_equal(
+        torch.nn.functional.pad(seq, (0, 21 - seq.size(1)), value=PAD), plain_reference(model, prompts, mask)
+    )
 
 
 @pytest.mark.parametrize("stage", [0, 3], ids=["zero0", "zero3"])

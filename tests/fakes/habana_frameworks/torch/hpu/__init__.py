@@ -76,7 +76,10 @@ def wrap_in_hpu_graph(module: torch.nn.Module, *args, **kwargs) -> torch.nn.Modu
             graphs[key] = (static_args, static_kwargs, original(*static_args, **static_kwargs))
             return graphs[key][2]
         static_args, static_kwargs, outputs = graphs[key]
-        for buffer, value in (*zip(static_args, f_args), *((static_kwargs[k], v) for k, v in f_kwargs.items())):
+        for buffer, value in (
+            *zip(static_args, f_args, strict=True),
+            *((static_kwargs[k], v) for k, v in f_kwargs.items()),
+        ):
             if isinstance(buffer, torch.Tensor):
                 buffer.copy_(value)
         fresh = original(*static_args, **static_kwargs)
