@@ -130,6 +130,30 @@ def test_lazy_mode_is_set_before_the_bridge_imports_and_read_back_from_it():
     assert early["captured"] is False
 
 
+TORCH_IMPORT_ENV = """
+import os, sys
+seen = []
+sys.addaudithook(lambda event, args: event == "import" and args[0] == "torch" and seen.append(os.environ.get("PT_HPU_LAZY_MODE")))
+sys.argv = ["main.py", "--device", "hpu"]
+import {module}
+print(seen[0])
+"""
+
+
+@pytest.mark.parametrize(
+    "step", ["step1_supervised_finetuning", "step2_reward_model_finetuning", "step3_rlhf_finetuning"]
+)
+def test_each_step_sets_the_hpu_defaults_before_torch_is_imported(step):
+    """torch may autoload Habana's bridge, which fixes its mode then: the default must already be set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PT_HPU_") and k != "ACCEL_DEVICE"}
+    code = TORCH_IMPORT_ENV.format(module=f"training.{step}.main")
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "1"
+
+
 def test_hpu_defaults_are_not_set_for_other_devices():
     from accel._hpu_env import may_use_hpu
 
