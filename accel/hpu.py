@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -75,7 +76,9 @@ class HpuAccelerator(Accelerator):
 
     @classmethod
     def is_available(cls) -> bool:
-        cls._ensure_env_before_bridge()  # this is the first import of the bridge in most processes
+        if importlib.util.find_spec("habana_frameworks") is None:
+            return False  # no Gaudi image: no HPU variables set either
+        cls._ensure_env_before_bridge()  # the first import of the bridge, where accel/__init__ could not know
         try:
             return bool(_habana("torch.hpu").is_available())
         except ImportError:
