@@ -21,7 +21,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, apply_rotary_pos_emb, repeat_kv
 
 generate_calls: list[dict] = []
-cached_forwards: list[dict] = []  # one entry per forward with a past or token_idx
 
 
 def _additive_mask(mask_2d: torch.Tensor, q_len: int, past_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -68,7 +67,6 @@ class GaudiLlamaForCausalLM(LlamaForCausalLM):
                 logits_to_keep=logits_to_keep,
                 **kwargs,
             )
-        cached_forwards.append({"token_idx": token_idx is not None, "cache_position_ignored": cache_position})
         base = self.model
         hidden = base.embed_tokens(input_ids)
         batch, q_len = input_ids.shape
