@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 
+from accel._hpu_env import may_use_hpu, set_hpu_env_defaults
 from accel._openmp import set_wait_defaults
 
 set_wait_defaults()  # before accel.base imports torch, which reads these once
+if may_use_hpu():
+    set_hpu_env_defaults()  # before torch (which may autoload Habana's bridge): the bridge picks lazy/eager at import
 
 from accel.base import DTYPE_NAMES, Accelerator, DeviceUnavailableError, UnsupportedDtypeError  # noqa: E402
 

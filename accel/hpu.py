@@ -1,7 +1,9 @@
 """Intel Gaudi (HPU) backend. `habana_frameworks` is imported lazily: it exists only in Gaudi images.
 
 Lazy mode (`PT_HPU_LAZY_MODE=1`, the default here) accumulates a graph until `mark_step`; graphs are
-compiled per shape, so this backend asks callers for static shapes. When `habana_frameworks`
+compiled per shape, so this backend asks callers for static shapes. The bridge fixes its mode when it
+is imported: `accel/__init__` sets the defaults before torch loads, and the backend asks the runtime
+(`habana_frameworks.torch.utils.internal.is_lazy`) which mode it is in rather than the environment. When `habana_frameworks`
 declares itself a test double (`IS_TEST_FAKE`), tensors stay on the CPU and collectives use gloo,
 so the HPU code paths run in CPU tests; every hardware answer (hccl, bf16, fused AdamW) is unchanged.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -17,16 +20,12 @@ from typing import Any
 
 import torch
 
+from accel._hpu_env import HPU_ENV_DEFAULTS, set_hpu_env_defaults
 from accel.base import Accelerator
 
 log = logging.getLogger(__name__)
 
-# Environment a Gaudi user would set; the backend sets the defaults it needs before the import.
 # PT_HPU_RECIPE_CACHE_CONFIG (a compiled-graph cache path) is left to the user (README).
-HPU_ENV_DEFAULTS = {
-    "PT_HPU_LAZY_MODE": "1",  # lazy graph mode, mark_step-driven
-    "PT_HPU_ENABLE_LAZY_COLLECTIVES": "true",  # needed by ZeRO-3 / tensor parallelism in lazy mode
-}
 
 
 def _habana(submodule: str = "") -> Any:
@@ -39,21 +38,47 @@ class HpuAccelerator(Accelerator):
     dist_backend = "hccl"
 
     def __init__(self, local_rank: int | None = None) -> None:
-        for key, value in HPU_ENV_DEFAULTS.items():
-            if key not in os.environ:
-                os.environ[key] = value
-                log.info("accel/hpu: %s=%s set (override it in the environment)", key, value)
         super().__init__(local_rank)
+        self._ensure_env_before_bridge()
         _habana("torch")  # registers the hpu_backend compiler and the device
         self._core = _habana("torch.core")
         self._hpu = _habana("torch.hpu")
         self.simulated = bool(getattr(_habana(), "IS_TEST_FAKE", False))
-        self.lazy_mode = os.environ.get("PT_HPU_LAZY_MODE", "1") == "1"
+        self.lazy_mode = self._runtime_is_lazy()
         self.mark_step_calls = 0
-        self.gaudi_generate = self._adapt_transformers()
+        self._graphs_refusal_logged = False
+        self.gaudi_generate = self._adapt_transformers(self.lazy_mode)
+
+    @staticmethod
+    def _ensure_env_before_bridge() -> None:
+        """The defaults, if `accel/__init__` could not know the HPU would be used; they only take effect
+        while the bridge is not imported yet."""
+        for key in set_hpu_env_defaults():
+            log.info("accel/hpu: %s=%s set (override it in the environment)", key, HPU_ENV_DEFAULTS[key])
+
+    @staticmethod
+    def _runtime_is_lazy() -> bool:
+        """The mode the bridge is in (fixed when it was imported), not what the environment says now."""
+        try:
+            is_lazy = _habana("torch.utils.internal").is_lazy
+        except (ImportError, AttributeError):  # a bridge without the query: its mode follows the variable
+            return os.environ.get("PT_HPU_LAZY_MODE", "1") == "1"
+        lazy = bool(is_lazy())
+        wanted = os.environ.get("PT_HPU_LAZY_MODE", "1") == "1"
+        if lazy != wanted:
+            log.warning(
+                "accel/hpu: the Habana bridge runs in %s mode but PT_HPU_LAZY_MODE=%s: it was imported before the "
+                "variable was set; set it before starting Python",
+                "lazy" if lazy else "eager",
+                os.environ.get("PT_HPU_LAZY_MODE"),
+            )
+        return lazy
 
     @classmethod
     def is_available(cls) -> bool:
+        if importlib.util.find_spec("habana_frameworks") is None:
+            return False  # no Gaudi image: no HPU variables set either
+        cls._ensure_env_before_bridge()  # the first import of the bridge, where accel/__init__ could not know
         try:
             return bool(_habana("torch.hpu").is_available())
         except ImportError:
@@ -64,22 +89,26 @@ class HpuAccelerator(Accelerator):
         return "HPU requested but habana_frameworks is not importable; run inside a Gaudi image or use --device cpu"
 
     @staticmethod
-    def _adapt_transformers() -> bool:
-        """Apply optimum-habana's Gaudi model patches once, when it is installed, and its
-        activation-checkpointing function (HabanaAI's DeepSpeed-Chat swaps it in for
-        `torch.utils.checkpoint.checkpoint`, which the models' gradient checkpointing calls)."""
+    def _adapt_transformers(lazy_mode: bool) -> bool:
+        """Apply optimum-habana's Gaudi model patches once, when it is installed, and in lazy mode its
+        activation-checkpointing function. transformers binds `checkpoint` into `modeling_utils` when it
+        is imported, so both names are replaced, as optimum-habana's trainer does."""
         try:
             from optimum.habana.transformers.modeling_utils import adapt_transformers_to_gaudi
         except ImportError:
             return False
         adapt_transformers_to_gaudi()
+        if not lazy_mode:
+            return True
         try:
             from optimum.habana.transformers import gradient_checkpointing
         except ImportError:
             return True
         import torch.utils.checkpoint
+        import transformers.modeling_utils
 
         torch.utils.checkpoint.checkpoint = gradient_checkpointing.checkpoint
+        transformers.modeling_utils.checkpoint = gradient_checkpointing.checkpoint
         return True
 
     def generate_kwargs(self) -> dict[str, Any]:
@@ -174,6 +203,11 @@ class HpuAccelerator(Accelerator):
         """An HPU graph of the decode step only: `wrap_in_hpu_graph` replaces the module's forward for
         good, so it is never applied to a module that trains."""
         if not self.use_graphs:
+            return step
+        if not self.lazy_mode:  # optimum-habana refuses hpu_graphs without lazy mode too
+            if not self._graphs_refusal_logged:
+                log.info("accel/hpu: HPU graphs need lazy mode (PT_HPU_LAZY_MODE=1); eager mode decodes uncaptured")
+                self._graphs_refusal_logged = True
             return step
         log.info("accel/hpu: decode step captured in an HPU graph")
         return self._hpu.wrap_in_hpu_graph(step)

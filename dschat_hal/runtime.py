@@ -161,6 +161,12 @@ def param_groups(model: nn.Module, weight_decay: float, lora_lr: float) -> list[
     return [g for g in groups if g["params"]]
 
 
+# Passed explicitly to every device's Adam(W): Habana's FusedAdamW defaults differ from torch's
+# (eps 1e-6, weight decay 0.0), so the same flags must not mean different optimizers.
+ADAM_BETAS = (0.9, 0.95)  # upstream DeepSpeed-Chat's
+ADAM_EPS = 1e-8  # torch's and DeepSpeed's default
+
+
 def engine_settings(dtype: torch.dtype, fused: bool = True) -> argparse.Namespace:
     """The flags `training_engine` reads, at their plain values (constant lr, no offload, no
     accumulation, no TensorBoard): for engines built outside a step's parser (tests, benchmarks)."""
@@ -223,7 +229,9 @@ def training_engine(
         config["zero_optimization"].update(hpz_entries(backend, stage, world_size()))
     model = backend.prepare_model(model)
     optimizer_class = backend.optimizer_class(offload=args.offload, fused=not args.no_fused_kernels)
-    optimizer = optimizer_class(param_groups(model, weight_decay, lora_lr), lr=lr, betas=(0.9, 0.95))
+    optimizer = optimizer_class(
+        param_groups(model, weight_decay, lora_lr), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay
+    )
     scheduler = get_scheduler(
         args.lr_scheduler_type,
         optimizer=optimizer,

@@ -83,24 +83,65 @@ TINY_STEP3_OPTIM = [
 ]
 
 
-@pytest.fixture
-def fake_hpu(monkeypatch):
-    """Make the recording fake of `habana_frameworks` importable; removed again afterwards."""
-    monkeypatch.syspath_prepend(str(FAKES))
+def import_fake_hpu():
+    """(Re)import the fake bridge, which fixes lazy or eager mode from PT_HPU_LAZY_MODE as it imports."""
     for name in [m for m in sys.modules if m.startswith("habana_frameworks")]:
-        monkeypatch.delitem(sys.modules, name)
+        sys.modules.pop(name)
     import habana_frameworks.torch as htorch
 
     htorch.core.reset()
     htorch.hpu.reset()
     htorch.hpex.optimizers.reset()
     htorch.dynamo.reset()
+    return htorch
+
+
+@pytest.fixture
+def fake_hpu(monkeypatch):
+    """Make the recording fake of `habana_frameworks` importable; removed again afterwards. The HPU
+    environment defaults are set first, as `accel/__init__` does in a process that will use the HPU."""
+    from accel._hpu_env import HPU_ENV_DEFAULTS
+
+    monkeypatch.syspath_prepend(str(FAKES))
+    for name in [m for m in sys.modules if m.startswith("habana_frameworks")]:
+        monkeypatch.delitem(sys.modules, name)
+    for key, value in HPU_ENV_DEFAULTS.items():
+        monkeypatch.setenv(key, os.environ.get(key, value))
+    htorch = import_fake_hpu()
     monkeypatch.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))
     yield htorch
     for name in [m for m in sys.modules if m.startswith("habana_frameworks")]:
         sys.modules.pop(name)
 
     accel.get("cpu")
+
+
+@pytest.fixture
+def fake_optimum_habana(fake_hpu, monkeypatch):
+    """The fake HPU plus the double of optimum-habana (`tests/fakes/optimum_habana`): the HPU backend
+    then applies its patch (Llama only). Everything it replaces in torch and transformers is put back."""
+    import torch.utils.checkpoint
+    import transformers
+    import transformers.modeling_utils
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.syspath_prepend(str(FAKES / "optimum_habana"))
+    for name in [m for m in sys.modules if m == "optimum" or m.startswith("optimum.")]:
+        monkeypatch.delitem(sys.modules, name)
+    for owner, name in (
+        (torch.utils.checkpoint, "checkpoint"),
+        (transformers.modeling_utils, "checkpoint"),
+        (modeling_llama, "LlamaForCausalLM"),
+    ):
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # restored after the test
+    mapping = transformers.AutoModelForCausalLM._model_mapping
+    monkeypatch.setattr(mapping, "_extra_content", dict(mapping._extra_content))
+    import optimum.habana.transformers.gradient_checkpointing
+    import optimum.habana.transformers.models.llama
+
+    yield optimum.habana
+    for name in [m for m in sys.modules if m == "optimum" or m.startswith("optimum.")]:
+        sys.modules.pop(name)
 
 
 @pytest.fixture(scope="session")

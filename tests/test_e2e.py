@@ -85,7 +85,7 @@ def test_e2e_step3_with_the_hybrid_engine(e2e_output, tmp_path, device):
     for name in ("actor", "reward"):
         (tmp_path / name).symlink_to(e2e_output / name)
     step3_args = "--enable_test_mode --test_stop_step 2" + (" --enable_hpu_graphs" if device == "hpu" else "")
-    fakes = {"PYTHONPATH": str(ROOT / "tests" / "fakes")} if device == "hpu" else {}
+    fakes = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests' / 'fakes'}"} if device == "hpu" else {}
     result = run_script(
         "training/e2e_rlhf.py",
         "--step",

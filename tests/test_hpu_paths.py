@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import tiny_step3_argv
+from conftest import import_fake_hpu, tiny_step3_argv
 
 from training.step1_supervised_finetuning.main import main as step1
 from training.step2_reward_model_finetuning.main import main as step2
@@ -109,8 +109,9 @@ def test_hpu_graphs_capture_only_the_decode_step(tmp_path, fake_hpu, e2e_output)
 
 def test_eager_mode_compiles_with_the_hpu_backend_and_skips_mark_step(tmp_path, fake_hpu, monkeypatch):
     lazy = step1(sft_args(tmp_path / "lazy", "hpu", "--max_steps", "3", "--seed", "4"))["losses"]
-    fake_hpu.core.reset()
     monkeypatch.setenv("PT_HPU_LAZY_MODE", "0")
+    assert fake_hpu.utils.internal.is_lazy()  # the bridge keeps the mode it was imported in
+    fake_hpu = import_fake_hpu()  # a process started with PT_HPU_LAZY_MODE=0
     eager = step1(sft_args(tmp_path / "eager", "hpu", "--max_steps", "3", "--seed", "4"))["losses"]
     assert fake_hpu.dynamo.compiled_graphs, "the model forward went through torch.compile(backend='hpu_backend')"
     assert fake_hpu.core.calls == []  # mark_step is a lazy-mode concept

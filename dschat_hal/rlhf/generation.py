@@ -166,9 +166,15 @@ class DecodeStep(nn.Module):
         return out.logits[:, -1]
 
 
-# Causal LMs whose forward is `lm_head(base_model(...)[0])` but takes no `logits_to_keep`: the prefill
-# computes the head on the last position only (the head over a whole prompt is ~10% of OPT-125m's work).
-HEAD_ON_BASE_OUTPUT = ("OPTForCausalLM", "BloomForCausalLM")
+@functools.cache
+def head_on_base_output() -> tuple[type, ...]:
+    """Causal LMs whose forward is `lm_head(base_model(...)[0])` but takes no `logits_to_keep`: the prefill
+    computes the head on the last position only (the head over a whole prompt is ~10% of OPT-125m's
+    work). Matched with isinstance, so subclasses (optimum-habana's Gaudi classes) match too."""
+    from transformers.models.bloom.modeling_bloom import BloomForCausalLM
+    from transformers.models.opt.modeling_opt import OPTForCausalLM
+
+    return (OPTForCausalLM, BloomForCausalLM)
 
 
 def last_logits(
@@ -191,7 +197,7 @@ def last_logits(
         inputs["position_ids"] = position_ids
     if _forward_takes(type(model), "logits_to_keep"):
         return model(**inputs, logits_to_keep=1).logits[:, -1]
-    if type(model).__name__ in HEAD_ON_BASE_OUTPUT:
+    if isinstance(model, head_on_base_output()):
         hidden = model.base_model(**inputs)[0][:, -1]
         return model.get_output_embeddings()(hidden)
     return model(**inputs).logits[:, -1]
@@ -199,6 +205,10 @@ def last_logits(
 
 def static_cache_reason(model: nn.Module) -> str | None:
     """Why the decode loop cannot serve `model` (None when it can)."""
+    if _forward_takes(type(model), "token_idx"):
+        # optimum-habana's patched classes ignore cache_position, take the past length from the cache's
+        # shape and write in place only at a token_idx: transformers' StaticCache is never filled there
+        return f"{type(model).__name__} (optimum-habana) keeps its own static KV cache through token_idx"
     if not getattr(type(model), "_can_compile_fullgraph", False):
         return f"{type(model).__name__} has no static KV cache support in this transformers version"
     if not _forward_takes(type(model), "cache_position"):
@@ -477,15 +487,18 @@ class HybridEngine:
         unfinished = torch.ones(batch, dtype=torch.bool, device=prompts.device)
         next_position = prompt_mask.long().sum(-1, keepdim=True)
         stop_on_eos = cfg.eos_token_id is not None and not cfg.ignore_eos
+        # writes at a device index, not a Python offset: every step is the same graph (lazy mode)
+        answer_index = torch.zeros(1, dtype=torch.long, device=prompts.device)
         for t in range(cfg.max_answer_seq_len):
             token = torch.where(unfinished, next_token(logits, cfg), cfg.pad_token_id)
-            answers[:, t] = token
+            answers.index_copy_(1, answer_index, token[:, None])
             if stop_on_eos:
                 unfinished &= token != cfg.eos_token_id
             if t + 1 == cfg.max_answer_seq_len or not bool(unfinished.any()):
                 break
-            mask[:, prompt_len + t] = 1
             cache_position = cache_position[-1:] + 1
+            mask.index_fill_(1, cache_position, 1)
+            answer_index += 1
             logits = step(token[:, None], mask, next_position, cache_position)
             backend.mark_step()
             next_position = next_position + 1
@@ -498,7 +511,7 @@ class HybridEngine:
         group = self._group_layers(self.phase_memory(padded_rows, prompts.size(1) + self.config.max_answer_seq_len))
         with self.generation_form(group) as model, self.backend.generation_context(model):
             if self.fallback_reason:
-                seq = hf_generate(model, prompts, mask, self.config)
+                seq = hf_generate(model, prompts, mask, self.config, **self.backend.generate_kwargs())
             else:
                 seq = self.decode(model, *self._pad_rows(prompts, mask))[:rows]
         if self.release_cache or (self.copy is not None and self.unpin):

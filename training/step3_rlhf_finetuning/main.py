@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 import time
 
+import dschat_hal  # noqa: F401  (first: the environment defaults precede torch, see dschat_hal/__init__.py)
+
+# isort: split
 import torch
 
 from dschat_hal.args import step3_parser, validate

@@ -42,27 +42,64 @@ def max_memory_allocated() -> int:
 
 def wrap_in_hpu_graph(module: torch.nn.Module, *args, **kwargs) -> torch.nn.Module:
     """Like the real function: replaces `module.forward` for good with a graph-replaying forward and
-    returns the same module. The fake records every call (the first captures, later ones replay),
-    with whether autograd was on and whether the module was training, and runs the original forward."""
+    returns the same module. One graph per input signature (shapes and dtypes): the first call
+    captures it into static input buffers and static outputs; every replay copies the new inputs into
+    that call's buffers and overwrites the same output tensors, which it returns again. So an output
+    held from an earlier call changes under the caller at the next replay, as on the device. Each call
+    is recorded (replay or capture, autograd on, module training). Refused in eager mode, as
+    optimum-habana refuses HPU graphs without lazy mode."""
+    import habana_frameworks.torch as htorch
+
+    if not htorch.LAZY_MODE:
+        raise RuntimeError("fake wrap_in_hpu_graph: HPU graphs need lazy mode (PT_HPU_LAZY_MODE=1)")
     graph_wrapped.append(module)
     original = module.forward
-    shapes_seen: set = set()
+    graphs: dict[tuple, tuple[list, dict, object]] = {}
 
     def replaying_forward(*f_args, **f_kwargs):
-        shapes = tuple(tuple(a.shape) for a in (*f_args, *f_kwargs.values()) if isinstance(a, torch.Tensor))
+        key = tuple(
+            (name, tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else (name, repr(value))
+            for name, value in (*enumerate(f_args), *sorted(f_kwargs.items()))
+        )
+        replay = key in graphs
         graph_replays.append(
             {
                 "module": type(module).__name__,
-                "replay": shapes in shapes_seen,
+                "replay": replay,
                 "grad_enabled": torch.is_grad_enabled(),
                 "training": module.training,
             }
         )
-        shapes_seen.add(shapes)
-        return original(*f_args, **f_kwargs)
+        if not replay:
+            static_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in f_args]
+            static_kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in f_kwargs.items()}
+            graphs[key] = (static_args, static_kwargs, original(*static_args, **static_kwargs))
+            return graphs[key][2]
+        static_args, static_kwargs, outputs = graphs[key]
+        for buffer, value in (
+            *zip(static_args, f_args, strict=True),
+            *((static_kwargs[k], v) for k, v in f_kwargs.items()),
+        ):
+            if isinstance(buffer, torch.Tensor):
+                buffer.copy_(value)
+        fresh = original(*static_args, **static_kwargs)
+        _copy_into(outputs, fresh)
+        return outputs
 
     module.forward = replaying_forward
     return module
+
+
+def _copy_into(static, fresh) -> None:
+    """Write a replay's results into the captured outputs (tensors, or tuples/lists/dicts of them)."""
+    if isinstance(static, torch.Tensor):
+        static.copy_(fresh)
+    elif isinstance(static, (tuple, list)):
+        for s, f in zip(static, fresh, strict=True):
+            _copy_into(s, f)
+    elif isinstance(static, dict):
+        for name in static:
+            _copy_into(static[name], fresh[name])
 
 
 random = types.SimpleNamespace(manual_seed_all=lambda seed: torch.manual_seed(seed))

@@ -1,0 +1,269 @@
+"""Gaudi specifics proven on the CPU with the doubles of habana_frameworks and optimum-habana: the
+hybrid engine on optimum-habana's patched classes, lazy/eager fixed at import, the lazy-mode
+checkpointing patch, one graph per decode step, optimizer parity, and HPU-graph replay aliasing."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import FAKES, ROOT
+from test_hpu_paths import sft_args
+from test_hybrid_engine import EOS, PAD, answers_equal, peaked_model, prompt_batch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import OPTForCausalLM
+from transformers.models.llama.modeling_llama import LlamaForCausalLM as PlainLlama  # bound before any patch
+
+import accel
+from dschat_hal.models.lora import fuse_lora
+from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine, hf_generate, last_logits
+from dschat_hal.runtime import ADAM_EPS, engine_settings, training_engine
+from training.step1_supervised_finetuning.main import main as step1
+
+GREEDY = GenerationConfig(max_answer_seq_len=12, pad_token_id=PAD, eos_token_id=EOS, do_sample=False)
+
+
+def engine_on(backend, model, stage: int = 0, weight_decay: float = 0.0):
+    backend.init_distributed()
+    return training_engine(
+        backend,
+        model,
+        engine_settings(torch.float32),
+        lr=1e-3,
+        weight_decay=weight_decay,
+        lora_lr=1e-3,
+        stage=stage,
+        total_steps=4,
+        micro_batch=3,
+    )
+
+
+def plain_reference(model: torch.nn.Module, prompts, mask) -> torch.Tensor:
+    """transformers' own LlamaForCausalLM and `generate` on the same weights (LoRA fused)."""
+    fused = copy.deepcopy(model)
+    fuse_lora(fused)
+    plain = PlainLlama(model.config).eval()
+    plain.load_state_dict({k: v for k, v in fused.state_dict().items() if "lora_" not in k})
+    with torch.no_grad():
+        return hf_generate(plain, prompts, mask, GREEDY)
+
+
+# ---- the double of optimum-habana's patched Llama behaves as the real one ---------------------------
+def test_the_patched_llama_double_behaves_as_optimum_habanas(fake_optimum_habana):
+    accel.get("hpu")  # applies the (fake) adapt_transformers_to_gaudi
+    model = peaked_model("llama", lora=False).eval()
+    assert type(model).__name__ == "GaudiLlamaForCausalLM"
+    prompts, mask = prompt_batch()
+    with torch.no_grad():
+        out = model(input_ids=prompts, attention_mask=mask, past_key_values=None, token_idx=torch.tensor([9]))
+        past = out.past_key_values
+        assert isinstance(past, tuple) and isinstance(past[0], tuple)  # legacy tuples
+        grown = model(input_ids=prompts[:, :1], attention_mask=torch.ones(3, 10), past_key_values=past)
+        assert grown.past_key_values[0][0].shape[2] == 10  # no token_idx: concatenated
+        step = dict(input_ids=prompts[:, :1], attention_mask=torch.ones(3, 9), past_key_values=past)
+        a = model(**step, token_idx=torch.tensor([9]), cache_position=torch.tensor([0])).logits
+        b = model(**step, token_idx=torch.tensor([9]), cache_position=torch.tensor([5])).logits
+        in_place = model(**step, token_idx=torch.tensor([9]))
+    assert torch.equal(a, b)  # cache_position ignored
+    assert in_place.past_key_values[0][0] is past[0][0]  # token_idx: written in place, same tensors
+    # its static-shape generate is transformers' greedy decoding on the same weights
+    with torch.no_grad():
+        seq = hf_generate(model, prompts, mask, GREEDY, lazy_mode=True, ignore_eos=False)
+    assert answers_equal(
+        torch.nn.functional.pad(seq, (0, 21 - seq.size(1)), value=PAD), plain_reference(model, prompts, mask)
+    )
+
+
+@pytest.mark.parametrize("stage", [0, 3], ids=["zero0", "zero3"])
+def test_hybrid_engine_serves_optimum_habanas_patched_llama(fake_optimum_habana, stage):
+    """The patched class ignores cache_position and fills a cache only through token_idx: driven through
+    transformers' StaticCache it fails (mask and key lengths disagree). The engine serves it through its
+    own static-shape generate, on the generation form (the training module outside ZeRO-3, LoRA folded
+    in place; the gathered copy under ZeRO-3), with the backend's lazy_mode."""
+    backend = accel.get("hpu")
+    model = peaked_model("llama", lora=True)
+    prompts, mask = prompt_batch()
+    reference = plain_reference(model, prompts, mask)
+    engine = engine_on(backend, model, stage)
+    hybrid = HybridEngine(engine, backend, GREEDY, dtype=torch.float32)
+    assert "token_idx" in hybrid.fallback_reason
+    seq = hybrid.generate(prompts, mask)
+    assert seq.shape == (3, 9 + 12)
+    assert answers_equal(seq, reference), (seq, reference)
+    calls = fake_optimum_habana.transformers.models.llama.generate_calls
+    assert calls and calls[-1]["lazy_mode"] is True and calls[-1]["ignore_eos"] is False
+
+
+# ---- lazy or eager: fixed when the bridge is imported -------------------------------------------------
+PROBE = (
+    "import json, accel, habana_frameworks.torch as h, torch\n"
+    "b = accel.get('hpu'); b.use_graphs = True\n"
+    "step = torch.nn.Linear(1, 1)\n"
+    "print(json.dumps({'import_env': h.IMPORT_ENV, 'runtime_lazy': h.internal.is_lazy(), "
+    "'backend_lazy': b.lazy_mode, 'captured': b.capture_decode_step(step) is step and bool(h.hpu.graph_wrapped)}))"
+)
+
+
+def probe(env: dict, prelude: str = "") -> dict:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("PT_HPU_") and k != "ACCEL_DEVICE"}
+    full |= {"PYTHONPATH": f"{ROOT}{os.pathsep}{FAKES}"} | env
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + PROBE], cwd=ROOT, env=full, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_lazy_mode_is_set_before_the_bridge_imports_and_read_back_from_it():
+    lazy = probe({})
+    assert lazy == {"import_env": "1", "runtime_lazy": True, "backend_lazy": True, "captured": True}
+    eager = probe({"PT_HPU_LAZY_MODE": "0"})  # the user's choice wins; no HPU graphs in eager mode
+    assert eager == {"import_env": "0", "runtime_lazy": False, "backend_lazy": False, "captured": False}
+    # a bridge imported before accel (variable unset) stays in its mode: the backend believes the runtime
+    early = probe({}, prelude="import habana_frameworks.torch\n")
+    assert early["import_env"] is None and early["runtime_lazy"] is False and early["backend_lazy"] is False
+    assert early["captured"] is False
+
+
+TORCH_IMPORT_ENV = """
+import os, sys
+seen = []
+sys.addaudithook(lambda event, args: event == "import" and args[0] == "torch" and seen.append(os.environ.get("PT_HPU_LAZY_MODE")))
+sys.argv = ["main.py", "--device", "hpu"]
+import {module}
+print(seen[0])
+"""
+
+
+@pytest.mark.parametrize(
+    "step", ["step1_supervised_finetuning", "step2_reward_model_finetuning", "step3_rlhf_finetuning"]
+)
+def test_each_step_sets_the_hpu_defaults_before_torch_is_imported(step):
+    """torch may autoload Habana's bridge, which fixes its mode then: the default must already be set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PT_HPU_") and k != "ACCEL_DEVICE"}
+    code = TORCH_IMPORT_ENV.format(module=f"training.{step}.main")
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "1"
+
+
+def test_hpu_defaults_are_not_set_for_other_devices():
+    from accel._hpu_env import may_use_hpu
+
+    assert may_use_hpu(["main.py", "--device", "hpu"], {})
+    assert may_use_hpu(["main.py"], {"ACCEL_DEVICE": "hpu"})
+    assert not may_use_hpu(["main.py", "--device=cpu"], {})
+    assert not may_use_hpu(["main.py", "--device", "cuda"], {})
+
+
+# ---- gradient checkpointing through optimum-habana's lazy-mode function --------------------------------
+def test_checkpointed_forward_goes_through_the_hpu_variant(tmp_path, fake_optimum_habana):
+    calls = fake_optimum_habana.transformers.gradient_checkpointing.calls
+    step1(sft_args(tmp_path, "hpu", "--max_steps", "2", "--gradient_checkpointing"))
+    assert calls, "transformers' checkpoint (bound in modeling_utils) did not reach optimum-habana's"
+
+
+# ---- one graph per decode step ---------------------------------------------------------------------------
+class OpRecorder(TorchDispatchMode):
+    """Every aten op with its non-tensor arguments (tensors by shape and dtype), split at each decode step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[list[tuple]] = [[]]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        def describe(value):
+            if isinstance(value, torch.Tensor):
+                return ("tensor", tuple(value.shape), value.dtype)
+            if isinstance(value, (list, tuple)):
+                return tuple(describe(v) for v in value)
+            return repr(value)
+
+        self.steps[-1].append((str(func), describe(args), describe(sorted((kwargs or {}).items()))))
+        return func(*args, **(kwargs or {}))
+
+
+def test_every_decode_step_runs_the_same_ops_with_the_same_arguments():
+    backend = accel.get("cpu")
+    model = peaked_model("opt", lora=False)
+    engine = engine_on(backend, model)
+    config = GenerationConfig(max_answer_seq_len=8, pad_token_id=PAD, eos_token_id=None, do_sample=False)
+    hybrid = HybridEngine(engine, backend, config, dtype=torch.float32)
+    prompts, mask = prompt_batch()
+    recorder = OpRecorder()
+    original_mark_step = backend.mark_step
+    backend.mark_step = lambda: recorder.steps.append([])  # a lazy-mode graph ends at each mark_step
+    try:
+        with recorder:
+            hybrid.generate(prompts, mask)
+    finally:
+        backend.mark_step = original_mark_step
+    full_steps = recorder.steps[2:-2]  # after prefill, before the last (shorter) step and the phase's end
+    assert len(full_steps) >= 5
+    assert all(step == full_steps[0] for step in full_steps), "a decode step's ops depend on its position"
+
+
+def test_prefill_head_on_the_last_position_matches_subclasses():
+    class GaudiOPTForCausalLM(OPTForCausalLM):  # optimum-habana's classes subclass transformers'
+        pass
+
+    model = peaked_model("opt", lora=False).eval()
+    gaudi = GaudiOPTForCausalLM(model.config).eval()
+    gaudi.load_state_dict(model.state_dict())
+    head_inputs = []
+    gaudi.get_output_embeddings().register_forward_hook(lambda m, args, out: head_inputs.append(args[0].shape))
+    prompts, mask = prompt_batch()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = last_logits(gaudi, prompts, mask, positions, None, torch.arange(9))
+        full = model(input_ids=prompts, attention_mask=mask).logits[:, -1]
+    assert head_inputs == [torch.Size([3, 32])]  # the head ran on the last position only
+    assert torch.allclose(logits, full, atol=1e-5)
+
+
+# ---- optimizer parity ------------------------------------------------------------------------------------
+def test_the_same_flags_make_the_same_adamw_on_every_device(fake_hpu):
+    settings = {}
+    for name in ("cpu", "hpu"):
+        engine = engine_on(accel.get(name), peaked_model("opt", lora=False), weight_decay=0.1)
+        groups = engine.optimizer.param_groups
+        settings[name] = [(g["eps"], tuple(g["betas"]), g["weight_decay"]) for g in groups]
+    assert fake_hpu.hpex.optimizers.instances  # the hpu engine trained with (fake) FusedAdamW
+    assert settings["hpu"] == settings["cpu"]
+    assert {s[0] for s in settings["hpu"]} == {ADAM_EPS} and {s[2] for s in settings["hpu"]} == {0.1, 0.0}
+
+
+# ---- HPU-graph replays alias their outputs ----------------------------------------------------------------
+def test_the_graph_double_returns_the_same_outputs_and_copies_inputs(fake_hpu):
+    backend = accel.get("hpu")
+    backend.use_graphs = True
+    step = backend.capture_decode_step(torch.nn.Linear(2, 2))
+    first_input = torch.ones(1, 2)
+    with torch.no_grad():
+        first = step(first_input)
+        kept = first.clone()
+        second = step(torch.full((1, 2), 3.0))
+    assert second is first  # one static output tensor, overwritten by the replay
+    assert not torch.equal(first, kept)  # what was held from the first step changed under the holder
+    assert torch.equal(first_input, torch.ones(1, 2))  # the caller's input was copied, never written
+
+
+def test_the_engine_never_reads_logits_of_a_replayed_step(fake_hpu):
+    """With the aliasing double, captured decoding gives the same tokens as uncaptured decoding."""
+    backend = accel.get("hpu")
+    model = peaked_model("opt", lora=True)
+    prompts, mask = prompt_batch()
+    engine = engine_on(backend, model)
+    plain = HybridEngine(engine, backend, GREEDY, dtype=torch.float32).generate(prompts, mask)
+    backend.use_graphs = True
+    captured = HybridEngine(engine, backend, GREEDY, dtype=torch.float32)
+    first, again = captured.generate(prompts, mask), captured.generate(prompts, mask)
+    assert sum(r["replay"] for r in fake_hpu.hpu.graph_replays) > 10
+    assert torch.equal(first, plain) and torch.equal(again, plain)
