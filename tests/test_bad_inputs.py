@@ -115,6 +115,16 @@ def card_naming(pattern: str):
     return setup
 
 
+def empty_directory(tmp: Path, models: dict) -> None:
+    (tmp / "d").mkdir()
+
+
+def saved_without_train(tmp: Path, models: dict) -> None:
+    import datasets
+
+    datasets.DatasetDict({"test": datasets.Dataset.from_list([ROW] * 5)}).save_to_disk(str(tmp / "d"))
+
+
 def corrupt_parquet(tmp: Path, models: dict) -> None:
     write_data("train.parquet", b"PAR1 this is not parquet PAR1")(tmp, models)
 
@@ -176,6 +186,13 @@ CASES = [
     ("save_interval -1", step1, [*S1, "--save_interval", "-1"], None, 2, "--save_interval must be 0 or more"),
     ("offload with ZeRO 0", step1, [*S1, "--offload"], None, 2, "--offload needs ZeRO: set --zero_stage"),
     ("step-3 offload with ZeRO 0", step3, [*S3, "--offload", "--actor_zero_stage", "2"], None, 2, "set --critic_zero_stage"),
+    ("bucket length 0", step1, [*S1, "--bucket_lengths", "0"], None, 2, "--bucket_lengths holds 0: every bucket must be a length of at least 1"),
+    ("negative bucket length", step3, [*S3, "--bucket_lengths", "16", "-5"], None, 2, "--bucket_lengths holds -5"),
+    ("bucket beyond positions", step1, [*S1, "--bucket_lengths", "32", "100000"], None, 2, "--bucket_lengths 100000 exceeds the model's 512 positions"),
+    ("step-3 bucket beyond positions", step3, [*S3, "--bucket_lengths", "100000"], None, 2, "--bucket_lengths 100000 exceeds the model's 512 positions"),
+    ("data_split all zero", step1, [*S1, "--data_split", "0,0,0"], None, 2, "--data_split '0,0,0' gives no step any data: the shares must not all be 0"),
+    ("data_split of two", step2, [*S1, "--data_split", "2,4"], None, 2, "--data_split '2,4' must be three comma-separated shares"),
+    ("data_split nan", step3, [*S3, "--data_split", "nan,1,1"], None, 2, "each share must be a finite number >= 0"),
     ("random tiny critic", step3, [*S3, "--critic_model_name_or_path", "tiny-opt"], None, 2, "add --allow_random_critic"),
     # paths
     ("output_dir is a file", step1, S1, make_file("out"), 2, "--output_dir {out} is a file"),
@@ -190,6 +207,13 @@ CASES = [
     ("data file is a directory", step1, [*S1, "--data_path", "{data}"], make_file("d/train.json/x"), 2, "data file {data}/train.json is a directory"),
     ("dataset card names missing files", step1, [*S1, "--data_path", "{data}"], card_naming("data/missing-*.parquet"), 2, "the dataset card of {data} (configs: in README.md) names data files that do not exist (nothing matches data/missing-*.parquet)"),
     ("data directory without data", step1, [*S1, "--data_path", "{data}"], make_file("d/notes.txt"), 2, "data directory {data} holds no .arrow, .csv, .json, .jsonl, .parquet files"),
+    ("empty data directory", step1, [*S1, "--data_path", "{data}"], empty_directory, 2, "data directory {data} is empty; put train/test files"),
+    ("saved DatasetDict without train", step1, [*S1, "--data_path", "{data}"], saved_without_train, 2, "has no train split (splits: test); save it with a 'train' key"),
+    ("all strings empty, step 1", step1, [*S1, "--data_path", "{data}"], rows(40, prompt="", chosen="", rejected=""), 2, "every train row's prompt + chosen is empty text, so step 1 has nothing to train on"),
+    ("all strings empty, step 2", step2, [*S1, "--data_path", "{data}"], rows(40, prompt="", chosen="", rejected=""), 2, "every train pair's chosen and rejected answers are empty"),
+    ("all strings empty, step 3", step3, [*S3, "--data_path", "{data}"], rows(40, prompt="", chosen="", rejected=""), 2, "every train row's prompt is empty text, so step 3 has nothing to train on"),
+    ("identical answers, step 2", step2, [*S1, "--data_path", "{data}"], rows(40, rejected=ROW["chosen"]), 2, "every train pair's chosen and rejected answers are the same text"),
+    ("single-token sequences", step1, [*S1, "--max_seq_len", "1"], None, 2, "every step-1 sequence is a single token at --max_seq_len 1"),
     ("bad JSONL line 3", step1, [*S1, "--data_path", "{data}"], jsonl_with_bad_line(3), 2, "train.jsonl is not valid JSON (line 3"),
     ("empty dataset", step1, [*S1, "--data_path", "{data}"], rows(0), 2, "the dataset is too small: 0 training rows"),
     ("two-row dataset", step1, [*S1, "--data_path", "{data}"], rows(3), 2, "the dataset is too small: 2 training rows"),

@@ -87,3 +87,35 @@ def test_save_total_limit_keeps_the_newest_units(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["global_step3", "global_step4", "latest"]
     manifest = json.loads((root / "global_step4" / "manifest.json").read_text())
     assert manifest["step"] == 4 and manifest["engines"] == ["step1"]
+
+
+class FakeEngine:
+    def __init__(self, dtype: str, skipped: int = 0) -> None:
+        self.dtype, self.skipped_steps = dtype, skipped
+
+    def fp16_enabled(self) -> bool:
+        return self.dtype == "fp16"
+
+    def bfloat16_enabled(self) -> bool:
+        return self.dtype == "bf16"
+
+
+def test_the_health_guard_counts_a_bad_step_once_and_suggests_only_another_dtype():
+    from dschat_hal.errors import UserError
+    from dschat_hal.loop import HealthGuard
+
+    nan = float("nan")
+    guard = HealthGuard(max_bad_steps=10)
+    guard.check([[1.0, nan, nan, nan, 0.1]] * 1, 4, FakeEngine("bf16"))  # step 3: five numbers, one step
+    assert guard.bad_steps == 1
+    guard.check([nan, 1.0, nan], 5, FakeEngine("fp16", skipped=2))  # fp16: the NaN steps are the skipped ones
+    assert guard.bad_steps == 3
+    with pytest.raises(UserError) as bf16:
+        HealthGuard(0).check([nan], 1, FakeEngine("bf16"))
+    assert "1 bad steps" in str(bf16.value) and "bf16" not in str(bf16.value) and "--dtype fp32" in str(bf16.value)
+    with pytest.raises(UserError) as fp16:
+        HealthGuard(0).check([nan], 1, FakeEngine("fp16"))
+    assert "--dtype bf16 or fp32" in str(fp16.value)
+    with pytest.raises(UserError) as fp32:
+        HealthGuard(0).check([nan], 1, FakeEngine("fp32"))
+    assert "--dtype" not in str(fp32.value)
