@@ -37,7 +37,7 @@ def setup(args: argparse.Namespace) -> Accelerator:
     backend.use_graphs = args.enable_hpu_graphs or getattr(args, "enable_device_graphs", False)
     if args.audit_shapes:
         backend.enable_shape_audit()
-    backend.init_distributed()
+    init_distributed(backend)
     from dschat_hal.faults import clear_stale_build_locks
 
     clear_stale_build_locks()  # a killed op build leaves a lock that makes every later run wait forever
@@ -51,6 +51,22 @@ def setup(args: argparse.Namespace) -> Accelerator:
     notes = backend.runtime_notes()
     print_rank0(f"running on {backend.describe()} in {chosen} ({why}){'; ' + notes if notes else ''}")
     return backend
+
+
+def init_distributed(backend: Accelerator) -> None:
+    """`backend.init_distributed()`, with a rendezvous port that another run holds said in one line."""
+    from dschat_hal.errors import UserError
+
+    try:
+        backend.init_distributed()
+    except Exception as err:
+        if "EADDRINUSE" not in str(err) and "address already in use" not in str(err).lower():
+            raise
+        port = os.environ.get("MASTER_PORT", "the rendezvous port")
+        raise UserError(
+            f"port {port} (MASTER_PORT) is already in use, probably by another run; give the launcher a free "
+            "port (deepspeed --master_port N, torchrun --master_port N, e2e_rlhf.py --master-port N)"
+        ) from None
 
 
 # Deprecations raised inside third-party code (DeepSpeed's ZeRO calls these torch collectives on

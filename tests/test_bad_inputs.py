@@ -231,6 +231,9 @@ CASES = [
     ("chat on a damaged model", chat, ["--path", "{tmp}/m"], copy_model("actor", truncate_weights), 2, "damaged or incomplete"),
     ("e2e output-dir is a file", e2e, ["--output-dir", "{out}"], make_file("out"), 2, "--output-dir {out} is a file; pass a directory"),
     ("e2e unbalanced quote", e2e, ["--output-dir", "{out}", "--step1-args", "--seed '5"], None, 2, "--step1-args \"--seed '5\" cannot be split"),
+    ("e2e unknown step-1 flag", e2e, ["--output-dir", "{out}", "--step1-args", "--no_such_flag 3"], None, 2, "step 1 does not know --no_such_flag 3 (from --step1-args); see python training/step1_supervised_finetuning/main.py --help"),
+    ("e2e bad step-3 value", e2e, ["--output-dir", "{out}", "--step3-args", "--max_answer_seq_len x"], None, 2, "step 3 refuses its flags (argument --max_answer_seq_len: invalid int value: 'x'); check --step3-args"),
+    ("e2e master port out of range", e2e, ["--output-dir", "{out}", "--deployment-type", "single_node", "--master-port", "70000"], None, 2, "--master-port 70000 is not a TCP port"),
     # resume
     ("resume, other batch size", step1, [*S1, "--resume", "--per_device_train_batch_size", "4"], checkpointed(), 2, "the run changed (per_device_train_batch_size 8 -> 4)"),
     ("resume, other ZeRO stage", step1, [*S1, "--resume", "--zero_stage", "1"], checkpointed(), 2, "the run changed (zero_stage 0 -> 1)"),
@@ -400,3 +403,46 @@ def test_chat_keeps_the_newest_tokens_of_a_long_conversation(models, capsys, mon
     captured = capsys.readouterr()
     assert captured.out.count("Assistant:") == 1
     assert "exceeds the model's 512 positions; keeping its last 508 tokens" in captured.err
+
+
+def test_e2e_refuses_a_master_port_in_use_and_otherwise_picks_a_free_one(tmp_path, capsys):
+    import socket
+
+    from training.e2e_rlhf import launcher, parse_args
+
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code = e2e(
+            ["--output-dir", str(tmp_path / "out"), "--deployment-type", "single_node", "--master-port", str(port)]
+        )
+        assert code == 2 and f"--master-port {port} is in use on this machine" in capsys.readouterr().err
+        chosen = launcher(parse_args(["--deployment-type", "single_node"]))
+    assert not (tmp_path / "out").exists()
+    assert chosen[chosen.index("--master_port") + 1] != str(port) and "--master_port" in chosen
+    given = launcher(parse_args(["--deployment-type", "multi_node", "--master-port", "29611"]))
+    assert given[given.index("--master_port") + 1] == "29611"
+
+
+def test_a_rendezvous_port_in_use_is_one_line(monkeypatch):
+    """Under a launcher whose MASTER_PORT another run holds, torch's EADDRINUSE becomes one line."""
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from dschat_hal.errors import UserError
+    from dschat_hal.runtime import init_distributed
+
+    class Backend:
+        def init_distributed(self) -> None:
+            dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=5))
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        with pytest.raises(UserError, match=f"port {port} \\(MASTER_PORT\\) is already in use"):
+            init_distributed(Backend())
