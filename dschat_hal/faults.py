@@ -142,7 +142,24 @@ def lock_output(directory: str | os.PathLike | None) -> None:
 
 
 # ---- leftovers of killed runs -----------------------------------------------------------------
-TEMP_NAME = re.compile(r"^\.(?P<name>.+?)\.(tmp|old)-(?P<pid>\d+)(-.*)?$")
+TEMP_NAME = re.compile(r"^\.(?P<name>.+?)\.(tmp|old)-(?P<pid>\d+)(?P<rest>-.*)?$")
+
+
+def _host_tag() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of a temporary entry beside `name` (for `tempfile.mkdtemp(prefix=...)`): it holds
+    this process's id and host, so a later run removes it once the process is gone (and leaves
+    alone the live builds of other machines sharing the directory)."""
+    return f".{name}.tmp-{os.getpid()}-on-{_host_tag()}-"
+
+
+def _of_another_host(rest: str | None) -> bool:
+    return bool(rest) and rest.startswith("-on-") and not rest.startswith(f"-on-{_host_tag()}-")
 
 
 def pid_alive(pid: int) -> bool:
@@ -164,7 +181,9 @@ def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = No
         return removed
     for entry in directory.iterdir():
         match = TEMP_NAME.match(entry.name)
-        if not match or (name is not None and match["name"] != name) or pid_alive(int(match["pid"])):
+        if not match or (name is not None and match["name"] != name) or _of_another_host(match["rest"]):
+            continue
+        if pid_alive(int(match["pid"])):
             continue
         original = directory / match["name"]
         if entry.name.startswith(f".{match['name']}.old-") and not original.exists():

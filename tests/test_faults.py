@@ -119,3 +119,32 @@ def test_the_health_guard_counts_a_bad_step_once_and_suggests_only_another_dtype
     with pytest.raises(UserError) as fp32:
         HealthGuard(0).check([nan], 1, FakeEngine("fp32"))
     assert "--dtype" not in str(fp32.value)
+
+
+def test_a_data_cache_build_killed_midway_is_removed_by_the_next_run(tmp_path):
+    """SIGTERM/SIGKILL skip the build's own cleanup: its directory names the process, so a rerun
+    removes it (and keeps the live build of a process that still runs, or of another machine)."""
+    import signal
+    import sys
+
+    from conftest import ROOT
+
+    from dschat_hal.data import DataSpec, load_or_build
+    from dschat_hal.models import load_tokenizer
+
+    code = (
+        "import sys; from dschat_hal.data import DataSpec, load_or_build; from dschat_hal.models import "
+        "load_tokenizer; load_or_build(DataSpec(['local/jsonfile'], max_seq_len=32), load_tokenizer('tiny-opt'), sys.argv[1])"
+    )
+    env = {**os.environ, "DSCHAT_HAL_KILL_AT": "data_cache_building"}
+    killed = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    assert killed.wait(timeout=120) == -signal.SIGKILL, killed.stderr.read()[-2000:]
+    (leftover,) = tmp_path.glob(".step1_*.tmp-*")
+    assert f".tmp-{killed.pid}-on-" in leftover.name
+    live = tmp_path / f".step1_x.tmp-{os.getpid()}-on-{leftover.name.split('-on-')[1]}"
+    foreign = tmp_path / f".step1_y.tmp-{dead_pid()}-on-othermachine-abc"
+    live.mkdir()
+    foreign.mkdir()
+    train, _, _ = load_or_build(DataSpec(["local/jsonfile"], max_seq_len=32), load_tokenizer("tiny-opt"), str(tmp_path))
+    assert len(train) > 0 and not leftover.exists()
+    assert live.is_dir() and foreign.is_dir()

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from dschat_hal.data.raw_datasets import RawDataset, get_raw_dataset, group_sources, source_files
 from dschat_hal.data.tokens import Encoder, special_affixes
 from dschat_hal.errors import UserError
+from dschat_hal.faults import fault_point, remove_stale_temporaries, temp_prefix
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 5
@@ -348,8 +349,11 @@ def _write_cache(spec: DataSpec, tokenizer, path: Path, num_proc: int | None) ->
     # reading 158 MB of JSON. After preparing, this process only memory-maps Arrow files.
     pa.set_memory_pool(pa.system_memory_pool())
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_temporaries(path.parent)  # builds killed by a signal (SIGTERM skips the cleanup below)
+    remove_stale_temporaries(path.parent / "raw" / "json_lines")
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), dir=path.parent))
     try:
+        fault_point("data_cache_building")
         train, evaluation, dropped = build_parts(
             spec, tokenizer, tmp / "work", num_proc, raw_cache_dir=str(path.parent / "raw")
         )
