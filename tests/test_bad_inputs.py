@@ -446,3 +446,45 @@ def test_a_rendezvous_port_in_use_is_one_line(monkeypatch):
         monkeypatch.setenv("MASTER_PORT", str(port))
         with pytest.raises(UserError, match=f"port {port} \\(MASTER_PORT\\) is already in use"):
             init_distributed(Backend())
+
+
+def test_flags_that_would_do_nothing_say_so(models, tmp_path, capsys):
+    """One `note:` line per flag without effect here; none for the same flags where they act."""
+    from types import SimpleNamespace
+
+    import accel
+    from dschat_hal.args import step1_parser, step3_parser
+    from dschat_hal.inert_flags import inert_flag_notes
+
+    base = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c"]
+
+    def notes(*flags: str, backend=None) -> str:
+        return "\n".join(inert_flag_notes(step3_parser().parse_args([*base, *flags]), backend or accel.get("cpu"), 1))
+
+    assert "--release_inference_cache frees the hybrid engine's KV cache; without --enable_hybrid_engine" in notes(
+        "--release_inference_cache"
+    )
+    assert "without --enable_hybrid_engine it does nothing" in notes("--unpin_actor_parameters")
+    assert "with --actor_zero_stage 2 there is none" in notes(
+        "--unpin_actor_parameters", "--enable_hybrid_engine", "--actor_zero_stage", "2"
+    )
+    assert "--enable_hpu_graphs does nothing on cpu" in notes("--enable_hpu_graphs", "--enable_hybrid_engine")
+    assert "--enable_device_graphs does nothing on cpu" in notes("--enable_device_graphs", "--enable_hybrid_engine")
+    cuda_like = SimpleNamespace(name="gpu", graph_kind="CUDA graphs", device_count=lambda: 1)
+    assert "captured in CUDA graphs instead" in notes(
+        "--enable_hpu_graphs", "--enable_hybrid_engine", backend=cuda_like
+    )
+    assert "with --critic_zero_stage 0 the frozen model is not partitioned" in notes("--offload_reward_model")
+    assert "--zero_hpz_enabled does nothing here" in notes("--zero_hpz_enabled")
+    acting = ["--enable_hybrid_engine", "--actor_zero_stage", "3", "--critic_zero_stage", "3"]
+    assert notes(*acting, "--release_inference_cache", "--unpin_actor_parameters", "--offload_reference_model",
+                 "--offload_reward_model") == ""  # fmt: skip
+    hpu_like = SimpleNamespace(name="hpu", graph_kind="HPU graphs", device_count=lambda: 1)
+    assert notes("--enable_hpu_graphs", "--enable_hybrid_engine", backend=hpu_like) == ""
+    step1_notes = inert_flag_notes(step1_parser().parse_args(["--enable_hpu_graphs"]), accel.get("cpu"), 1)
+    assert step1_notes == [
+        "--enable_hpu_graphs does nothing in this step: only step 3's hybrid engine captures its decode step"
+    ]
+    argv = [a.format(cache=tmp_path / "c", out=tmp_path / "o") for a in S1]
+    step1([*argv, "--enable_hpu_graphs", "--max_steps", "1"])
+    assert "note: --enable_hpu_graphs does nothing in this step" in capsys.readouterr().out
