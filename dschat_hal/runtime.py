@@ -37,10 +37,12 @@ def setup(args: argparse.Namespace) -> Accelerator:
     backend.use_graphs = args.enable_hpu_graphs or getattr(args, "enable_device_graphs", False)
     if args.audit_shapes:
         backend.enable_shape_audit()
-    init_distributed(backend)
     from dschat_hal.faults import clear_stale_build_locks
 
-    clear_stale_build_locks()  # a killed op build leaves a lock that makes every later run wait forever
+    # before init_distributed, which loads DeepSpeed's comm op: a killed op build leaves a lock that
+    # makes every later load wait forever
+    clear_stale_build_locks()
+    init_distributed(backend)
     _silence_deepspeed()
     _import_muon_uncompiled()
     freeze_startup_objects()

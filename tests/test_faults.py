@@ -49,6 +49,48 @@ def test_a_stale_op_build_lock_is_removed_and_a_live_one_reported(tmp_path, capl
     assert "removed a stale op-build lock" in caplog.text and "another process is building" in caplog.text
 
 
+def test_a_lock_no_process_holds_is_stale_at_any_age_and_one_held_open_is_live(tmp_path, caplog):
+    """torch's FileBaton keeps the lock's descriptor open for the whole build: that tells a live
+    build (another process, just started) from a killed one, with no age to wait out."""
+    import sys
+
+    killed, building = tmp_path / "killed_build", tmp_path / "live_build"
+    for build in (killed, building):
+        build.mkdir()
+    (killed / "lock").touch()  # created a moment ago, by a build that is gone
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); "
+         "print('held', flush=True); time.sleep(30)", str(building / "lock")],
+        stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        removed = clear_stale_build_locks(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert removed == [killed / "lock"] and (building / "lock").exists()
+    assert f"waiting: process {holder.pid} is building the op in {building}" in caplog.text
+
+
+def test_a_stale_lock_of_the_comm_op_is_gone_before_init_distributed_loads_it(tmp_path, monkeypatch, caplog):
+    """init_distributed loads DeepSpeed's comm op, whose build waits (forever, silently) on the lock a
+    killed build left in deepspeed_shm_comm/: the cleanup runs before it."""
+    import accel
+    from dschat_hal import runtime
+    from dschat_hal.args import step1_parser
+
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    backend, seen = accel.get("cpu"), []
+    monkeypatch.setattr(backend, "init_distributed", lambda: seen.append(lock.exists()))  # torch would wait here
+    monkeypatch.setattr(runtime.accel, "get", lambda *args, **kwargs: backend)
+    runtime.setup(step1_parser().parse_args(["--device", "cpu"]))
+    assert seen == [False] and "removed a stale op-build lock" in caplog.text
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_saved_models_follow_the_umask(tmp_path, umask):
     from dschat_hal.models import create_lm, load_tokenizer, save_lm
