@@ -119,7 +119,7 @@ def load_checkpoint(engines: dict, args: argparse.Namespace) -> dict | None:
     if client is None:
         print_rank0(f"--resume: no checkpoint under {root}; starting from scratch")
         return None
-    print_rank0(f"resumed from {root} at {client['position']}")
+    print_rank0(f"resumed from {os.path.join(root, client.get('unit', ''))} at {client['position']}")
     return {**client["position"], "rng": client["rng"]}
 
 

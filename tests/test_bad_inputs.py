@@ -155,6 +155,18 @@ def drop_manifest(root: Path) -> None:
     (root / "global_step1" / "manifest.json").unlink()
 
 
+def truncate_model_states(root: Path) -> None:
+    states = root / "global_step1" / "step1" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:1000])
+
+
+def scramble_model_states(root: Path) -> None:
+    """The same size, but the zip's central directory overwritten (what a bad disk block does)."""
+    states = root / "global_step1" / "step1" / "mp_rank_00_model_states.pt"
+    data = states.read_bytes()
+    states.write_bytes(data[:-2000] + b"\0" * 2000)
+
+
 def interrupt_training(monkeypatch):
     from dschat_hal import loop
 
@@ -238,7 +250,9 @@ CASES = [
     ("resume, other batch size", step1, [*S1, "--resume", "--per_device_train_batch_size", "4"], checkpointed(), 2, "the run changed (per_device_train_batch_size 8 -> 4)"),
     ("resume, other ZeRO stage", step1, [*S1, "--resume", "--zero_stage", "1"], checkpointed(), 2, "the run changed (zero_stage 0 -> 1)"),
     ("resume, other model", step1, [*S1, "--resume", "--model_name_or_path", "tiny-llama"], checkpointed(), 2, "model_name_or_path 'tiny-opt' -> 'tiny-llama'"),
-    ("resume, incomplete checkpoint", step1, [*S1, "--resume"], checkpointed(drop_manifest), 2, "global_step1 is incomplete"),
+    ("resume, incomplete checkpoint", step1, [*S1, "--resume"], checkpointed(drop_manifest), 2, "no checkpoint unit under {out}_checkpoints can be resumed (global_step1: no readable manifest.json"),
+    ("resume, truncated model states", step1, [*S1, "--resume"], checkpointed(truncate_model_states), 2, "no checkpoint unit under {out}_checkpoints can be resumed (global_step1: step1/mp_rank_00_model_states.pt is 1000 bytes"),
+    ("resume, unreadable model states", step1, [*S1, "--resume"], checkpointed(scramble_model_states), 2, "checkpoint unit {out}_checkpoints/global_step1: its step1 part cannot be loaded ("),
     # --debug and Ctrl-C
     ("--debug keeps exit 2", step1, [*S1, "--lora_dim", "-4", "--debug"], None, 2, "--lora_dim must be 0 or more"),
     ("Ctrl-C", step1, S1, interrupt_training, 130, "interrupted (Ctrl-C)"),

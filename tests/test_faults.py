@@ -190,3 +190,52 @@ def test_a_data_cache_build_killed_midway_is_removed_by_the_next_run(tmp_path):
     train, _, _ = load_or_build(DataSpec(["local/jsonfile"], max_seq_len=32), load_tokenizer("tiny-opt"), str(tmp_path))
     assert len(train) > 0 and not leftover.exists()
     assert live.is_dir() and foreign.is_dir()
+
+
+def test_resume_skips_a_damaged_unit_naming_it_and_an_empty_latest(tmp_path, capsys):
+    """The newest unit truncated: resume names it and goes on from the newest unit that verifies;
+    an empty `latest` is only a hint that names nothing."""
+    args = [*base(tmp_path), "--output_dir", str(tmp_path / "o"), "--save_interval", "1"]
+    step1([*args, "--max_steps", "2"])
+    root = tmp_path / "o_checkpoints"
+    states = root / "global_step2" / "step1" / "mp_rank_00_model_states.pt"
+    size = states.stat().st_size
+    states.write_bytes(states.read_bytes()[: size // 2])
+    capsys.readouterr()
+    step1([*args, "--max_steps", "3", "--resume"])
+    out = capsys.readouterr().out
+    damaged = f"{root / 'global_step2'} is damaged (step1/mp_rank_00_model_states.pt is {size // 2} bytes, {size} when"
+    assert damaged in out
+    assert "resuming from global_step1, the newest checkpoint unit that verifies" in out
+    assert f"resumed from {root / 'global_step1'} at" in out
+    assert (root / "latest").read_text().strip() == "global_step3" and states.stat().st_size == size  # saved again
+    (root / "latest").write_text("")
+    step1([*args, "--max_steps", "3", "--resume"])
+    out = capsys.readouterr().out
+    assert "'latest' names no unit; resuming from global_step3" in out and "is damaged" not in out
+
+
+def test_a_unit_missing_a_part_is_named(tmp_path):
+    """A step-3 unit whose critic/ is gone (DeepSpeed itself ends in a bare AssertionError)."""
+    from dschat_hal.checkpoints import choose_unit, unit_problem
+
+    for step in (1, 2):
+        unit = tmp_path / f"global_step{step}"
+        (unit / "actor").mkdir(parents=True)
+        (unit / "actor" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
+        (unit / "critic").mkdir()
+        (unit / "critic" / "mp_rank_00_model_states.pt").write_bytes(b"y" * 10)
+        files = {"actor/mp_rank_00_model_states.pt": 10, "critic/mp_rank_00_model_states.pt": 10}
+        manifest = {"step": step, "engines": ["actor", "critic"], "setup": {}, "files": files}
+        (unit / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "latest").write_text("global_step2\n")
+    import shutil
+
+    shutil.rmtree(tmp_path / "global_step2" / "critic")
+    assert unit_problem(tmp_path / "global_step2") == "its critic/ part is missing"
+    unit, notes = choose_unit(tmp_path)
+    assert unit == tmp_path / "global_step1"
+    assert (
+        notes[0]
+        == f"warning: checkpoint unit {tmp_path / 'global_step2'} is damaged (its critic/ part is missing); skipping it"
+    )
