@@ -22,7 +22,13 @@ import shutil
 from pathlib import Path
 
 from dschat_hal.errors import UserError
-from dschat_hal.faults import apply_umask, fault_point, remove_stale_temporaries, signals_deferred
+from dschat_hal.faults import (
+    apply_umask,
+    disk_full_is_one_line,
+    fault_point,
+    remove_stale_temporaries,
+    signals_deferred,
+)
 
 log = logging.getLogger("dschat_hal")
 
@@ -59,9 +65,12 @@ def _rank0_pid() -> int:
 
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -73,8 +82,17 @@ def _umask() -> int:
 def save_unit(root: str | os.PathLike, step: int, engines: dict, client_state: dict, setup: dict) -> Path:
     """Save `engines` (name -> DeepSpeed engine) as the unit `global_step{step}` and point `latest`
     at it. Collective: every rank calls it (each writes its own ZeRO shards)."""
-    with signals_deferred():
-        return _save_unit(Path(root), step, engines, client_state, setup)
+    root = Path(root)
+    latest = latest_unit(root) if (root / LATEST).exists() else None
+    kept = (
+        f"and the last unit ({latest.name}) is intact: rerun with --resume" if latest else "and no unit was published"
+    )
+    with signals_deferred(), disk_full_is_one_line(root, f"checkpoint global_step{step}", kept):
+        try:
+            return _save_unit(root, step, engines, client_state, setup)
+        except Exception:
+            shutil.rmtree(root / f".global_step{step}.tmp-{os.getpid()}", ignore_errors=True)  # this rank's staging
+            raise
 
 
 def _save_unit(root: Path, step: int, engines: dict, client_state: dict, setup: dict) -> Path:
@@ -169,11 +187,15 @@ def units_newest_first(root: Path) -> list[Path]:
 
 
 def choose_unit(root: Path) -> tuple[Path | None, list[str]]:
-    """The newest unit that verifies (None: no unit at all), and one line per damaged unit skipped.
-    Raises when units exist but none verifies."""
+    """The unit `latest` names when it verifies, else the newest unit that does (None: no unit at
+    all), and one line per damaged unit skipped. Raises when units exist but none verifies."""
     named = latest_unit(root)  # refuses an older layout
     skipped, notes = [], []
-    for unit in units_newest_first(root):
+    candidates = units_newest_first(root)
+    if named in candidates:  # the commit point of the last save
+        candidates.remove(named)
+        candidates.insert(0, named)
+    for unit in candidates:
         problem = unit_problem(unit)
         if problem is None:
             if skipped or (named is not None and named != unit) or (named is None and (root / LATEST).exists()):

@@ -4,6 +4,7 @@ fault points that tests use to kill a run at an exact moment of a save."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -303,3 +304,72 @@ def clear_stale_build_locks(root: str | os.PathLike | None = None, min_age_s: fl
             age,
         )
     return removed
+
+
+# ---- disk full ---------------------------------------------------------------------------------
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+SHORT_WRITE_TEXT = ("unexpected pos", "file write failed")  # torch's zip writer, which drops the errno
+
+
+class DiskFullError(UserError):
+    """A write ran out of space; the partial output was removed."""
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    try:
+        return shutil.disk_usage(_nearest_existing(Path(path).expanduser())).free
+    except OSError:
+        return None
+
+
+def is_disk_full(err: BaseException, path: str | os.PathLike) -> bool:
+    """Whether `err` (or what caused it) is a write that ran out of space under `path`. torch's
+    writer reports a short write without its errno: counted when the file system is (nearly) full."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
+            return True
+        text = str(cause)
+        if any(t in text for t in DISK_FULL_TEXT):
+            return True
+        if any(t in text for t in SHORT_WRITE_TEXT):
+            free = free_bytes(path)
+            return free is not None and free < 64 << 20
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+@contextmanager
+def disk_full_is_one_line(path: str | os.PathLike, what: str, kept: str) -> Iterator[None]:
+    """Turn running out of space while writing `what` under `path` into one line naming the path
+    (`kept`: what is still intact). The block removes its own partial output before this runs."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as err:
+        if not is_disk_full(err, path):
+            raise
+        raise DiskFullError(
+            f"no space left on the device holding {path} while writing {what} ({_size(free_bytes(path))} free "
+            f"there now); free space or choose another path and rerun; nothing half-written was kept, {kept}"
+        ) from None

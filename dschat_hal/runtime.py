@@ -356,11 +356,18 @@ def write_summary(output_dir: str | None, summary: dict[str, Any]) -> None:
 
     if not output_dir or not is_rank0():
         return
-    os.makedirs(output_dir, exist_ok=True)
+    from dschat_hal.faults import disk_full_is_one_line
+
     path = os.path.join(output_dir, SUMMARY_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=1, default=float)
-    os.replace(path + ".tmp", path)
+    with disk_full_is_one_line(path, SUMMARY_FILE, f"and the model in {output_dir} is complete"):
+        os.makedirs(output_dir, exist_ok=True)
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump(summary, f, indent=1, default=float)
+            os.replace(path + ".tmp", path)
+        finally:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
 
 
 class ScalarWriter:

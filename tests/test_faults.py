@@ -239,3 +239,70 @@ def test_a_unit_missing_a_part_is_named(tmp_path):
         notes[0]
         == f"warning: checkpoint unit {tmp_path / 'global_step2'} is damaged (its critic/ part is missing); skipping it"
     )
+
+
+def no_space(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_disk_full_during_the_final_save_keeps_the_previous_output(tmp_path, capsys, monkeypatch):
+    """safetensors' ENOSPC: one line naming the output; the previous model intact, no temporary left."""
+    import transformers.modeling_utils
+
+    out = tmp_path / "o"
+    step1([*base(tmp_path), "--output_dir", str(out), "--max_steps", "1"])
+    before = (out / "model.safetensors").read_bytes()
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", no_space)
+    with pytest.raises(SystemExit) as stop:
+        step1([*base(tmp_path), "--output_dir", str(out), "--max_steps", "1", "--seed", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[-1].startswith(f"error: no space left on the device holding {out} while"), err
+    assert "the previous" in err[-1] and not any("Traceback" in line for line in err)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert not list(tmp_path.glob(".o.*"))
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_last_unit(tmp_path, capsys, monkeypatch):
+    """torch's writer reports a full disk as `unexpected pos` (no errno): the staging directory goes,
+    `latest` still names the last good unit."""
+    from dschat_hal import faults
+
+    args = [*base(tmp_path), "--output_dir", str(tmp_path / "o"), "--save_interval", "1"]
+    step1([*args, "--max_steps", "1"])
+    real_save = torch.save
+
+    def short_write(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1613504 vs 1613396")
+
+    monkeypatch.setattr(torch, "save", short_write)
+    monkeypatch.setattr(faults, "free_bytes", lambda path: 0)  # what the full file system reports
+    with pytest.raises(SystemExit) as stop:
+        step1([*args, "--max_steps", "2", "--resume"])
+    root = tmp_path / "o_checkpoints"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2, err[-5:]
+    assert f"no space left on the device holding {root} while writing checkpoint global_step2" in err[-1]
+    assert "the last unit (global_step1) is intact: rerun with --resume" in err[-1]
+    assert sorted(p.name for p in root.iterdir()) == ["global_step1", "latest"]
+    assert (root / "latest").read_text().strip() == "global_step1"
+
+
+def test_disk_full_while_caching_data_names_the_cache_not_the_data(tmp_path, capsys, monkeypatch):
+    import datasets
+
+    def full(*args, **kwargs):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as err:
+            raise datasets.exceptions.DatasetGenerationError("An error occurred while generating the dataset") from err
+
+    monkeypatch.setattr(datasets, "load_dataset", full)  # datasets writing its Arrow copy of the raw files
+    with pytest.raises(SystemExit) as stop:
+        step1(["--device", "cpu", "--data_output_path", str(tmp_path / "c"), "--max_steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        stop.value.code == 2
+        and f"no space left on the device holding {tmp_path / 'c'} while writing the data cache" in err[-1]
+    )
+    assert "assets/data" not in err[-1] and not list((tmp_path / "c").glob("*step1_*"))

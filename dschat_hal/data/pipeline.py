@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from dschat_hal.data.raw_datasets import RawDataset, get_raw_dataset, group_sources, source_files
 from dschat_hal.data.tokens import Encoder, special_affixes
 from dschat_hal.errors import UserError
-from dschat_hal.faults import fault_point, remove_stale_temporaries, temp_prefix
+from dschat_hal.faults import disk_full_is_one_line, fault_point, remove_stale_temporaries, temp_prefix
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 5
@@ -348,6 +348,13 @@ def _write_cache(spec: DataSpec, tokenizer, path: Path, num_proc: int | None) ->
     # Arrow's default allocator (mimalloc) keeps freed blocks for reuse: ~15 MB more at the peak of
     # reading 158 MB of JSON. After preparing, this process only memory-maps Arrow files.
     pa.set_memory_pool(pa.system_memory_pool())
+    with disk_full_is_one_line(
+        path.parent, "the data cache", "and the data files are fine (run with --data_output_path '' to skip the cache)"
+    ):
+        _build_cache(spec, tokenizer, path, num_proc)
+
+
+def _build_cache(spec: DataSpec, tokenizer, path: Path, num_proc: int | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)  # builds killed by a signal (SIGTERM skips the cleanup below)
     remove_stale_temporaries(path.parent / "raw" / "json_lines")

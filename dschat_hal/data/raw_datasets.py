@@ -22,6 +22,7 @@ from typing import Any
 from dschat_hal.data.checks import check_readable, check_utf8
 from dschat_hal.data.json_array import array_to_lines, is_json_array
 from dschat_hal.errors import UserError
+from dschat_hal.faults import is_disk_full
 from dschat_hal.models.tiny import DATA_DIR
 
 log = logging.getLogger(__name__)
@@ -322,6 +323,8 @@ def load_splits(sources: list[Path], cache_dir: str | None = None) -> tuple[dict
             readable = _as_json_lines(files, Path(cache_dir) / "json_lines" if cache_dir else Path(scratch.name))
         loaded = datasets.load_dataset(builder, data_files=readable, cache_dir=cache_dir, **read_options(builder))
     except Exception as err:  # malformed JSON, not UTF-8, no rows, a corrupt parquet file, mismatched shards
+        if cache_dir and is_disk_full(err, cache_dir):
+            raise  # the data cache's disk, not the data: said by the cache's writer
         if builder in ("json", "csv"):
             for name in every:
                 check_utf8(Path(name))
