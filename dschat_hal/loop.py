@@ -14,6 +14,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -137,6 +138,10 @@ def claim_outputs(args: argparse.Namespace) -> None:
         if args.checkpoint_dir and lock_path(root) != (lock_path(args.output_dir) if args.output_dir else None):
             lock_output(root)
         clean_root(root)
+        if args.resume and os.path.isdir(root):
+            from dschat_hal.checkpoints import choose_unit
+
+            choose_unit(Path(root))  # no unit verifies: said now, before models load (load_unit says which it uses)
     if args.output_dir:
         out = os.path.abspath(os.path.expanduser(args.output_dir))
         remove_stale_temporaries(os.path.dirname(out), os.path.basename(out))
