@@ -31,6 +31,7 @@ class Accelerator(abc.ABC):
 
     name: str = ""  # "cpu" | "cuda" | "hpu"
     dist_backend: str = ""  # the collective library of this hardware: gloo | nccl | hccl
+    graph_kind: str | None = None  # the device graphs `capture_decode_step` uses (None: it has none)
 
     def __init__(self, local_rank: int | None = None) -> None:
         if local_rank is None:

@@ -12,6 +12,7 @@ from accel.base import Accelerator
 
 class CudaAccelerator(Accelerator):
     name = "cuda"
+    graph_kind = "CUDA graphs"
     dist_backend = "nccl"
 
     @classmethod

@@ -35,6 +35,7 @@ def _habana(submodule: str = "") -> Any:
 
 class HpuAccelerator(Accelerator):
     name = "hpu"
+    graph_kind = "HPU graphs"
     dist_backend = "hccl"
 
     def __init__(self, local_rank: int | None = None) -> None:

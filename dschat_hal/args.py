@@ -361,6 +361,13 @@ def validate_numbers(args: argparse.Namespace) -> None:
         value = present.get(name)
         if value is not None and not 0.0 <= value < 1.0:
             raise UserError(f"{_flag(name)} must be in [0, 1) (got {value})")
+    if "data_split" in present:
+        from dschat_hal.data.pipeline import split_fractions
+
+        split_fractions(args.data_split)
+    for length in present.get("bucket_lengths") or ():
+        if length < 1:
+            raise UserError(f"--bucket_lengths holds {length}: every bucket must be a length of at least 1 token")
     if "temperature" in present and not (math.isfinite(args.temperature) and args.temperature > 0):
         raise UserError(
             f"--temperature must be > 0 (got {args.temperature}); for greedy decoding use step 3's greedy "

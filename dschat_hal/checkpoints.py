@@ -22,7 +22,13 @@ import shutil
 from pathlib import Path
 
 from dschat_hal.errors import UserError
-from dschat_hal.faults import apply_umask, fault_point, remove_stale_temporaries, signals_deferred
+from dschat_hal.faults import (
+    apply_umask,
+    disk_full_is_one_line,
+    fault_point,
+    remove_stale_temporaries,
+    signals_deferred,
+)
 
 log = logging.getLogger("dschat_hal")
 
@@ -59,9 +65,12 @@ def _rank0_pid() -> int:
 
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -73,8 +82,17 @@ def _umask() -> int:
 def save_unit(root: str | os.PathLike, step: int, engines: dict, client_state: dict, setup: dict) -> Path:
     """Save `engines` (name -> DeepSpeed engine) as the unit `global_step{step}` and point `latest`
     at it. Collective: every rank calls it (each writes its own ZeRO shards)."""
-    with signals_deferred():
-        return _save_unit(Path(root), step, engines, client_state, setup)
+    root = Path(root)
+    latest = latest_unit(root) if (root / LATEST).exists() else None
+    kept = (
+        f"and the last unit ({latest.name}) is intact: rerun with --resume" if latest else "and no unit was published"
+    )
+    with signals_deferred(), disk_full_is_one_line(root, f"checkpoint global_step{step}", kept):
+        try:
+            return _save_unit(root, step, engines, client_state, setup)
+        except Exception:
+            shutil.rmtree(root / f".global_step{step}.tmp-{os.getpid()}", ignore_errors=True)  # this rank's staging
+            raise
 
 
 def _save_unit(root: Path, step: int, engines: dict, client_state: dict, setup: dict) -> Path:
@@ -90,7 +108,7 @@ def _save_unit(root: Path, step: int, engines: dict, client_state: dict, setup: 
         fault_point("checkpoint_engine_saved")
     _barrier()
     if _rank0():
-        manifest = {"step": step, "engines": list(engines), "setup": setup}
+        manifest = {"step": step, "engines": list(engines), "setup": setup, "files": file_sizes(staging)}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
         apply_umask(staging)
         fault_point("checkpoint_before_publish")
@@ -105,6 +123,15 @@ def _save_unit(root: Path, step: int, engines: dict, client_state: dict, setup: 
     return root / tag
 
 
+def file_sizes(unit: Path) -> dict[str, int]:
+    """Every file of a unit (but its manifest) with its size: what a resume checks before loading."""
+    return {
+        str(path.relative_to(unit)): path.stat().st_size
+        for path in sorted(unit.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
 def read_manifest(unit: Path) -> dict | None:
     try:
         return json.loads((unit / MANIFEST).read_text())
@@ -113,7 +140,7 @@ def read_manifest(unit: Path) -> dict | None:
 
 
 def latest_unit(root: str | os.PathLike) -> Path | None:
-    """The unit `latest` names, or None when there is no checkpoint yet."""
+    """The unit `latest` names, or None when there is no checkpoint yet (or `latest` names nothing)."""
     root = Path(root)
     latest = root / LATEST
     if not latest.exists():
@@ -124,22 +151,101 @@ def latest_unit(root: str | os.PathLike) -> Path | None:
                 "they cannot be resumed as one unit: delete the directory or drop --resume"
             )
         return None
-    return root / latest.read_text().strip()
+    try:
+        tag = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return root / tag if UNIT_NAME.match(tag) else None
+
+
+def unit_problem(unit: Path) -> str | None:
+    """Why `unit` cannot be resumed from (None: every part is present at the size it was saved with)."""
+    manifest = read_manifest(unit)
+    if manifest is None:
+        return f"no readable {MANIFEST} (an interrupted save)"
+    for name in manifest.get("engines", []):
+        if not (unit / name).is_dir():
+            return f"its {name}/ part is missing"
+    sizes = manifest.get("files")
+    if sizes is None:  # saved before manifests listed their files: at least each engine's model states
+        for name in manifest.get("engines", []):
+            if not any(p.stat().st_size for p in (unit / name).glob("*model_states.pt")):
+                return f"{name}/ holds no model states"
+        return None
+    for relative, size in sizes.items():
+        path = unit / relative
+        if not path.is_file():
+            return f"{relative} is missing"
+        if path.stat().st_size != size:
+            return f"{relative} is {path.stat().st_size} bytes, {size} when saved (truncated or overwritten)"
+    return None
+
+
+def units_newest_first(root: Path) -> list[Path]:
+    units = [p for p in root.iterdir() if UNIT_NAME.match(p.name) and p.is_dir()] if root.is_dir() else []
+    return sorted(units, key=lambda p: int(UNIT_NAME.match(p.name)[1]), reverse=True)
+
+
+def choose_unit(root: Path) -> tuple[Path | None, list[str]]:
+    """The unit `latest` names when it verifies, else the newest unit that does (None: no unit at
+    all), and one line per damaged unit skipped. Raises when units exist but none verifies."""
+    named = latest_unit(root)  # refuses an older layout
+    skipped, notes = [], []
+    candidates = units_newest_first(root)
+    if named in candidates:  # the commit point of the last save
+        candidates.remove(named)
+        candidates.insert(0, named)
+    for unit in candidates:
+        problem = unit_problem(unit)
+        if problem is None:
+            if skipped or (named is not None and named != unit) or (named is None and (root / LATEST).exists()):
+                said = f"'{LATEST}' names {named.name}" if named is not None else f"'{LATEST}' names no unit"
+                notes.append(f"--resume: {said}; resuming from {unit.name}, the newest checkpoint unit that verifies")
+            return unit, notes
+        skipped.append(f"{unit.name}: {problem}")
+        notes.append(f"warning: checkpoint unit {unit} is damaged ({problem}); skipping it")
+    if skipped:
+        raise UserError(
+            f"no checkpoint unit under {root} can be resumed ({'; '.join(skipped)}); delete the damaged units "
+            "(or the directory) to start fresh, or drop --resume"
+        )
+    return None, notes
+
+
+def _chosen_on_rank0(root: Path) -> tuple[Path | None, list[str]]:
+    """`choose_unit` decided by rank 0 (the writer of the manifests) and shared with every rank."""
+    result: dict = {"unit": None, "notes": [], "error": None}
+    if _rank0():
+        try:
+            unit, result["notes"] = choose_unit(root)
+            result["unit"] = unit.name if unit else None
+        except UserError as err:
+            result["error"] = str(err)
+    dist = _dist()
+    if dist is not None and dist.get_world_size() > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    if result["error"]:
+        raise UserError(result["error"])
+    if _rank0():
+        for note in result["notes"]:
+            print(note, flush=True)
+    return (root / result["unit"] if result["unit"] else None), result["notes"]
 
 
 def load_unit(root: str | os.PathLike | None, engines: dict, setup: dict) -> dict | None:
-    """Load every engine from the latest unit; returns the saved client state (None: no checkpoint).
+    """Load every engine from the newest unit that verifies (`unit_problem`: a damaged unit is named
+    and skipped); returns the saved client state (None: no checkpoint).
 
-    Refuses, in one line, a unit that is incomplete, holds other engines, or was written by a
-    different setup (model, batch size, ZeRO stage, ...)."""
+    Refuses, in one line, a unit that holds other engines, was written by a different setup (model,
+    batch size, ZeRO stage, ...) or whose files cannot be loaded."""
     if not root:
         return None
-    unit = latest_unit(root)
+    unit, _ = _chosen_on_rank0(Path(root))
     if unit is None:
         return None
     manifest = read_manifest(unit)
-    if manifest is None:
-        raise UserError(f"checkpoint {unit} is incomplete (no {MANIFEST}); delete it and its 'latest' or drop --resume")
     if sorted(manifest["engines"]) != sorted(engines):
         raise UserError(
             f"checkpoint {unit} holds {', '.join(manifest['engines'])} but this run trains {', '.join(engines)}; "
@@ -157,7 +263,14 @@ def load_unit(root: str | os.PathLike | None, engines: dict, setup: dict) -> dic
         )
     client = None
     for name, engine in engines.items():
-        path, state = engine.load_checkpoint(str(unit), tag=name, load_module_strict=False)
+        try:
+            path, state = engine.load_checkpoint(str(unit), tag=name, load_module_strict=False)
+        except (RuntimeError, OSError, EOFError, AssertionError, ValueError, KeyError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise UserError(
+                f"checkpoint unit {unit}: its {name} part cannot be loaded ({first}); delete {unit} to resume "
+                "from an older unit, or drop --resume"
+            ) from None
         if path is None or state.get("unit") != unit.name:
             raise UserError(f"checkpoint {unit} has no complete {name} (mixed or torn checkpoint); delete it")
         client = client or state

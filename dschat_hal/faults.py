@@ -4,6 +4,7 @@ fault points that tests use to kill a run at an exact moment of a save."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -142,7 +143,24 @@ def lock_output(directory: str | os.PathLike | None) -> None:
 
 
 # ---- leftovers of killed runs -----------------------------------------------------------------
-TEMP_NAME = re.compile(r"^\.(?P<name>.+?)\.(tmp|old)-(?P<pid>\d+)(-.*)?$")
+TEMP_NAME = re.compile(r"^\.(?P<name>.+?)\.(tmp|old)-(?P<pid>\d+)(?P<rest>-.*)?$")
+
+
+def _host_tag() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of a temporary entry beside `name` (for `tempfile.mkdtemp(prefix=...)`): it holds
+    this process's id and host, so a later run removes it once the process is gone (and leaves
+    alone the live builds of other machines sharing the directory)."""
+    return f".{name}.tmp-{os.getpid()}-on-{_host_tag()}-"
+
+
+def _of_another_host(rest: str | None) -> bool:
+    return bool(rest) and rest.startswith("-on-") and not rest.startswith(f"-on-{_host_tag()}-")
 
 
 def pid_alive(pid: int) -> bool:
@@ -164,7 +182,9 @@ def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = No
         return removed
     for entry in directory.iterdir():
         match = TEMP_NAME.match(entry.name)
-        if not match or (name is not None and match["name"] != name) or pid_alive(int(match["pid"])):
+        if not match or (name is not None and match["name"] != name) or _of_another_host(match["rest"]):
+            continue
+        if pid_alive(int(match["pid"])):
             continue
         original = directory / match["name"]
         if entry.name.startswith(f".{match['name']}.old-") and not original.exists():
@@ -187,10 +207,38 @@ def extensions_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torch_extensions"
 
 
+def _processes() -> Iterator[Path]:
+    return (proc for proc in Path("/proc").glob("[0-9]*") if proc.name != str(os.getpid()))
+
+
+def lock_holders(lock: Path) -> list[int]:
+    """Local processes that hold `lock` open. torch's `FileBaton` creates the lock and keeps its file
+    descriptor open until the build ends, so a live build always holds it; a killed one never does."""
+    try:
+        target = lock.stat()
+    except FileNotFoundError:
+        return []
+    holders = []
+    for proc in _processes():
+        try:
+            fds = list((proc / "fd").iterdir())
+        except OSError:  # gone, or another user's process (which cannot write our build directory)
+            continue
+        for fd in fds:
+            try:
+                found = fd.stat()
+            except OSError:
+                continue
+            if (found.st_ino, found.st_dev) == (target.st_ino, target.st_dev):
+                holders.append(int(proc.name))
+                break
+    return holders
+
+
 def _build_in_progress(build_dir: Path) -> bool:
     """Is any live process working inside `build_dir` (ninja and the compilers run there)?"""
     target = str(build_dir.resolve())
-    for proc in Path("/proc").glob("[0-9]*"):
+    for proc in _processes():
         try:
             cwd = os.readlink(proc / "cwd")
         except OSError:
@@ -200,10 +248,29 @@ def _build_in_progress(build_dir: Path) -> bool:
     return False
 
 
-def clear_stale_build_locks(root: str | os.PathLike | None = None, min_age_s: float = 30.0) -> list[Path]:
-    """Remove torch's op-build `lock` files whose build is gone (no process works in the build
-    directory and the lock is older than `min_age_s`); say so. A lock with a live build is reported,
-    so a run that waits on it never waits without a message."""
+NETWORK_FILE_SYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "fuse", "9p", "glusterfs")
+
+
+def on_network_file_system(path: Path) -> bool:
+    """Whether `path` lies on a file system other machines may share (then their builds are invisible here)."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return False
+    resolved = str(path.resolve())
+    best, kind = "", ""
+    for point, fs_type in mounts:
+        point = point.replace("\\040", " ")
+        if (resolved == point or resolved.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            best, kind = point, fs_type
+    return kind.split(".")[0] in NETWORK_FILE_SYSTEMS
+
+
+def clear_stale_build_locks(root: str | os.PathLike | None = None, min_age_s: float = 600.0) -> list[Path]:
+    """Remove torch's op-build `lock` files that no live build holds, before anything waits on one
+    (torch's `FileBaton.wait` polls forever, silently); say so. A lock a local process holds open is
+    a live build: reported (a run then waits with a message, not silently). On a network file system
+    a build on another machine is invisible here, so there a lock is stale only after `min_age_s`."""
     root = Path(root) if root else extensions_dir()
     removed: list[Path] = []
     if not root.is_dir() or not Path("/proc/self").exists():
@@ -213,12 +280,96 @@ def clear_stale_build_locks(root: str | os.PathLike | None = None, min_age_s: fl
             age = time.time() - lock.stat().st_mtime
         except FileNotFoundError:
             continue
-        if _build_in_progress(lock.parent):
-            log.warning("waiting: another process is building the op in %s (lock %s)", lock.parent, lock)
-        elif age >= min_age_s:
-            lock.unlink(missing_ok=True)
-            removed.append(lock)
-            log.warning("removed a stale op-build lock %s (its build was killed %.0f s ago)", lock, age)
-        else:
-            log.warning("op-build lock %s is %.0f s old; its build may still be starting", lock, age)
+        holders = lock_holders(lock)
+        if holders or _build_in_progress(lock.parent):
+            who = f"process {holders[0]}" if holders else "another process"
+            log.warning("waiting: %s is building the op in %s (lock %s)", who, lock.parent, lock)
+            continue
+        if on_network_file_system(lock) and age < min_age_s:
+            log.warning(
+                "op-build lock %s is %.0f s old and no process here holds it: a build on another machine may "
+                "hold it; if none does, remove the file",
+                lock,
+                age,
+            )
+            continue
+        time.sleep(0.2)  # a holder that just closed its descriptor removes the file a moment later
+        if not lock.exists() or lock_holders(lock):
+            continue
+        lock.unlink(missing_ok=True)
+        removed.append(lock)
+        log.warning(
+            "removed a stale op-build lock %s (no process holds it: its build, started %.0f s ago, was killed)",
+            lock,
+            age,
+        )
     return removed
+
+
+# ---- disk full ---------------------------------------------------------------------------------
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+SHORT_WRITE_TEXT = ("unexpected pos", "file write failed")  # torch's zip writer, which drops the errno
+
+
+class DiskFullError(UserError):
+    """A write ran out of space; the partial output was removed."""
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    try:
+        return shutil.disk_usage(_nearest_existing(Path(path).expanduser())).free
+    except OSError:
+        return None
+
+
+def is_disk_full(err: BaseException, path: str | os.PathLike) -> bool:
+    """Whether `err` (or what caused it) is a write that ran out of space under `path`. torch's
+    writer reports a short write without its errno: counted when the file system is (nearly) full."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
+            return True
+        text = str(cause)
+        if any(t in text for t in DISK_FULL_TEXT):
+            return True
+        if any(t in text for t in SHORT_WRITE_TEXT):
+            free = free_bytes(path)
+            return free is not None and free < 64 << 20
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+@contextmanager
+def disk_full_is_one_line(path: str | os.PathLike, what: str, kept: str) -> Iterator[None]:
+    """Turn running out of space while writing `what` under `path` into one line naming the path
+    (`kept`: what is still intact). The block removes its own partial output before this runs."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as err:
+        if not is_disk_full(err, path):
+            raise
+        raise DiskFullError(
+            f"no space left on the device holding {path} while writing {what} ({_size(free_bytes(path))} free "
+            f"there now); free space or choose another path and rerun; nothing half-written was kept, {kept}"
+        ) from None

@@ -14,6 +14,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +46,11 @@ def supervised_loaders(args: argparse.Namespace, phase: int, tokenizer, backend:
         end_token=args.eot_token if phase == 2 and args.add_eot_token else "",
     )
     train_set, eval_set, dropped = load_or_build(spec, tokenizer, cache_dir_for(args), args.preprocessing_num_workers)
+    if phase == 1 and any(dropped.values()):
+        print_rank0(
+            f"warning: dropped {' and '.join(f'{n} {split}' for split, n in dropped.items() if n)} rows whose "
+            "prompt + chosen text is empty (one token, nothing to learn)"
+        )
     if phase == 2 and any(dropped.values()):
         sizes = {"train": len(train_set), "eval": len(eval_set)}
         counts = " and ".join(f"{n} of {n + sizes[split]} {split}" for split, n in dropped.items() if n)
@@ -114,7 +120,7 @@ def load_checkpoint(engines: dict, args: argparse.Namespace) -> dict | None:
     if client is None:
         print_rank0(f"--resume: no checkpoint under {root}; starting from scratch")
         return None
-    print_rank0(f"resumed from {root} at {client['position']}")
+    print_rank0(f"resumed from {os.path.join(root, client.get('unit', ''))} at {client['position']}")
     return {**client["position"], "rng": client["rng"]}
 
 
@@ -132,6 +138,10 @@ def claim_outputs(args: argparse.Namespace) -> None:
         if args.checkpoint_dir and lock_path(root) != (lock_path(args.output_dir) if args.output_dir else None):
             lock_output(root)
         clean_root(root)
+        if args.resume and os.path.isdir(root):
+            from dschat_hal.checkpoints import choose_unit
+
+            choose_unit(Path(root))  # no unit verifies: said now, before models load (load_unit says which it uses)
     if args.output_dir:
         out = os.path.abspath(os.path.expanduser(args.output_dir))
         remove_stale_temporaries(os.path.dirname(out), os.path.basename(out))
@@ -175,28 +185,39 @@ def resume_setup(args: argparse.Namespace) -> dict:
 
 
 # ---- health ----------------------------------------------------------------------------------
+def dtype_advice(engine) -> str:
+    """The dtype change worth suggesting for a run that produced non-finite numbers ('' in fp32)."""
+    if engine is not None and getattr(engine, "fp16_enabled", lambda: False)():
+        return "use --dtype bf16 or fp32"
+    if engine is not None and getattr(engine, "bfloat16_enabled", lambda: False)():
+        return "try --dtype fp32"
+    return ""
+
+
 class HealthGuard:
-    """Counts non-finite losses and optimizer overflow skips; raises past `max_bad_steps`."""
+    """Counts bad steps (non-finite numbers or optimizer overflow skips); raises past `max_bad_steps`."""
 
     def __init__(self, max_bad_steps: int) -> None:
         self.max_bad_steps, self.bad_steps, self.skipped_seen = max_bad_steps, 0, 0
 
     def check(self, values, first_step: int, engine=None, what: str = "loss") -> None:
-        """`values`: a tensor or sequence of this interval's numbers, the first one at `first_step`."""
-        bad = (
-            (~torch.isfinite(torch.as_tensor(values, dtype=torch.float32))).nonzero().flatten().tolist()
-        )  # runs at report time only
+        """`values`: this interval's numbers, one per step from `first_step` on (a row of numbers per
+        step when 2-D: a step is bad once, however many of its numbers are non-finite)."""
+        finite = torch.isfinite(torch.as_tensor(values, dtype=torch.float32))  # runs at report time only
+        bad = (~finite.all(dim=-1) if finite.dim() > 1 else ~finite).nonzero().flatten().tolist()
         skipped = getattr(engine, "skipped_steps", 0) if engine is not None else 0
         new_skips, self.skipped_seen = skipped - self.skipped_seen, skipped
         if bad:
             print_rank0(f"warning: non-finite {what} at step {first_step + bad[0]} ({len(bad)} in this interval)")
         if new_skips:
             print_rank0(f"warning: {new_skips} optimizer steps skipped for gradient overflow")
-        self.bad_steps += len(bad) + new_skips
+        # a step whose loss is non-finite is also the step the optimizer skips (fp16): count it once
+        self.bad_steps += max(len(bad), new_skips)
         if self.bad_steps > self.max_bad_steps:
+            advice = ", ".join(a for a in ("lower the learning rate", dtype_advice(engine)) if a)
             raise TrainingHealthError(
                 f"training stopped: {self.bad_steps} bad steps (non-finite {what} or overflow), more than "
-                f"--max_bad_steps {self.max_bad_steps}; lower the learning rate, use --dtype bf16/fp32, or raise --max_bad_steps"
+                f"--max_bad_steps {self.max_bad_steps}; {advice}, or raise --max_bad_steps"
             )
 
 

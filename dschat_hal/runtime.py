@@ -37,10 +37,12 @@ def setup(args: argparse.Namespace) -> Accelerator:
     backend.use_graphs = args.enable_hpu_graphs or getattr(args, "enable_device_graphs", False)
     if args.audit_shapes:
         backend.enable_shape_audit()
-    backend.init_distributed()
     from dschat_hal.faults import clear_stale_build_locks
 
-    clear_stale_build_locks()  # a killed op build leaves a lock that makes every later run wait forever
+    # before init_distributed, which loads DeepSpeed's comm op: a killed op build leaves a lock that
+    # makes every later load wait forever
+    clear_stale_build_locks()
+    init_distributed(backend)
     _silence_deepspeed()
     _import_muon_uncompiled()
     freeze_startup_objects()
@@ -50,7 +52,27 @@ def setup(args: argparse.Namespace) -> Accelerator:
     why = f"--dtype auto: {backend.default_dtype_reason()}" if args.dtype in (None, "auto") else f"--dtype {args.dtype}"
     notes = backend.runtime_notes()
     print_rank0(f"running on {backend.describe()} in {chosen} ({why}){'; ' + notes if notes else ''}")
+    from dschat_hal.inert_flags import inert_flag_notes
+
+    for note in inert_flag_notes(args, backend, world_size()):
+        print_rank0(f"note: {note}")
     return backend
+
+
+def init_distributed(backend: Accelerator) -> None:
+    """`backend.init_distributed()`, with a rendezvous port that another run holds said in one line."""
+    from dschat_hal.errors import UserError
+
+    try:
+        backend.init_distributed()
+    except Exception as err:
+        if "EADDRINUSE" not in str(err) and "address already in use" not in str(err).lower():
+            raise
+        port = os.environ.get("MASTER_PORT", "the rendezvous port")
+        raise UserError(
+            f"port {port} (MASTER_PORT) is already in use, probably by another run; give the launcher a free "
+            "port (deepspeed --master_port N, torchrun --master_port N, e2e_rlhf.py --master-port N)"
+        ) from None
 
 
 # Deprecations raised inside third-party code (DeepSpeed's ZeRO calls these torch collectives on
@@ -342,11 +364,18 @@ def write_summary(output_dir: str | None, summary: dict[str, Any]) -> None:
 
     if not output_dir or not is_rank0():
         return
-    os.makedirs(output_dir, exist_ok=True)
+    from dschat_hal.faults import disk_full_is_one_line
+
     path = os.path.join(output_dir, SUMMARY_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=1, default=float)
-    os.replace(path + ".tmp", path)
+    with disk_full_is_one_line(path, SUMMARY_FILE, f"and the model in {output_dir} is complete"):
+        os.makedirs(output_dir, exist_ok=True)
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump(summary, f, indent=1, default=float)
+            os.replace(path + ".tmp", path)
+        finally:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
 
 
 class ScalarWriter:

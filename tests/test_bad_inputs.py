@@ -115,6 +115,16 @@ def card_naming(pattern: str):
     return setup
 
 
+def empty_directory(tmp: Path, models: dict) -> None:
+    (tmp / "d").mkdir()
+
+
+def saved_without_train(tmp: Path, models: dict) -> None:
+    import datasets
+
+    datasets.DatasetDict({"test": datasets.Dataset.from_list([ROW] * 5)}).save_to_disk(str(tmp / "d"))
+
+
 def corrupt_parquet(tmp: Path, models: dict) -> None:
     write_data("train.parquet", b"PAR1 this is not parquet PAR1")(tmp, models)
 
@@ -143,6 +153,18 @@ def checkpointed(damage=None):
 
 def drop_manifest(root: Path) -> None:
     (root / "global_step1" / "manifest.json").unlink()
+
+
+def truncate_model_states(root: Path) -> None:
+    states = root / "global_step1" / "step1" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:1000])
+
+
+def scramble_model_states(root: Path) -> None:
+    """The same size, but the zip's central directory overwritten (what a bad disk block does)."""
+    states = root / "global_step1" / "step1" / "mp_rank_00_model_states.pt"
+    data = states.read_bytes()
+    states.write_bytes(data[:-2000] + b"\0" * 2000)
 
 
 def interrupt_training(monkeypatch):
@@ -176,6 +198,13 @@ CASES = [
     ("save_interval -1", step1, [*S1, "--save_interval", "-1"], None, 2, "--save_interval must be 0 or more"),
     ("offload with ZeRO 0", step1, [*S1, "--offload"], None, 2, "--offload needs ZeRO: set --zero_stage"),
     ("step-3 offload with ZeRO 0", step3, [*S3, "--offload", "--actor_zero_stage", "2"], None, 2, "set --critic_zero_stage"),
+    ("bucket length 0", step1, [*S1, "--bucket_lengths", "0"], None, 2, "--bucket_lengths holds 0: every bucket must be a length of at least 1"),
+    ("negative bucket length", step3, [*S3, "--bucket_lengths", "16", "-5"], None, 2, "--bucket_lengths holds -5"),
+    ("bucket beyond positions", step1, [*S1, "--bucket_lengths", "32", "100000"], None, 2, "--bucket_lengths 100000 exceeds the model's 512 positions"),
+    ("step-3 bucket beyond positions", step3, [*S3, "--bucket_lengths", "100000"], None, 2, "--bucket_lengths 100000 exceeds the model's 512 positions"),
+    ("data_split all zero", step1, [*S1, "--data_split", "0,0,0"], None, 2, "--data_split '0,0,0' gives no step any data: the shares must not all be 0"),
+    ("data_split of two", step2, [*S1, "--data_split", "2,4"], None, 2, "--data_split '2,4' must be three comma-separated shares"),
+    ("data_split nan", step3, [*S3, "--data_split", "nan,1,1"], None, 2, "each share must be a finite number >= 0"),
     ("random tiny critic", step3, [*S3, "--critic_model_name_or_path", "tiny-opt"], None, 2, "add --allow_random_critic"),
     # paths
     ("output_dir is a file", step1, S1, make_file("out"), 2, "--output_dir {out} is a file"),
@@ -190,6 +219,13 @@ CASES = [
     ("data file is a directory", step1, [*S1, "--data_path", "{data}"], make_file("d/train.json/x"), 2, "data file {data}/train.json is a directory"),
     ("dataset card names missing files", step1, [*S1, "--data_path", "{data}"], card_naming("data/missing-*.parquet"), 2, "the dataset card of {data} (configs: in README.md) names data files that do not exist (nothing matches data/missing-*.parquet)"),
     ("data directory without data", step1, [*S1, "--data_path", "{data}"], make_file("d/notes.txt"), 2, "data directory {data} holds no .arrow, .csv, .json, .jsonl, .parquet files"),
+    ("empty data directory", step1, [*S1, "--data_path", "{data}"], empty_directory, 2, "data directory {data} is empty; put train/test files"),
+    ("saved DatasetDict without train", step1, [*S1, "--data_path", "{data}"], saved_without_train, 2, "has no train split (splits: test); save it with a 'train' key"),
+    ("all strings empty, step 1", step1, [*S1, "--data_path", "{data}"], rows(40, prompt="", chosen="", rejected=""), 2, "every train row's prompt + chosen is empty text, so step 1 has nothing to train on"),
+    ("all strings empty, step 2", step2, [*S1, "--data_path", "{data}"], rows(40, prompt="", chosen="", rejected=""), 2, "every train pair's chosen and rejected answers are empty"),
+    ("all strings empty, step 3", step3, [*S3, "--data_path", "{data}"], rows(40, prompt="", chosen="", rejected=""), 2, "every train row's prompt is empty text, so step 3 has nothing to train on"),
+    ("identical answers, step 2", step2, [*S1, "--data_path", "{data}"], rows(40, rejected=ROW["chosen"]), 2, "every train pair's chosen and rejected answers are the same text"),
+    ("single-token sequences", step1, [*S1, "--max_seq_len", "1"], None, 2, "every step-1 sequence is a single token at --max_seq_len 1"),
     ("bad JSONL line 3", step1, [*S1, "--data_path", "{data}"], jsonl_with_bad_line(3), 2, "train.jsonl is not valid JSON (line 3"),
     ("empty dataset", step1, [*S1, "--data_path", "{data}"], rows(0), 2, "the dataset is too small: 0 training rows"),
     ("two-row dataset", step1, [*S1, "--data_path", "{data}"], rows(3), 2, "the dataset is too small: 2 training rows"),
@@ -207,11 +243,16 @@ CASES = [
     ("chat on a damaged model", chat, ["--path", "{tmp}/m"], copy_model("actor", truncate_weights), 2, "damaged or incomplete"),
     ("e2e output-dir is a file", e2e, ["--output-dir", "{out}"], make_file("out"), 2, "--output-dir {out} is a file; pass a directory"),
     ("e2e unbalanced quote", e2e, ["--output-dir", "{out}", "--step1-args", "--seed '5"], None, 2, "--step1-args \"--seed '5\" cannot be split"),
+    ("e2e unknown step-1 flag", e2e, ["--output-dir", "{out}", "--step1-args", "--no_such_flag 3"], None, 2, "step 1 does not know --no_such_flag 3 (from --step1-args); see python training/step1_supervised_finetuning/main.py --help"),
+    ("e2e bad step-3 value", e2e, ["--output-dir", "{out}", "--step3-args", "--max_answer_seq_len x"], None, 2, "step 3 refuses its flags (argument --max_answer_seq_len: invalid int value: 'x'); check --step3-args"),
+    ("e2e master port out of range", e2e, ["--output-dir", "{out}", "--deployment-type", "single_node", "--master-port", "70000"], None, 2, "--master-port 70000 is not a TCP port"),
     # resume
     ("resume, other batch size", step1, [*S1, "--resume", "--per_device_train_batch_size", "4"], checkpointed(), 2, "the run changed (per_device_train_batch_size 8 -> 4)"),
     ("resume, other ZeRO stage", step1, [*S1, "--resume", "--zero_stage", "1"], checkpointed(), 2, "the run changed (zero_stage 0 -> 1)"),
     ("resume, other model", step1, [*S1, "--resume", "--model_name_or_path", "tiny-llama"], checkpointed(), 2, "model_name_or_path 'tiny-opt' -> 'tiny-llama'"),
-    ("resume, incomplete checkpoint", step1, [*S1, "--resume"], checkpointed(drop_manifest), 2, "global_step1 is incomplete"),
+    ("resume, incomplete checkpoint", step1, [*S1, "--resume"], checkpointed(drop_manifest), 2, "no checkpoint unit under {out}_checkpoints can be resumed (global_step1: no readable manifest.json"),
+    ("resume, truncated model states", step1, [*S1, "--resume"], checkpointed(truncate_model_states), 2, "no checkpoint unit under {out}_checkpoints can be resumed (global_step1: step1/mp_rank_00_model_states.pt is 1000 bytes"),
+    ("resume, unreadable model states", step1, [*S1, "--resume"], checkpointed(scramble_model_states), 2, "checkpoint unit {out}_checkpoints/global_step1: its step1 part cannot be loaded ("),
     # --debug and Ctrl-C
     ("--debug keeps exit 2", step1, [*S1, "--lora_dim", "-4", "--debug"], None, 2, "--lora_dim must be 0 or more"),
     ("Ctrl-C", step1, S1, interrupt_training, 130, "interrupted (Ctrl-C)"),
@@ -376,3 +417,88 @@ def test_chat_keeps_the_newest_tokens_of_a_long_conversation(models, capsys, mon
     captured = capsys.readouterr()
     assert captured.out.count("Assistant:") == 1
     assert "exceeds the model's 512 positions; keeping its last 508 tokens" in captured.err
+
+
+def test_e2e_refuses_a_master_port_in_use_and_otherwise_picks_a_free_one(tmp_path, capsys):
+    import socket
+
+    from training.e2e_rlhf import launcher, parse_args
+
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code = e2e(
+            ["--output-dir", str(tmp_path / "out"), "--deployment-type", "single_node", "--master-port", str(port)]
+        )
+        assert code == 2 and f"--master-port {port} is in use on this machine" in capsys.readouterr().err
+        chosen = launcher(parse_args(["--deployment-type", "single_node"]))
+    assert not (tmp_path / "out").exists()
+    assert chosen[chosen.index("--master_port") + 1] != str(port) and "--master_port" in chosen
+    given = launcher(parse_args(["--deployment-type", "multi_node", "--master-port", "29611"]))
+    assert given[given.index("--master_port") + 1] == "29611"
+
+
+def test_a_rendezvous_port_in_use_is_one_line(monkeypatch):
+    """Under a launcher whose MASTER_PORT another run holds, torch's EADDRINUSE becomes one line."""
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from dschat_hal.errors import UserError
+    from dschat_hal.runtime import init_distributed
+
+    class Backend:
+        def init_distributed(self) -> None:
+            dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=5))
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        with pytest.raises(UserError, match=f"port {port} \\(MASTER_PORT\\) is already in use"):
+            init_distributed(Backend())
+
+
+def test_flags_that_would_do_nothing_say_so(models, tmp_path, capsys):
+    """One `note:` line per flag without effect here; none for the same flags where they act."""
+    from types import SimpleNamespace
+
+    import accel
+    from dschat_hal.args import step1_parser, step3_parser
+    from dschat_hal.inert_flags import inert_flag_notes
+
+    base = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c"]
+
+    def notes(*flags: str, backend=None) -> str:
+        return "\n".join(inert_flag_notes(step3_parser().parse_args([*base, *flags]), backend or accel.get("cpu"), 1))
+
+    assert "--release_inference_cache frees the hybrid engine's KV cache; without --enable_hybrid_engine" in notes(
+        "--release_inference_cache"
+    )
+    assert "without --enable_hybrid_engine it does nothing" in notes("--unpin_actor_parameters")
+    assert "with --actor_zero_stage 2 there is none" in notes(
+        "--unpin_actor_parameters", "--enable_hybrid_engine", "--actor_zero_stage", "2"
+    )
+    assert "--enable_hpu_graphs does nothing on cpu" in notes("--enable_hpu_graphs", "--enable_hybrid_engine")
+    assert "--enable_device_graphs does nothing on cpu" in notes("--enable_device_graphs", "--enable_hybrid_engine")
+    cuda_like = SimpleNamespace(name="gpu", graph_kind="CUDA graphs", device_count=lambda: 1)
+    assert "captured in CUDA graphs instead" in notes(
+        "--enable_hpu_graphs", "--enable_hybrid_engine", backend=cuda_like
+    )
+    assert "with --critic_zero_stage 0 the frozen model is not partitioned" in notes("--offload_reward_model")
+    assert "--zero_hpz_enabled does nothing here" in notes("--zero_hpz_enabled")
+    acting = ["--enable_hybrid_engine", "--actor_zero_stage", "3", "--critic_zero_stage", "3"]
+    assert notes(*acting, "--release_inference_cache", "--unpin_actor_parameters", "--offload_reference_model",
+                 "--offload_reward_model") == ""  # fmt: skip
+    hpu_like = SimpleNamespace(name="hpu", graph_kind="HPU graphs", device_count=lambda: 1)
+    assert notes("--enable_hpu_graphs", "--enable_hybrid_engine", backend=hpu_like) == ""
+    step1_notes = inert_flag_notes(step1_parser().parse_args(["--enable_hpu_graphs"]), accel.get("cpu"), 1)
+    assert step1_notes == [
+        "--enable_hpu_graphs does nothing in this step: only step 3's hybrid engine captures its decode step"
+    ]
+    argv = [a.format(cache=tmp_path / "c", out=tmp_path / "o") for a in S1]
+    step1([*argv, "--enable_hpu_graphs", "--max_steps", "1"])
+    assert "note: --enable_hpu_graphs does nothing in this step" in capsys.readouterr().out

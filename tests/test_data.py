@@ -72,7 +72,7 @@ def test_malformed_json_and_missing_keys_name_the_file_and_column(tmp_path):
     with pytest.raises(UserError, match="neither a known dataset"):
         get_raw_dataset("no/such-dataset")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="holds no"):
+    with pytest.raises(UserError, match=r"empty is empty; put train/test files"):
         get_raw_dataset(str(tmp_path / "empty"))
 
 
@@ -116,7 +116,7 @@ def test_long_prompts_are_dropped_and_counted(tokenizer):
 def test_empty_split_is_a_clear_error(tokenizer):
     with pytest.raises(UserError, match="step 2 gets no training rows from --data_split 10,0,0"):
         load_or_build(DataSpec(["local/jsonfile"], data_split="10,0,0", phase=2), tokenizer, None)
-    with pytest.raises(UserError, match="three non-negative numbers"):
+    with pytest.raises(UserError, match="must be three comma-separated shares"):
         phase_indices(10, "1,2", 1, 0)
 
 

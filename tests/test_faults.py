@@ -49,6 +49,48 @@ def test_a_stale_op_build_lock_is_removed_and_a_live_one_reported(tmp_path, capl
     assert "removed a stale op-build lock" in caplog.text and "another process is building" in caplog.text
 
 
+def test_a_lock_no_process_holds_is_stale_at_any_age_and_one_held_open_is_live(tmp_path, caplog):
+    """torch's FileBaton keeps the lock's descriptor open for the whole build: that tells a live
+    build (another process, just started) from a killed one, with no age to wait out."""
+    import sys
+
+    killed, building = tmp_path / "killed_build", tmp_path / "live_build"
+    for build in (killed, building):
+        build.mkdir()
+    (killed / "lock").touch()  # created a moment ago, by a build that is gone
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); "
+         "print('held', flush=True); time.sleep(30)", str(building / "lock")],
+        stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        removed = clear_stale_build_locks(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert removed == [killed / "lock"] and (building / "lock").exists()
+    assert f"waiting: process {holder.pid} is building the op in {building}" in caplog.text
+
+
+def test_a_stale_lock_of_the_comm_op_is_gone_before_init_distributed_loads_it(tmp_path, monkeypatch, caplog):
+    """init_distributed loads DeepSpeed's comm op, whose build waits (forever, silently) on the lock a
+    killed build left in deepspeed_shm_comm/: the cleanup runs before it."""
+    import accel
+    from dschat_hal import runtime
+    from dschat_hal.args import step1_parser
+
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    backend, seen = accel.get("cpu"), []
+    monkeypatch.setattr(backend, "init_distributed", lambda: seen.append(lock.exists()))  # torch would wait here
+    monkeypatch.setattr(runtime.accel, "get", lambda *args, **kwargs: backend)
+    runtime.setup(step1_parser().parse_args(["--device", "cpu"]))
+    assert seen == [False] and "removed a stale op-build lock" in caplog.text
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_saved_models_follow_the_umask(tmp_path, umask):
     from dschat_hal.models import create_lm, load_tokenizer, save_lm
@@ -87,3 +129,180 @@ def test_save_total_limit_keeps_the_newest_units(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["global_step3", "global_step4", "latest"]
     manifest = json.loads((root / "global_step4" / "manifest.json").read_text())
     assert manifest["step"] == 4 and manifest["engines"] == ["step1"]
+
+
+class FakeEngine:
+    def __init__(self, dtype: str, skipped: int = 0) -> None:
+        self.dtype, self.skipped_steps = dtype, skipped
+
+    def fp16_enabled(self) -> bool:
+        return self.dtype == "fp16"
+
+    def bfloat16_enabled(self) -> bool:
+        return self.dtype == "bf16"
+
+
+def test_the_health_guard_counts_a_bad_step_once_and_suggests_only_another_dtype():
+    from dschat_hal.errors import UserError
+    from dschat_hal.loop import HealthGuard
+
+    nan = float("nan")
+    guard = HealthGuard(max_bad_steps=10)
+    guard.check([[1.0, nan, nan, nan, 0.1]] * 1, 4, FakeEngine("bf16"))  # step 3: five numbers, one step
+    assert guard.bad_steps == 1
+    guard.check([nan, 1.0, nan], 5, FakeEngine("fp16", skipped=2))  # fp16: the NaN steps are the skipped ones
+    assert guard.bad_steps == 3
+    with pytest.raises(UserError) as bf16:
+        HealthGuard(0).check([nan], 1, FakeEngine("bf16"))
+    assert "1 bad steps" in str(bf16.value) and "bf16" not in str(bf16.value) and "--dtype fp32" in str(bf16.value)
+    with pytest.raises(UserError) as fp16:
+        HealthGuard(0).check([nan], 1, FakeEngine("fp16"))
+    assert "--dtype bf16 or fp32" in str(fp16.value)
+    with pytest.raises(UserError) as fp32:
+        HealthGuard(0).check([nan], 1, FakeEngine("fp32"))
+    assert "--dtype" not in str(fp32.value)
+
+
+def test_a_data_cache_build_killed_midway_is_removed_by_the_next_run(tmp_path):
+    """SIGTERM/SIGKILL skip the build's own cleanup: its directory names the process, so a rerun
+    removes it (and keeps the live build of a process that still runs, or of another machine)."""
+    import signal
+    import sys
+
+    from conftest import ROOT
+
+    from dschat_hal.data import DataSpec, load_or_build
+    from dschat_hal.models import load_tokenizer
+
+    code = (
+        "import sys; from dschat_hal.data import DataSpec, load_or_build; from dschat_hal.models import "
+        "load_tokenizer; load_or_build(DataSpec(['local/jsonfile'], max_seq_len=32), load_tokenizer('tiny-opt'), sys.argv[1])"
+    )
+    env = {**os.environ, "DSCHAT_HAL_KILL_AT": "data_cache_building"}
+    killed = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    assert killed.wait(timeout=120) == -signal.SIGKILL, killed.stderr.read()[-2000:]
+    (leftover,) = tmp_path.glob(".step1_*.tmp-*")
+    assert f".tmp-{killed.pid}-on-" in leftover.name
+    live = tmp_path / f".step1_x.tmp-{os.getpid()}-on-{leftover.name.split('-on-')[1]}"
+    foreign = tmp_path / f".step1_y.tmp-{dead_pid()}-on-othermachine-abc"
+    live.mkdir()
+    foreign.mkdir()
+    train, _, _ = load_or_build(DataSpec(["local/jsonfile"], max_seq_len=32), load_tokenizer("tiny-opt"), str(tmp_path))
+    assert len(train) > 0 and not leftover.exists()
+    assert live.is_dir() and foreign.is_dir()
+
+
+def test_resume_skips_a_damaged_unit_naming_it_and_an_empty_latest(tmp_path, capsys):
+    """The newest unit truncated: resume names it and goes on from the newest unit that verifies;
+    an empty `latest` is only a hint that names nothing."""
+    args = [*base(tmp_path), "--output_dir", str(tmp_path / "o"), "--save_interval", "1"]
+    step1([*args, "--max_steps", "2"])
+    root = tmp_path / "o_checkpoints"
+    states = root / "global_step2" / "step1" / "mp_rank_00_model_states.pt"
+    size = states.stat().st_size
+    states.write_bytes(states.read_bytes()[: size // 2])
+    capsys.readouterr()
+    step1([*args, "--max_steps", "3", "--resume"])
+    out = capsys.readouterr().out
+    damaged = f"{root / 'global_step2'} is damaged (step1/mp_rank_00_model_states.pt is {size // 2} bytes, {size} when"
+    assert damaged in out
+    assert "resuming from global_step1, the newest checkpoint unit that verifies" in out
+    assert f"resumed from {root / 'global_step1'} at" in out
+    assert (root / "latest").read_text().strip() == "global_step3" and states.stat().st_size == size  # saved again
+    (root / "latest").write_text("")
+    step1([*args, "--max_steps", "3", "--resume"])
+    out = capsys.readouterr().out
+    assert "'latest' names no unit; resuming from global_step3" in out and "is damaged" not in out
+
+
+def test_a_unit_missing_a_part_is_named(tmp_path):
+    """A step-3 unit whose critic/ is gone (DeepSpeed itself ends in a bare AssertionError)."""
+    from dschat_hal.checkpoints import choose_unit, unit_problem
+
+    for step in (1, 2):
+        unit = tmp_path / f"global_step{step}"
+        (unit / "actor").mkdir(parents=True)
+        (unit / "actor" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
+        (unit / "critic").mkdir()
+        (unit / "critic" / "mp_rank_00_model_states.pt").write_bytes(b"y" * 10)
+        files = {"actor/mp_rank_00_model_states.pt": 10, "critic/mp_rank_00_model_states.pt": 10}
+        manifest = {"step": step, "engines": ["actor", "critic"], "setup": {}, "files": files}
+        (unit / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "latest").write_text("global_step2\n")
+    import shutil
+
+    shutil.rmtree(tmp_path / "global_step2" / "critic")
+    assert unit_problem(tmp_path / "global_step2") == "its critic/ part is missing"
+    unit, notes = choose_unit(tmp_path)
+    assert unit == tmp_path / "global_step1"
+    assert (
+        notes[0]
+        == f"warning: checkpoint unit {tmp_path / 'global_step2'} is damaged (its critic/ part is missing); skipping it"
+    )
+
+
+def no_space(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_disk_full_during_the_final_save_keeps_the_previous_output(tmp_path, capsys, monkeypatch):
+    """safetensors' ENOSPC: one line naming the output; the previous model intact, no temporary left."""
+    import transformers.modeling_utils
+
+    out = tmp_path / "o"
+    step1([*base(tmp_path), "--output_dir", str(out), "--max_steps", "1"])
+    before = (out / "model.safetensors").read_bytes()
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", no_space)
+    with pytest.raises(SystemExit) as stop:
+        step1([*base(tmp_path), "--output_dir", str(out), "--max_steps", "1", "--seed", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[-1].startswith(f"error: no space left on the device holding {out} while"), err
+    assert "the previous" in err[-1] and not any("Traceback" in line for line in err)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert not list(tmp_path.glob(".o.*"))
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_last_unit(tmp_path, capsys, monkeypatch):
+    """torch's writer reports a full disk as `unexpected pos` (no errno): the staging directory goes,
+    `latest` still names the last good unit."""
+    from dschat_hal import faults
+
+    args = [*base(tmp_path), "--output_dir", str(tmp_path / "o"), "--save_interval", "1"]
+    step1([*args, "--max_steps", "1"])
+    real_save = torch.save
+
+    def short_write(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1613504 vs 1613396")
+
+    monkeypatch.setattr(torch, "save", short_write)
+    monkeypatch.setattr(faults, "free_bytes", lambda path: 0)  # what the full file system reports
+    with pytest.raises(SystemExit) as stop:
+        step1([*args, "--max_steps", "2", "--resume"])
+    root = tmp_path / "o_checkpoints"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2, err[-5:]
+    assert f"no space left on the device holding {root} while writing checkpoint global_step2" in err[-1]
+    assert "the last unit (global_step1) is intact: rerun with --resume" in err[-1]
+    assert sorted(p.name for p in root.iterdir()) == ["global_step1", "latest"]
+    assert (root / "latest").read_text().strip() == "global_step1"
+
+
+def test_disk_full_while_caching_data_names_the_cache_not_the_data(tmp_path, capsys, monkeypatch):
+    import datasets
+
+    def full(*args, **kwargs):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as err:
+            raise datasets.exceptions.DatasetGenerationError("An error occurred while generating the dataset") from err
+
+    monkeypatch.setattr(datasets, "load_dataset", full)  # datasets writing its Arrow copy of the raw files
+    with pytest.raises(SystemExit) as stop:
+        step1(["--device", "cpu", "--data_output_path", str(tmp_path / "c"), "--max_steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        stop.value.code == 2
+        and f"no space left on the device holding {tmp_path / 'c'} while writing the data cache" in err[-1]
+    )
+    assert "assets/data" not in err[-1] and not list((tmp_path / "c").glob("*step1_*"))

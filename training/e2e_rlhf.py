@@ -17,6 +17,7 @@ import gc
 import importlib.util
 import json
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -73,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deployment-type", default="single_device", choices=["single_device", "single_node", "multi_node"])
     p.add_argument("--num-devices", type=int, default=0, help="devices per node for the launcher (0: all)")
     p.add_argument("--hostfile", default=None, help="hostfile for multi_node")
+    p.add_argument(
+        "--master-port",
+        type=int,
+        default=None,
+        help="the launcher's rendezvous port (default: single_node picks a free one for each step; multi_node: 29500)",
+    )
     p.add_argument("--data-path", nargs="+", default=["local/jsonfile"])
     p.add_argument("--output-dir", default="./output")
     p.add_argument(
@@ -95,7 +102,70 @@ def launcher(args: argparse.Namespace) -> list[str]:
         cmd += ["--num_gpus", str(args.num_devices)]
     if args.deployment_type == "multi_node" and args.hostfile:
         cmd += ["--hostfile", args.hostfile]
+    port = args.master_port or (free_port() if args.deployment_type == "single_node" else None)
+    if port:
+        cmd += ["--master_port", str(port)]  # two runs at once never meet at DeepSpeed's default 29500
     return cmd
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now (the launcher binds it a moment later)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def port_taken(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
+def check_master_port(args: argparse.Namespace) -> str | None:
+    """A given --master-port that is out of range or held on this machine, as an error message."""
+    if args.master_port is None or args.deployment_type == "single_device":
+        return None
+    if not 1 <= args.master_port <= 65535:
+        return f"--master-port {args.master_port} is not a TCP port (1-65535)"
+    if args.deployment_type == "single_node" and port_taken(args.master_port):
+        return (
+            f"--master-port {args.master_port} is in use on this machine (another run?); pass a free port, or drop "
+            "--master-port to have one chosen"
+        )
+    return None
+
+
+class _StepArgsError(Exception):
+    pass
+
+
+def _refuse(message: str):
+    raise _StepArgsError(message)
+
+
+def check_step_flags(args: argparse.Namespace, out: Path) -> str | None:
+    """The first step whose command line its own parser refuses (an unknown flag in --stepN-args, a
+    bad value), as an error message naming the step: before any step runs."""
+    from dschat_hal.args import step1_parser, step2_parser, step3_parser
+
+    parsers = {1: step1_parser, 2: step2_parser, 3: step3_parser}
+    for step in sorted(args.step):
+        cmd = step_command(step, args, out)
+        parser = parsers[step]()
+        parser.error = _refuse  # an exception instead of usage + exit
+        try:
+            _, unknown = parser.parse_known_args(cmd[cmd.index(str(SCRIPTS[step])) + 1 :])
+        except _StepArgsError as err:
+            return f"step {step} refuses its flags ({err}); check --step{step}-args"
+        if unknown:
+            return (
+                f"step {step} does not know {' '.join(unknown)} (from --step{step}-args); "
+                f"see python {SCRIPTS[step].relative_to(ROOT.parent)} --help"
+            )
+    return None
 
 
 def tiny_run(args: argparse.Namespace) -> bool:
@@ -194,7 +264,12 @@ def check_step_args(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir).resolve()
-    problem = check_step_args(args) or (f"--output-dir {out} is a file; pass a directory" if out.is_file() else None)
+    problem = (
+        check_step_args(args)
+        or (f"--output-dir {out} is a file; pass a directory" if out.is_file() else None)
+        or check_master_port(args)
+        or check_step_flags(args, out)
+    )
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

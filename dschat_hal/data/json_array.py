@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from dschat_hal.faults import temp_prefix
+
 CHUNK = 1 << 20  # characters read at a time
 
 
@@ -27,7 +29,7 @@ def array_to_lines(source: Path, target: Path) -> bool:
     valid JSON: the caller then lets `datasets` read the file and report the problem.
     """
     decoder = json.JSONDecoder()
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp = target.with_name(temp_prefix(target.name) + "part")  # a killed run's copy: the next run removes it
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(source, encoding="utf-8") as f, open(tmp, "w", encoding="utf-8") as out:

@@ -28,9 +28,10 @@ from torch.utils.data import Dataset
 from dschat_hal.data.raw_datasets import RawDataset, get_raw_dataset, group_sources, source_files
 from dschat_hal.data.tokens import Encoder, special_affixes
 from dschat_hal.errors import UserError
+from dschat_hal.faults import disk_full_is_one_line, fault_point, remove_stale_temporaries, temp_prefix
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 COLUMNS = {1: ("input_ids",), 2: ("chosen", "rejected"), 3: ("prompt",)}
 
 
@@ -49,12 +50,21 @@ class DataSpec:
 
 
 def split_fractions(data_split: str) -> list[float]:
+    """The shares of steps 1, 2, 3 as fractions; one line naming what is wrong otherwise."""
+    import math
+
     try:
         parts = [float(p) for p in data_split.split(",")]
     except ValueError:
         parts = []
-    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise UserError(f"--data_split {data_split!r} must be three non-negative numbers like 2,4,4 (steps 1, 2, 3)")
+    if len(parts) != 3:
+        raise UserError(f"--data_split {data_split!r} must be three comma-separated shares like 2,4,4 (steps 1, 2, 3)")
+    if not all(math.isfinite(p) and p >= 0 for p in parts):
+        raise UserError(f"--data_split {data_split!r}: each share must be a finite number >= 0 (e.g. 2,4,4)")
+    if sum(parts) <= 0:
+        raise UserError(
+            f"--data_split {data_split!r} gives no step any data: the shares must not all be 0 (e.g. 2,4,4)"
+        )
     total = sum(parts)
     return [p / total for p in parts]
 
@@ -89,19 +99,21 @@ def tokenize_batch(
     batch: dict[str, list], raw: RawDataset, encoder: Encoder, spec: DataSpec, drop: bool = True
 ) -> dict[str, list]:
     """One `datasets.map` batch of raw rows to step `spec.phase`'s token columns. With `drop`, rows
-    that cannot train leave here (the batch comes back shorter): step 2 pairs whose chosen and
-    rejected tokens are identical (truncation cut off where they differ), step 3 prompts over
+    that cannot train leave here (the batch comes back shorter): step 1 sequences of one token
+    (empty text: no next token to learn), step 2 pairs whose chosen and rejected tokens are
+    identical (truncation cut off where they differ), step 3 prompts that are empty or over
     `max_prompt_seq_len`."""
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     if spec.phase == 1:
-        return {"input_ids": encoder.sequences([raw.prompt_and_chosen(r) for r in rows], spec.max_seq_len)}
+        sequences = encoder.sequences([raw.prompt_and_chosen(r) for r in rows], spec.max_seq_len)
+        return {"input_ids": [ids for ids in sequences if len(ids) > 1 or not drop]}
     if spec.phase == 2:
         chosen = encoder.sequences([raw.prompt_and_chosen(r) for r in rows], spec.max_seq_len)
         rejected = encoder.sequences([raw.prompt_and_rejected(r) for r in rows], spec.max_seq_len)
         pairs = [(c, r) for c, r in zip(chosen, rejected, strict=True) if c != r or not drop]
         return {"chosen": [c for c, _ in pairs], "rejected": [r for _, r in pairs]}
     prompts = encoder.prompts([raw.prompt(r) for r in rows])
-    return {"prompt": [ids for ids in prompts if len(ids) <= spec.max_prompt_seq_len or not drop]}
+    return {"prompt": [ids for ids in prompts if 0 < len(ids) <= spec.max_prompt_seq_len or not drop]}
 
 
 def features(phase: int):
@@ -171,11 +183,14 @@ def build_parts(
     pairs that are all identical are kept, to have something to measure)."""
     builder = _Builder(spec, tokenizer, workdir, num_proc)
     train, evaluation, dropped = [], [], {"train": 0, "eval": 0}
+    train_rows: list[tuple[RawDataset, Any]] = []
     for group in group_sources(spec.data_path):
         raw = get_raw_dataset(group, raw_cache_dir)
         for rows, out, split in ((raw.train, train, "train"), (raw.eval, evaluation, "eval")):
             picked = rows.select(phase_indices(len(rows), spec.data_split, spec.phase, spec.seed))
             picked = picked if len(picked) or out is train else rows
+            if out is train:
+                train_rows.append((raw, picked))
             samples, n_dropped = builder.tokenize(raw, picked)
             if split == "eval" and spec.phase == 2 and n_dropped and not len(samples):
                 samples, n_dropped = builder.tokenize(raw, picked, drop=False)
@@ -187,11 +202,48 @@ def build_parts(
             train.append(builder.tokenize(raw, raw.train)[0])
             evaluation.append(builder.tokenize(raw, raw.eval)[0])
     if not sum(len(part) for part in train):
+        _raise_for_empty_text(spec, train_rows)
         _raise_for_no_train_rows(spec, dropped["train"])
     return train, evaluation, dropped
 
 
+PHASE_TEXT = {1: ("prompt + chosen", "prompt_and_chosen"), 3: ("prompt", "prompt")}
+
+
+def _raise_for_empty_text(spec: DataSpec, train_rows: list[tuple[RawDataset, Any]], sample: int = 2000) -> None:
+    """One line when the step's rows hold no text (empty strings), e.g. a file of "" values (error path
+    only; looks at the first `sample` rows of each source)."""
+    checked, empty, where = 0, 0, []
+    for raw, rows in train_rows:
+        head = [rows[i] for i in range(min(len(rows), sample))]
+        if spec.phase == 2:
+            texts = [raw.prompt_and_chosen(r) + raw.prompt_and_rejected(r) for r in head]
+            same = [raw.chosen(r) == raw.rejected(r) for r in head]
+            if head and all(same):
+                kind = "empty" if not any(t.strip() for t in texts) else "the same text"
+                raise UserError(
+                    f"{raw.name}: every train pair's chosen and rejected answers are {kind}, so there is no "
+                    "preference to learn; fill the rows with two different answers"
+                )
+            continue
+        label, accessor = PHASE_TEXT[spec.phase]
+        texts = [getattr(raw, accessor)(r) for r in head]
+        checked += len(texts)
+        empty += sum(not t.strip() for t in texts)
+        where.append(raw.name)
+    if checked and empty == checked:
+        raise UserError(
+            f"{', '.join(where)}: every train row's {label} is empty text, so step {spec.phase} has nothing to "
+            "train on; fill the rows' strings (or fix the column names)"
+        )
+
+
 def _raise_for_no_train_rows(spec: DataSpec, dropped: int) -> None:
+    if dropped and spec.phase == 1:
+        raise UserError(
+            f"every step-1 sequence is a single token at --max_seq_len {spec.max_seq_len}, with no next token "
+            "to learn; raise --max_seq_len"
+        )
     if dropped and spec.phase == 2:
         raise UserError(
             f"every train pair is identical after truncation to --max_seq_len {spec.max_seq_len}; raise --max_seq_len"
@@ -304,9 +356,19 @@ def _write_cache(spec: DataSpec, tokenizer, path: Path, num_proc: int | None) ->
     # Arrow's default allocator (mimalloc) keeps freed blocks for reuse: ~15 MB more at the peak of
     # reading 158 MB of JSON. After preparing, this process only memory-maps Arrow files.
     pa.set_memory_pool(pa.system_memory_pool())
+    with disk_full_is_one_line(
+        path.parent, "the data cache", "and the data files are fine (run with --data_output_path '' to skip the cache)"
+    ):
+        _build_cache(spec, tokenizer, path, num_proc)
+
+
+def _build_cache(spec: DataSpec, tokenizer, path: Path, num_proc: int | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_temporaries(path.parent)  # builds killed by a signal (SIGTERM skips the cleanup below)
+    remove_stale_temporaries(path.parent / "raw" / "json_lines")
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), dir=path.parent))
     try:
+        fault_point("data_cache_building")
         train, evaluation, dropped = build_parts(
             spec, tokenizer, tmp / "work", num_proc, raw_cache_dir=str(path.parent / "raw")
         )

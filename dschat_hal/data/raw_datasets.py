@@ -22,6 +22,7 @@ from typing import Any
 from dschat_hal.data.checks import check_readable, check_utf8
 from dschat_hal.data.json_array import array_to_lines, is_json_array
 from dschat_hal.errors import UserError
+from dschat_hal.faults import is_disk_full
 from dschat_hal.models.tiny import DATA_DIR
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,9 @@ def _directory_files(directory: Path) -> dict[str, list[str]]:
                 f"({_first_line(err)}); fix its data_files paths or download the files it names"
             ) from None
         _raise_for_folder_named_as_file(directory)
+        held = "is empty" if not any(directory.iterdir()) else "holds no data files"
         raise UserError(
-            f"data directory {directory} holds no data files ({_first_line(err)}); put train/test "
+            f"data directory {directory} {held}; put train/test "
             f"files ({', '.join(sorted(set(BUILDERS)))}) or a save_to_disk dataset there"
         ) from None
     files = {str(split): [f for f in found if Path(f).suffix in BUILDERS] for split, found in resolved.items()}
@@ -321,6 +323,8 @@ def load_splits(sources: list[Path], cache_dir: str | None = None) -> tuple[dict
             readable = _as_json_lines(files, Path(cache_dir) / "json_lines" if cache_dir else Path(scratch.name))
         loaded = datasets.load_dataset(builder, data_files=readable, cache_dir=cache_dir, **read_options(builder))
     except Exception as err:  # malformed JSON, not UTF-8, no rows, a corrupt parquet file, mismatched shards
+        if cache_dir and is_disk_full(err, cache_dir):
+            raise  # the data cache's disk, not the data: said by the cache's writer
         if builder in ("json", "csv"):
             for name in every:
                 check_utf8(Path(name))
@@ -345,10 +349,14 @@ def eval_split_name(splits: dict[str, Any]) -> str | None:
     return next((name for name in EVAL_SPLITS if name in splits), None)
 
 
-def train_and_eval(splits: dict[str, Any], where: str) -> tuple[Any, Any]:
-    """The train split and the test/validation split; without one, the first tenth of train (fixed)."""
+def train_and_eval(splits: dict[str, Any], where: str, saved: bool = False) -> tuple[Any, Any]:
+    """The train split and the test/validation split; without one, the first tenth of train (fixed).
+    `saved`: the splits come from a `save_to_disk` DatasetDict (named by its keys, not file names)."""
     if "train" not in splits:
-        raise UserError(f"{where} has no train split (splits: {', '.join(splits) or 'none'}); name a file train.*")
+        fix = (
+            "save it with a 'train' key (DatasetDict({'train': ...}).save_to_disk)" if saved else "name a file train.*"
+        )
+        raise UserError(f"{where} has no train split (splits: {', '.join(splits) or 'none'}); {fix}")
     train, eval_name = splits["train"], eval_split_name(splits)
     if eval_name is not None and len(splits[eval_name]):
         return train, splits[eval_name]
@@ -464,10 +472,12 @@ def schema_for(sources: list[Path], columns: list[str]) -> type[RawDataset]:
     return next((s for s in LOCAL_SCHEMAS if all(c in columns for c in s.columns)), RawDataset)
 
 
-def _from_splits(schema: type[RawDataset], name: str, splits: dict, files: tuple[str, ...]) -> RawDataset:
+def _from_splits(
+    schema: type[RawDataset], name: str, splits: dict, files: tuple[str, ...], saved: bool = False
+) -> RawDataset:
     for split, dataset in splits.items():
         check_columns(schema, dataset, f"{name} ({split} split)")
-    train, evaluation = train_and_eval(splits, name)
+    train, evaluation = train_and_eval(splits, name, saved)
     raw = schema(train, evaluation, files)
     raw.name = name
     return raw
@@ -514,4 +524,5 @@ def get_raw_dataset(source: str | list[str], cache_dir: str | None = None) -> Ra
         return _from_splits(HUB_DATASETS[name], name, _load_hub(name, cache_dir), ())
     splits, files = load_splits(paths, cache_dir)
     columns = splits["train"].column_names if "train" in splits else []
-    return _from_splits(schema_for(paths, columns), name, splits, files)
+    saved = len(paths) == 1 and _is_saved_dataset(paths[0])
+    return _from_splits(schema_for(paths, columns), name, splits, files, saved)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dschat_hal.faults import apply_umask, fault_point, remove_stale_temporaries
+from dschat_hal.faults import apply_umask, disk_full_is_one_line, fault_point, remove_stale_temporaries
 from dschat_hal.models.lora import LoRALinear, strip_lora_state
 
 
@@ -62,20 +62,22 @@ def atomic_directory(target: str | os.PathLike, enabled: bool = True) -> Iterato
         yield None
         return
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target.parent, target.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
-    try:
-        yield tmp
-        apply_umask(tmp)
-        fault_point("publish")
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        if target.exists():
-            target.rename(backup)
-        tmp.rename(target)
-        shutil.rmtree(backup, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    kept = f"and the previous {target} is intact" if target.exists() else f"and {target} was not created"
+    with disk_full_is_one_line(target, "the output", kept):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target.parent, target.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+        try:
+            yield tmp
+            apply_umask(tmp)
+            fault_point("publish")
+            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+            if target.exists():
+                target.rename(backup)
+            tmp.rename(target)
+            shutil.rmtree(backup, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_tokenizer(tokenizer, model: nn.Module, out_dir: str | os.PathLike) -> None:

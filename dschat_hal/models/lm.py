@@ -104,14 +104,19 @@ def hub_model_available(name: str) -> bool:
     return hub_reachable()
 
 
-def check_positions(name_or_config: Any, length: int, flag: str) -> None:
-    """`length` tokens fit the model's position embeddings (models with no limit, e.g. ALiBi, pass)."""
+def check_positions(name_or_config: Any, length: int, flag: str, buckets: list[int] | None = None) -> None:
+    """`length` tokens (and every `--bucket_lengths` entry) fit the model's position embeddings
+    (models with no limit, e.g. ALiBi, pass)."""
     config = tiny_config_of(name_or_config) if isinstance(name_or_config, str) else name_or_config
     limit = next(
         (getattr(config, k) for k in ("max_position_embeddings", "n_positions") if getattr(config, k, None)), None
     )
     if limit is not None and length > limit:
         raise UserError(f"{flag} {length} exceeds the model's {limit} positions; use at most {limit}")
+    if limit is not None and buckets and max(buckets) > limit:
+        raise UserError(
+            f"--bucket_lengths {max(buckets)} exceeds the model's {limit} positions; use buckets of at most {limit}"
+        )
 
 
 def tiny_config_of(name_or_path: str) -> Any:

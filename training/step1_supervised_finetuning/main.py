@@ -25,7 +25,7 @@ from dschat_hal.runtime import (
 @cli_entry
 def main(argv: list[str]) -> dict:
     args = validate(step1_parser().parse_args(argv))
-    check_positions(args.model_name_or_path, args.max_seq_len, "--max_seq_len")
+    check_positions(args.model_name_or_path, args.max_seq_len, "--max_seq_len", args.bucket_lengths)
     loop.claim_outputs(args)
     backend = setup(args)
     tokenizer = load_tokenizer(args.model_name_or_path)

@@ -19,6 +19,7 @@ from dschat_hal.loop import (
     HealthGuard,
     TrainingHealthError,
     claim_outputs,
+    dtype_advice,
     load_checkpoint,
     progress,
     save_checkpoint,
@@ -123,7 +124,8 @@ def check_last_update(pending: list[dict], flush, engine: RLHFEngine, step: int)
     if not actor_is_finite(engine):
         raise TrainingHealthError(
             f"training stopped after step {step}: the actor's weights are no longer finite, so it cannot generate; "
-            "lower --actor_learning_rate, use --dtype bf16/fp32, or resume from an earlier checkpoint"
+            f"lower --actor_learning_rate, {dtype_advice(engine.actor) + ', ' if dtype_advice(engine.actor) else ''}"
+            "or resume from an earlier checkpoint"
         )
     return ema
 
@@ -148,7 +150,10 @@ def main(argv: list[str]) -> dict:
             "reward model; pass step 2's --output_dir, or add --allow_random_critic for a smoke test"
         )
     check_positions(
-        args.actor_model_name_or_path, args.max_prompt_seq_len + args.max_answer_seq_len, "prompt + answer length"
+        args.actor_model_name_or_path,
+        args.max_prompt_seq_len + args.max_answer_seq_len,
+        "prompt + answer length",
+        args.bucket_lengths,
     )
     claim_outputs(args)
     backend = setup(args)
@@ -165,7 +170,10 @@ def main(argv: list[str]) -> dict:
     spec = DataSpec(args.data_path, args.data_split, 3, args.seed, max_prompt_seq_len=args.max_prompt_seq_len)
     prompts, eval_prompts, dropped = load_or_build(spec, tokenizer, cache_dir_for(args), args.preprocessing_num_workers)
     if dropped["train"]:
-        print_rank0(f"dropped {dropped['train']} prompts longer than --max_prompt_seq_len {args.max_prompt_seq_len}")
+        print_rank0(
+            f"dropped {dropped['train']} prompts that are empty or longer than --max_prompt_seq_len "
+            f"{args.max_prompt_seq_len}"
+        )
     collate = Collator(3, tokenizer.pad_token_id, backend, args.max_prompt_seq_len)
     loader = dataloader(prompts, collate, args.per_device_generation_batch_size, args.seed)
     eval_loader = dataloader(eval_prompts, collate, args.per_device_generation_batch_size, args.seed, shuffle=False)
@@ -220,7 +228,7 @@ def main(argv: list[str]) -> dict:
         for offset, stats in enumerate(pending):
             record = materialize(stats)
             number = step - len(pending) + offset + 1
-            guard.check([record[k] for k in HEALTH_KEYS], number, engine.actor, what="reward/advantage/loss")
+            guard.check([[record[k] for k in HEALTH_KEYS]], number, engine.actor, what="reward/advantage/loss")
             ema = record["reward"] if ema is None else 0.9 * ema + 0.1 * record["reward"]
             record["reward_ema"] = ema
             history.append(record)

@@ -1,0 +1,62 @@
+"""Flags that would do nothing in this run (another device, another ZeRO stage, a missing companion
+flag): one `note:` line each at start-up instead of silence."""
+
+from __future__ import annotations
+
+import argparse
+
+from accel import Accelerator
+from dschat_hal.ds_config import hpz_entries
+
+
+def inert_flag_notes(args: argparse.Namespace, backend: Accelerator, world_size: int) -> list[str]:
+    """One line per flag given that has no effect here, naming why and what would make it act."""
+    flags = vars(args)
+    step3 = "enable_hybrid_engine" in flags
+    hybrid = flags.get("enable_hybrid_engine", False)
+    notes = []
+    for flag in ("enable_hpu_graphs", "enable_device_graphs"):
+        if not flags.get(flag):
+            continue
+        if not step3:
+            notes.append(f"--{flag} does nothing in this step: only step 3's hybrid engine captures its decode step")
+        elif backend.graph_kind is None:
+            notes.append(f"--{flag} does nothing on {backend.name}: it has no device graphs; drop the flag")
+        elif flag == "enable_hpu_graphs" and backend.graph_kind != "HPU graphs":
+            notes.append(
+                f"--enable_hpu_graphs on {backend.name}: the decode step is captured in {backend.graph_kind} "
+                "instead (the same as --enable_device_graphs)"
+            )
+    if flags.get("release_inference_cache") and not hybrid:
+        notes.append(
+            "--release_inference_cache frees the hybrid engine's KV cache; without --enable_hybrid_engine it does "
+            "nothing: add --enable_hybrid_engine or drop the flag"
+        )
+    if flags.get("unpin_actor_parameters"):
+        if not hybrid:
+            notes.append(
+                "--unpin_actor_parameters frees the hybrid engine's inference copy; without --enable_hybrid_engine "
+                "it does nothing: add --enable_hybrid_engine or drop the flag"
+            )
+        elif flags.get("actor_zero_stage") != 3:
+            notes.append(
+                f"--unpin_actor_parameters frees the gathered copy of a ZeRO-3 actor; with --actor_zero_stage "
+                f"{flags.get('actor_zero_stage')} there is none, so it does nothing"
+            )
+    for flag, stage_flag in (
+        ("offload_reference_model", "actor_zero_stage"),
+        ("offload_reward_model", "critic_zero_stage"),
+    ):
+        if flags.get(flag) and flags.get(stage_flag) != 3:
+            notes.append(
+                f"--{flag} offloads ZeRO-3 parameters; with --{stage_flag} {flags.get(stage_flag)} the frozen model "
+                f"is not partitioned, so it does nothing (set --{stage_flag} 3 or drop the flag)"
+            )
+    if flags.get("zero_hpz_enabled"):
+        stages = [flags[k] for k in ("zero_stage", "actor_zero_stage", "critic_zero_stage") if k in flags]
+        if not any(hpz_entries(backend, stage, world_size) for stage in stages):
+            notes.append(
+                f"--zero_hpz_enabled does nothing here: it partitions ZeRO-3 weights within each node of a "
+                f"multi-node run (this run: ZeRO stage {'/'.join(map(str, stages))}, {world_size} process(es))"
+            )
+    return notes
