@@ -37,7 +37,7 @@ class GenerationConfig:
 
     max_answer_seq_len: int
     pad_token_id: int
-    eos_token_id: int | None
+    eos_token_id: int | list[int] | None  # any of these ends an answer (the model's generation_config may list several)
     do_sample: bool = True
     temperature: float = 1.0
     ignore_eos: bool = False  # always generate max_answer_seq_len tokens (benchmarks)
@@ -51,6 +51,12 @@ def _forward_takes(model_class: type, name: str) -> bool:
 def is_partitioned(module: nn.Module) -> bool:
     """Whether `module`'s parameters are ZeRO-3 partitioned."""
     return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def end_ids(config: GenerationConfig) -> list[int]:
+    """The ids that end an answer (`eos_token_id` as a list)."""
+    ids = config.eos_token_id
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
 
 
 def next_token(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
@@ -396,12 +402,13 @@ class HybridEngine:
         answers = prompts.new_full((batch, cfg.max_answer_seq_len), cfg.pad_token_id)
         unfinished = torch.ones(batch, dtype=torch.bool, device=prompts.device)
         next_position = prompt_mask.long().sum(-1, keepdim=True)
-        stop_on_eos = cfg.eos_token_id is not None and not cfg.ignore_eos
+        ends = torch.tensor(end_ids(cfg), dtype=answers.dtype, device=answers.device)
+        stop_on_eos = ends.numel() > 0 and not cfg.ignore_eos
         for t in range(cfg.max_answer_seq_len):
             token = torch.where(unfinished, next_token(logits, cfg), cfg.pad_token_id)
             answers[:, t] = token
             if stop_on_eos:
-                unfinished &= token != cfg.eos_token_id
+                unfinished &= (token[:, None] != ends).all(-1)
             if t + 1 == cfg.max_answer_seq_len or not bool(unfinished.any()):
                 break
             mask[:, prompt_len + t] = 1
