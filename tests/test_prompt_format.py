@@ -91,3 +91,39 @@ def test_step1_perplexity_does_not_depend_on_the_eval_batch_size(tmp_path):
         argv[argv.index("--per_device_eval_batch_size") + 1] = batch
         before.append(step1(argv)["perplexity_before"])
     assert before[0] == pytest.approx(before[1], rel=1e-5)
+
+
+# Upstream's single-node OPT scripts (microsoft/DeepSpeedExamples, applications/DeepSpeed-Chat/training/
+# step1_.../opt/single_node/run_1.3b.sh, step2_.../run_350m.sh, step3_.../run_1.3b.sh): what the README passes.
+UPSTREAM_SCRIPT_VALUES = {
+    1: {"learning_rate": 9.65e-6, "weight_decay": 0.0, "num_train_epochs": 16, "per_device_train_batch_size": 8},
+    2: {"learning_rate": 5e-5, "weight_decay": 0.1, "dropout": 0.0, "per_device_train_batch_size": 4},
+    3: {
+        "actor_learning_rate": 9.65e-6,
+        "critic_learning_rate": 5e-6,
+        "num_warmup_steps": 100,
+        "per_device_generation_batch_size": 4,
+        "actor_dropout": 0.0,
+        "enable_ema": True,
+    },
+}
+
+
+def test_the_readmes_commands_parse_and_carry_upstreams_script_values():
+    import re
+    import shlex
+
+    from conftest import ROOT
+
+    from dschat_hal.args import step1_parser, step2_parser, step3_parser
+
+    section = (ROOT / "README.md").read_text().split("## Running the steps yourself", 1)[1]
+    block = re.search(r"```bash\n(.+?)\n```", section, re.S).group(1).replace("\\\n", " ")
+    commands = [shlex.split(line) for line in block.splitlines()]
+    parsers = {1: step1_parser, 2: step2_parser, 3: step3_parser}
+    assert len(commands) == 3
+    for step, command in enumerate(commands, start=1):
+        assert f"step{step}_" in command[1]
+        args = parsers[step]().parse_args(command[2:])
+        for key, value in UPSTREAM_SCRIPT_VALUES[step].items():
+            assert getattr(args, key) == value, (step, key)
