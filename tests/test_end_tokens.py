@@ -172,3 +172,9 @@ def test_a_chat_templates_end_of_turn_ends_answers_beside_eos(tmp_path, caplog):
 def test_no_or_a_failing_template_adds_no_end(tmp_path, bad):
     source = model_dir(tmp_path / "m", template=bad)
     assert answer_end_ids(load_tokenizer(str(source))) == [2]
+
+
+def test_a_tokenizer_without_eos_takes_the_models(tmp_path):
+    source = model_dir(tmp_path / "m", eos=None, pad=None, config_eos=2)
+    tok = load_tokenizer(str(source))
+    assert (tok.eos_token_id, tok.pad_token_id, answer_end_ids(tok)) == (2, 2, [2])
