@@ -59,6 +59,16 @@ def end_ids(config: GenerationConfig) -> list[int]:
     return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
 
 
+@functools.lru_cache(maxsize=8)
+def _end_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def is_end(token: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """Which rows' `token` ends an answer: any of the config's end ids (a device tensor made once)."""
+    return (token[:, None] == _end_tensor(tuple(end_ids(config)), token.device)).any(-1)
+
+
 def next_token(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
     """Pick one token per row as HF `generate` does (fp32 scores, temperature, multinomial)."""
     scores = logits.float()
@@ -402,13 +412,12 @@ class HybridEngine:
         answers = prompts.new_full((batch, cfg.max_answer_seq_len), cfg.pad_token_id)
         unfinished = torch.ones(batch, dtype=torch.bool, device=prompts.device)
         next_position = prompt_mask.long().sum(-1, keepdim=True)
-        ends = torch.tensor(end_ids(cfg), dtype=answers.dtype, device=answers.device)
-        stop_on_eos = ends.numel() > 0 and not cfg.ignore_eos
+        stop_on_eos = cfg.eos_token_id is not None and not cfg.ignore_eos
         for t in range(cfg.max_answer_seq_len):
             token = torch.where(unfinished, next_token(logits, cfg), cfg.pad_token_id)
             answers[:, t] = token
             if stop_on_eos:
-                unfinished &= (token[:, None] != ends).all(-1)
+                unfinished &= ~is_end(token, cfg)
             if t + 1 == cfg.max_answer_seq_len or not bool(unfinished.any()):
                 break
             mask[:, prompt_len + t] = 1
