@@ -138,6 +138,15 @@ def test_an_eos_list_in_the_generation_config_ends_answers_at_any_of_its_ids(tmp
     save_lm(model, tok, tmp_path / "out")
     assert HFGenerationConfig.from_pretrained(tmp_path / "out").eos_token_id == [2, eot]
     assert answer_end_ids(load_tokenizer(str(tmp_path / "out"))) == [2, eot]
+    from dschat_hal.rlhf import ppo_math
+
+    pad = tok.pad_token_id
+    answers = torch.tensor([[5, eot, pad, pad], [5, 6, 2, pad], [5, 6, 7, 8]])
+    assert ppo_math.answer_mask(answers, answer_end_ids(tok), pad).tolist() == [
+        [1, 1, 0, 0],
+        [1, 1, 1, 0],
+        [1, 1, 1, 1],
+    ]
 
 
 def test_the_decode_loop_and_hf_generate_stop_on_any_end_id():
