@@ -59,10 +59,15 @@ def run_chat(argv: list[str], stdin, monkeypatch, capsys) -> tuple[int, str, str
     return code, captured.out, captured.err
 
 
-def test_chat_imports_accel_before_torch():
-    """The OpenMP wait policy `accel` sets must be in the environment before torch loads libgomp."""
+@pytest.mark.parametrize(
+    "module",
+    ["training.chat", "training.step1_supervised_finetuning.main", "training.step3_rlhf_finetuning.main"],
+)
+def test_entry_points_import_accel_before_torch(module):
+    """The OpenMP wait policy `accel` sets must be in the environment before torch loads libgomp
+    (chat, and the step mains run directly, not only through e2e)."""
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import training.chat"],
+        [sys.executable, "-X", "importtime", "-c", f"import {module}"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from dschat_hal import loop
 from dschat_hal.args import step1_parser, validate
 from dschat_hal.errors import cli_entry
@@ -59,7 +57,7 @@ def main(argv: list[str]) -> dict:
         independent of how the eval rows are batched."""
         tokens = (batch["labels"][..., 1:] != -100).sum()
         summed = lm_loss(engine, batch).float() * tokens
-        return {"loss": torch.where(tokens > 0, summed, torch.zeros_like(summed)), "n": tokens}
+        return {"loss": summed.where(tokens > 0, 0.0), "n": tokens}  # an all-padding batch adds nothing
 
     def perplexity() -> float:
         metrics = loop.evaluate(engine, eval_loader, token_losses, backend)

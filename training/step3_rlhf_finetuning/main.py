@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import accel  # noqa: F401  # isort: skip  (first: sets the OpenMP wait policy before torch loads)
+
 import itertools
 import time
 
