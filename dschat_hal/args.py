@@ -57,6 +57,13 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
         help="register --eot_token as an additional special token (one id, never split; embeddings grow to fit)",
     )
     g.add_argument("--eot_token", default="<|endoftext|>", help="the end-of-text token --add_eot_token registers")
+    g.add_argument(
+        "--prompt_format",
+        choices=("plain", "chat_template"),
+        default="plain",
+        help="plain: the data's 'Human: ... Assistant:' text; chat_template: the turns rendered with the "
+        "tokenizer's chat template (as TRL does), answers ending in its end-of-turn token",
+    )
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:

@@ -44,6 +44,7 @@ def supervised_loaders(args: argparse.Namespace, phase: int, tokenizer, backend:
         sft_only_data_path=args.sft_only_data_path if phase == 1 else [],
         # DeepSpeed-Chat ends step 2's sequences with its end-of-conversation token (step 1's with EOS)
         end_token=args.eot_token if phase == 2 and args.add_eot_token else "",
+        prompt_format=args.prompt_format,
     )
     train_set, eval_set, dropped = load_or_build(spec, tokenizer, cache_dir_for(args), args.preprocessing_num_workers)
     if phase == 1 and any(dropped.values()):

@@ -137,6 +137,10 @@ def no_eos_tokenizer(tmp: Path, models: dict) -> None:
     special = tmp / "m" / "special_tokens_map.json"
     if special.exists():
         special.write_text("{}")
+    for name in ("config.json", "generation_config.json"):  # nor does the model name one
+        path = tmp / "m" / name
+        if path.exists():
+            path.write_text(json.dumps({**json.loads(path.read_text()), "eos_token_id": None}))
 
 
 def checkpointed(damage=None):

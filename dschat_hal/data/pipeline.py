@@ -47,6 +47,7 @@ class DataSpec:
     max_prompt_seq_len: int = 256
     sft_only_data_path: list[str] = field(default_factory=list)
     end_token: str = ""  # ends training sequences instead of EOS (a registered special token)
+    prompt_format: str = "plain"  # or "chat_template" (`chat_format`)
 
 
 def split_fractions(data_split: str) -> list[float]:
@@ -105,11 +106,12 @@ def tokenize_batch(
     `max_prompt_seq_len`."""
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     if spec.phase == 1:
-        sequences = encoder.sequences([raw.prompt_and_chosen(r) for r in rows], spec.max_seq_len)
+        texts = [encoder.join(raw.prompt(r), raw.chosen(r)) for r in rows]
+        sequences = encoder.sequences(texts, spec.max_seq_len)
         return {"input_ids": [ids for ids in sequences if len(ids) > 1 or not drop]}
     if spec.phase == 2:
-        chosen = encoder.sequences([raw.prompt_and_chosen(r) for r in rows], spec.max_seq_len)
-        rejected = encoder.sequences([raw.prompt_and_rejected(r) for r in rows], spec.max_seq_len)
+        chosen = encoder.sequences([encoder.join(raw.prompt(r), raw.chosen(r)) for r in rows], spec.max_seq_len)
+        rejected = encoder.sequences([encoder.join(raw.prompt(r), raw.rejected(r)) for r in rows], spec.max_seq_len)
         pairs = [(c, r) for c, r in zip(chosen, rejected, strict=True) if c != r or not drop]
         return {"chosen": [c for c, _ in pairs], "rejected": [r for _, r in pairs]}
     prompts = encoder.prompts([raw.prompt(r) for r in rows])
@@ -133,7 +135,7 @@ class _Builder:
 
     def __init__(self, spec: DataSpec, tokenizer, workdir: Path | None, num_proc: int | None) -> None:
         self.spec, self.workdir, self.num_proc = spec, workdir, num_proc
-        self.encoder = Encoder(tokenizer, spec.end_token)
+        self.encoder = Encoder(tokenizer, spec.end_token, spec.prompt_format)
         self.count = 0
 
     def tokenize(self, raw: RawDataset, rows, drop: bool = True) -> tuple[Any, int]:
@@ -284,7 +286,7 @@ def cache_key(spec: DataSpec, tokenizer) -> str:
     sources = [group for path in (spec.data_path, spec.sft_only_data_path) for group in group_sources(path)]
     payload = {
         "version": CACHE_VERSION,
-        "spec": asdict(spec),
+        "spec": {k: v for k, v in asdict(spec).items() if k != "prompt_format" or v != "plain"},
         "files": [[_file_fingerprint(f) for f in source_files(group)] or group for group in sources],
         "tokenizer": [
             tokenizer.name_or_path,
@@ -295,6 +297,8 @@ def cache_key(spec: DataSpec, tokenizer) -> str:
             hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest(),
         ],
     }
+    if spec.prompt_format != "plain":
+        payload["chat_template"] = tokenizer.chat_template
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from dschat_hal.errors import UserError
+from dschat_hal.models import end_tokens
 from dschat_hal.models.tiny import TOKENIZER_DIR, is_tiny, tiny_model
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,9 @@ def load_config(name_or_path: str) -> Any:
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer; one without a pad token gets its eos token as pad (said in the log)."""
+    """Load a tokenizer with its EOS, pad and answer end ids reconciled with the model's config and
+    generation config (`end_tokens.reconcile`; said in the log); one without a pad token gets its
+    EOS as pad."""
     check_model_source(name_or_path, need_weights=False)
     source = TOKENIZER_DIR if is_tiny(name_or_path) else name_or_path
     try:
@@ -154,6 +157,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
             f"cannot load a tokenizer from {name_or_path!r} ({str(err).splitlines()[0]}); "
             "pass a local model directory or tiny-opt when no model hub is reachable"
         ) from None
+    ends = end_tokens.reconcile(tokenizer, None if is_tiny(name_or_path) else name_or_path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -165,6 +169,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
                 f"the tokenizer of {name_or_path!r} has neither a pad nor an EOS token; samples need an end "
                 "token: set eos_token (and pad_token) in its tokenizer_config.json"
             )
+    log.info("%s", ends)
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -233,7 +238,7 @@ def create_lm(
 ) -> torch.nn.Module:
     """A causal LM from a tiny name (random, seeded), a local directory or a hub name.
 
-    Pad and end tokens follow the tokenizer; the vocabulary is resized to a multiple of 8.
+    Pad and end tokens (config and generation config) follow the tokenizer; the vocabulary is resized to a multiple of 8.
     """
     if is_tiny(name_or_path):
         model = tiny_model(name_or_path, padded_vocab_size(tokenizer), seed=seed, dropout=dropout)
@@ -241,8 +246,7 @@ def create_lm(
         config = load_config(name_or_path)
         set_dropout(config, dropout)
         model = load_pretrained(AutoModelForCausalLM, name_or_path, ds_config, config=config)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.end_token_id = tokenizer.eos_token_id
+    end_tokens.apply_to_model(model, tokenizer)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(padded_vocab_size(tokenizer))
     return model

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, PreTrainedTokenizerBase
 
+from dschat_hal.models import end_tokens
 from dschat_hal.models.checkpoint import atomic_directory, gathered_state_dict, save_tokenizer
 from dschat_hal.models.lm import load_config, load_pretrained, padded_vocab_size, set_dropout
 from dschat_hal.models.tiny import is_tiny, tiny_model
@@ -180,7 +181,7 @@ def create_reward_model(
         config = load_config(name_or_path)
         set_dropout(config, dropout)
         backbone = load_pretrained(AutoModel, name_or_path, ds_config, config=config)
-    backbone.config.pad_token_id = tokenizer.pad_token_id
+    end_tokens.apply_to_model(backbone, tokenizer)
     if backbone.get_input_embeddings().num_embeddings < len(tokenizer):
         backbone.resize_token_embeddings(padded_vocab_size(tokenizer))
     model = RewardModel(backbone, compute_fp32_loss=compute_fp32_loss)

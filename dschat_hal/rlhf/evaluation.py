@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dschat_hal.models.end_tokens import answer_end_ids
 from dschat_hal.rlhf import ppo_math
 
 
@@ -21,7 +22,7 @@ def mean_reward(trainer, loader, max_batches: int) -> float:
         batch = backend.to_device(batch)
         prompts, prompt_mask = batch["prompt"], batch["prompt_att_mask"]
         seq = trainer.generate_sequence(prompts, prompt_mask)
-        answers = ppo_math.answer_mask(seq[:, prompts.size(1) :], tokenizer.eos_token_id, tokenizer.pad_token_id)
+        answers = ppo_math.answer_mask(seq[:, prompts.size(1) :], answer_end_ids(tokenizer), tokenizer.pad_token_id)
         mask = torch.cat([prompt_mask, answers], dim=1)
         backend.mark_step()
         scores = trainer.reward.forward_value(seq, mask)["chosen_end_scores"].float()

@@ -40,7 +40,7 @@ class GenerationConfig:
 
     max_answer_seq_len: int
     pad_token_id: int
-    eos_token_id: int | None
+    eos_token_id: int | list[int] | None  # any of these ends an answer (the model's generation_config may list several)
     do_sample: bool = True
     temperature: float = 1.0
     ignore_eos: bool = False  # always generate max_answer_seq_len tokens (benchmarks)
@@ -54,6 +54,22 @@ def _forward_takes(model_class: type, name: str) -> bool:
 def is_partitioned(module: nn.Module) -> bool:
     """Whether `module`'s parameters are ZeRO-3 partitioned."""
     return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def end_ids(config: GenerationConfig) -> list[int]:
+    """The ids that end an answer (`eos_token_id` as a list)."""
+    ids = config.eos_token_id
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
+@functools.lru_cache(maxsize=8)
+def _end_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def is_end(token: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """Which rows' `token` ends an answer: any of the config's end ids (a device tensor made once)."""
+    return (token[:, None] == _end_tensor(tuple(end_ids(config)), token.device)).any(-1)
 
 
 def next_token(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
@@ -493,7 +509,7 @@ class HybridEngine:
             token = torch.where(unfinished, next_token(logits, cfg), cfg.pad_token_id)
             answers.index_copy_(1, answer_index, token[:, None])
             if stop_on_eos:
-                unfinished &= token != cfg.eos_token_id
+                unfinished &= ~is_end(token, cfg)
             if t + 1 == cfg.max_answer_seq_len or not bool(unfinished.any()):
                 break
             cache_position = cache_position[-1:] + 1

@@ -16,12 +16,16 @@ def logprobs_of_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return F.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
-def answer_mask(answers: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
-    """1 for the answer's tokens up to and including its first eos; 0 after it and for padding."""
-    is_end = (answers == eos_id) | (answers == pad_id)
+def answer_mask(answers: torch.Tensor, eos_id: int | list[int], pad_id: int) -> torch.Tensor:
+    """1 for the answer's tokens up to and including its first end token (`eos_id`: one id or a
+    list, e.g. EOS and an end of turn); 0 after it and for padding. A pad that is also an end id
+    (pad = eos) is kept as the answer's end."""
+    ends = [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    is_stop = answers.new_tensor(ends).view(-1, 1, 1).eq(answers).any(0)
+    is_end = is_stop | (answers == pad_id)
     ended_before = (is_end.long().cumsum(-1) - is_end.long()) > 0
     keep = ~ended_before
-    if pad_id != eos_id:
+    if pad_id not in ends:
         keep &= answers != pad_id
     return keep.long()
 

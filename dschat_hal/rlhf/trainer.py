@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from accel import Accelerator
+from dschat_hal.models.end_tokens import answer_end_ids
 from dschat_hal.rlhf import ppo_math
 from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.generation import GenerationConfig, PlainGenerator
@@ -39,7 +40,7 @@ def generation_config(config: PPOConfig, tokenizer) -> GenerationConfig:
     return GenerationConfig(
         max_answer_seq_len=config.max_answer_seq_len,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=answer_end_ids(tokenizer),
         do_sample=not config.greedy,
         temperature=config.temperature,
     )
@@ -91,7 +92,7 @@ class PPOTrainer:
         self.actor.eval()
         self.critic.eval()
         prompt_len = prompts.size(1)
-        answers = ppo_math.answer_mask(seq[:, prompt_len:], self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        answers = ppo_math.answer_mask(seq[:, prompt_len:], answer_end_ids(self.tokenizer), self.tokenizer.pad_token_id)
         usable = (answers.sum(-1, keepdim=True) > 1).long()
         mask = torch.cat([prompt_mask, answers], dim=1)
         for name in ("actor", "ref", "critic", "reward"):

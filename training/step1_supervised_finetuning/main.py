@@ -52,10 +52,15 @@ def main(argv: list[str]) -> dict:
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return backend.lm_loss(logits, batch["labels"], fp32_loss)
 
+    def token_losses(engine, batch):
+        """The batch's summed token loss and its token count: perplexity is a mean over tokens,
+        independent of how the eval rows are batched."""
+        tokens = (batch["labels"][..., 1:] != -100).sum()
+        summed = lm_loss(engine, batch).float() * tokens
+        return {"loss": summed.where(tokens > 0, 0.0), "n": tokens}  # an all-padding batch adds nothing
+
     def perplexity() -> float:
-        metrics = loop.evaluate(
-            engine, eval_loader, lambda e, b: {"loss": lm_loss(e, b), "n": b["labels"].new_ones(())}, backend
-        )
+        metrics = loop.evaluate(engine, eval_loader, token_losses, backend)
         return math.exp(min(metrics["loss"] / max(metrics["n"], 1), 50))
 
     print_rank0(

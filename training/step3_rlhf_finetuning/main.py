@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import accel  # noqa: F401  # isort: skip  (first: sets the OpenMP wait policy before torch loads)
+
 import itertools
 import time
 
@@ -167,7 +169,14 @@ def main(argv: list[str]) -> dict:
     tokenizer = load_tokenizer(args.actor_model_name_or_path)
     if args.add_eot_token:
         add_eot_token(tokenizer, args.eot_token)
-    spec = DataSpec(args.data_path, args.data_split, 3, args.seed, max_prompt_seq_len=args.max_prompt_seq_len)
+    spec = DataSpec(
+        args.data_path,
+        args.data_split,
+        3,
+        args.seed,
+        max_prompt_seq_len=args.max_prompt_seq_len,
+        prompt_format=args.prompt_format,
+    )
     prompts, eval_prompts, dropped = load_or_build(spec, tokenizer, cache_dir_for(args), args.preprocessing_num_workers)
     if dropped["train"]:
         print_rank0(
