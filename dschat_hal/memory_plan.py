@@ -1,7 +1,6 @@
 """Memory plan: the peak bytes per rank of each phase of steps 1-3, from the model configs alone.
 
-No weights are read: parameter counts come from building each model on the meta device
-(`accelerate.init_empty_weights`). What is counted, per rank:
+No weights are read: parameter counts come from building each model on the meta device. What is counted, per rank:
 
 - training states (actor, critic, step-1/2 model): parameters, gradients, fp32 master weights,
   fp32 gradients and Adam's two moments, split by the ZeRO stage as DeepSpeed splits them (its
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 GiB = 1024**3
 MiB = 1024**2
 FIT_FRACTION = 0.92  # of device memory: the runtime's context and allocator fragmentation take the rest
-CPU_BASELINE_BYTES = {1: 820 * MiB, 2: 820 * MiB, 3: 900 * MiB}  # RSS of a step with a 0.1M-parameter model
+CPU_BASELINE_BYTES = {1: 495 * MiB, 2: 500 * MiB, 3: 520 * MiB}  # VmHWM of each step with the 0.3M tiny-opt
 ZERO3_LIVE_PARAMETERS = 3e7  # stage3_max_live_parameters / prefetch bucket of ds_config.py
 
 
@@ -92,11 +91,10 @@ def _first(config, *keys: str, default=None):
 def model_shape(name_or_path: str, head: bool = True) -> Shape:
     """The shape of a causal LM (`head`) or of a reward model (backbone + value head)."""
     import torch
-    from accelerate import init_empty_weights
     from transformers import AutoModel, AutoModelForCausalLM
 
     config = _config(name_or_path)
-    with init_empty_weights():
+    with torch.device("meta"):  # shapes only; unlike accelerate's init_empty_weights, tied heads stay one tensor
         model = (AutoModelForCausalLM if head else AutoModel).from_config(config)
     unique = {id(p): p.numel() for p in model.parameters()}
     params = sum(unique.values())
@@ -149,26 +147,27 @@ def training_states(
 
     `width` is the training dtype's bytes (2: bf16/fp16, 4: fp32). Mixed precision keeps fp32 master
     weights and fp32 gradients beside the 16-bit ones (DeepSpeed's 2 + 2 + 4 + 4 + 8 = 20 bytes per
-    parameter at ZeRO 0, 2 + 18/N at ZeRO 2, 18/N + 4 x largest layer at ZeRO 3); in fp32 the
-    master copy stays (ZeRO >= 1 clones the partition) but no second gradient copy is made.
+    parameter at ZeRO 0, 2 + 18/N at ZeRO 2; ZeRO 3 keeps no whole 16-bit gradient: 18/N + 4 x the
+    largest layer for its gather buffer); in fp32 the
+    master copy stays (ZeRO >= 1 clones the partition) but no second gradient copy is made. With
+    `--offload` the optimizer's part lives on the host, where the gradients go straight into its
+    fp32 buffer (ZeRO-3: the parameters too; the device gathers one layer at a time).
     """
     params = trainable + frozen
     opt_split = ranks if stage >= 1 else 1
     master = 4 * trainable / opt_split if (width < 4 or stage >= 1) else 0.0
     fp32_grads = 4 * trainable / opt_split if width < 4 else 0.0
-    adam = 8 * trainable / opt_split
-    optimizer = master + fp32_grads + adam
+    optimizer = master + fp32_grads + 8 * trainable / opt_split
     grads = width * trainable / (ranks if stage >= 2 else 1)
-    if stage == 3:
-        weights = width * params / ranks
-        gather = 4 * largest_layer
-        if offload:  # parameters and optimizer on the host; the device gathers one layer at a time
-            return States(device=gather, host=weights + grads + optimizer)
-        return States(device=weights + grads + optimizer + gather)
-    weights = width * params
-    if offload:  # ZeRO-Offload: gradients and the optimizer step on the host
-        return States(device=weights, host=grads + optimizer)
-    return States(device=weights + grads + optimizer)
+    if stage == 3 and width < 4:  # ZeRO-3 reduces 16-bit gradients in buckets straight into the fp32 partition
+        grads = 0.0
+    weights = width * params / (ranks if stage == 3 else 1)
+    gather = 4 * largest_layer if stage == 3 else 0.0
+    if offload and stage == 3:
+        return States(device=gather, host=weights + optimizer)
+    if offload:
+        return States(device=weights, host=optimizer)
+    return States(device=weights + grads + optimizer + gather)
 
 
 def frozen_states(params: int, stage: int, ranks: int, width: int, offload: bool) -> States:
@@ -178,29 +177,70 @@ def frozen_states(params: int, stage: int, ranks: int, width: int, offload: bool
 
 
 # ---- activations -------------------------------------------------------------------------------
-def layer_elements(shape: Shape) -> float:
-    """Elements per token one transformer layer keeps for backward: inputs of the two norms, the
-    q/k/v/out projections, the MLP matmuls and activation (gated MLPs keep gate, up, act, product)."""
-    kv = shape.kv_heads * shape.head_dim
-    mlp = (4 if shape.gated_mlp else 2) * shape.intermediate
-    return 6 * shape.hidden + 2 * kv + mlp
+# Bytes per token one transformer layer keeps for its backward pass, measured on the CPU with
+# torch.autograd.graph.saved_tensors_hooks (parameters excluded) for transformers 4.55's models
+# and fitted exactly over hidden, KV-head and intermediate sizes (`tests/test_memory_plan.py` holds
+# the fit against the hooks): in elements of the training dtype,
+# - OPT (ReLU MLP, SDPA): 7h + 2kv + I (the ReLU keeps only its output, which fc2 shares);
+# - Llama-like (gated SiLU MLP, RMSNorm, SDPA): 7h + 2kv + 4I, plus each of the two RMSNorms keeps
+#   an fp32 copy of its input (4h bytes each) when training in 16 bits;
+# - BLOOM (GELU MLP, eager attention with ALiBi): 8h + 2I + 3 x heads x seq (scores, probabilities);
+# - others: as Llama-like when the MLP is gated, as BLOOM's MLP with SDPA otherwise;
+# dropout masks: 4h bytes (one byte per element of each dropped activation).
+def layer_bytes(shape: Shape, seq: int, width: int, dropout: bool) -> float:
+    """Bytes per token one transformer layer keeps for backward."""
+    h, kv, inter = shape.hidden, shape.kv_heads * shape.head_dim, shape.intermediate
+    if shape.family == "opt":
+        elements = 7 * h + 2 * kv + inter
+        extra = 0.0
+    elif shape.gated_mlp:
+        elements = 7 * h + 2 * kv + 4 * inter
+        extra = 2 * 4 * h if width < 4 else 0.0
+    else:
+        elements = 8 * h + 2 * inter
+        extra = 0.0
+    if shape.eager_attention:
+        elements += 3 * shape.heads * seq
+    return elements * width + extra + (4 * h if dropout else 0)
 
 
 def training_activations(
     shape: Shape, batch: int, seq: int, width: int, checkpointing: bool, dropout: bool, logits: bool, fp32_loss: bool
 ) -> float:
-    """Bytes alive at the start of the backward pass of one micro-batch of `batch` x `seq` tokens."""
+    """Bytes alive at the start of the backward pass of one micro-batch of `batch` x `seq` tokens:
+    the layers' saved tensors (with checkpointing: one hidden state per layer plus one layer
+    recomputed), the final norm and head input, and the loss's copies of the logits (the logits,
+    their shifted copy and log-softmax; in fp32 the upcast copy and an fp32 log-softmax)."""
     tokens = batch * seq
-    per_layer = tokens * (layer_elements(shape) * width + (2 * shape.hidden if dropout else 0))
-    if shape.eager_attention:  # scores, probabilities (and their dropout mask) per head
-        per_layer += batch * shape.heads * seq * seq * (2 * width + (1 if dropout else 0))
-    if checkpointing:  # one hidden state per layer, and one layer recomputed during backward
+    per_layer = tokens * layer_bytes(shape, seq, width, dropout)
+    if checkpointing:
         layers = shape.layers * tokens * shape.hidden * width + per_layer
     else:
         layers = shape.layers * per_layer
-    rest = 3 * tokens * shape.hidden * width  # embeddings out, final norm in/out
-    head = tokens * shape.vocab * (3 * width + (4 if fp32_loss else width)) if logits else 0.0
+    rest = 2 * tokens * shape.hidden * width
+    head = tokens * shape.vocab * ((width + 8) if fp32_loss else 3 * width) if logits else 0.0
     return layers + rest + head
+
+
+def zero_buffers(stage: int, trainable: int, width: int, device: str) -> float:
+    """DeepSpeed's gradient bucket: `reduce_bucket_size` (5e8) elements allocated at each backward
+    under ZeRO 1-3 with contiguous gradients (ZeRO-1 stages it in fp32). A device allocator commits
+    all of it; on the CPU only the pages written (one model's gradients at most) count."""
+    if stage == 0:
+        return 0.0
+    elements = 5e8 if device != "cpu" else min(5e8, trainable)
+    return elements * (4 if stage == 1 else width)
+
+
+def optimizer_step_bytes(stage: int, trainable: int, largest_layer: int, ranks: int, width: int, device: str) -> float:
+    """Temporaries of the optimizer step on the CPU, where torch's AdamW runs (devices use fused
+    kernels): the denominator's two fp32 temporaries, over the flat partition DeepSpeed's ZeRO and
+    bf16 optimizers step at once, one tensor at a time for torch's own fp32 optimizer at ZeRO 0."""
+    if device != "cpu":
+        return 0.0
+    if stage == 0 and width == 4:
+        return 8.0 * largest_layer
+    return 8.0 * trainable / (ranks if stage >= 1 else 1)
 
 
 def inference_activations(shape: Shape, batch: int, seq: int, width: int) -> float:
@@ -300,10 +340,18 @@ def supervised_plan(args, step: int, device: str, ranks: int, memory: float | No
         logits=step == 1,
         fp32_loss=_fp32_loss(args, shape.family, device),
     )
-    parts = {"training states": states.device, "activations": act}
+    resident = {
+        "training states": states.device,
+        "ZeRO buffers": zero_buffers(args.zero_stage, trainable, width, device),
+    }
     if device == "cpu":
-        parts = {"process baseline": CPU_BASELINE_BYTES[step], **parts, "host": states.host}
-    plan = Plan(step, device, ranks, memory, dtype, [Phase("training", parts)], host=states.host)
+        resident = {"process baseline": CPU_BASELINE_BYTES[step], **resident, "host": states.host}
+    phases = [Phase("training", {**resident, "activations": act})]
+    if device == "cpu":
+        adam = optimizer_step_bytes(args.zero_stage, trainable, shape.largest_layer, ranks, width, device)
+        # glibc keeps the freed activations' small chunks in its heap: the step comes on top of them
+        phases.append(Phase("optimizer step", {**resident, "freed activations": act, "AdamW temporaries": adam}))
+    plan = Plan(step, device, ranks, memory, dtype, phases, host=states.host)
     plan.notes.append(
         f"{shape.name}: {shape.params / 1e6:.1f}M parameters ({trainable / 1e6:.1f}M trained), "
         f"ZeRO {args.zero_stage}{' + offload' if args.offload else ''}, micro-batch {rows} rows x {args.max_seq_len}"
@@ -336,6 +384,9 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None) -> Plan:
         ema = frozen_states(actor.params + lora_added, a_stage, ranks, width, True)
         resident["actor EMA"] = ema.device
         host += ema.host
+    resident["ZeRO buffers"] = zero_buffers(a_stage, a_train, width, device) + zero_buffers(
+        c_stage, c_train, width, device
+    )
     if device == "cpu":
         resident = {"process baseline": CPU_BASELINE_BYTES[3], **resident, "host": host}
 
@@ -368,7 +419,7 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None) -> Plan:
         experience["inference copy"] = keep_copy
     if keep_cache:
         experience["KV cache"] = keep_cache
-    experience["actor + reference logits"] = gen_batch * seq * actor.vocab * (2 * width + 4)
+    experience["actor + reference logits"] = gen_batch * seq * actor.vocab * (2 * width + 8)  # + fp32 log-softmax
     experience["forward working set"] = inference_activations(actor, gen_batch, seq, width)
     training = dict(resident)
     if keep_copy:
@@ -384,6 +435,13 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None) -> Plan:
     )
     training["actor activations" if actor_act >= critic_act else "critic activations"] = max(actor_act, critic_act)
     phases = [Phase("generation", generation), Phase("experience", experience), Phase("training", training)]
+    if device == "cpu":
+        step_parts = {(k if not k.endswith("activations") else "freed activations"): v for k, v in training.items()}
+        step_parts["AdamW temporaries"] = max(
+            optimizer_step_bytes(a_stage, a_train, actor.largest_layer, ranks, width, device),
+            optimizer_step_bytes(c_stage, c_train, critic.largest_layer, ranks, width, device),
+        )
+        phases.append(Phase("optimizer step", step_parts))
     plan = Plan(3, device, ranks, memory, dtype, phases, host=host)
     plan.notes.append(
         f"actor {actor.name}: {actor.params / 1e6:.1f}M ({a_train / 1e6:.1f}M trained, ZeRO {a_stage}); critic "
@@ -465,30 +523,29 @@ def _candidates(args, step: int, ranks: int) -> list[tuple[str, dict]]:
     return out
 
 
-def find_fix(args: argparse.Namespace, plan: Plan) -> list[str] | None:
-    """The first single change that makes `plan` fit, else changes taken one after another (each
-    only if it lowers the peak) until it fits; None when all of them are not enough."""
-
-    def peak(changes: dict) -> float:
-        trial = copy.copy(args)
-        for key, value in changes.items():
-            setattr(trial, key, value)
-        return build(trial, plan.step, plan.device, plan.ranks, plan.device_memory).peak.total
-
-    candidates = _candidates(args, plan.step, plan.ranks)
-    for flag, changes in candidates:
-        if peak(changes) <= plan.budget:
-            return [flag]
+def find_fix(args: argparse.Namespace, plan: Plan, rounds: int = 6) -> list[str] | None:
+    """Flags that make `plan` fit: the first single change (cheapest in speed first) that does;
+    else the change that lowers the peak most, then again from there, for up to `rounds` changes.
+    None when that is not enough."""
     chosen: list[str] = []
-    merged: dict = {}
-    for flag, changes in candidates:
-        if set(changes) & set(merged):
-            continue  # one value per flag
-        trial = {**merged, **changes}
-        if peak(trial) < peak(merged):
-            chosen, merged = [*chosen, flag], trial
-            if peak(merged) <= plan.budget:
-                return chosen
+    current = args
+    for _ in range(rounds):
+        trials = []
+        for flag, changes in _candidates(current, plan.step, plan.ranks):
+            trial = copy.copy(current)
+            for key, value in changes.items():
+                setattr(trial, key, value)
+            peak = build(trial, plan.step, plan.device, plan.ranks, plan.device_memory).peak.total
+            if peak <= plan.budget:
+                return [*chosen, flag]
+            trials.append((peak, flag, trial))
+        if not trials:
+            return None
+        peak, flag, trial = min(trials, key=lambda t: t[0])
+        if peak >= build(current, plan.step, plan.device, plan.ranks, plan.device_memory).peak.total:
+            return None
+        chosen.append(flag)
+        current = trial
     return None
 
 
