@@ -61,7 +61,7 @@ def plans(run: tuple) -> list:
     from dschat_hal.args import step1_parser, step2_parser, step3_parser
 
     _, actor, critic, _, ranks, memory, flags1, flags2, flags3 = run
-    common = ["--device", "cuda", "--dtype", "fp16"]
+    common = ["--dtype", "fp16"]  # planned for a GPU of the named size (no device needed here)
     argvs = {
         1: ["--model_name_or_path", str(CONFIGS / actor), *common, *flags1.split()],
         2: ["--model_name_or_path", str(CONFIGS / critic), *common, *flags2.split()],
@@ -73,7 +73,7 @@ def plans(run: tuple) -> list:
     out = []
     for step in (1, 2, 3):
         args = parsers[step]().parse_args(argvs[step])
-        plan = memory_plan.build(args, step, "cuda", ranks, size)
+        plan = memory_plan.build(args, step, "gpu", ranks, size)
         if plan.fits is False:
             plan.fix = memory_plan.find_fix(args, plan)
         out.append(plan)

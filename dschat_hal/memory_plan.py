@@ -318,9 +318,10 @@ def _dropout(args, prefix: str) -> bool:
     return value is None or value > 0
 
 
-def _fp32_loss(args, family: str, device: str) -> bool:
-    flag = getattr(args, "compute_fp32_loss", None)
-    return bool(flag) if flag is not None else (device == "hpu" and family in ("bloom", "llama"))
+def _fp32_loss(args) -> bool:
+    """`--compute_fp32_loss` (a device's own default, e.g. bloom/llama on Gaudi, is the flag the
+    example scripts pass)."""
+    return bool(getattr(args, "compute_fp32_loss", None))
 
 
 def supervised_plan(args, step: int, device: str, ranks: int, memory: float | None) -> Plan:
@@ -338,7 +339,7 @@ def supervised_plan(args, step: int, device: str, ranks: int, memory: float | No
         args.gradient_checkpointing,
         _dropout(args, ""),
         logits=step == 1,
-        fp32_loss=_fp32_loss(args, shape.family, device),
+        fp32_loss=_fp32_loss(args),
     )
     resident = {
         "training states": states.device,

@@ -12,7 +12,7 @@ import pytest
 
 from dschat_hal import memory_plan
 from dschat_hal.args import step1_parser, step3_parser
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT
 
 CONFIGS = ROOT / "benchmarks" / "model_configs"
 GB = 2**30
@@ -109,6 +109,49 @@ def test_parameter_counts_of_published_shapes():
                 "llama-2-13b": 13.0e9, "llama-2-70b": 69.0e9}  # fmt: skip
     for name, count in expected.items():
         assert memory_plan.model_shape(config(name)).params == pytest.approx(count, rel=0.02), name
+
+
+# ---- activations against what autograd saves --------------------------------------------------
+def _saved_bytes_per_token_per_layer(config, batch: int = 3, seq: int = 40) -> float:
+    """Bytes autograd keeps for backward (parameters excluded), per token, per extra layer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    totals = []
+    for layers in (1, 2):
+        config.num_hidden_layers = layers
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).train()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t, seen=seen, params=params):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        ids = torch.randint(3, config.vocab_size, (batch, seq))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        totals.append(sum(seen.values()))
+    return (totals[1] - totals[0]) / (batch * seq)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "bloom"])
+def test_layer_activations_equal_what_autograd_saves(family, tmp_path):
+    from transformers import BloomConfig, LlamaConfig, OPTConfig
+
+    common = {"vocab_size": 512, "hidden_size": 192}
+    config = {
+        "opt": OPTConfig(ffn_dim=640, num_attention_heads=6, word_embed_proj_dim=192, dropout=0.1, **common),
+        "llama": LlamaConfig(intermediate_size=520, num_attention_heads=6, num_key_value_heads=2, **common),
+        "bloom": BloomConfig(n_head=6, hidden_dropout=0.0, attention_dropout=0.0, **common),
+    }[family]
+    (tmp_path / "config.json").write_text(config.to_json_string())
+    shape = memory_plan.model_shape(str(tmp_path))
+    planned = memory_plan.layer_bytes(shape, seq=40, width=2, dropout=family == "opt")
+    assert planned == pytest.approx(_saved_bytes_per_token_per_layer(config), rel=0.03)
 
 
 # ---- DeepSpeed-Chat's published runs ------------------------------------------------------------
@@ -210,20 +253,24 @@ def test_e2e_dry_run_plans_all_three_steps(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_step_refuses_before_loading_weights_and_the_override_goes_on(tmp_path):
+def test_step_refuses_before_loading_weights_and_the_override_goes_on(tmp_path, capsys):
+    from training.step1_supervised_finetuning.main import main
+
     model = tmp_path / "opt-66b"
     model.mkdir()
     (model / "config.json").write_text((CONFIGS / "opt-66b" / "config.json").read_text())
     (model / "model.safetensors").write_bytes(b"not weights")  # reading it would fail differently
-    argv = ["training/step1_supervised_finetuning/main.py", "--model_name_or_path", str(model), "--device", "cpu",
-            "--data_output_path", str(tmp_path / "cache")]  # fmt: skip
-    done = run_script(*argv)
-    assert done.returncode == 2
-    error = done.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: the memory plan says step 1 does not fit"), done.stderr
+    argv = ["--model_name_or_path", str(model), "--device", "cpu", "--data_output_path", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2
+    assert error.startswith("error: the memory plan says step 1 does not fit"), error
     assert "GiB" in error and "--skip_memory_check" in error
-    done = run_script(*argv, "--skip_memory_check")
-    assert done.returncode == 2 and "memory plan" not in done.stderr and "tokenizer" in done.stderr, done.stderr
+    with pytest.raises(SystemExit):
+        main([*argv, "--skip_memory_check"])
+    error = capsys.readouterr().err
+    assert "memory plan" not in error and "tokenizer" in error, error
 
 
 def test_unknown_device_memory_never_refuses():
