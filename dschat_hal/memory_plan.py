@@ -31,7 +31,7 @@ GiB = 1024**3
 MiB = 1024**2
 FIT_FRACTION = 0.92  # of device memory: the runtime's context and allocator fragmentation take the rest
 CPU_BASELINE_BYTES = {1: 495 * MiB, 2: 500 * MiB, 3: 520 * MiB}  # VmHWM of each step with the 0.3M tiny-opt
-ZERO3_LIVE_PARAMETERS = 3e7  # stage3_max_live_parameters / prefetch bucket of ds_config.py
+ZERO3_GATHERED = 2 * 3e7  # parameters ZeRO-3 may hold gathered: max live + prefetch bucket (ds_config.py)
 
 
 # ---- model shapes ------------------------------------------------------------------------------
@@ -232,14 +232,18 @@ def zero_buffers(stage: int, trainable: int, width: int, device: str) -> float:
     return elements * (4 if stage == 1 else width)
 
 
-def optimizer_step_bytes(stage: int, trainable: int, largest_layer: int, ranks: int, width: int, device: str) -> float:
-    """Temporaries of the optimizer step on the CPU, where torch's AdamW runs (devices use fused
-    kernels): the denominator's two fp32 temporaries, over the flat partition DeepSpeed's ZeRO and
-    bf16 optimizers step at once, one tensor at a time for torch's own fp32 optimizer at ZeRO 0."""
+def zero3_gathered(params: int, stage: int, width: int) -> float:
+    """Weights ZeRO-3 holds gathered while a model computes (up to its live and prefetch limits)."""
+    return width * min(params, ZERO3_GATHERED) if stage == 3 else 0.0
+
+
+def optimizer_step_bytes(stage: int, trainable: int, ranks: int, device: str) -> float:
+    """Temporaries of gradient reduction and the optimizer step on the CPU, where torch's AdamW
+    runs (devices use fused kernels): 8 bytes per trained parameter of the rank's partition, as
+    measured (benchmarks/RESULTS_memory.md) - the size of AdamW's two fp32 denominator temporaries
+    over DeepSpeed's flat partition, and of ZeRO-0's flat fp32 gradient copy for its all-reduce."""
     if device != "cpu":
         return 0.0
-    if stage == 0 and width == 4:
-        return 8.0 * largest_layer
     return 8.0 * trainable / (ranks if stage >= 1 else 1)
 
 
@@ -347,11 +351,13 @@ def supervised_plan(args, step: int, device: str, ranks: int, memory: float | No
     }
     if device == "cpu":
         resident = {"process baseline": CPU_BASELINE_BYTES[step], **resident, "host": states.host}
-    phases = [Phase("training", {**resident, "activations": act})]
+    gathered = zero3_gathered(shape.params, args.zero_stage, width)
+    phases = [Phase("training", {**resident, "ZeRO-3 gathered weights": gathered, "activations": act})]
     if device == "cpu":
-        adam = optimizer_step_bytes(args.zero_stage, trainable, shape.largest_layer, ranks, width, device)
-        # glibc keeps the freed activations' small chunks in its heap: the step comes on top of them
-        phases.append(Phase("optimizer step", {**resident, "freed activations": act, "AdamW temporaries": adam}))
+        adam = optimizer_step_bytes(args.zero_stage, trainable, ranks, device)
+        # glibc keeps freed small chunks (activations, gathered layers) in its heap: the step comes on top
+        freed = {"freed activations": act, "freed gathered weights": gathered}
+        phases.append(Phase("optimizer step", {**resident, **freed, "AdamW temporaries": adam}))
     plan = Plan(step, device, ranks, memory, dtype, phases, host=states.host)
     plan.notes.append(
         f"{shape.name}: {shape.params / 1e6:.1f}M parameters ({trainable / 1e6:.1f}M trained), "
@@ -420,6 +426,9 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None) -> Plan:
         experience["inference copy"] = keep_copy
     if keep_cache:
         experience["KV cache"] = keep_cache
+    experience["ZeRO-3 gathered weights"] = max(
+        zero3_gathered(actor.params, a_stage, width), zero3_gathered(critic.params, c_stage, width)
+    )
     experience["actor + reference logits"] = gen_batch * seq * actor.vocab * (2 * width + 8)  # + fp32 log-softmax
     experience["forward working set"] = inference_activations(actor, gen_batch, seq, width)
     training = dict(resident)
@@ -434,13 +443,19 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None) -> Plan:
     critic_act = training_activations(
         critic, train_batch, seq, width, args.critic_gradient_checkpointing, _dropout(args, "critic_"), False, False
     )
+    training["ZeRO-3 gathered weights"] = max(
+        zero3_gathered(actor.params, a_stage, width), zero3_gathered(critic.params, c_stage, width)
+    )
     training["actor activations" if actor_act >= critic_act else "critic activations"] = max(actor_act, critic_act)
     phases = [Phase("generation", generation), Phase("experience", experience), Phase("training", training)]
     if device == "cpu":
         step_parts = {(k if not k.endswith("activations") else "freed activations"): v for k, v in training.items()}
+        step_parts.pop("ZeRO-3 gathered weights")
+        step_parts["freed gathered weights"] = zero3_gathered(actor.params, a_stage, width) + zero3_gathered(
+            critic.params, c_stage, width
+        )
         step_parts["AdamW temporaries"] = max(
-            optimizer_step_bytes(a_stage, a_train, actor.largest_layer, ranks, width, device),
-            optimizer_step_bytes(c_stage, c_train, critic.largest_layer, ranks, width, device),
+            optimizer_step_bytes(a_stage, a_train, ranks, device), optimizer_step_bytes(c_stage, c_train, ranks, device)
         )
         phases.append(Phase("optimizer step", step_parts))
     plan = Plan(3, device, ranks, memory, dtype, phases, host=host)

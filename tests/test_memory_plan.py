@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -30,7 +29,8 @@ def _deepspeed_table(estimator, model, gpus: int, nodes: int) -> dict[str, tuple
         estimator(model, num_gpus_per_node=gpus, num_nodes=nodes, additional_buffer_factor=1.0)
     rows = re.findall(r"^\s*([\d.]+)GB \|\s*([\d.]+)GB \| (.+)$", out.getvalue(), re.M)
     return {
-        options.replace("OffloadDeviceEnum.", "").replace(" ", ""): (float(cpu), float(gpu)) for cpu, gpu, options in rows
+        options.replace("OffloadDeviceEnum.", "").replace(" ", ""): (float(cpu), float(gpu))
+        for cpu, gpu, options in rows
     }
 
 
@@ -60,7 +60,9 @@ def test_zero3_states_equal_deepspeeds_all_live_estimate(real_model, gpus, nodes
     table = _deepspeed_table(estimate_zero3_model_states_mem_needs_all_live, model, gpus, nodes)
     ranks = gpus * nodes
     ours = memory_plan.training_states(total, 0, largest, 3, ranks, 2, offload=False)
-    assert ours.device / GB == pytest.approx(table["offload_param=none,offload_optimizer=none,zero_init=1"][1], abs=0.006)
+    assert ours.device / GB == pytest.approx(
+        table["offload_param=none,offload_optimizer=none,zero_init=1"][1], abs=0.006
+    )
     ours = memory_plan.training_states(total, 0, largest, 3, ranks, 2, offload=True)
     cpu, gpu = table["offload_param=cpu,offload_optimizer=cpu,zero_init=1"]
     assert ours.device / GB == pytest.approx(gpu, abs=0.006)
@@ -244,6 +246,18 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_step3_dry_run_plans_tensor_parallel_generation(capsys):
+    from training.step3_rlhf_finetuning.main import main
+
+    summary = main(["--actor_model_name_or_path", config("opt-13b"), "--critic_model_name_or_path",
+                    config("opt-350m"), "--dry_run", "--actor_zero_stage", "3", "--critic_zero_stage", "3",
+                    "--enable_hybrid_engine", "--inference_tp_size", "2", "--num_devices", "8",
+                    "--device_memory", "40GiB", "--dtype", "fp16"])  # fmt: skip
+    assert set(summary["phases"]) >= {"generation", "experience", "training"}
+    assert "inference copy" in summary["phases"]["generation"]
+    assert "hybrid engine TP 2" in capsys.readouterr().out
+
+
 def test_e2e_dry_run_plans_all_three_steps(tmp_path, capsys):
     from training.e2e_rlhf import main
 
@@ -300,5 +314,3 @@ def test_readme_table_is_the_plans_output():
 def test_json_summary_is_serialisable():
     args = step1_parser().parse_args(["--model_name_or_path", config("opt-1.3b"), "--device", "cuda"])
     json.dumps(memory_plan.summary(memory_plan.build(args, 1, "cuda", 1, 48 * GB)))
-
-
