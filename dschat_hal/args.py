@@ -107,7 +107,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
-    """The memory plan (dschat_hal/memory_plan.py): checked before any weights are loaded."""
+    """The memory plan (dschat_hal/memory_plan/): checked before any weights are loaded."""
     g = p.add_argument_group("memory plan")
     g.add_argument("--dry_run", action="store_true", help="print the memory plan per rank and phase, then stop")
     g.add_argument("--num_devices", type=int, default=None, help="ranks the plan assumes (default: WORLD_SIZE)")
