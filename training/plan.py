@@ -1,12 +1,13 @@
 """The memory plan of a step, from model configs alone (no weights loaded, nothing written).
 
-    python training/plan.py 1 --model_name_or_path facebook/opt-1.3b --num_devices 1 --device_memory 48GiB
+    python training/plan.py 1 --model_name_or_path facebook/opt-1.3b --device cuda --num_devices 1 --device_memory 48GiB
     python training/plan.py 3 --actor_model_name_or_path facebook/opt-13b --critic_model_name_or_path \\
         facebook/opt-350m --actor_zero_stage 3 --critic_zero_stage 3 --enable_hybrid_engine \\
-        --num_devices 8 --device_memory 40GiB
+        --device cuda --num_devices 8 --device_memory 40GiB
 
 The first argument is the step (1, 2 or 3); the rest are that step's own flags (its `--help`), so a
-plan is read exactly as the step would read it. `--dry_run` on a step prints the same plan. Exit
+plan is read exactly as the step would read it; `--device` names the hardware planned for (auto: this
+machine's). `--dry_run` on a step prints the same plan. Exit
 code 0 when it fits (or the device memory is unknown), 1 when it does not.
 """
 
