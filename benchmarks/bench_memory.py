@@ -176,7 +176,10 @@ def main() -> None:
     print("| size | step | measured VmHWM MB | plan MB | plan/measured | measured - baseline MB | plan - baseline MB |")
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
-        model = "tiny-opt" if size == "tiny" else str(make_model(args.work, size))
+        if size == "tiny":
+            model = "tiny-opt"
+        else:  # re-planning needs only the configs the measuring run wrote
+            model = str(args.work / f"opt-{size}" if args.replan else make_model(args.work, size))
         for step in args.steps:
             if step == 3:
                 actor = model if size == "tiny" else str(args.work / f"out-{size}-step1")
