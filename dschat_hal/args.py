@@ -110,6 +110,20 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
         "--enable_hpu_graphs", action="store_true", help="HPU: capture the hybrid engine's decode step in HPU graphs"
     )
     g.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add_plan_args(p)
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    """The memory plan (dschat_hal/memory_plan/): checked before any weights are loaded."""
+    g = p.add_argument_group("memory plan")
+    g.add_argument("--dry_run", action="store_true", help="print the memory plan per rank and phase, then stop")
+    g.add_argument("--num_devices", type=int, default=None, help="ranks the plan assumes (default: WORLD_SIZE)")
+    g.add_argument(
+        "--device_memory", default=None, help="memory per device for the plan, e.g. 40GiB (default: what is free)"
+    )
+    g.add_argument(
+        "--skip_memory_check", action="store_true", help="start even when the memory plan says it does not fit"
+    )
 
 
 def add_optim_args(p: argparse.ArgumentParser, prefixes: tuple[str, ...] = ("",)) -> None:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from accel import DEVICE_CHOICES
+from dschat_hal.errors import UserError
 
 ROOT = Path(__file__).resolve().parent
 SCRIPTS = {
@@ -87,6 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="step 3 generates through the hybrid engine (--enable_hybrid_engine)",
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print each step's memory plan (step 3 planned on the base models) and stop; with --device-memory",
+    )
+    p.add_argument("--device-memory", default=None, help="memory per device for the plans, e.g. 40GiB")
     p.add_argument("--step1-args", default="", help="extra flags for step 1, as one string")
     p.add_argument("--step2-args", default="", help="extra flags for step 2, as one string")
     p.add_argument("--step3-args", default="", help="extra flags for step 3, as one string")
@@ -261,6 +268,32 @@ def check_step_args(args: argparse.Namespace) -> str | None:
     return None
 
 
+def dry_run(args: argparse.Namespace, out: Path) -> int:
+    """Each step's memory plan, from the commands the run would start (step 3 on the base models,
+    which steps 1 and 2 would turn into its actor and critic); 1 when one does not fit."""
+    from dschat_hal import memory_plan
+    from dschat_hal.args import step1_parser, step2_parser, step3_parser
+
+    parsers = {1: step1_parser, 2: step2_parser, 3: step3_parser}
+    code = 0
+    for step in sorted(args.step):
+        argv = step_command(step, args, out)[len(launcher(args)) + 1 :]
+        if step == 3:
+            argv += ["--actor_model_name_or_path", args.actor_model, "--critic_model_name_or_path", args.reward_model]
+        if args.num_devices:
+            argv += ["--num_devices", str(args.num_devices)]
+        if args.device_memory:
+            argv += ["--device_memory", args.device_memory]
+        try:
+            plan = memory_plan.plan_for(parsers[step]().parse_args(argv), step)
+        except UserError as err:
+            print(f"error: step {step}: {err}", file=sys.stderr)
+            return 2
+        print(memory_plan.render(plan), flush=True)
+        code = code or (1 if plan.fits is False else 0)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir).resolve()
@@ -273,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        return dry_run(args, out)
     rows = []
     for step in sorted(args.step):
         if step == 3:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from dschat_hal import loop
+from dschat_hal import loop, memory_plan
 from dschat_hal.args import step1_parser, validate
 from dschat_hal.errors import cli_entry
 from dschat_hal.models import check_positions, create_lm, load_tokenizer, model_family, save_lm
@@ -25,9 +25,12 @@ from dschat_hal.runtime import (
 @cli_entry
 def main(argv: list[str]) -> dict:
     args = validate(step1_parser().parse_args(argv))
+    if args.dry_run:
+        return memory_plan.dry_run(args, 1)
     check_positions(args.model_name_or_path, args.max_seq_len, "--max_seq_len", args.bucket_lengths)
     loop.claim_outputs(args)
     backend = setup(args)
+    memory_plan.check(args, 1, backend)  # before any weights are loaded
     tokenizer = load_tokenizer(args.model_name_or_path)
     if args.add_eot_token:
         add_eot_token(tokenizer, args.eot_token)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dschat_hal import loop
+from dschat_hal import loop, memory_plan
 from dschat_hal.args import step2_parser, validate
 from dschat_hal.errors import cli_entry
 from dschat_hal.models import check_positions, create_reward_model, is_reward_checkpoint, load_tokenizer, model_family
@@ -24,9 +24,12 @@ from dschat_hal.runtime import (
 @cli_entry
 def main(argv: list[str]) -> dict:
     args = validate(step2_parser().parse_args(argv))
+    if args.dry_run:
+        return memory_plan.dry_run(args, 2)
     check_positions(args.model_name_or_path, args.max_seq_len, "--max_seq_len", args.bucket_lengths)
     loop.claim_outputs(args)
     backend = setup(args)
+    memory_plan.check(args, 2, backend)  # before any weights are loaded
     tokenizer = load_tokenizer(args.model_name_or_path)
     if args.add_eot_token:
         add_eot_token(tokenizer, args.eot_token)

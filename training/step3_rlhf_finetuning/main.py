@@ -12,6 +12,7 @@ import dschat_hal  # noqa: F401  (first: the environment defaults precede torch,
 # isort: split
 import torch
 
+from dschat_hal import memory_plan
 from dschat_hal.args import step3_parser, validate
 from dschat_hal.data import Collator, DataSpec, cache_dir_for, load_or_build
 from dschat_hal.data.unsupervised import block_dataset, collate_blocks, read_texts
@@ -135,6 +136,8 @@ def check_last_update(pending: list[dict], flush, engine: RLHFEngine, step: int)
 @cli_entry
 def main(argv: list[str]) -> dict:
     args = validate(step3_parser().parse_args(argv))
+    if args.dry_run:  # before the checks of what is implemented: a plan may explore any setting
+        return memory_plan.dry_run(args, 3)
     if args.hybrid_engine == "deepspeed":
         raise UserError(
             "--hybrid_engine deepspeed is not supported: DeepSpeed's Hybrid Engine crashes or silently "
@@ -159,6 +162,7 @@ def main(argv: list[str]) -> dict:
     )
     claim_outputs(args)
     backend = setup(args)
+    memory_plan.check(args, 3, backend)  # before any weights are loaded
     if args.align_overflow and args.dtype_resolved == torch.float16:
         raise UserError(
             "--align_overflow with fp16 needs DeepSpeed's external overflow check and skip_step, which "

@@ -1,0 +1,208 @@
+"""Memory plan: the peak bytes per rank of each phase of steps 1-3, from the model configs alone.
+
+No weights are read: parameter counts come from building each model on the meta device. What is counted, per rank:
+
+- training states (actor, critic, step-1/2 model): parameters, gradients, fp32 master weights,
+  fp32 gradients and Adam's two moments, split by the ZeRO stage as DeepSpeed splits them (its
+  own estimators use the same accounting: `tests/test_memory_plan.py` holds them equal), with
+  `--offload` moving the optimizer's part (ZeRO-3: the parameters too) to host memory;
+- frozen models (reference, reward, EMA): their weights in the training dtype (ZeRO-3: 1/N);
+- activations kept for the backward pass (per layer and token: the inputs of every matmul, norm and
+  activation function; with gradient checkpointing one hidden state per layer plus one layer
+  recomputed), the logits and the loss's copies of them;
+- step 3's hybrid engine: its inference copy of the actor (ZeRO-3 only, 1/T of the layers with
+  `--inference_tp_size T`), the static KV cache, and the gathered layer group while refilling.
+
+On the CPU the "device" is host memory shared by the node's ranks, and a process also holds the
+interpreter, torch, DeepSpeed, transformers and the data: a measured baseline (`CPU_BASELINE_BYTES`)
+is added there. `benchmarks/bench_memory.py` compares the plan with measured peaks (VmHWM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+from dschat_hal.memory_plan.estimates import layer_bytes, training_activations, training_states
+from dschat_hal.memory_plan.fixes import find_fix
+from dschat_hal.memory_plan.phases import CPU_BASELINE_BYTES, FIT_FRACTION, GiB, MiB, Phase, Plan, build
+from dschat_hal.memory_plan.shapes import Shape, model_shape
+
+__all__ = [
+    "CPU_BASELINE_BYTES",
+    "FIT_FRACTION",
+    "Phase",
+    "Plan",
+    "Shape",
+    "build",
+    "check",
+    "dry_run",
+    "find_fix",
+    "layer_bytes",
+    "model_shape",
+    "parse_bytes",
+    "plan_for",
+    "render",
+    "summary",
+    "training_activations",
+    "training_states",
+]
+
+
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> float:
+    """'40GiB', '40G' (both 2^30 units), '40GB' (10^9) or a plain number of bytes."""
+    from dschat_hal.errors import UserError
+
+    match = _SIZE.match(text or "")
+    if not match:
+        raise UserError(f"--device_memory {text!r} is not a size; write e.g. 40GiB, 80G or 48000MB")
+    value, unit, suffix = float(match.group(1)), match.group(2).upper(), match.group(3).lower()
+    power = "KMGT".index(unit) + 1 if unit else 0
+    base = 1000 if suffix == "b" and unit else 1024
+    return value * base**power
+
+
+def resolve_device(args: argparse.Namespace) -> str:
+    import accel
+
+    name = (args.device or "auto").lower()
+    return accel.detect() if name == "auto" else name
+
+
+def ranks_of(args: argparse.Namespace) -> int:
+    given = getattr(args, "num_devices", None)
+    if given:
+        return int(given)
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def device_memory(args: argparse.Namespace, device: str, backend=None) -> float | None:
+    """`--device_memory`, else what the backend reports free (CPU: host memory available, shared by
+    this node's ranks), else unknown (None: the plan is printed but never refuses)."""
+    given = getattr(args, "device_memory", None)
+    if given:
+        return parse_bytes(given)
+    if backend is None:
+        return None
+    free = backend.available_memory()
+    if free is None:
+        return None
+    if device == "cpu":  # host memory: shared by the node's ranks; what this process holds is in the plan
+        free = free / int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1"))) + _rss()
+    return float(free)
+
+
+def _rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+# ---- output ------------------------------------------------------------------------------------
+def _gib(value: float) -> str:
+    return f"{value / GiB:.2f} GiB" if value >= 0.1 * GiB else f"{value / MiB:.0f} MiB"
+
+
+def render(plan: Plan) -> str:
+    """The plan as text: one line per phase with its parts, the peak, and what does not fit."""
+    memory = "unknown" if plan.device_memory is None else _gib(plan.device_memory)
+    lines = [
+        f"memory plan, step {plan.step}: {plan.ranks} rank(s) on {plan.device}, {memory} each, {plan.dtype}",
+        *(f"  {n}" for n in plan.notes),
+    ]
+    for phase in plan.phases:
+        parts = ", ".join(f"{k} {_gib(v)}" for k, v in phase.parts.items() if v)
+        lines.append(f"  {phase.name:<10} {_gib(phase.total):>11} per rank  ({parts})")
+    if plan.host and plan.device != "cpu":
+        lines.append(f"  host (offloaded states) {_gib(plan.host)} per rank")
+    lines.append(verdict(plan))
+    return "\n".join(lines)
+
+
+def verdict(plan: Plan) -> str:
+    peak = plan.peak
+    if plan.fits is None:
+        return f"  peak {_gib(peak.total)} per rank ({peak.name}); device memory unknown: pass --device_memory to check"
+    if plan.fits:
+        return f"  fits: peak {_gib(peak.total)} per rank ({peak.name}) of {_gib(plan.budget)} usable"
+    fix = " ".join(plan.fix) if plan.fix else None
+    return (
+        f"  does not fit: {peak.name} needs {_gib(peak.total)} per rank, {_gib(plan.budget)} usable "
+        f"({FIT_FRACTION:.0%} of {_gib(plan.device_memory)}); "
+        + (f"add {fix}" if fix else "no single flag here is enough: use more devices or a smaller model")
+    )
+
+
+def refusal(plan: Plan) -> str:
+    """The one-line error a step raises before loading weights."""
+    peak = plan.peak
+    biggest = max(peak.parts.items(), key=lambda kv: kv[1])
+    fix = f"add {' '.join(plan.fix)}" if plan.fix else "use more devices or a smaller model"
+    return (
+        f"the memory plan says step {plan.step} does not fit: its {peak.name} phase needs {_gib(peak.total)} per "
+        f"rank ({biggest[0]} {_gib(biggest[1])}) and {_gib(plan.budget)} is usable; {fix}, or pass "
+        "--skip_memory_check to try anyway (training/plan.py shows the whole plan)"
+    )
+
+
+def plan_for(args: argparse.Namespace, step: int, backend=None) -> Plan:
+    """The plan of `args` for `step`, with the fix when it does not fit."""
+    if backend is not None:
+        from dschat_hal.runtime import world_size
+
+        device, ranks = backend.name, getattr(args, "num_devices", None) or world_size()
+    else:
+        device, ranks = resolve_device(args), ranks_of(args)
+        backend = _probe(device)
+    plan = build(args, step, device, ranks, device_memory(args, device, backend))
+    if plan.fits is False:
+        plan.fix = find_fix(args, plan)
+    return plan
+
+
+def _probe(device: str):
+    """The backend of `device` for its free memory, without starting distributed (None if absent)."""
+    import accel
+
+    try:
+        return accel.get(device)
+    except accel.DeviceUnavailableError:
+        return None
+
+
+def dry_run(args: argparse.Namespace, step: int) -> dict:
+    """`--dry_run`: print the plan (rank 0) and return its numbers; nothing is loaded or written."""
+    plan = plan_for(args, step)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(render(plan), flush=True)
+    return summary(plan)
+
+
+def check(args: argparse.Namespace, step: int, backend) -> None:
+    """Before loading weights: refuse in one line (UserError) when the plan cannot fit, unless
+    `--skip_memory_check`; an unknown device memory never refuses."""
+    from dschat_hal.errors import UserError
+
+    if getattr(args, "skip_memory_check", False):
+        return
+    plan = plan_for(args, step, backend)
+    if plan.fits is False:
+        raise UserError(refusal(plan))
+
+
+def summary(plan: Plan) -> dict:
+    """The plan as JSON-able numbers (bytes)."""
+    return {
+        "step": plan.step,
+        "fits": plan.fits,
+        "peak_phase": plan.peak.name,
+        "peak_bytes": plan.peak.total,
+        "phases": {p.name: {"total": p.total, **p.parts} for p in plan.phases},
+        "fix": plan.fix,
+        "host_bytes": plan.host,
+        "device_memory": plan.device_memory,
+    }

@@ -1,0 +1,240 @@
+"""The phases of steps 1-3 and what each holds per rank, from a step's parsed flags."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from dschat_hal.memory_plan.estimates import (
+    frozen_states,
+    inference_activations,
+    kv_cache_bytes,
+    optimizer_step_bytes,
+    training_activations,
+    training_states,
+    zero3_gathered,
+    zero_buffers,
+)
+from dschat_hal.memory_plan.shapes import Shape, model_shape
+
+GiB = 1024**3
+MiB = 1024**2
+FIT_FRACTION = 0.92  # of device memory: the runtime's context and allocator fragmentation take the rest
+CPU_BASELINE_BYTES = {1: 495 * MiB, 2: 500 * MiB, 3: 520 * MiB}  # VmHWM of each step with the 0.3M tiny-opt
+
+
+@dataclass
+class Phase:
+    name: str
+    parts: dict[str, float]  # device bytes per rank, by what holds them
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+@dataclass
+class Plan:
+    step: int
+    device: str
+    ranks: int
+    device_memory: float | None
+    dtype: str
+    phases: list[Phase]
+    host: float = 0.0  # host bytes per rank (offloaded states)
+    notes: list[str] = field(default_factory=list)
+    fix: list[str] | None = None
+
+    @property
+    def peak(self) -> Phase:
+        return max(self.phases, key=lambda p: p.total)
+
+    @property
+    def budget(self) -> float | None:
+        return None if self.device_memory is None else FIT_FRACTION * self.device_memory
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.budget is None else self.peak.total <= self.budget
+
+
+def _width(args: argparse.Namespace, device: str) -> tuple[int, str]:
+    import torch
+
+    resolved = getattr(args, "dtype_resolved", None)
+    if resolved is None:
+        name = args.dtype
+        if name in (None, "auto"):
+            if device == "cpu":
+                from accel.cpu import native_bf16_flags
+
+                name = "bf16" if native_bf16_flags() else "fp32"
+            else:
+                name = "bf16"
+        return (4, "fp32") if name == "fp32" else (2, name)
+    return (4, "fp32") if resolved == torch.float32 else (2, str(resolved).removeprefix("torch."))
+
+
+def _trained(shape: Shape, args, prefix: str, keep: int = 0) -> tuple[int, int]:
+    """(trainable, frozen) parameters with LoRA / --only_optimize_lora; `keep` stays trainable."""
+    lora, lora_frozen = shape.lora(getattr(args, f"{prefix}lora_module_name"), getattr(args, f"{prefix}lora_dim"))
+    if lora and args.only_optimize_lora:
+        return lora + keep, shape.params
+    return shape.params - lora_frozen + lora, lora_frozen
+
+
+def _dropout(args, prefix: str) -> bool:
+    value = getattr(args, f"{prefix}dropout", None)
+    return value is None or value > 0
+
+
+def _fp32_loss(args) -> bool:
+    """`--compute_fp32_loss` (a device's own default, e.g. bloom/llama on Gaudi, is the flag the
+    example scripts pass)."""
+    return bool(getattr(args, "compute_fp32_loss", None))
+
+
+def supervised_plan(args, step: int, device: str, ranks: int, memory: float | None) -> Plan:
+    """Steps 1 and 2: one trained model, one training phase."""
+    width, dtype = _width(args, device)
+    shape = model_shape(args.model_name_or_path, head=step == 1)
+    trainable, frozen = _trained(shape, args, "", keep=shape.hidden if step == 2 else 0)
+    states = training_states(trainable, frozen, shape.largest_layer, args.zero_stage, ranks, width, args.offload)
+    rows = args.per_device_train_batch_size * (2 if step == 2 else 1)  # step 2: chosen and rejected rows
+    act = training_activations(
+        shape,
+        rows,
+        args.max_seq_len,
+        width,
+        args.gradient_checkpointing,
+        _dropout(args, ""),
+        logits=step == 1,
+        fp32_loss=_fp32_loss(args),
+    )
+    resident = {
+        "training states": states.device,
+        "ZeRO buffers": zero_buffers(args.zero_stage, trainable, width, device),
+    }
+    if device == "cpu":
+        resident = {"process baseline": CPU_BASELINE_BYTES[step], **resident, "host": states.host}
+    gathered = zero3_gathered(shape.params, args.zero_stage, width)
+    phases = [Phase("training", {**resident, "ZeRO-3 gathered weights": gathered, "activations": act})]
+    if device == "cpu":
+        adam = optimizer_step_bytes(args.zero_stage, trainable, ranks, device)
+        # glibc keeps freed small chunks (activations, gathered layers) in its heap: the step comes on top
+        freed = {"freed activations": act, "freed gathered weights": gathered}
+        phases.append(Phase("optimizer step", {**resident, **freed, "AdamW temporaries": adam}))
+    plan = Plan(step, device, ranks, memory, dtype, phases, host=states.host)
+    plan.notes.append(
+        f"{shape.name}: {shape.params / 1e6:.1f}M parameters ({trainable / 1e6:.1f}M trained), "
+        f"ZeRO {args.zero_stage}{' + offload' if args.offload else ''}, micro-batch {rows} rows x {args.max_seq_len}"
+        + (" (chosen + rejected)" if step == 2 else "")
+    )
+    return plan
+
+
+def rlhf_plan(args, device: str, ranks: int, memory: float | None) -> Plan:
+    """Step 3: resident actor/critic states and frozen reference/reward, then the three phases."""
+    width, dtype = _width(args, device)
+    actor = model_shape(args.actor_model_name_or_path, head=True)
+    critic = model_shape(args.critic_model_name_or_path, head=False)
+    a_stage, c_stage = args.actor_zero_stage, args.critic_zero_stage
+    a_train, a_frozen = _trained(actor, args, "actor_")
+    c_train, c_frozen = _trained(critic, args, "critic_")
+    actor_states = training_states(a_train, a_frozen, actor.largest_layer, a_stage, ranks, width, args.offload)
+    critic_states = training_states(c_train, c_frozen, critic.largest_layer, c_stage, ranks, width, args.offload)
+    ref = frozen_states(actor.params, a_stage, ranks, width, args.offload_reference_model)
+    reward = frozen_states(critic.params, c_stage, ranks, width, args.offload_reward_model)
+    resident = {
+        "actor states": actor_states.device,
+        "critic states": critic_states.device,
+        "reference": ref.device,
+        "reward": reward.device,
+    }
+    host = actor_states.host + critic_states.host + ref.host + reward.host
+    if args.enable_ema:  # the EMA copy: the actor with its LoRA factors, built with offload on
+        lora_added = actor.lora(args.actor_lora_module_name, args.actor_lora_dim)[0]
+        ema = frozen_states(actor.params + lora_added, a_stage, ranks, width, True)
+        resident["actor EMA"] = ema.device
+        host += ema.host
+    resident["ZeRO buffers"] = zero_buffers(a_stage, a_train, width, device) + zero_buffers(
+        c_stage, c_train, width, device
+    )
+    if device == "cpu":
+        resident = {"process baseline": CPU_BASELINE_BYTES[3], **resident, "host": host}
+
+    gen_batch, train_batch = args.per_device_generation_batch_size, args.per_device_training_batch_size
+    seq = args.max_prompt_seq_len + args.max_answer_seq_len
+    tp = max(1, int(getattr(args, "inference_tp_size", 1) or 1))
+    hybrid = args.enable_hybrid_engine
+    copy_bytes = 0.0
+    refill = 0.0
+    if hybrid and a_stage == 3:
+        layers_part = actor.layer_params / tp
+        copy_bytes = width * (actor.params - actor.layer_params + layers_part)
+        group = args.tp_gather_partition_size or actor.layers
+        refill = width * actor.layer_params * min(group, actor.layers) / actor.layers
+    cache = kv_cache_bytes(actor, gen_batch, seq, width, tp if hybrid else 1)
+    keep_copy = copy_bytes if not args.unpin_actor_parameters else 0.0
+    keep_cache = (
+        cache if hybrid and not (args.release_inference_cache or (copy_bytes and args.unpin_actor_parameters)) else 0.0
+    )
+
+    generation = dict(resident)
+    if copy_bytes:
+        generation.update({"inference copy": copy_bytes, "gathered layer group": refill})
+    generation["KV cache"] = cache
+    generation["decode working set"] = inference_activations(actor, gen_batch, args.max_prompt_seq_len, width) + (
+        4 * gen_batch * actor.vocab
+    )
+    experience = dict(resident)
+    if keep_copy:
+        experience["inference copy"] = keep_copy
+    if keep_cache:
+        experience["KV cache"] = keep_cache
+    experience["ZeRO-3 gathered weights"] = max(
+        zero3_gathered(actor.params, a_stage, width), zero3_gathered(critic.params, c_stage, width)
+    )
+    experience["actor + reference logits"] = gen_batch * seq * actor.vocab * (2 * width + 8)  # + fp32 log-softmax
+    experience["forward working set"] = inference_activations(actor, gen_batch, seq, width)
+    training = dict(resident)
+    if keep_copy:
+        training["inference copy"] = keep_copy
+    if keep_cache:
+        training["KV cache"] = keep_cache
+    fp32_loss = True  # log-probs are computed in fp32
+    actor_act = training_activations(
+        actor, train_batch, seq, width, args.actor_gradient_checkpointing, _dropout(args, "actor_"), True, fp32_loss
+    )
+    critic_act = training_activations(
+        critic, train_batch, seq, width, args.critic_gradient_checkpointing, _dropout(args, "critic_"), False, False
+    )
+    training["ZeRO-3 gathered weights"] = max(
+        zero3_gathered(actor.params, a_stage, width), zero3_gathered(critic.params, c_stage, width)
+    )
+    training["actor activations" if actor_act >= critic_act else "critic activations"] = max(actor_act, critic_act)
+    phases = [Phase("generation", generation), Phase("experience", experience), Phase("training", training)]
+    if device == "cpu":
+        step_parts = {(k if not k.endswith("activations") else "freed activations"): v for k, v in training.items()}
+        step_parts.pop("ZeRO-3 gathered weights")
+        step_parts["freed gathered weights"] = zero3_gathered(actor.params, a_stage, width) + zero3_gathered(
+            critic.params, c_stage, width
+        )
+        step_parts["AdamW temporaries"] = max(
+            optimizer_step_bytes(a_stage, a_train, ranks, device), optimizer_step_bytes(c_stage, c_train, ranks, device)
+        )
+        phases.append(Phase("optimizer step", step_parts))
+    plan = Plan(3, device, ranks, memory, dtype, phases, host=host)
+    plan.notes.append(
+        f"actor {actor.name}: {actor.params / 1e6:.1f}M ({a_train / 1e6:.1f}M trained, ZeRO {a_stage}); critic "
+        f"{critic.name}: {critic.params / 1e6:.1f}M ({c_train / 1e6:.1f}M trained, ZeRO {c_stage}); "
+        f"generation {gen_batch} x {seq}, training {train_batch} x {seq}"
+        + (f", hybrid engine{f' TP {tp}' if tp > 1 else ''}" if hybrid else "")
+    )
+    return plan
+
+
+def build(args: argparse.Namespace, step: int, device: str, ranks: int, memory: float | None) -> Plan:
+    if step == 3:
+        return rlhf_plan(args, device, ranks, memory)
+    return supervised_plan(args, step, device, ranks, memory)
