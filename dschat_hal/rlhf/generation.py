@@ -188,8 +188,8 @@ def last_logits(
     if _forward_takes(type(model), "logits_to_keep"):
         return model(**inputs, logits_to_keep=1).logits[:, -1]
     if type(model).__name__ in HEAD_ON_BASE_OUTPUT:
-        hidden = model.base_model(**inputs)[0][:, -1]
-        return model.get_output_embeddings()(hidden)
+        hidden = model.base_model(**inputs)[0][:, -1:]  # 3-D: AutoTP's sharded head slices the last dim of [B, T, H]
+        return model.get_output_embeddings()(hidden)[:, -1]
     return model(**inputs).logits[:, -1]
 
 
@@ -361,12 +361,9 @@ class HybridEngine:
 
         key = (id(model), batch, length)
         if self._cache is None or self._cache_key != key:
-            param = next(model.parameters())
-            self._cache = StaticCache(
-                config=model.config, max_batch_size=batch, max_cache_len=length, device=param.device, dtype=param.dtype
-            )
+            self._cache = self._new_cache(model, batch, length)
             self._cache_key = key
-            self._step = self.backend.capture_decode_step(DecodeStep(model, self._cache))
+            self._step = self._capture(DecodeStep(model, self._cache))
             log.info(
                 "hybrid engine: static KV cache for batch %d x %d positions: %.1f MB",
                 batch,
@@ -377,12 +374,30 @@ class HybridEngine:
             self._cache.reset()
         return self._cache, self._step
 
+    def _new_cache(self, model: nn.Module, batch: int, length: int):
+        from transformers import StaticCache
+
+        param = next(model.parameters())
+        return StaticCache(
+            config=model.config, max_batch_size=batch, max_cache_len=length, device=param.device, dtype=param.dtype
+        )
+
+    def _capture(self, step: nn.Module):
+        return self.backend.capture_decode_step(step)
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of every row (the tensor-parallel engine makes its group agree on it)."""
+        return next_token(logits, self.config)
+
     def _release_cache(self) -> None:
         self._cache = self._cache_key = self._step = None
         self.backend.empty_cache()
 
-    def decode(self, model: nn.Module, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """Prefill, then one token per step until every row ended (or max_answer_seq_len)."""
+    def decode(
+        self, model: nn.Module, prompts: torch.Tensor, prompt_mask: torch.Tensor, active: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Prefill, then one token per step until every row ended (or max_answer_seq_len); rows not
+        `active` (filler) count as ended from the start."""
         cfg, backend = self.config, self.backend
         batch, prompt_len = prompts.shape
         total = prompt_len + cfg.max_answer_seq_len
@@ -394,11 +409,11 @@ class HybridEngine:
         logits = last_logits(model, prompts, mask, positions, cache, cache_position)
         backend.mark_step()
         answers = prompts.new_full((batch, cfg.max_answer_seq_len), cfg.pad_token_id)
-        unfinished = torch.ones(batch, dtype=torch.bool, device=prompts.device)
+        unfinished = torch.ones(batch, dtype=torch.bool, device=prompts.device) if active is None else active.clone()
         next_position = prompt_mask.long().sum(-1, keepdim=True)
         stop_on_eos = cfg.eos_token_id is not None and not cfg.ignore_eos
         for t in range(cfg.max_answer_seq_len):
-            token = torch.where(unfinished, next_token(logits, cfg), cfg.pad_token_id)
+            token = torch.where(unfinished, self._pick(logits), cfg.pad_token_id)
             answers[:, t] = token
             if stop_on_eos:
                 unfinished &= token != cfg.eos_token_id
