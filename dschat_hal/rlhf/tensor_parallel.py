@@ -44,7 +44,9 @@ def check_tp_size(tp_size: int, world_size: int, node_limit: int, hybrid_engine:
     if tp_size == 1:
         return
     if not hybrid_engine:
-        raise UserError(f"--inference_tp_size {tp_size} shards the hybrid engine's generation: add --enable_hybrid_engine")
+        raise UserError(
+            f"--inference_tp_size {tp_size} shards the hybrid engine's generation: add --enable_hybrid_engine"
+        )
     if world_size % tp_size:
         raise UserError(
             f"--inference_tp_size {tp_size} must divide the number of ranks ({world_size}): "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 LOCAL_SIZE_AT_START = os.environ.get("LOCAL_SIZE")
@@ -29,24 +30,47 @@ from dschat_hal.rlhf.tensor_parallel import TensorParallelEngine, layer_bytes, m
 WIDTH = 128  # AutoTP cuts in grains of 64: every sharded dimension a multiple of 128 splits evenly
 CONFIGS = {
     "opt": lambda: OPTConfig(
-        vocab_size=VOCAB, hidden_size=WIDTH, word_embed_proj_dim=WIDTH, ffn_dim=2 * WIDTH, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=128, **SPECIAL,
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        word_embed_proj_dim=WIDTH,
+        ffn_dim=2 * WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        **SPECIAL,
     ),
     "bloom": lambda: BloomConfig(vocab_size=VOCAB, hidden_size=WIDTH, n_layer=2, n_head=4, **SPECIAL),
     "llama": lambda: LlamaConfig(  # grouped-query attention: 4 query heads share 2 key/value heads
-        vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, **SPECIAL,
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        intermediate_size=2 * WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        **SPECIAL,
     ),
     "gpt_neox": lambda: GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=128, **SPECIAL,
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        intermediate_size=2 * WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        **SPECIAL,
     ),
 }
 LORA_TARGET = {"opt": "layers.", "bloom": "h.", "llama": "layers.", "gpt_neox": "layers."}
 # every family under both stages, LoRA on and off each twice
 CASES = [
-    ("opt", 2, False), ("opt", 3, True), ("bloom", 2, True), ("bloom", 3, False),
-    ("llama", 2, False), ("llama", 3, True), ("gpt_neox", 2, True), ("gpt_neox", 3, False),
+    ("opt", 2, False),
+    ("opt", 3, True),
+    ("bloom", 2, True),
+    ("bloom", 3, False),
+    ("llama", 2, False),
+    ("llama", 3, True),
+    ("gpt_neox", 2, True),
+    ("gpt_neox", 3, False),
 ]
 
 
@@ -74,6 +98,24 @@ def prompts_for(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return prompts, mask
 
 
+def nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def sharded_bytes(form: torch.nn.Module, full_sizes: dict[str, int]) -> tuple[int, int]:
+    """Bytes this rank holds of the transformer layers' AutoTP-sharded tensors (row-parallel biases are
+    replicated, not sharded), and the same tensors' full bytes."""
+    from deepspeed.module_inject.layers import LinearAllreduce, TensorParallel_Layer
+
+    mine = full = 0
+    for name, module in form.named_modules():
+        if isinstance(module, TensorParallel_Layer) and re.search(r"\.\d+\.", name + "."):
+            for leaf, param in module.named_parameters(recurse=False):
+                if not (leaf == "bias" and isinstance(module, LinearAllreduce)):
+                    mine, full = mine + nbytes(param), full + full_sizes[f"{name}.{leaf}"]
+    return mine, full
+
+
 def cache_bytes(engine: HybridEngine) -> int:
     return sum(t.numel() * t.element_size() for t in _cache_tensors(engine._cache))
 
@@ -86,13 +128,13 @@ def main() -> None:
     for family, stage, lora in CASES:
         model = peaked(family, lora)
         reference = reference_tokens(model, prompts, mask, greedy)
-        full_layers = layer_bytes(model) - sum(
-            p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n
-        )
+        full_sizes = {n: nbytes(p) for n, p in model.named_parameters() if "lora_" not in n}
+        full_layers = sum(size for n, size in full_sizes.items() if re.search(r"\.\d+\.", n))
         backend, engine = engine_for(model, stage)
         whole = HybridEngine(engine, backend, greedy, dtype=torch.float32)
         tp = make_hybrid_engine(engine, backend, greedy, inference_tp_size=2, dtype=torch.float32)
         whole_seq, tp_seq = whole.generate(prompts, mask), tp.generate(prompts, mask)
+        sharded, sharded_full = sharded_bytes(tp.form.model, full_sizes)
         result["cases"][f"{family}-zero{stage}-{'lora' if lora else 'full'}"] = {
             "is_tp": isinstance(tp, TensorParallelEngine),
             "equal_whole": torch.equal(tp_seq, whole_seq),
@@ -102,10 +144,20 @@ def main() -> None:
             "full_bytes": tp.form.full_bytes(),
             "layer_bytes": layer_bytes(tp.form.model),
             "full_layer_bytes": full_layers,
+            "sharded_bytes": sharded,
+            "sharded_full_bytes": sharded_full,
             "cache_bytes": cache_bytes(tp),
             "whole_cache_bytes": cache_bytes(whole),
             "gather_calls": tp.form.gather_calls,
         }
+    # --tp_gather_partition_size 1 when the whole model does not fit: one layer gathered at a time
+    model = peaked("llama", lora=True)
+    reference = reference_tokens(model, prompts, mask, greedy)
+    backend, engine = engine_for(model, 3)
+    backend.available_memory = lambda: 1
+    tp = make_hybrid_engine(engine, backend, greedy, inference_tp_size=2, dtype=torch.float32, gather_group_layers=1)
+    seq = tp.generate(prompts, mask)
+    result["grouped"] = {"equal_hf": answers_equal(seq, reference), "gather_calls": tp.form.gather_calls}
     # seeded sampling reproduces run to run; a training step changes the next phase's weights and tokens
     model = peaked("opt", lora=False)
     with torch.no_grad():

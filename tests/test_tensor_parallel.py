@@ -1,0 +1,93 @@
+"""Tensor-parallel generation (`--inference_tp_size`): 2 processes under torchrun generate the tokens of
+the whole-model engine and of HF `generate`, each holding half of the sharded weights; families AutoTP
+cannot shard fall back to T = 1; sizes that cannot form groups are refused with one line."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import run_script
+from test_hybrid_engine import EOS, PAD, answers_equal, engine_for, peaked_model, prompt_batch, reference_tokens
+from transformers import LlamaConfig
+
+from dschat_hal.errors import UserError
+from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine
+from dschat_hal.rlhf.tensor_parallel import TensorParallelEngine, check_tp_size, make_hybrid_engine
+
+
+def test_tp2_tokens_equal_the_whole_model_engine_and_hf_generate(tmp_path, monkeypatch):
+    """opt, bloom, llama (grouped-query attention), gpt-neox under ZeRO-2 and ZeRO-3, LoRA on and off,
+    uneven prompt counts per rank; launched by torchrun without LOCAL_SIZE (accel sets it)."""
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    result = run_script(
+        *("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631"),
+        "tests/workers/tp_generation.py",
+        str(tmp_path),
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["local_size_at_start"] is None
+        assert len(rank["cases"]) == 8
+        for name, case in rank["cases"].items():
+            assert case["is_tp"], name
+            assert case["equal_whole"] and case["equal_hf"] and case["second_phase_equal"], name
+            assert case["sharded_bytes"] * 2 == case["sharded_full_bytes"], name  # AutoTP's cut: exactly half
+            replicated = case["full_layer_bytes"] - case["sharded_full_bytes"]  # norms, row-parallel biases
+            assert case["layer_bytes"] == case["sharded_bytes"] + replicated, name
+            assert case["copy_bytes"] < 0.6 * case["full_bytes"], name
+            # the group decodes both ranks' rows (rank 0 has the most and longest) on half of the key/value
+            # heads: each rank's cache is rank 0's T = 1 cache
+            assert case["cache_bytes"] == ranks[0]["cases"][name]["whole_cache_bytes"] > 0, name
+            assert case["gather_calls"] == (2 if "zero3" in name else 0), name  # once per phase, all at once
+        assert rank["grouped"] == {"equal_hf": True, "gather_calls": 3}  # layer 0, layer 1, the rest
+        assert rank["sampling_reproduces"] and rank["weights_changed"] and rank["tokens_changed"]
+    assert ranks[0]["cases"]["llama-zero3-lora"]["copy_bytes"] == ranks[1]["cases"]["llama-zero3-lora"]["copy_bytes"]
+
+
+@pytest.mark.parametrize(
+    "family, reason",
+    [
+        ("gpt2", "DeepSpeed's AutoTP does not support GPT2LMHeadModel"),
+        ("llama-3kv", "LlamaForCausalLM has 3 key/value heads, not a multiple of 2"),
+    ],
+)
+def test_a_model_autotp_cannot_shard_falls_back_to_one_rank(family, reason, caplog):
+    if family == "llama-3kv":
+        from transformers import AutoModelForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=3
+        )
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        model = peaked_model(family, lora=False)
+    prompts, mask = prompt_batch()
+    config = GenerationConfig(max_answer_seq_len=4, pad_token_id=PAD, eos_token_id=EOS, do_sample=False)
+    reference = reference_tokens(model, prompts, mask, config)
+    backend, engine = engine_for(model, 0)
+    with caplog.at_level(logging.INFO, logger="dschat_hal.rlhf.tensor_parallel"):
+        hybrid = make_hybrid_engine(engine, backend, config, inference_tp_size=2, dtype=torch.float32)
+    lines = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
+    assert lines == [f"hybrid engine: --inference_tp_size 2 falls back to 1: {reason}"]
+    assert type(hybrid) is HybridEngine and not isinstance(hybrid, TensorParallelEngine)
+    assert answers_equal(hybrid.generate(prompts, mask), reference)
+
+
+@pytest.mark.parametrize(
+    "tp, world, limit, hybrid, message",
+    [
+        (2, 3, 8, True, "--inference_tp_size 2 must divide the number of ranks (3)"),
+        (4, 8, 2, True, "--inference_tp_size 4 is more than the 2 device(s) of one node"),
+        (2, 2, 2, False, "--inference_tp_size 2 shards the hybrid engine's generation: add --enable_hybrid_engine"),
+    ],
+)
+def test_tp_sizes_that_cannot_form_groups_are_refused(tp, world, limit, hybrid, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_tp_size(tp, world, limit, hybrid)
+    check_tp_size(1, world, limit, hybrid)
+    check_tp_size(2, 4, 2, True)
