@@ -96,7 +96,8 @@ def test_tp_sizes_that_cannot_form_groups_are_refused(tp, world, limit, hybrid, 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_step3_generates_tensor_parallel_under_both_launchers(e2e_output, tmp_path, monkeypatch, launcher):
     """Step 3, ZeRO-3, --enable_hybrid_engine --inference_tp_size 2 on 2 CPU processes: both ranks log
-    their TP group and copy, and PPO steps run (DeepSpeed's launcher sets LOCAL_SIZE, torchrun does not)."""
+    their TP group and copy, and PPO steps run (DeepSpeed's launcher sets LOCAL_SIZE, torchrun does not;
+    two steps under torchrun: the form is refilled after training, one under DeepSpeed's launcher)."""
     import sys
 
     from conftest import ROOT
@@ -110,13 +111,40 @@ def test_step3_generates_tensor_parallel_under_both_launchers(e2e_output, tmp_pa
     result = run_script(
         *start,
         str(ROOT / "training/step3_rlhf_finetuning/main.py"),
-        *step3_args(e2e_output, tmp_path, 3, False, False),
+        *step3_args(e2e_output, tmp_path, 3, False, False, steps=2 if launcher == "torchrun" else 1),
         *("--enable_hybrid_engine", "--inference_tp_size", "2"),
         env={"DS_ACCELERATOR": "cpu", "PATH": f"{sys.prefix}/bin:/usr/bin:/bin"},
         timeout=600,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "step 2 reward" in result.stdout
+    assert ("step 2 reward" if launcher == "torchrun" else "step 1 reward") in result.stdout
     for rank in (0, 1):
         assert f"hybrid engine: rank {rank}, TP group [0, 1] (index {rank} of 2): tensor-parallel copy" in output
+
+
+def test_cpu_shm_all_reduce_is_kept_only_for_a_group_of_the_whole_world(monkeypatch):
+    """DeepSpeed's CPU shm all-reduce sums over every local rank whatever group it is given: a TP group
+    smaller than the world must fall back to the process group's all-reduce."""
+    import types
+
+    import deepspeed.comm.comm as ds_comm
+
+    import accel
+
+    backend = accel.get("cpu")
+    monkeypatch.setattr(ds_comm, "cdb", types.SimpleNamespace(shm_vector_kernel_level=2))
+    backend.prepare_tensor_parallel(2, 2)
+    assert ds_comm.cdb.shm_vector_kernel_level == 2
+    backend.prepare_tensor_parallel(2, 4)
+    assert ds_comm.cdb.shm_vector_kernel_level == 0
+
+
+def test_cpu_tensor_parallel_limit_is_the_processes_of_the_node(monkeypatch):
+    import accel
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert accel.get("cpu").tensor_parallel_limit() == 4
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    assert accel.get("cpu").tensor_parallel_limit() == 1

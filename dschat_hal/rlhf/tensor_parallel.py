@@ -32,7 +32,9 @@ from dschat_hal.rlhf.generation import (
     GenerationConfig,
     HybridEngine,
     InferenceCopy,
+    _cache_tensors,
     is_partitioned,
+    pad_answers,
     static_cache_reason,
 )
 
@@ -185,8 +187,6 @@ class TensorParallelForm(InferenceCopy):
     @torch.no_grad()
     def refill(self, group_layers: int) -> nn.Module:
         """Fill every shard from the source's (gathered, LoRA-folded) weights; returns the form."""
-        from deepspeed.module_inject.layers import TensorParallel_Layer
-
         if self.model is None:
             self.model = self._build()
         for names in self.groups(group_layers):
@@ -200,23 +200,28 @@ class TensorParallelForm(InferenceCopy):
                         value = value + self.source.get_submodule(name.rpartition(".")[0]).delta().to(value.dtype)
                     full[name] = value
                 for owner_name in dict.fromkeys(name.rpartition(".")[0] for name in names):
-                    owner = self.model.get_submodule(owner_name) if owner_name else self.model
-                    leaves = [leaf for leaf, _ in owner.named_parameters(recurse=False)]
-                    values = [full.get(f"{owner_name}.{leaf}" if owner_name else leaf) for leaf in leaves]
-                    if isinstance(owner, TensorParallel_Layer):
-                        # AutoTP's own cut of this layer (weight first, then bias) on new tensor objects
-                        pieces = [owner.weight, getattr(owner, "bias", None)]
-                        cut = [full.get(f"{owner_name}.weight"), full.get(f"{owner_name}.bias")]
-                        cut = [t.detach() if t is not None else None for t in cut]
-                        owner._tp_partition(cut)
-                        for target, value in zip(pieces, cut, strict=True):
-                            if target is not None and value is not None:
-                                target.copy_(value)
-                        continue
-                    for leaf, value in zip(leaves, values, strict=True):
-                        if value is not None:
-                            getattr(owner, leaf).copy_(value)
+                    self._fill(owner_name, full)
         return self.model
+
+    def _fill(self, owner_name: str, full: dict[str, torch.Tensor]) -> None:
+        """Copy one module's full tensors into the form: an AutoTP layer through its own cut (weight
+        and bias together, on new tensor objects so the gathered ones stay whole), others as they are."""
+        from deepspeed.module_inject.layers import TensorParallel_Layer
+
+        owner = self.model.get_submodule(owner_name) if owner_name else self.model
+        prefix = f"{owner_name}." if owner_name else ""
+        if isinstance(owner, TensorParallel_Layer):
+            targets = [owner.weight, getattr(owner, "bias", None)]
+            pieces = [full.get(prefix + leaf) for leaf in ("weight", "bias")]
+            pieces = [t.detach() if t is not None else None for t in pieces]
+            owner._tp_partition(pieces)
+        else:
+            leaves = [leaf for leaf, _ in owner.named_parameters(recurse=False)]
+            targets = [getattr(owner, leaf) for leaf in leaves]
+            pieces = [full.get(prefix + leaf) for leaf in leaves]
+        for target, piece in zip(targets, pieces, strict=True):
+            if target is not None and piece is not None:
+                target.copy_(piece)
 
 
 class TensorParallelEngine(HybridEngine):
@@ -269,7 +274,7 @@ class TensorParallelEngine(HybridEngine):
         from transformers import StaticCache
 
         param = next(model.parameters())
-        return StaticCache(
+        cache = StaticCache(
             config=model.config,
             max_batch_size=batch,
             max_cache_len=length,
@@ -277,6 +282,16 @@ class TensorParallelEngine(HybridEngine):
             dtype=param.dtype,
             tp_size=self.tp.size,  # this rank's 1/T of the key/value heads
         )
+        log.info(
+            "hybrid engine: rank %d, TP group %s: KV cache of %d of %d key/value heads for the group's %d rows: %.1f MB",
+            dist.get_rank(),
+            self.tp.ranks,
+            kv_heads(model.config) // self.tp.size,
+            kv_heads(model.config),
+            batch,
+            sum(t.numel() * t.element_size() for t in _cache_tensors(cache)) / MB,
+        )
+        return cache
 
     def _capture(self, step: nn.Module):
         return step  # DeepSpeed refuses device graphs around tensor-parallel collectives
@@ -297,7 +312,7 @@ class TensorParallelEngine(HybridEngine):
             self._release_cache()
         start = self.tp.index * width
         mine = seq[start : start + rows, group_prompts.size(1) - length :]
-        return mine
+        return pad_answers(mine, length, self.config, self.backend)
 
     def _gather_prompts(self, prompts: torch.Tensor, mask: torch.Tensor):
         """The group's prompts, each rank's left-padded to the longest and its rows to the most
