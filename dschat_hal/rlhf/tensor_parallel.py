@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -104,6 +105,7 @@ def make_tp_group(tp_size: int) -> TPGroup:
 
 
 def kv_heads(config) -> int | None:
+    """Key/value heads of a model config (its attention heads without grouped-query attention)."""
     for name in ("num_key_value_heads", "num_attention_heads", "n_head", "num_heads"):
         value = getattr(config, name, None)
         if value:
@@ -133,8 +135,6 @@ def tp_unsupported_reason(model: nn.Module, tp_size: int) -> str | None:
 
 def layer_bytes(model: nn.Module) -> int:
     """Bytes of the transformer layers' parameters (names with a layer index)."""
-    import re
-
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if re.search(r"\.\d+\.", n))
 
 
