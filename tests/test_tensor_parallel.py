@@ -44,6 +44,8 @@ def test_tp2_tokens_equal_the_whole_model_engine_and_hf_generate(tmp_path, monke
             # heads: each rank's cache is rank 0's T = 1 cache
             assert case["cache_bytes"] == ranks[0]["cases"][name]["whole_cache_bytes"] > 0, name
             assert case["gather_calls"] == (2 if "zero3" in name else 0), name  # once per phase, all at once
+            # a tied head stays tied: one vocabulary shard per rank (AutoTP's inference path unties it)
+            assert case["head_shares_embedding"] == name.startswith(("opt", "bloom")), name
         assert rank["grouped"] == {"equal_hf": True, "gather_calls": 3}  # layer 0, layer 1, the rest
         assert rank["sampling_reproduces"] and rank["weights_changed"] and rank["tokens_changed"]
     assert ranks[0]["cases"]["llama-zero3-lora"]["copy_bytes"] == ranks[1]["cases"]["llama-zero3-lora"]["copy_bytes"]

@@ -168,6 +168,7 @@ class TensorParallelForm(InferenceCopy):
         torch.set_rng_state(rng[0])
         ds.set_rng_state(rng[1])
         model = engine.module  # on the device: the meta tensors were materialised empty
+        self._share_tied_vocabulary(model)
         for name, buffer in model.named_buffers():
             try:
                 source = self.source.get_buffer(name)
@@ -175,6 +176,32 @@ class TensorParallelForm(InferenceCopy):
                 raise RuntimeError(f"tensor-parallel form: buffer {name} has no counterpart in the actor") from None
             buffer.copy_(source.to(buffer.device))
         return model
+
+    def _share_tied_vocabulary(self, model: nn.Module) -> None:
+        """AutoTP's inference path cuts the head row-parallel and unties it from the input embedding: a
+        whole vocabulary matrix plus half of another per rank. A tied model keeps one shard instead:
+        DeepSpeed's vocabulary-parallel embedding on the shard of a column-parallel head whose logits are
+        gathered over the group."""
+        from deepspeed.module_inject.layers import VocabParallelEmbedding, VocabParallelLinear
+        from deepspeed.module_inject.tp_shard import AutoTPMeta
+
+        embedding = model.get_input_embeddings()
+        if not getattr(model.config, "tie_word_embeddings", False) or type(embedding) is not nn.Embedding:
+            return
+        vocab, hidden = embedding.weight.shape
+        meta = AutoTPMeta.from_model_config(model.config, tp_grain_size=64)
+        with torch.device("meta"):
+            head = VocabParallelLinear(
+                nn.Linear(hidden, vocab, bias=False), self.tp.group, name="lm_head", tp_meta=meta
+            )
+        head.to_empty(device=embedding.weight.device)
+        head.weight.requires_grad_(False)
+        head.gather_output = True  # full logits on every rank of the group (one all-gather per step)
+        shared = VocabParallelEmbedding(
+            embedding, self.tp.group, tied_vocab_parallel_linear=head, name="embed_tokens", tp_meta=meta
+        )
+        model.set_input_embeddings(shared)
+        model.set_output_embeddings(head)
 
     def _gathered(self, params: list[nn.Parameter]):
         import deepspeed

@@ -149,6 +149,8 @@ def main() -> None:
             "cache_bytes": cache_bytes(tp),
             "whole_cache_bytes": cache_bytes(whole),
             "gather_calls": tp.form.gather_calls,
+            "head_shares_embedding": tp.form.model.get_output_embeddings().weight
+            is tp.form.model.get_input_embeddings().weight,
         }
     # --tp_gather_partition_size 1 when the whole model does not fit: one layer gathered at a time
     model = peaked("llama", lora=True)
