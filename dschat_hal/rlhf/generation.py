@@ -357,7 +357,6 @@ class HybridEngine:
 
     # ---- decoding --------------------------------------------------------------------------------
     def _static_cache(self, model: nn.Module, batch: int, length: int):
-
         key = (id(model), batch, length)
         if self._cache is None or self._cache_key != key:
             self._cache = self._new_cache(model, batch, length)
