@@ -62,6 +62,21 @@ def check_tp_size(tp_size: int, world_size: int, node_limit: int, hybrid_engine:
         )
 
 
+def check_tp_args(args) -> None:
+    """`check_tp_size` for a step's arguments, before anything is loaded or written: the ranks from the
+    launcher's environment, the node's limit from the backend."""
+    if args.inference_tp_size == 1:
+        return
+    import os
+
+    import accel
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_tp_size(
+        args.inference_tp_size, world, accel.get(args.device).tensor_parallel_limit(), args.enable_hybrid_engine
+    )
+
+
 @dataclass
 class TPGroup:
     """This rank's tensor-parallel group: consecutive ranks `ranks`, this rank at `index`."""

@@ -28,7 +28,7 @@ from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.evaluation import mean_reward
 from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine
 from dschat_hal.rlhf.schedule import step3_plan
-from dschat_hal.rlhf.tensor_parallel import check_tp_size, make_hybrid_engine
+from dschat_hal.rlhf.tensor_parallel import check_tp_args, make_hybrid_engine
 from dschat_hal.rlhf.trainer import PPOConfig, PPOTrainer, generation_config, materialize
 from dschat_hal.runtime import ScalarWriter, dataloader, is_rank0, print_rank0, setup, shape_counts, write_summary
 
@@ -135,6 +135,7 @@ def main(argv: list[str]) -> dict:
             "--hybrid_engine deepspeed is not supported: DeepSpeed's Hybrid Engine crashes or silently "
             "falls back with transformers 4.55; drop the flag"
         )
+    check_tp_args(args)
     require_reward_checkpoint(args.critic_model_name_or_path)
     if is_tiny(args.critic_model_name_or_path) and not args.allow_random_critic:
         raise UserError(
@@ -146,12 +147,6 @@ def main(argv: list[str]) -> dict:
     )
     claim_outputs(args)
     backend = setup(args)
-    check_tp_size(
-        args.inference_tp_size,
-        torch.distributed.get_world_size(),
-        backend.tensor_parallel_limit(),
-        args.enable_hybrid_engine,
-    )
     if args.align_overflow and args.dtype_resolved == torch.float16:
         raise UserError(
             "--align_overflow with fp16 needs DeepSpeed's external overflow check and skip_step, which "
