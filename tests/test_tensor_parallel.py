@@ -95,32 +95,48 @@ def test_tp_sizes_that_cannot_form_groups_are_refused(tp, world, limit, hybrid, 
     check_tp_size(2, 4, 2, True)
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+@pytest.mark.parametrize("launcher", ["torchrun", "e2e-deepspeed"])
 def test_step3_generates_tensor_parallel_under_both_launchers(e2e_output, tmp_path, monkeypatch, launcher):
-    """Step 3, ZeRO-3, --enable_hybrid_engine --inference_tp_size 2 on 2 CPU processes: both ranks log
-    their TP group and copy, and PPO steps run (DeepSpeed's launcher sets LOCAL_SIZE, torchrun does not;
-    two steps under torchrun: the form is refilled after training, one under DeepSpeed's launcher)."""
+    """--enable_hybrid_engine --inference_tp_size 2 on 2 CPU processes: step 3 under torchrun (ZeRO-3, two
+    PPO steps: the form is refilled after training), and e2e's step 3 through DeepSpeed's launcher
+    (--deployment-type single_node, ZeRO-2, one step). Both ranks log their TP group and copy; torchrun sets no
+    LOCAL_SIZE, DeepSpeed's launcher does."""
     import sys
 
     from conftest import ROOT
     from test_step3_matrix import step3_args
 
     monkeypatch.delenv("LOCAL_SIZE", raising=False)
-    start = {
-        "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29633"],
-        "deepspeed": ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29634"],
-    }[launcher]
-    result = run_script(
-        *start,
-        str(ROOT / "training/step3_rlhf_finetuning/main.py"),
-        *step3_args(e2e_output, tmp_path, 3, False, False, steps=2 if launcher == "torchrun" else 1),
-        *("--enable_hybrid_engine", "--inference_tp_size", "2"),
-        env={"DS_ACCELERATOR": "cpu", "PATH": f"{sys.prefix}/bin:/usr/bin:/bin"},
-        timeout=600,
-    )
+    env = {"DS_ACCELERATOR": "cpu", "PATH": f"{sys.prefix}/bin:/usr/bin:/bin"}
+    if launcher == "torchrun":
+        result = run_script(
+            *("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29633"),
+            str(ROOT / "training/step3_rlhf_finetuning/main.py"),
+            *step3_args(e2e_output, tmp_path, 3, False, False),
+            *("--enable_hybrid_engine", "--inference_tp_size", "2"),
+            env=env,
+            timeout=600,
+        )
+        expected = "step 2 reward"
+    else:
+        for name in ("actor", "reward"):
+            (tmp_path / name).symlink_to(e2e_output / name)
+        result = run_script(
+            "training/e2e_rlhf.py",
+            *("--step", "3", "--deployment-type", "single_node", "--num-devices", "2", "--enable-hybrid-engine"),
+            *(
+                "--output-dir",
+                str(tmp_path),
+                "--step3-args",
+                "--enable_test_mode --test_stop_step 1 --inference_tp_size 2",
+            ),
+            env=env,
+            timeout=600,
+        )
+        expected = "deepspeed.launcher.runner --num_gpus 2"
     output = result.stdout + result.stderr
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert ("step 2 reward" if launcher == "torchrun" else "step 1 reward") in result.stdout
+    assert expected in result.stdout
     for rank in (0, 1):
         assert f"hybrid engine: rank {rank}, TP group [0, 1] (index {rank} of 2): tensor-parallel copy" in output
 
