@@ -196,6 +196,15 @@ class Accelerator(abc.ABC):
         """Devices of this kind on this node (the hpZ partition size across nodes)."""
         return 1
 
+    def tensor_parallel_limit(self) -> int:
+        """The largest tensor-parallel group this node can hold: its devices, and no more than the
+        processes started on it (`LOCAL_WORLD_SIZE`, or DeepSpeed's `LOCAL_SIZE`)."""
+        return min(self.device_count(), local_process_count())
+
+    def prepare_tensor_parallel(self, tp_size: int, world_size: int) -> None:
+        """Make DeepSpeed's inference all-reduce honour a tensor-parallel group of `tp_size` ranks
+        (nothing to do where it always uses the group it is given)."""
+
     @property
     def supports_quantized_weights(self) -> bool:
         """Whether ZeRO++ weight quantisation (`--enable_mixed_precision_lora`) has kernels here."""
@@ -279,6 +288,11 @@ class Accelerator(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()}>"
+
+
+def local_process_count() -> int:
+    """Processes of this job on this node, as the launcher says (1 without one)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
 
 
 def _free_port() -> int:

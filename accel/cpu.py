@@ -53,6 +53,33 @@ class CpuAccelerator(Accelerator):
 
         return f"{torch.get_num_threads()} threads, OpenMP waits: {_openmp.choice}"
 
+    def init_distributed(self) -> None:
+        """DeepSpeed's shared-memory all-reduce (its inference all-reduce on the CPU, which AutoTP's
+        layers call) reads `LOCAL_SIZE`, which only DeepSpeed's launcher sets: without it every rank
+        dies with SIGSEGV at the first all-reduce. torchrun sets `LOCAL_WORLD_SIZE`; copy it before
+        DeepSpeed's communication starts."""
+        import os
+
+        if "LOCAL_WORLD_SIZE" in os.environ:
+            os.environ.setdefault("LOCAL_SIZE", os.environ["LOCAL_WORLD_SIZE"])
+        super().init_distributed()
+
+    def tensor_parallel_limit(self) -> int:
+        """Every process is a CPU device: a group can hold all processes of the node."""
+        from accel.base import local_process_count
+
+        return local_process_count()
+
+    def prepare_tensor_parallel(self, tp_size: int, world_size: int) -> None:
+        """The shared-memory all-reduce always reduces over every rank of the node, whatever group it
+        is given: a tensor-parallel group smaller than the world must use the process group's
+        all-reduce instead (DeepSpeed falls back to it when the shm kernel level is 0)."""
+        if tp_size < world_size:
+            import deepspeed.comm.comm as ds_comm
+
+            if ds_comm.cdb is not None and hasattr(ds_comm.cdb, "shm_vector_kernel_level"):
+                ds_comm.cdb.shm_vector_kernel_level = 0
+
     def optimizer_class(self, offload: bool = False, fused: bool = True) -> type[torch.optim.Optimizer]:
         # Parameters already live in host memory: offload changes nothing, and torch's AdamW
         # avoids DeepSpeedCPUAdam's JIT build (the engine allows it via zero_force_ds_cpu_optimizer).

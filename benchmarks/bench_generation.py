@@ -8,9 +8,11 @@ Modes, each generating exactly `--answer` tokens per row (greedy, EOS ignored):
   (a) hf         HF `generate` on the DeepSpeed engine's module (synced ranks under ZeRO-3)
   (b) hf_static  the same with `cache_implementation="static"`
   (c) engine     the project's hybrid engine (`dschat_hal.rlhf.generation.HybridEngine`)
+  (d) engine_tpT  the hybrid engine generating tensor-parallel on groups of T ranks (`--inference_tp_size T`)
 Weights are random, built from a config of the named shape. The table gives seconds (median of
 `--repeats` after `--warmup` phases), tokens/s, speed-up over (a), whether the tokens equal (a)'s, and the
-ratio to the memory-bandwidth floor (answer tokens x weight bytes / the device's measured copy bandwidth).
+ratio to the memory-bandwidth floor (answer tokens x weight bytes / the device's measured copy bandwidth),
+and per rank the engine's inference-copy and KV-cache megabytes.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--processes", type=int, default=1, help="processes (torchrun) — 2 for ZeRO-3 on the CPU")
     p.add_argument("--warmup", type=int, default=1, help="phases per mode before timing (at least the first)")
     p.add_argument("--repeats", type=int, default=3, help="timed phases per mode, interleaved (0: time the first)")
+    p.add_argument(
+        "--inference_tp_size", type=int, nargs="+", default=[1], help="engine: tensor-parallel group sizes to run"
+    )
     p.add_argument("--device_graphs", action="store_true", help="engine: capture the decode step (CUDA/HPU)")
     p.add_argument("--step3", action="store_true", help="samples/s of full PPO steps with and without the engine")
     p.add_argument("--steps", type=int, default=4, help="--step3: PPO steps per run (the first is not timed)")
@@ -123,7 +128,8 @@ def _timed(fn, backend) -> tuple[float, torch.Tensor]:
 def run_generation(args: argparse.Namespace) -> list[dict]:
     """All modes for every ZeRO stage, in this process (one rank of a torchrun world, or alone)."""
     import accel
-    from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine, PlainGenerator
+    from dschat_hal.rlhf.generation import GenerationConfig, PlainGenerator
+    from dschat_hal.rlhf.tensor_parallel import make_hybrid_engine
     from dschat_hal.runtime import rank
 
     backend = accel.get(args.device)
@@ -141,11 +147,15 @@ def run_generation(args: argparse.Namespace) -> list[dict]:
         engine = _engine(build_model(args.model, dtype), stage, args, backend)
         weight_bytes = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()) * dtype.itemsize
         floor = args.answer * weight_bytes / bandwidth
-        calls = {}
+        calls, generators = {}, {}
         for mode in args.modes:
             if mode == "engine":
-                gen = HybridEngine(engine, backend, config, dtype=dtype)
-                calls[mode] = lambda gen=gen: gen.generate(prompts, mask)  # noqa: E731
+                for tp in args.inference_tp_size:
+                    name = "engine" if tp == 1 else f"engine_tp{tp}"
+                    gen = generators[name] = make_hybrid_engine(
+                        engine, backend, config, inference_tp_size=tp, dtype=dtype
+                    )
+                    calls[name] = lambda gen=gen: gen.generate(prompts, mask)  # noqa: E731
             else:
                 extra = {"cache_implementation": "static"} if mode == "hf_static" else {}
                 gen = PlainGenerator(engine, backend, config)
@@ -165,13 +175,31 @@ def run_generation(args: argparse.Namespace) -> list[dict]:
             rows.append({
                 "zero": stage, "mode": mode, "seconds": seconds, "first_phase_s": first[mode],
                 "tokens_per_s": args.batch * args.answer / seconds, "tokens_equal_hf": same,
-                "floor_s": floor, "x_floor": seconds / floor,
+                "floor_s": floor, "x_floor": seconds / floor, **_footprint(generators.get(mode)),
             })  # fmt: skip
         del engine
     for row in rows:
         base = next((r for r in rows if r["zero"] == row["zero"] and r["mode"] == "hf"), None)
         row["speedup_vs_hf"] = base["seconds"] / row["seconds"] if base else None
     return rows
+
+
+def _footprint(gen) -> dict:
+    """Every rank's inference-copy and KV-cache megabytes of an engine (none for HF `generate`)."""
+    import torch.distributed as dist
+
+    from dschat_hal.rlhf.generation import MB, _cache_tensors
+
+    if gen is None:
+        return {}
+    copy = getattr(gen, "form", None) or gen.copy
+    mine = [
+        (copy.nbytes if copy is not None else 0) / MB,
+        sum(t.numel() * t.element_size() for t in _cache_tensors(gen._cache)) / MB if gen._cache is not None else 0,
+    ]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return {"copy_mb": [r[0] for r in everyone], "cache_mb": [r[1] for r in everyone]}
 
 
 def run_step3(args: argparse.Namespace) -> list[dict]:
@@ -233,13 +261,18 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         lines = [f"| {r['zero']} | {r['mode']} | {r['step_s']:.2f} | {r['generation_s']:.2f} | "
                  f"{r['samples_per_s']:.2f} | {r['speedup_vs_hf']:.2f}x |" for r in rows]  # fmt: skip
     else:
-        head = ("| ZeRO | mode | seconds | first phase s | tokens/s | speed-up vs hf | tokens = hf | x floor |\n"
-                "|---|---|---|---|---|---|---|---|")  # fmt: skip
+        head = ("| ZeRO | mode | seconds | first phase s | tokens/s | speed-up vs hf | tokens = hf | x floor "
+                "| copy MB/rank | KV cache MB/rank |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
         lines = [f"| {r['zero']} | {r['mode']} | {r['seconds']:.2f} | {r['first_phase_s']:.2f} | "
                  f"{r['tokens_per_s']:.1f} | {r['speedup_vs_hf']:.2f}x | "
                  f"{'-' if r['tokens_equal_hf'] is None else 'yes' if r['tokens_equal_hf'] else 'no'} | "
-                 f"{r['x_floor']:.1f} |" for r in rows]  # fmt: skip
+                 f"{r['x_floor']:.1f} | {_per_rank(r.get('copy_mb'))} | {_per_rank(r.get('cache_mb'))} |"
+                 for r in rows]  # fmt: skip
     return "\n".join([head, *lines])
+
+
+def _per_rank(values: list[float] | None) -> str:
+    return "-" if not values else " / ".join(f"{v:.1f}" for v in values)
 
 
 def describe(args: argparse.Namespace) -> str:

@@ -232,7 +232,12 @@ def step3_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="hybrid engine, ZeRO-3: free the gathered inference copy after each phase (less memory, slower)",
     )
-    p.add_argument("--inference_tp_size", type=int, default=1, help="tensor-parallel generation: only 1 is supported")
+    p.add_argument(
+        "--inference_tp_size",
+        type=int,
+        default=1,
+        help="hybrid engine: generate on groups of this many ranks, the actor sharded by DeepSpeed AutoTP",
+    )
     p.add_argument(
         "--tp_gather_partition_size",
         type=int,

@@ -222,7 +222,7 @@ def test_a_family_the_loop_cannot_serve_falls_back_to_hf_generate(monkeypatch, c
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--inference_tp_size", "2"], "--inference_tp_size 2: tensor-parallel generation is not implemented"),
+        (["--inference_tp_size", "2"], "--inference_tp_size 2 must divide the number of ranks (1)"),
         (["--hybrid_engine", "deepspeed"], "--hybrid_engine deepspeed is not supported"),
         (["--tp_gather_partition_size", "0"], "--tp_gather_partition_size must be at least 1"),
     ],

@@ -214,8 +214,8 @@ def last_logits(
     if _forward_takes(type(model), "logits_to_keep"):
         return model(**inputs, logits_to_keep=1).logits[:, -1]
     if isinstance(model, head_on_base_output()):
-        hidden = model.base_model(**inputs)[0][:, -1]
-        return model.get_output_embeddings()(hidden)
+        hidden = model.base_model(**inputs)[0][:, -1:]  # 3-D: AutoTP's sharded head slices the last dim of [B, T, H]
+        return model.get_output_embeddings()(hidden)[:, -1]
     return model(**inputs).logits[:, -1]
 
 
@@ -430,8 +430,6 @@ class HybridEngine:
 
     # ---- decoding --------------------------------------------------------------------------------
     def _static_cache(self, model: nn.Module, batch: int, length: int):
-        from transformers import StaticCache
-
         key = (id(model), batch, length)
         if self._cache_key == key:
             self._cache.reset()
@@ -440,16 +438,28 @@ class HybridEngine:
             self._cache_key = key
             self._cache.reset()
         else:
-            param = next(model.parameters())
-            self._cache = StaticCache(
-                config=model.config, max_batch_size=batch, max_cache_len=length, device=param.device, dtype=param.dtype
-            )
+            self._cache = self._new_cache(model, batch, length)
             self._cache_key = key
-            self._step = self.backend.capture_decode_step(DecodeStep(model, self._cache))
+            self._step = self._capture(DecodeStep(model, self._cache))
             if self.static_shapes:
                 self._captures[key] = (self._cache, self._step)
             self._log_new_cache(batch, length)
         return self._cache, self._step
+
+    def _new_cache(self, model: nn.Module, batch: int, length: int):
+        from transformers import StaticCache
+
+        param = next(model.parameters())
+        return StaticCache(
+            config=model.config, max_batch_size=batch, max_cache_len=length, device=param.device, dtype=param.dtype
+        )
+
+    def _capture(self, step: nn.Module):
+        return self.backend.capture_decode_step(step)
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of every row (the tensor-parallel engine makes its group agree on it)."""
+        return next_token(logits, self.config)
 
     def _log_new_cache(self, batch: int, length: int) -> None:
         """Once per capture with fixed shapes (a few buckets); without, the first cache only (a new
@@ -487,8 +497,11 @@ class HybridEngine:
             return prompts, mask
         return tuple(torch.cat([t, t[-1:].expand(missing, -1)]) for t in (prompts, mask))
 
-    def decode(self, model: nn.Module, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """Prefill, then one token per step until every row ended (or max_answer_seq_len)."""
+    def decode(
+        self, model: nn.Module, prompts: torch.Tensor, prompt_mask: torch.Tensor, active: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Prefill, then one token per step until every row ended (or max_answer_seq_len); rows not
+        `active` (filler) count as ended from the start."""
         cfg, backend = self.config, self.backend
         batch, prompt_len = prompts.shape
         total = prompt_len + cfg.max_answer_seq_len
@@ -500,13 +513,13 @@ class HybridEngine:
         logits = last_logits(model, prompts, mask, positions, cache, cache_position)
         backend.mark_step()
         answers = prompts.new_full((batch, cfg.max_answer_seq_len), cfg.pad_token_id)
-        unfinished = torch.ones(batch, dtype=torch.bool, device=prompts.device)
+        unfinished = torch.ones(batch, dtype=torch.bool, device=prompts.device) if active is None else active.clone()
         next_position = prompt_mask.long().sum(-1, keepdim=True)
         stop_on_eos = cfg.eos_token_id is not None and not cfg.ignore_eos
         # writes at a device index, not a Python offset: every step is the same graph (lazy mode)
         answer_index = torch.zeros(1, dtype=torch.long, device=prompts.device)
         for t in range(cfg.max_answer_seq_len):
-            token = torch.where(unfinished, next_token(logits, cfg), cfg.pad_token_id)
+            token = torch.where(unfinished, self._pick(logits), cfg.pad_token_id)
             answers.index_copy_(1, answer_index, token[:, None])
             if stop_on_eos:
                 unfinished &= ~is_end(token, cfg)

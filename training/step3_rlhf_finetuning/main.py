@@ -35,6 +35,7 @@ from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.evaluation import mean_reward
 from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine
 from dschat_hal.rlhf.schedule import step3_plan
+from dschat_hal.rlhf.tensor_parallel import check_tp_args, make_hybrid_engine
 from dschat_hal.rlhf.trainer import PPOConfig, PPOTrainer, generation_config, materialize
 from dschat_hal.runtime import ScalarWriter, dataloader, is_rank0, print_rank0, setup, shape_counts, write_summary
 
@@ -57,10 +58,11 @@ def make_generator(engine: RLHFEngine, backend, config: GenerationConfig, args) 
     """The hybrid engine with --enable_hybrid_engine, else None (the trainer's plain `generate`)."""
     if not args.enable_hybrid_engine:
         return None
-    return HybridEngine(
+    return make_hybrid_engine(
         engine.actor,
         backend,
         config,
+        inference_tp_size=args.inference_tp_size,
         dtype=args.dtype_resolved,
         gather_group_layers=args.tp_gather_partition_size,
         release_inference_cache=args.release_inference_cache,
@@ -143,11 +145,7 @@ def main(argv: list[str]) -> dict:
             "--hybrid_engine deepspeed is not supported: DeepSpeed's Hybrid Engine crashes or silently "
             "falls back with transformers 4.55; drop the flag"
         )
-    if args.inference_tp_size != 1:
-        raise UserError(
-            f"--inference_tp_size {args.inference_tp_size}: tensor-parallel generation is not implemented; "
-            "the hybrid engine generates on every rank with the whole gathered model: drop the flag (or pass 1)"
-        )
+    check_tp_args(args)
     require_reward_checkpoint(args.critic_model_name_or_path)
     if is_tiny(args.critic_model_name_or_path) and not args.allow_random_critic:
         raise UserError(
