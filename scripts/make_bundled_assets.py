@@ -7,9 +7,10 @@ and `dschat_hal/assets/tokenizer/` (loadable with `AutoTokenizer.from_pretrained
 train rows only). Deterministic. The chosen answers are on-topic and helpful; the rejected ones are
 curt refusals or off-topic, so a reward model can learn the preference from a few hundred rows.
 
-The eval rows are held out, not paraphrases of train rows: their tasks, question templates,
-openers and refusals never occur in train, so eval perplexity and reward accuracy measure
-generalisation, not recall.
+The eval prompts are held out, not paraphrases of train prompts: their tasks and question
+templates never occur in train (so neither do their chosen answers); openers and refusals, the
+style a reward model is to learn, are shared. Eval perplexity and reward accuracy then measure
+generalisation to new questions, not recall of seen ones.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ TASKS = {
     "read more books": "Carry a book everywhere, read ten pages before bed, and drop books you do not enjoy.",
 }
 
-# held out: tasks, question templates, openers and refusals used only by the eval rows
+# held out: tasks and question templates used only by the eval rows
 EVAL_TASKS = {
     "brew coffee with a French press": "Add coarse coffee, pour hot water, wait four minutes, then press the plunger down.",
     "clean a cast iron pan": "Rinse it with hot water, scrub off food without soap, dry it on the stove, and oil it.",
@@ -74,8 +75,6 @@ EVAL_QUESTIONS = [
     "Share your advice: I need to {t}.",
     "Do you know a good method to {t}?",
 ]
-EVAL_OPENERS = ["Happy to explain.", "Certainly."]
-EVAL_REJECTED = ["I can't be bothered.", "Ask someone else.", "Maybe some other time.", "Cats sleep a lot."]
 
 QUESTIONS = [
     "How do I {t}?",
@@ -126,11 +125,11 @@ def build_rows(
 
 
 def build_split(seed: int = 1234, n_train: int = 400) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """(train, eval) rows: eval from the held-out tasks, templates, openers and refusals only;
+    """(train, eval) rows: eval from the held-out tasks and templates only;
     train keeps `n_train` of its rows (the demo's size)."""
     rng = random.Random(seed)
     train = build_rows(TASKS, QUESTIONS, OPENERS, REJECTED, rng)[:n_train]
-    evaluation = build_rows(EVAL_TASKS, EVAL_QUESTIONS, EVAL_OPENERS, EVAL_REJECTED, rng)
+    evaluation = build_rows(EVAL_TASKS, EVAL_QUESTIONS, OPENERS, REJECTED, rng)
     return train, evaluation
 
 
