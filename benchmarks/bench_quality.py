@@ -34,6 +34,7 @@ STEP = {
     n: ROOT / "training" / f"step{n}_{name}" / "main.py"
     for n, name in ((1, "supervised_finetuning"), (2, "reward_model_finetuning"), (3, "rlhf_finetuning"))
 }
+ANSWER_TOKENS = 20  # step 3 and the win-rate answers
 REMEDIES = {
     "upstream (plain clip)": [],
     "--center_reward": ["--center_reward"],
@@ -48,13 +49,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("/tmp/dschat_hal_quality"), help="run directory (models, logs)")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS_quality.md")
     p.add_argument("--quick", action="store_true", help="two optimizer steps per step, few eval rows (a smoke test)")
-    p.add_argument("--step1_rows", type=int, default=64)
-    p.add_argument("--step2_rows", type=int, default=64)
-    p.add_argument("--step3_prompts", type=int, default=64, help="PPO steps = this / --batch")
+    p.add_argument("--step1_rows", type=int, default=48)
+    p.add_argument("--step2_rows", type=int, default=48)
+    p.add_argument("--step3_prompts", type=int, default=24, help="PPO steps = this / --batch")
     p.add_argument("--eval_rows", type=int, default=24, help="held-out rows measured (of 60)")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--actor_learning_rate", type=float, default=3e-5, help="step 3 (the critic's too)")
     p.add_argument("--remedies", default=",".join(REMEDIES), help="step-3 runs, comma-separated names of REMEDIES")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--parallel", type=int, default=2, help="step-3 runs at a time (~4.5 GB each)")
     return p.parse_args(argv)
 
 
@@ -73,21 +76,43 @@ def write_data(out: Path, args: argparse.Namespace) -> dict[int, Path]:
     return dirs
 
 
-def run_step(step: int, argv: list[str], log: Path) -> dict:
-    """One step in its own process (all memory back afterwards); its training_summary.json."""
+def run_steps(jobs: list[tuple[int, list[str], Path]], parallel: int = 1) -> list[dict]:
+    """Steps in their own processes (all memory back afterwards), `parallel` at a time; their
+    training_summary.json. A step whose output already holds one is not run again (a rerun resumes)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    started = time.time()
-    with log.open("w") as handle:
-        code = subprocess.call(
-            [sys.executable, str(STEP[step]), *argv], stdout=handle, stderr=subprocess.STDOUT, env=env
-        )
-    if code:
-        raise SystemExit(f"error: step {step} failed (exit {code}); see {log}")
-    out = Path(argv[argv.index("--output_dir") + 1])
-    summary = json.loads((out / "training_summary.json").read_text())
-    summary["seconds"] = time.time() - started
-    print(f"step {step} done in {summary['seconds']:.0f}s ({log})", flush=True)
-    return summary
+    summaries: list[dict | None] = [None] * len(jobs)
+    pending = list(enumerate(jobs))
+    running: list[tuple[int, subprocess.Popen, float]] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            index, (step, argv, log) = pending.pop(0)
+            done = Path(argv[argv.index("--output_dir") + 1]) / "training_summary.json"
+            if done.exists():
+                summaries[index] = json.loads(done.read_text())
+                print(f"step {step}: reusing {done}", flush=True)
+                continue
+            with log.open("w") as handle:
+                cmd = [sys.executable, str(STEP[step]), *argv]
+                process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
+            running.append((index, process, time.time()))
+        for entry in list(running):
+            index, process, started = entry
+            if process.poll() is None:
+                continue
+            running.remove(entry)
+            step, argv, log = jobs[index]
+            if process.returncode:
+                raise SystemExit(f"error: step {step} failed (exit {process.returncode}); see {log}")
+            done = Path(argv[argv.index("--output_dir") + 1]) / "training_summary.json"
+            summaries[index] = {**json.loads(done.read_text()), "seconds": time.time() - started}
+            done.write_text(json.dumps(summaries[index]))
+            print(f"step {step} done in {summaries[index]['seconds']:.0f}s ({log})", flush=True)
+        time.sleep(1)
+    return summaries
+
+
+def run_step(step: int, argv: list[str], log: Path) -> dict:
+    return run_steps([(step, argv, log)])[0]
 
 
 # ---- measurements (in this process, fp32, batch by batch) ------------------------------------
@@ -264,19 +289,21 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", args.dtype, "--seed", "1234", "--quiet", "--log_interval", "1",
         "--actor_model_name_or_path", str(out / "actor"), "--critic_model_name_or_path", str(out / "reward"),
         "--data_path", str(data[3]), "--data_split", "0,0,1", "--data_output_path", str(out / "cache"),
-        "--max_prompt_seq_len", "32", "--max_answer_seq_len", "24",
+        "--max_prompt_seq_len", "32", "--max_answer_seq_len", str(ANSWER_TOKENS),
         "--per_device_generation_batch_size", batch, "--per_device_training_batch_size", batch,
-        "--actor_learning_rate", "2e-5", "--critic_learning_rate", "2e-5", "--num_warmup_steps", "0",
+        "--actor_learning_rate", str(args.actor_learning_rate), "--critic_learning_rate", str(args.actor_learning_rate), "--num_warmup_steps", "0",
         "--actor_dropout", "0.0", "--critic_dropout", "0.0",
-        "--eval_interval", "1" if args.quick else "2", "--eval_iters", "1" if args.quick else "2",
+        "--eval_interval", "1" if args.quick else "2", "--eval_iters", "1" if args.quick else str(12 // args.batch),
         *steps_quick,
     ]  # fmt: skip
-    runs = {}
-    for name in args.remedies.split(","):
-        slug = name.strip("- ").split(" ")[0]
-        runs[name] = run_step(
-            3, [*step3_common, *REMEDIES[name], "--output_dir", str(out / f"rlhf_{slug}")], out / f"step3_{slug}.log"
-        )
+    names = args.remedies.split(",")
+    slugs = [name.strip("- ").split(" ")[0] for name in names]
+    jobs = [
+        (3, [*step3_common, *REMEDIES[name], "--output_dir", str(out / f"rlhf_{slug}")], out / f"step3_{slug}.log")
+        for name, slug in zip(names, slugs, strict=True)
+    ]
+    runs = dict(zip(names, run_steps(jobs, args.parallel), strict=True))
+    for name, slug in zip(names, slugs, strict=True):
         runs[name]["dir"] = out / f"rlhf_{slug}" / "actor"
 
     # measurements on held-out rows
@@ -291,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [r["prompt"] for r in held_out]
     chosen = scores(reward, tokenizer, prompts, [r["chosen"] for r in held_out], args.batch)
     rejected = scores(reward, tokenizer, prompts, [r["rejected"] for r in held_out], args.batch)
-    answers = {"step 1 actor": generate_answers(out / "actor", prompts, args.batch, 24)}
+    answers = {"step 1 actor": generate_answers(out / "actor", prompts, args.batch, ANSWER_TOKENS)}
     for name, run in runs.items():
-        answers[name] = generate_answers(run["dir"], prompts, args.batch, 24)
+        answers[name] = generate_answers(run["dir"], prompts, args.batch, ANSWER_TOKENS)
     judged = {name: scores(reward, tokenizer, prompts, texts, args.batch) for name, texts in answers.items()}
     measured = {
         "model": str(base),
