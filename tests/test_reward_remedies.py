@@ -113,3 +113,18 @@ def test_center_reward_stored_by_step2_and_subtracted_in_step3(e2e_output, tmp_p
     )["history"]
     assert all(h["reward_used"] == pytest.approx(h["reward"] - stored, abs=1e-4) for h in history)
     assert f"mean training score {stored:.3f} is subtracted" in capsys.readouterr().out
+
+
+def test_deepspeed_memory_reports_silenced_unless_verbose(monkeypatch, capsys):
+    import deepspeed.runtime.bf16_optimizer as bf16_optimizer
+
+    from dschat_hal import runtime
+
+    original = bf16_optimizer.see_memory_usage
+    monkeypatch.setattr(bf16_optimizer, "see_memory_usage", original)  # restored afterwards
+    runtime._silence_deepspeed(verbose=True)
+    bf16_optimizer.see_memory_usage("probe one", force=True)  # what its bf16 optimizer prints at every start
+    assert "probe one" in capsys.readouterr().out
+    runtime._silence_deepspeed()
+    bf16_optimizer.see_memory_usage("probe two", force=True)
+    assert capsys.readouterr().out == ""
