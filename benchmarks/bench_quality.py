@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"step-3 runs, comma-separated (pass as --remedies=...), of: {', '.join(REMEDIES)}",
     )
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--parallel", type=int, default=2, help="step-3 runs at a time (~4.5 GB each)")
+    p.add_argument("--parallel", type=int, default=1, help="step-3 runs at a time (up to ~5 GB each)")
     return p.parse_args(argv)
 
 
