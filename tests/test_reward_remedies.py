@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_step1_argv, tiny_step3_argv
+from conftest import run_script, tiny_step1_argv, tiny_step3_argv
 
 from dschat_hal.rlhf.reward_shaping import ClipWarning, RewardShaper, RunningMoments, clipped_share, whiten
 from dschat_hal.rlhf.schedule import warmup_warning
@@ -115,16 +115,16 @@ def test_center_reward_stored_by_step2_and_subtracted_in_step3(e2e_output, tmp_p
     assert f"mean training score {stored:.3f} is subtracted" in capsys.readouterr().out
 
 
-def test_deepspeed_memory_reports_silenced_unless_verbose(monkeypatch, capsys):
-    import deepspeed.runtime.bf16_optimizer as bf16_optimizer
-
-    from dschat_hal import runtime
-
-    original = bf16_optimizer.see_memory_usage
-    monkeypatch.setattr(bf16_optimizer, "see_memory_usage", original)  # restored afterwards
-    runtime._silence_deepspeed(verbose=True)
-    bf16_optimizer.see_memory_usage("probe one", force=True)  # what its bf16 optimizer prints at every start
-    assert "probe one" in capsys.readouterr().out
-    runtime._silence_deepspeed()
-    bf16_optimizer.see_memory_usage("probe two", force=True)
-    assert capsys.readouterr().out == ""
+def test_deepspeed_memory_reports_silenced_unless_verbose():
+    """In a fresh process (start-up silences them once per process)."""
+    code = (
+        "import deepspeed.runtime.bf16_optimizer as bf16\n"
+        "from dschat_hal import runtime\n"
+        "runtime._silence_deepspeed(verbose=True)\n"
+        "bf16.see_memory_usage('probe one', force=True)\n"  # what its bf16 optimizer prints at every start
+        "runtime._silence_deepspeed()\n"
+        "bf16.see_memory_usage('probe two', force=True)\n"
+    )
+    result = run_script("-c", code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "probe one" in result.stdout and "probe two" not in result.stdout
