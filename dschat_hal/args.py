@@ -110,6 +110,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
         "--enable_hpu_graphs", action="store_true", help="HPU: capture the hybrid engine's decode step in HPU graphs"
     )
     g.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    g.add_argument("--verbose", action="store_true", help="keep DeepSpeed's own info log and memory reports")
     add_plan_args(p)
 
 
@@ -199,6 +200,12 @@ def step2_parser() -> argparse.ArgumentParser:
     p = _supervised_parser("Step 2: reward model fine-tuning on preference pairs")
     p.add_argument("--num_padding_at_beginning", type=int, default=1, help=NUM_PADDING_HELP)
     add_eval_args(p, "reward accuracy and scores on the eval pairs")
+    p.add_argument(
+        "--center_reward",
+        action="store_true",
+        help="after training, store the mean score of (at most --eval_iters batches of) the training pairs with "
+        "the model, for step 3's --center_reward",
+    )
     p.set_defaults(learning_rate=5e-5, tensorboard_path="step2_tensorboard")
     return p
 
@@ -286,6 +293,19 @@ def step3_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl_ctl", type=float, default=0.1, help="KL penalty coefficient")
     p.add_argument("--target_kl", type=float, default=None, help="adapt kl_ctl towards this KL (off by default)")
     p.add_argument("--clip_reward_value", type=float, default=5.0, help="reward-model scores are clipped to ±this")
+    p.add_argument(
+        "--center_reward",
+        action="store_true",
+        help="subtract the mean training score step 2 stored with the reward model (step 2 --center_reward)",
+    )
+    p.add_argument(
+        "--normalize_reward",
+        action="store_true",
+        help="standardise reward-model scores by their running mean/std before the clip (OpenRLHF's)",
+    )
+    p.add_argument(
+        "--whiten_advantages", action="store_true", help="whiten advantages per PPO micro-batch (TRL's default)"
+    )
     p.add_argument("--cliprange", type=float, default=0.2, help="PPO ratio clip")
     p.add_argument("--cliprange_value", type=float, default=0.2, help="critic value clip")
     p.add_argument("--gamma", type=float, default=1.0, help="discount")

@@ -43,7 +43,7 @@ def setup(args: argparse.Namespace) -> Accelerator:
     # makes every later load wait forever
     clear_stale_build_locks()
     init_distributed(backend)
-    _silence_deepspeed()
+    _silence_deepspeed(getattr(args, "verbose", False))
     _import_muon_uncompiled()
     freeze_startup_objects()
     backend.manual_seed(args.seed)
@@ -123,10 +123,27 @@ def _import_muon_uncompiled() -> None:
         compiler.compile = original
 
 
-def _silence_deepspeed() -> None:
+def _silence_deepspeed(verbose: bool = False) -> None:
+    """DeepSpeed's info log and its memory reports (`see_memory_usage(..., force=True)`, printed by
+    its bf16 optimizer at every start) off, unless --verbose."""
     from deepspeed.utils import logger as ds_logger
 
+    if verbose:
+        return
     ds_logger.setLevel(logging.WARNING)
+    import deepspeed.runtime.utils as ds_utils
+
+    report = ds_utils.see_memory_usage
+    for module in list(sys.modules.values()):
+        if (
+            getattr(module, "__name__", "").startswith("deepspeed")
+            and getattr(module, "see_memory_usage", None) is report
+        ):
+            module.see_memory_usage = _no_memory_report
+
+
+def _no_memory_report(message: str, force: bool = False) -> None:
+    """DeepSpeed's `see_memory_usage`, silenced."""
 
 
 def world_size() -> int:

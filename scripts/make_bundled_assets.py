@@ -3,9 +3,14 @@
     python scripts/make_bundled_assets.py
 
 Writes `dschat_hal/assets/data/{train,eval}.json` (prompt/chosen/rejected, "Human: … Assistant:")
-and `dschat_hal/assets/tokenizer/` (loadable with `AutoTokenizer.from_pretrained`). Deterministic.
-The chosen answers are on-topic and helpful; the rejected ones are curt refusals or off-topic,
-so a reward model can learn the preference from a few hundred rows.
+and `dschat_hal/assets/tokenizer/` (loadable with `AutoTokenizer.from_pretrained`, trained on the
+train rows only). Deterministic. The chosen answers are on-topic and helpful; the rejected ones are
+curt refusals or off-topic, so a reward model can learn the preference from a few hundred rows.
+
+The eval prompts are held out, not paraphrases of train prompts: their tasks and question
+templates never occur in train (so neither do their chosen answers); openers and refusals, the
+style a reward model is to learn, are shared. Eval perplexity and reward accuracy then measure
+generalisation to new questions, not recall of seen ones.
 """
 
 from __future__ import annotations
@@ -49,6 +54,28 @@ TASKS = {
     "read more books": "Carry a book everywhere, read ten pages before bed, and drop books you do not enjoy.",
 }
 
+# held out: tasks and question templates used only by the eval rows
+EVAL_TASKS = {
+    "brew coffee with a French press": "Add coarse coffee, pour hot water, wait four minutes, then press the plunger down.",
+    "clean a cast iron pan": "Rinse it with hot water, scrub off food without soap, dry it on the stove, and oil it.",
+    "fold a fitted sheet": "Tuck the corners into each other, lay it flat, fold the edges in, then fold it into a square.",
+    "change a light bulb": "Switch off the power, let the bulb cool, twist it out, and screw in one of the same type.",
+    "grow herbs on a windowsill": "Use small pots with drainage, give them five hours of sun, and water when the soil is dry.",
+    "write a cover letter": "Name the job, show two achievements that fit it, and close by asking for an interview.",
+    "stop procrastinating": "Pick the smallest next step, set a timer for ten minutes, and start before you feel ready.",
+    "care for a goldfish": "Keep it in a large filtered tank, change part of the water weekly, and feed it a pinch a day.",
+    "pack a suitcase": "Lay out what you need, roll the clothes, put heavy items at the bottom, and bag the liquids.",
+    "make pancakes": "Whisk flour, milk, eggs and a pinch of salt, rest the batter, and fry thin rounds in a hot pan.",
+}
+EVAL_QUESTIONS = [
+    "Walk me through how to {t}.",
+    "What would you suggest if someone wants to {t}?",
+    "Tell me the trick to {t}.",
+    "How would a complete novice {t}?",
+    "Share your advice: I need to {t}.",
+    "Do you know a good method to {t}?",
+]
+
 QUESTIONS = [
     "How do I {t}?",
     "What is the best way to {t}?",
@@ -80,27 +107,37 @@ REJECTED = [
 ]
 
 
-def build_rows(seed: int = 1234) -> list[dict[str, str]]:
-    rng = random.Random(seed)
+def build_rows(
+    tasks: dict[str, str], questions: list[str], openers: list[str], rejected: list[str], rng: random.Random
+) -> list[dict[str, str]]:
     rows = []
-    for task, answer in TASKS.items():
-        for question in QUESTIONS:
+    for task, answer in tasks.items():
+        for question in questions:
             rows.append(
                 {
                     "prompt": f"Human: {question.format(t=task)} Assistant:",
-                    "chosen": f" {rng.choice(OPENERS)} {answer}",
-                    "rejected": f" {rng.choice(REJECTED)}",
+                    "chosen": f" {rng.choice(openers)} {answer}",
+                    "rejected": f" {rng.choice(rejected)}",
                 }
             )
     rng.shuffle(rows)
     return rows
 
 
-def write_dataset(rows: list[dict[str, str]], n_eval: int = 50) -> None:
+def build_split(seed: int = 1234, n_train: int = 400) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(train, eval) rows: eval from the held-out tasks and templates only;
+    train keeps `n_train` of its rows (the demo's size)."""
+    rng = random.Random(seed)
+    train = build_rows(TASKS, QUESTIONS, OPENERS, REJECTED, rng)[:n_train]
+    evaluation = build_rows(EVAL_TASKS, EVAL_QUESTIONS, OPENERS, REJECTED, rng)
+    return train, evaluation
+
+
+def write_dataset(train: list[dict[str, str]], evaluation: list[dict[str, str]]) -> None:
     out = ASSETS / "data"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train.json").write_text(json.dumps(rows[n_eval:], indent=1) + "\n")
-    (out / "eval.json").write_text(json.dumps(rows[:n_eval], indent=1) + "\n")
+    (out / "train.json").write_text(json.dumps(train, indent=1) + "\n")
+    (out / "eval.json").write_text(json.dumps(evaluation, indent=1) + "\n")
 
 
 def train_tokenizer(rows: list[dict[str, str]], vocab_size: int = 1024) -> None:
@@ -128,7 +165,7 @@ def train_tokenizer(rows: list[dict[str, str]], vocab_size: int = 1024) -> None:
 
 
 if __name__ == "__main__":
-    rows = build_rows()
-    write_dataset(rows)
-    train_tokenizer(rows)
-    print(f"wrote {len(rows)} rows and a tokenizer under {ASSETS}")
+    train, evaluation = build_split()
+    write_dataset(train, evaluation)
+    train_tokenizer(train)
+    print(f"wrote {len(train)} train and {len(evaluation)} held-out eval rows and a tokenizer under {ASSETS}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,7 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 def test_demo_produces_an_actor_that_transformers_loads_and_generates_from(e2e_output):
     stdout = (e2e_output / "e2e_stdout.txt").read_text()
-    assert re.search(r"\| 3 \| \d+ \| reward -?[\d.]+ \(first step\) -> -?[\d.]+ \(last step\)", stdout)
+    # held-out reward before and after step 3 (not two different training batches)
+    assert re.search(r"\| 3 \| \d+ \| held-out reward -?[\d.]+ -> -?[\d.]+ \(before -> after 20 PPO steps\)", stdout)
+    summary = json.loads((e2e_output / "rlhf" / "training_summary.json").read_text())
+    assert [e["step"] for e in summary["evaluations"]] == [0, 20]
     for output in ("actor", "rlhf/actor"):
         generates_with_plain_transformers(e2e_output / output)
     assert AutoTokenizer.from_pretrained(e2e_output / "reward").model_input_names == ["input_ids", "attention_mask"]
@@ -101,7 +105,7 @@ def test_e2e_step3_with_the_hybrid_engine(e2e_output, tmp_path, device):
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "--enable_hybrid_engine" in result.stdout
-    assert re.search(r"\| 3 \| \d+ \| reward", result.stdout)
+    assert re.search(r"\| 3 \| \d+ \| held-out reward", result.stdout)
     if device == "hpu":
         assert "decode step captured in an HPU graph" in result.stdout + result.stderr
 

@@ -133,7 +133,7 @@ def test_step3_ptx_accumulation_schedule_ema_and_eval(e2e_output, tmp_path, monk
     assert result["optimizer_steps"] == {"planned": 10, "actor": 10, "critic": 10}
     assert len(ema_updates) == 20  # once per PPO micro-batch
     assert all(math.isfinite(h["unsup_loss"]) for h in result["history"])
-    assert [e["step"] for e in result["evaluations"]] == [2, 4, 6, 8, 10]
+    assert [e["step"] for e in result["evaluations"]] == [0, 2, 4, 6, 8, 10]  # and once before training
     assert all(math.isfinite(e["reward"]) for e in result["evaluations"])
 
 

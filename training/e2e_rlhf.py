@@ -43,6 +43,9 @@ TINY_DEFAULTS = {
     "--per_device_training_batch_size 8 --actor_learning_rate 5e-4 --critic_learning_rate 5e-4 "
     "--num_warmup_steps 0 --actor_dropout 0.0 --critic_dropout 0.0",
 }
+# Step 3 evaluates before its first and after its last step (held-out prompts' mean reward, the summary's
+# result); an interval longer than any run adds no evaluation in between.
+STEP3_EVAL = " --eval_interval 1000000"
 # DeepSpeed-Chat's single-node defaults for real models.
 MODEL_DEFAULTS = {
     1: "--max_seq_len 512 --per_device_train_batch_size 4 --per_device_eval_batch_size 4 --learning_rate 9.65e-6 "
@@ -51,7 +54,7 @@ MODEL_DEFAULTS = {
     "--weight_decay 0.1 --num_padding_at_beginning 1",
     3: "--max_prompt_seq_len 256 --max_answer_seq_len 256 --per_device_generation_batch_size 4 "
     "--per_device_training_batch_size 4 --actor_learning_rate 9.65e-6 --critic_learning_rate 5e-6 "
-    "--actor_weight_decay 0.1 --critic_weight_decay 0.1 --num_warmup_steps 100",
+    "--actor_weight_decay 0.1 --critic_weight_decay 0.1 --num_warmup_steps 100 --eval_iters 10",
 }
 
 
@@ -182,7 +185,7 @@ def tiny_run(args: argparse.Namespace) -> bool:
 
 def step_command(step: int, args: argparse.Namespace, out: Path) -> list[str]:
     tiny = tiny_run(args)
-    defaults = (TINY_DEFAULTS if tiny else MODEL_DEFAULTS)[step]
+    defaults = (TINY_DEFAULTS if tiny else MODEL_DEFAULTS)[step] + (STEP3_EVAL if step == 3 else "")
     dtype = args.dtype or ("fp32" if tiny and args.device == "cpu" else "auto")
     common = [
         "--device",
@@ -251,10 +254,15 @@ def summary_line(step: int, result: dict) -> str:
         return f"perplexity {result['perplexity_before']:.1f} -> {result['perplexity']:.1f}"
     if step == 2:
         return f"accuracy {result['before']['accuracy']:.2f} -> {result['accuracy']:.2f}"
-    history = result["history"]
+    history, evaluations = result["history"], result.get("evaluations") or []
     if not history:
         return "no PPO step ran"
-    return f"reward {history[0]['reward']:.3f} (first step) -> {history[-1]['reward']:.3f} (last step)"
+    if len(evaluations) < 2:
+        return f"{len(history)} PPO steps (no held-out evaluation: --eval_interval 0)"
+    return (
+        f"held-out reward {evaluations[0]['reward']:.3f} -> {evaluations[-1]['reward']:.3f} "
+        f"(before -> after {evaluations[-1]['step']} PPO steps), kl {history[-1]['kl']:.4f}"
+    )
 
 
 def check_step_args(args: argparse.Namespace) -> str | None:

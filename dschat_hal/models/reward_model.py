@@ -73,6 +73,7 @@ class RewardModel(nn.Module):
         self.v_head = nn.Linear(hidden, 1, bias=False)
         self.rwtransformer = backbone
         self.compute_fp32_loss = compute_fp32_loss
+        self.score_mean: float | None = None  # mean training score (step 2 --center_reward), saved with the model
 
     def gradient_checkpointing_enable(self) -> None:
         self.rwtransformer.gradient_checkpointing_enable()
@@ -120,9 +121,10 @@ class RewardModel(nn.Module):
         }
         self.rwtransformer.save_pretrained(directory, state_dict=backbone_state, safe_serialization=True)
         save_file({"weight": state["v_head.weight"].contiguous()}, str(Path(directory) / HEAD_FILE))
-        (Path(directory) / MARKER_FILE).write_text(
-            json.dumps({"format": "dschat_hal.RewardModel", "version": 1}) + "\n"
-        )
+        marker = {"format": "dschat_hal.RewardModel", "version": 1}
+        if self.score_mean is not None:
+            marker["score_mean"] = self.score_mean
+        (Path(directory) / MARKER_FILE).write_text(json.dumps(marker) + "\n")
         if tokenizer is not None:
             save_tokenizer(tokenizer, self.rwtransformer, directory)
 
@@ -145,6 +147,15 @@ def reset_final_norm(model: RewardModel) -> tuple[str, ...]:
             norm.weight.fill_(1.0)
             norm.bias.zero_()
     return ("rwtransformer.ln_f.",)
+
+
+def stored_score_mean(path: str | Path) -> float | None:
+    """The mean training score step 2 stored with a reward model (`--center_reward`), else None."""
+    marker = Path(path) / MARKER_FILE
+    if not marker.exists():
+        return None
+    value = json.loads(marker.read_text()).get("score_mean")
+    return None if value is None else float(value)
 
 
 def is_reward_checkpoint(path: str | Path) -> bool:
@@ -192,4 +203,5 @@ def create_reward_model(
         head = load_file(str(Path(name_or_path) / HEAD_FILE))
         with torch.no_grad():
             model.v_head.weight.copy_(head["weight"].to(model.v_head.weight.dtype))
+        model.score_mean = stored_score_mean(name_or_path)
     return model

@@ -47,3 +47,15 @@ def step3_plan(args, prompt_loader, unsup_loader=None) -> tuple[int, int]:
         sizes, args.per_device_training_batch_size, args.num_train_epochs, args.generation_batches, args.ppo_epochs
     )
     return micro, planned_optimizer_steps(micro, args.gradient_accumulation_steps)
+
+
+def warmup_warning(warmup_steps: int, planned_steps: int, max_steps: int = 0) -> str | None:
+    """Why the learning rate would never reach its peak (warmup as long as the run), or None."""
+    runs = min(planned_steps, max_steps) if max_steps else planned_steps
+    if not warmup_steps or warmup_steps < runs or not runs:
+        return None
+    return (
+        f"--num_warmup_steps {warmup_steps} >= the {runs} optimizer steps this run takes: the learning rate never "
+        f"leaves warmup (it reaches {100 * runs / warmup_steps:.0f}% of its peak at the last step); "
+        "lower --num_warmup_steps"
+    )

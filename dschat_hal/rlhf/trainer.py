@@ -18,6 +18,7 @@ from dschat_hal.models.end_tokens import answer_end_ids
 from dschat_hal.rlhf import ppo_math
 from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.generation import GenerationConfig, PlainGenerator
+from dschat_hal.rlhf.reward_shaping import RewardShaper, clipped_share, whiten
 
 
 @dataclass
@@ -34,6 +35,10 @@ class PPOConfig:
     temperature: float = 1.0
     greedy: bool = False  # upstream DeepSpeed-Chat decodes greedily; PPO usually samples
     target_kl: float | None = None
+    # reward remedies (reward_shaping.py), off as upstream: subtract this score, running mean/std, whitening
+    reward_center: float | None = None
+    normalize_reward: bool = False
+    whiten_advantages: bool = False
 
 
 def generation_config(config: PPOConfig, tokenizer) -> GenerationConfig:
@@ -69,6 +74,7 @@ class PPOTrainer:
         )
         self.generator = generator or PlainGenerator(engine.actor, backend, generation_config(config, tokenizer))
         self.align_overflow = bool(getattr(engine.args, "align_overflow", False))
+        self.shape_reward = RewardShaper(config.reward_center, config.normalize_reward)
         self.timings: dict[str, float] = {"generation": 0.0, "experience": 0.0, "training": 0.0}
         self._timings_at_last_step = dict(self.timings)
         self.last_experience: dict[str, torch.Tensor] = {}
@@ -117,7 +123,8 @@ class PPOTrainer:
             "logprobs": ppo_math.logprobs_of_labels(logits[:, :-1], seq[:, 1:]),
             "ref_logprobs": ppo_math.logprobs_of_labels(ref_logits[:, :-1], seq[:, 1:]),
             "value": values.float(),
-            "rewards": reward.float(),
+            "rewards": self.shape_reward(reward),  # what PPO clips and uses
+            "raw_rewards": reward.float(),
             "answer_length": answers.sum(-1),
         }
         return self.last_experience
@@ -144,6 +151,8 @@ class PPOTrainer:
                 cfg.clip_reward_value,
             )
             advantages, returns = ppo_math.gae(old_values, rewards, start, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:  # after the returns are taken, as TRL does
+                advantages = whiten(advantages, answer_mask)
 
         self.backend.audit_shape("actor_train", seq)
         logits = self.actor(**lm_inputs(self.actor.module, seq, mask)).logits
@@ -221,8 +230,12 @@ class PPOTrainer:
                     self.rlhf.update_ema()
         lengths = torch.cat([e["answer_length"] for e in experiences]).float()
         record: dict[str, torch.Tensor | float] = {key: torch.stack([s[key] for s in stats]).mean() for key in stats[0]}
+        scores = torch.cat([e["rewards"] for e in experiences])
+        clip = self.config.clip_reward_value
         record.update(
-            reward=torch.cat([e["rewards"] for e in experiences]).mean(),
+            reward=torch.cat([e["raw_rewards"] for e in experiences]).mean(),
+            reward_used=scores.clamp(-clip, clip).mean(),
+            clipped=clipped_share(scores, clip),
             answer_length=lengths.mean(),
             short_answers=(lengths <= 1).float().mean(),
             kl_ctl=self.kl_ctl,

