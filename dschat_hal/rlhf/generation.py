@@ -293,12 +293,17 @@ class InferenceCopy:
             params = [p for group in sources for p in group]
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 self.gather_calls += 1
-                for name, (weight, *lora) in zip(names, sources, strict=True):
-                    value = weight.data
-                    if lora:
-                        value = value + self.source.get_submodule(name.rpartition(".")[0]).delta().to(value.dtype)
+                for name, value in self.folded_values(names, sources):
                     self.model.get_parameter(name).copy_(value)
         return self.model
+
+    def folded_values(self, names: list[str], sources: list[list[nn.Parameter]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, value) of each gathered source weight, with its LoRA delta folded in where it has one."""
+        for name, (weight, *lora) in zip(names, sources, strict=True):
+            value = weight.data
+            if lora:
+                value = value + self.source.get_submodule(name.rpartition(".")[0]).delta().to(value.dtype)
+            yield name, value
 
     def _sources(self, name: str) -> list[nn.Parameter]:
         """The source parameter behind a copy parameter, with its LoRA factors when it has them."""

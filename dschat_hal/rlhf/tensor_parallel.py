@@ -235,12 +235,7 @@ class TensorParallelForm(InferenceCopy):
             sources = [self._sources(name) for name in names]
             params = list({id(p): p for group in sources for p in group}.values())
             with self._gathered(params):
-                full: dict[str, torch.Tensor] = {}
-                for name, (weight, *lora) in zip(names, sources, strict=True):
-                    value = weight.data
-                    if lora:
-                        value = value + self.source.get_submodule(name.rpartition(".")[0]).delta().to(value.dtype)
-                    full[name] = value
+                full = dict(self.folded_values(names, sources))
                 for owner_name in dict.fromkeys(name.rpartition(".")[0] for name in names):
                     self._fill(owner_name, full)
         return self.model
