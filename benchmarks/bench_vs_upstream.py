@@ -38,6 +38,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 UPSTREAM_STEP_LINE = re.compile(r"^End-to-End => Latency")
 OUR_STEP_LINE = re.compile(r"^\[step3\] epoch \d+ step \d+")
+RANK_SHIM = """import os, runpy, sys
+sys.argv += ["--local_rank", os.environ["LOCAL_RANK"]]
+sys.argv[0] = {script!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
 SIDES = ("upstream", "ours_greedy", "ours_sampling", "ours_greedy_unfused")  # the last: --no_fused_kernels
 
 
@@ -56,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="alternated rounds of all sides")
     p.add_argument("--sides", nargs="+", default=list(SIDES[:3]), choices=SIDES)
     p.add_argument("--json", type=Path, help="also write the rows and the setup here")
+    p.add_argument("--work_dir", type=Path, help="keep models, logs and outputs here (default: a temporary dir)")
     args = p.parse_args(argv)
     if not (args.upstream / "training" / "step3_rlhf_finetuning" / "main.py").is_file():
         p.error(f"--upstream {args.upstream} has no training/step3_rlhf_finetuning/main.py; pass the path of "
@@ -129,7 +135,8 @@ def timed_run(cmd: list[str], env: dict[str, str], cwd: Path, step_line: re.Patt
     # tokenizer does not implement: the weights are written by then and every step has run.
     saved_then_vocab_failed = "saving model" in text and "save_vocabulary" in text.rsplit("saving model", 1)[1]
     if code != 0 and not saved_then_vocab_failed:
-        tail = "".join(text.splitlines(keepends=True)[-25:])
+        errors = [line for line in text.splitlines() if re.search(r"\w(Error|Exception)\b", line)][:8]
+        tail = "\n".join(errors + text.splitlines()[-12:])
         raise SystemExit(f"run failed (exit {code}): {' '.join(cmd)}\nits log ends:\n{tail}")
     deltas = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return {"process_s": total, "steps_logged": len(stamps), "step_s": deltas}
@@ -147,6 +154,10 @@ def run_side(side: str, args: argparse.Namespace, models: tuple[Path, Path, Path
             env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         script = args.upstream / "training" / "step3_rlhf_finetuning" / "main.py"
         rank = ["--local_rank", "0"] if args.processes == 1 else []
+        if args.processes > 1:  # upstream reads its rank from --local_rank only (its launcher passes it)
+            shim = out / "upstream_rank_shim.py"
+            shim.write_text(RANK_SHIM.format(script=str(script)))
+            script = shim
         cmd = [*launcher(args, port), str(script), *common_flags(args, actor, upstream_reward, out), *rank]
         result = timed_run(cmd, env, args.upstream, UPSTREAM_STEP_LINE, out / "log.txt")
     else:
@@ -206,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{os.cpu_count()} CPUs, load average {load:.1f} at the start")  # fmt: skip
     runs = []
     with tempfile.TemporaryDirectory() as name:
-        tmp = Path(name)
+        tmp = Path(name) if args.work_dir is None else args.work_dir
+        tmp.mkdir(parents=True, exist_ok=True)
         models = prepare_models(args, tmp)
         install_data(args.upstream)
         for round_ in range(args.repeats):
