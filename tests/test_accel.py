@@ -93,8 +93,9 @@ def test_cpu_backend_answers(monkeypatch):
     monkeypatch.setattr(accel.cpu, "native_bf16_flags", lambda: ())
     assert cpu.resolve_dtype("auto") == torch.float32 and "no native bf16" in cpu.default_dtype_reason()
     assert cpu.dist_backend == "gloo"
-    assert cpu.optimizer_class() is torch.optim.AdamW
-    assert cpu.optimizer_class(offload=True) is torch.optim.AdamW
+    assert cpu.optimizer_class() is accel.cpu.FusedAdamW
+    assert cpu.optimizer_class(offload=True) is accel.cpu.FusedAdamW
+    assert cpu.optimizer_class(fused=False) is torch.optim.AdamW
     assert cpu.compute_fp32_loss("bloom") is False and cpu.compute_fp32_loss("bloom", True) is True
     assert cpu.resolve_dtype("bf16") == torch.bfloat16 and cpu.resolve_dtype(None) == torch.float32
     with pytest.raises(ValueError, match="--dtype fp16 is not supported on cpu"):

@@ -1,0 +1,64 @@
+"""The CPU's fused AdamW: the same update as single-tensor AdamW, alone and inside DeepSpeed engines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import accel
+from accel.cpu import FusedAdamW
+from dschat_hal.models import create_lm, load_tokenizer
+from dschat_hal.runtime import engine_settings, training_engine
+
+
+def _param_groups(seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    decayed = [
+        torch.nn.Parameter(torch.randn(33, 17, generator=gen)),
+        torch.nn.Parameter(torch.randn(5, generator=gen)),
+    ]
+    plain = [torch.nn.Parameter(torch.randn(64, generator=gen))]
+    return [{"params": decayed, "weight_decay": 0.1}, {"params": plain, "weight_decay": 0.0}]
+
+
+def test_fused_cpu_adamw_steps_equal_single_tensor_adamw():
+    fused_groups, plain_groups = _param_groups(0), _param_groups(0)
+    settings = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
+    fused = accel.get("cpu").optimizer_class()(fused_groups, **settings)
+    plain = torch.optim.AdamW(plain_groups, foreach=False, **settings)
+    assert isinstance(fused, FusedAdamW) and fused.defaults["fused"] is True
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        for group_f, group_p in zip(fused.param_groups, plain.param_groups, strict=True):
+            group_f["lr"] = group_p["lr"] = 1e-2 / (step + 1)  # a schedule changes lr between steps
+            for pf, pp in zip(group_f["params"], group_p["params"], strict=True):
+                pf.grad = torch.randn(pf.shape, generator=gen)
+                pp.grad = pf.grad.clone()
+        fused.step()
+        plain.step()
+    for group_f, group_p, group_0 in zip(fused_groups, plain_groups, _param_groups(0), strict=True):
+        for pf, pp, p0 in zip(group_f["params"], group_p["params"], group_0["params"], strict=True):
+            assert (pf - p0).abs().max() > 1e-3  # the steps moved every tensor
+            torch.testing.assert_close(pf, pp, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_engine_with_fused_cpu_adamw_trains_like_plain_adamw(stage):
+    backend = accel.get("cpu")
+    backend.init_distributed()
+    tokenizer = load_tokenizer("tiny-opt")
+    ids = torch.randint(4, 200, (2, 16), generator=torch.Generator().manual_seed(2))
+    weights = []
+    for fused in (True, False):
+        backend.manual_seed(0)
+        engine = training_engine(
+            backend, create_lm("tiny-opt", tokenizer), engine_settings(torch.float32, fused=fused),
+            lr=1e-2, weight_decay=0.1, lora_lr=1e-3, stage=stage, total_steps=3, micro_batch=2,
+        )  # fmt: skip
+        assert isinstance(engine.basic_optimizer, FusedAdamW) is fused
+        for _ in range(3):
+            engine.backward(backend.lm_loss(engine(input_ids=ids).logits, ids, fp32=True))
+            engine.step()
+        weights.append(engine.optimizer.single_partition_of_fp32_groups[0].clone() if stage == 2
+                       else engine.optimizer.fp32_partitioned_groups_flat[0].clone())  # fmt: skip
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)
