@@ -283,19 +283,27 @@ class InferenceCopy:
 
     @torch.no_grad()
     def refill(self, group_layers: int) -> nn.Module:
-        """Gather the source's weights (folding LoRA) into the copy; returns the copy."""
-        import deepspeed
-
+        """Gather the source's weights (folding LoRA) into the copy, group by group; returns the copy."""
         if self.model is None:
             self.model = self._build()
         for names in self.groups(group_layers):
             sources = [self._sources(name) for name in names]
-            params = [p for group in sources for p in group]
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                self.gather_calls += 1
-                for name, value in self.folded_values(names, sources):
-                    self.model.get_parameter(name).copy_(value)
+            params = list({id(p): p for group in sources for p in group}.values())
+            with self._gathered(params):
+                self._store(names, dict(self.folded_values(names, sources)))
         return self.model
+
+    def _gathered(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+        """One collective round that makes `params` whole for the block."""
+        import deepspeed
+
+        self.gather_calls += 1
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def _store(self, names: list[str], full: dict[str, torch.Tensor]) -> None:
+        """Copy one group's whole (folded) tensors into the copy."""
+        for name in names:
+            self.model.get_parameter(name).copy_(full[name])
 
     def folded_values(self, names: list[str], sources: list[list[nn.Parameter]]) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, value) of each gathered source weight, with its LoRA delta folded in where it has one."""

@@ -218,27 +218,13 @@ class TensorParallelForm(InferenceCopy):
         model.set_input_embeddings(shared)
         model.set_output_embeddings(head)
 
-    def _gathered(self, params: list[nn.Parameter]):
-        import deepspeed
+    def _gathered(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+        return super()._gathered(params) if self.partitioned else contextlib.nullcontext()
 
-        if not self.partitioned:
-            return contextlib.nullcontext()
-        self.gather_calls += 1
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-    @torch.no_grad()
-    def refill(self, group_layers: int) -> nn.Module:
-        """Fill every shard from the source's (gathered, LoRA-folded) weights; returns the form."""
-        if self.model is None:
-            self.model = self._build()
-        for names in self.groups(group_layers):
-            sources = [self._sources(name) for name in names]
-            params = list({id(p): p for group in sources for p in group}.values())
-            with self._gathered(params):
-                full = dict(self.folded_values(names, sources))
-                for owner_name in dict.fromkeys(name.rpartition(".")[0] for name in names):
-                    self._fill(owner_name, full)
-        return self.model
+    def _store(self, names: list[str], full: dict[str, torch.Tensor]) -> None:
+        """Fill every shard of the group from the source's whole (LoRA-folded) weights."""
+        for owner_name in dict.fromkeys(name.rpartition(".")[0] for name in names):
+            self._fill(owner_name, full)
 
     def _fill(self, owner_name: str, full: dict[str, torch.Tensor]) -> None:
         """Copy one module's full tensors into the form: an AutoTP layer through its own cut (weight
