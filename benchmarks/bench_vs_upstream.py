@@ -43,7 +43,26 @@ sys.argv += ["--local_rank", os.environ["LOCAL_RANK"]]
 sys.argv[0] = {script!r}
 runpy.run_path({script!r}, run_name="__main__")
 """
-SIDES = ("upstream", "ours_greedy", "ours_sampling", "ours_greedy_unfused")  # the last: --no_fused_kernels
+# Upstream's critic under ZeRO-3 with DeepSpeed 0.19.8: zero.Init makes the backbone bf16 but RewardModel's
+# v_head is built after it, in fp32, and the stage-3 optimizer's defragment asserts one dtype. The one change
+# made to upstream (only for --zero 3, and said so in the output): v_head takes the backbone's dtype.
+V_HEAD_SHIM = """from dschat.utils.model import reward_model as _rm
+_init = _rm.RewardModel.__init__
+def _init_same_dtype(self, base_model, *args, **kwargs):
+    _init(self, base_model, *args, **kwargs)
+    self.v_head.to(next(base_model.parameters()).dtype)
+_rm.RewardModel.__init__ = _init_same_dtype
+"""
+# ours_*_unfused: --no_fused_kernels; ours_hybrid_*: our --enable_hybrid_engine (upstream's own hybrid engine
+# crashes on transformers 4.55, so upstream runs without it unless --hybrid_engine asks for it on both sides)
+SIDES = (
+    "upstream",
+    "ours_greedy",
+    "ours_sampling",
+    "ours_greedy_unfused",
+    "ours_hybrid_greedy",
+    "ours_hybrid_sampling",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,6 +105,14 @@ def prepare_models(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, Pat
         if item.is_file() and not item.name.endswith(".safetensors"):
             shutil.copy2(item, upstream_reward / item.name)
     torch.save(state, upstream_reward / "pytorch_model.bin")
+    # Upstream builds the reward model with `from_config`; under ZeRO-3 that runs inside zero.Init, where
+    # OPT's `_init_weights` zeroes the padding row of a partitioned (empty) embedding: IndexError before the
+    # first step. Without a pad id in its config the embedding has no padding row (upstream then sets
+    # pad = eos itself), so upstream runs unpatched; the weights are the same.
+    config_path = upstream_reward / "config.json"
+    config = json.loads(config_path.read_text())
+    config["pad_token_id"] = None
+    config_path.write_text(json.dumps(config, indent=2))
     return actor, reward, upstream_reward
 
 
@@ -153,11 +180,12 @@ def run_side(side: str, args: argparse.Namespace, models: tuple[Path, Path, Path
         if args.processes == 1:
             env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         script = args.upstream / "training" / "step3_rlhf_finetuning" / "main.py"
-        rank = ["--local_rank", "0"] if args.processes == 1 else []
-        if args.processes > 1:  # upstream reads its rank from --local_rank only (its launcher passes it)
-            shim = out / "upstream_rank_shim.py"
-            shim.write_text(RANK_SHIM.format(script=str(script)))
-            script = shim
+        rank = ["--local_rank", "0"]
+        if args.processes > 1 or args.zero == 3:  # upstream reads its rank from --local_rank only
+            shim = out / "upstream_shim.py"
+            lines = [V_HEAD_SHIM] if args.zero == 3 else []
+            shim.write_text("".join([*lines, RANK_SHIM.format(script=str(script))]))
+            script, rank = shim, []
         cmd = [*launcher(args, port), str(script), *common_flags(args, actor, upstream_reward, out), *rank]
         result = timed_run(cmd, env, args.upstream, UPSTREAM_STEP_LINE, out / "log.txt")
     else:
@@ -165,7 +193,8 @@ def run_side(side: str, args: argparse.Namespace, models: tuple[Path, Path, Path
         script = ROOT / "training" / "step3_rlhf_finetuning" / "main.py"
         cmd = [*launcher(args, port), str(script), *common_flags(args, actor, reward, out), "--device", "cpu",
                "--log_interval", "1", *(["--greedy_generation"] if "greedy" in side else []),
-               *(["--no_fused_kernels"] if side.endswith("unfused") else [])]  # fmt: skip
+               *(["--no_fused_kernels"] if side.endswith("unfused") else []),
+               *(["--enable_hybrid_engine"] if "hybrid" in side and not args.hybrid_engine else [])]  # fmt: skip
         result = timed_run(cmd, env, ROOT, OUR_STEP_LINE, out / "log.txt")
         history = json.loads((out / "model" / "training_summary.json").read_text())["history"][1:]
         phases = {p: sum(h[f"{p}_s"] for h in history) for p in ("generation", "experience", "training")}
