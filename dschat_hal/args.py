@@ -306,6 +306,13 @@ def step3_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--whiten_advantages", action="store_true", help="whiten advantages per PPO micro-batch (TRL's default)"
     )
+    p.add_argument(
+        "--recompute_old_logprobs",
+        action="store_true",
+        help="always compute the actor's old log-probs in a separate experience forward, as upstream does "
+        "(by default, with one PPO epoch over one micro-batch per generation batch and dropout off, they are "
+        "taken from the training forward, which sees the same weights: one actor forward less per step)",
+    )
     p.add_argument("--cliprange", type=float, default=0.2, help="PPO ratio clip")
     p.add_argument("--cliprange_value", type=float, default=0.2, help="critic value clip")
     p.add_argument("--gamma", type=float, default=1.0, help="discount")

@@ -70,7 +70,7 @@ def test_tiny_opt_has_dropout_to_turn_off():
 
 def test_first_ppo_epoch_ratio_is_exactly_one_with_dropout_off_by_default(tmp_path, monkeypatch):
     seen = record_first_epoch(monkeypatch)
-    step3(tiny_step3(tmp_path))
+    step3(tiny_step3(tmp_path, "--recompute_old_logprobs"))  # old log-probs from their own eval-mode forward
     for name, model in seen["models"].items():
         assert not has_dropout(model), name
     ratio, mask = seen["ratio"]

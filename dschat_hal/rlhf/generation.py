@@ -441,6 +441,14 @@ class HybridEngine:
         finally:
             self.actor.train()
 
+    def kept_form(self) -> nn.Module | None:
+        """The ZeRO-3 actor's gathered inference copy when it is kept between phases (the weights the
+        actor has until its next optimizer step, LoRA folded), for forwards over whole sequences
+        without a second gather; None otherwise (not ZeRO-3, `--unpin_actor_parameters`, HF fallback)."""
+        if self.copy is None or self.copy.model is None or self.unpin or self.fallback_reason:
+            return None
+        return self.copy.model
+
     # ---- decoding --------------------------------------------------------------------------------
     def _static_cache(self, model: nn.Module, batch: int, length: int):
         key = (id(model), batch, length)

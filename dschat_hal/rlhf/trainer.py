@@ -39,6 +39,30 @@ class PPOConfig:
     reward_center: float | None = None
     normalize_reward: bool = False
     whiten_advantages: bool = False
+    # the actor's old log-probs from its PPO training forward instead of an experience forward (see
+    # `old_logprobs_from_training`): exact when that forward sees the weights that generated
+    old_logprobs_from_training: bool = False
+
+
+def old_logprobs_from_training(args) -> str | None:
+    """Why the actor's experience forward can be skipped, or None when it cannot.
+
+    PPO's old log-probs are the actor's log-probs of the generated tokens under the weights that
+    generated them. With one PPO epoch over one training micro-batch per generation batch, the
+    training forward of that micro-batch is the first forward after generating, with the same weights
+    (the optimizer steps after it), and with dropout off train mode computes what eval mode does: its
+    log-probs, detached, are the old log-probs (the first ratio is exactly 1, as PPO's is). Upstream
+    DeepSpeed-Chat runs a separate forward for them; skipping it saves one actor forward (a ZeRO-3
+    gather) per step."""
+    from dschat_hal.rlhf.engine import ppo_dropout
+
+    if getattr(args, "ppo_epochs", 1) != 1 or getattr(args, "generation_batches", 1) != 1:
+        return None
+    if args.per_device_training_batch_size < args.per_device_generation_batch_size:
+        return None
+    if ppo_dropout(getattr(args, "actor_dropout", None)) != 0:
+        return None
+    return "one PPO epoch over one micro-batch per generation batch, dropout off"
 
 
 def generation_config(config: PPOConfig, tokenizer) -> GenerationConfig:
@@ -104,7 +128,7 @@ class PPOTrainer:
         for name in ("actor", "ref", "critic", "reward"):
             self.backend.audit_shape(name, seq)
         self.backend.mark_step()
-        logits = self.actor(**lm_inputs(self.actor.module, seq, mask)).logits
+        logprobs = None if self.config.old_logprobs_from_training else self._experience_logprobs(seq, mask)
         self.backend.mark_step()
         ref_logits = self.ref(**lm_inputs(self.ref.module, seq, mask)).logits
         self.backend.mark_step()
@@ -120,7 +144,7 @@ class PPOTrainer:
             "seq": seq,
             "attention_mask": mask,
             "action_mask": action_mask,
-            "logprobs": ppo_math.logprobs_of_labels(logits[:, :-1], seq[:, 1:]),
+            **({} if logprobs is None else {"logprobs": logprobs}),  # else from the training forward
             "ref_logprobs": ppo_math.logprobs_of_labels(ref_logits[:, :-1], seq[:, 1:]),
             "value": values.float(),
             "rewards": self.shape_reward(reward),  # what PPO clips and uses
@@ -128,6 +152,15 @@ class PPOTrainer:
             "answer_length": answers.sum(-1),
         }
         return self.last_experience
+
+    def _experience_logprobs(self, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The actor's log-probs of `seq`: on the hybrid engine's kept gathered copy under ZeRO-3 (the
+        same weights, no second gather), else through the actor's engine."""
+        kept = getattr(self.generator, "kept_form", None)
+        form = kept() if kept is not None else None
+        model = form if form is not None else self.actor
+        logits = model(**lm_inputs(self.actor.module, seq, mask)).logits
+        return ppo_math.logprobs_of_labels(logits[:, :-1], seq[:, 1:])
 
     # ---- training ----------------------------------------------------------------------------
     def train_rlhf(self, exp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -139,10 +172,14 @@ class PPOTrainer:
         start = exp["prompts"].size(1) - 1
         seq, mask, action_mask = exp["seq"], exp["attention_mask"], exp["action_mask"]
         answer_mask = action_mask[:, start:]
+        self.backend.audit_shape("actor_train", seq)
+        logits = self.actor(**lm_inputs(self.actor.module, seq, mask)).logits
+        log_probs = ppo_math.logprobs_of_labels(logits[:, :-1], seq[:, 1:])
+        old_logprobs = exp["logprobs"] if "logprobs" in exp else log_probs.detach()
         with torch.no_grad():
             old_values = exp["value"] * action_mask
             rewards = ppo_math.compute_rewards(
-                exp["logprobs"],
+                old_logprobs,
                 exp["ref_logprobs"],
                 exp["rewards"],
                 action_mask,
@@ -154,11 +191,8 @@ class PPOTrainer:
             if cfg.whiten_advantages:  # after the returns are taken, as TRL does
                 advantages = whiten(advantages, answer_mask)
 
-        self.backend.audit_shape("actor_train", seq)
-        logits = self.actor(**lm_inputs(self.actor.module, seq, mask)).logits
-        log_probs = ppo_math.logprobs_of_labels(logits[:, :-1], seq[:, 1:])
         actor_loss = ppo_math.actor_loss(
-            log_probs[:, start:], exp["logprobs"][:, start:], advantages, answer_mask, cfg.cliprange
+            log_probs[:, start:], old_logprobs[:, start:], advantages, answer_mask, cfg.cliprange
         )
         self.actor.backward(actor_loss)
         self.backend.mark_step()
@@ -178,7 +212,7 @@ class PPOTrainer:
         self.critic.step()
         self.backend.mark_step()
         self.timings["training"] += time.time() - started
-        kl = ppo_math.masked_mean(exp["logprobs"][:, start:] - exp["ref_logprobs"][:, start:], answer_mask)
+        kl = ppo_math.masked_mean(old_logprobs[:, start:] - exp["ref_logprobs"][:, start:], answer_mask)
         return {
             "actor_loss": actor_loss.detach(),
             "critic_loss": critic_loss.detach(),
@@ -218,6 +252,12 @@ class PPOTrainer:
         sync), except the host timings; only the adaptive KL controller, when on, reads the KL back
         every step."""
         timings_before = dict(self._timings_at_last_step)
+        deferred = any("logprobs" not in exp for exp in experiences)
+        if deferred and (ppo_epochs != 1 or len(experiences) != 1 or experiences[0]["seq"].size(0) > batch_size):
+            raise ValueError(
+                "the old log-probs were left to the training forward, which gives them only for one PPO epoch "
+                "over one micro-batch per generation batch (see old_logprobs_from_training)"
+            )
         stats = []
         for _ in range(ppo_epochs):
             for exp, unsup in zip(experiences, unsup_batches, strict=True):

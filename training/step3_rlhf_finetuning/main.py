@@ -39,7 +39,13 @@ from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine
 from dschat_hal.rlhf.reward_shaping import ClipWarning
 from dschat_hal.rlhf.schedule import step3_plan, warmup_warning
 from dschat_hal.rlhf.tensor_parallel import check_tp_args, make_hybrid_engine
-from dschat_hal.rlhf.trainer import PPOConfig, PPOTrainer, generation_config, materialize
+from dschat_hal.rlhf.trainer import (
+    PPOConfig,
+    PPOTrainer,
+    generation_config,
+    materialize,
+    old_logprobs_from_training,
+)
 from dschat_hal.runtime import ScalarWriter, dataloader, is_rank0, print_rank0, setup, shape_counts, write_summary
 
 HEALTH_KEYS = ("reward", "advantage", "actor_loss", "critic_loss", "kl")
@@ -213,6 +219,7 @@ def main(argv: list[str]) -> dict:
 
     micro_batches, total_iters = step3_plan(args, loader, unsup_loader)
     engine = RLHFEngine(backend, args, tokenizer, total_iters)
+    reuse_reason = None if args.recompute_old_logprobs else old_logprobs_from_training(args)
     ppo_config = PPOConfig(
         max_answer_seq_len=args.max_answer_seq_len,
         kl_ctl=args.kl_ctl,
@@ -227,6 +234,7 @@ def main(argv: list[str]) -> dict:
         reward_center=reward_center,
         normalize_reward=args.normalize_reward,
         whiten_advantages=args.whiten_advantages,
+        old_logprobs_from_training=reuse_reason is not None,
     )
     generator = make_generator(engine, backend, generation_config(ppo_config, tokenizer), args)
     trainer = PPOTrainer(engine, backend, tokenizer, ppo_config, generator=generator)
@@ -244,6 +252,10 @@ def main(argv: list[str]) -> dict:
     warning = warmup_warning(args.num_warmup_steps, total_iters, args.max_steps)
     if warning and is_rank0():
         print(f"warning: {warning}", file=sys.stderr, flush=True)
+    if reuse_reason is not None:
+        print_rank0(
+            f"step 3: the actor's old log-probs come from its training forward ({reuse_reason}: the same weights)"
+        )
     if reward_center is not None:
         print_rank0(f"rewards centred: the reward model's mean training score {reward_center:.3f} is subtracted")
 

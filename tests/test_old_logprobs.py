@@ -1,0 +1,122 @@
+"""Where the actor's old log-probs come from (issue #21): the training forward when it sees the weights
+that generated (one PPO epoch over one micro-batch, dropout off), else an experience forward, on the
+hybrid engine's kept gathered copy under ZeRO-3. Each source gives what the separate ZeRO forward gives."""
+
+from __future__ import annotations
+
+import argparse
+import types
+
+import pytest
+import torch
+
+from dschat_hal.rlhf.generation import HybridEngine
+from dschat_hal.rlhf.trainer import PPOTrainer, lm_inputs, old_logprobs_from_training
+from training.step3_rlhf_finetuning.main import main as step3
+
+
+def tiny_step3(tmp_path, *extra: str) -> list[str]:
+    """Two PPO steps of tiny-opt in fp32 (exact comparisons), nothing saved."""
+    return [
+        *("--device", "cpu", "--dtype", "fp32", "--data_output_path", str(tmp_path / "cache"), "--seed", "7"),
+        *("--actor_model_name_or_path", "tiny-opt", "--critic_model_name_or_path", "tiny-opt", "--allow_random_critic"),
+        *("--max_prompt_seq_len", "32", "--max_answer_seq_len", "8", "--num_warmup_steps", "0"),
+        *("--per_device_generation_batch_size", "2", "--per_device_training_batch_size", "2"),
+        *("--actor_learning_rate", "1e-3", "--critic_learning_rate", "1e-3"),
+        *("--enable_test_mode", "--test_stop_step", "2", "--log_interval", "1", *extra),
+    ]
+
+
+def count_experience_forwards(monkeypatch) -> list[int]:
+    calls = [0]
+    original = PPOTrainer._experience_logprobs
+
+    def counted(self, seq, mask):
+        calls[0] += 1
+        return original(self, seq, mask)
+
+    monkeypatch.setattr(PPOTrainer, "_experience_logprobs", counted)
+    return calls
+
+
+def flags(**overrides) -> argparse.Namespace:
+    base = dict(
+        ppo_epochs=1,
+        generation_batches=1,
+        per_device_generation_batch_size=4,
+        per_device_training_batch_size=4,
+        actor_dropout=None,
+    )
+    return argparse.Namespace(**{**base, **overrides})
+
+
+def test_the_training_forward_gives_the_old_logprobs_only_when_it_sees_the_generating_weights():
+    assert old_logprobs_from_training(flags()) is not None
+    assert old_logprobs_from_training(flags(per_device_training_batch_size=8)) is not None
+    assert old_logprobs_from_training(flags(actor_dropout=0.0)) is not None
+    for unsafe in (
+        flags(ppo_epochs=2),  # the second epoch sees updated weights
+        flags(generation_batches=2),  # the second batch trains after the first one's step
+        flags(per_device_training_batch_size=2),  # two micro-batches: the second after a step
+        flags(actor_dropout=0.1),  # train mode would drop out: not the eval-mode log-probs
+    ):
+        assert old_logprobs_from_training(unsafe) is None, unsafe
+
+
+def test_training_without_the_experience_forward_equals_training_with_it(tmp_path, monkeypatch):
+    calls = count_experience_forwards(monkeypatch)
+    reused = step3(tiny_step3(tmp_path / "a"))["history"]
+    assert calls[0] == 0  # no actor forward in the experience phase
+    separate = step3(tiny_step3(tmp_path / "b", "--recompute_old_logprobs"))["history"]
+    assert calls[0] == 2  # one per step
+    assert len(reused) == len(separate) == 2
+    for a, b in zip(reused, separate, strict=True):
+        for key in ("reward", "actor_loss", "critic_loss", "kl", "advantage"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert reused[1]["kl"] != 0.0  # the second step's actor had moved: the comparison is not vacuous
+
+
+def test_a_deferred_experience_is_refused_where_the_training_forward_cannot_give_it():
+    exp = {"seq": torch.zeros(2, 6, dtype=torch.long)}  # no "logprobs": left to the training forward
+    stub = types.SimpleNamespace(_timings_at_last_step={})
+    with pytest.raises(ValueError, match="one PPO epoch"):
+        PPOTrainer.train_on(stub, [exp], [None], ppo_epochs=2, batch_size=2, unsup_coef=0.0)
+    with pytest.raises(ValueError, match="one PPO epoch"):
+        PPOTrainer.train_on(stub, [exp], [None], ppo_epochs=1, batch_size=1, unsup_coef=0.0)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["dense", "lora"])
+def test_zero3_experience_logprobs_on_the_kept_copy_equal_the_zero3_forward(tmp_path, monkeypatch, lora):
+    seen: list[tuple[bool, float]] = []
+    original = PPOTrainer._experience_logprobs
+
+    def compared(self, seq, mask):
+        from dschat_hal.rlhf import ppo_math
+
+        form = self.generator.kept_form()
+        on_copy = original(self, seq, mask)
+        logits = self.actor(**lm_inputs(self.actor.module, seq, mask)).logits  # the ZeRO-3 forward (gathers)
+        through_zero3 = ppo_math.logprobs_of_labels(logits[:, :-1], seq[:, 1:])
+        seen.append((form is not None, (on_copy - through_zero3).abs().max().item()))
+        return on_copy
+
+    monkeypatch.setattr(PPOTrainer, "_experience_logprobs", compared)
+    extra = ["--actor_lora_dim", "4"] if lora else []
+    argv = tiny_step3(tmp_path, "--recompute_old_logprobs", "--enable_hybrid_engine", *extra)
+    argv += ["--actor_zero_stage", "3", "--critic_zero_stage", "3"]
+    step3(argv)
+    assert len(seen) == 2 and all(used_copy for used_copy, _ in seen), seen
+    assert max(diff for _, diff in seen) < 1e-5, seen
+
+
+def test_the_kept_form_is_only_a_copy_kept_between_phases():
+    model = torch.nn.Linear(2, 2)
+    kept = types.SimpleNamespace(copy=types.SimpleNamespace(model=model), unpin=False, fallback_reason=None)
+    assert HybridEngine.kept_form(kept) is model
+    for case in (
+        dict(copy=None),  # not ZeRO-3: the actor's own module, no gather to save
+        dict(copy=types.SimpleNamespace(model=None)),  # released
+        dict(unpin=True),  # --unpin_actor_parameters frees it after each phase
+        dict(fallback_reason="HF generate"),
+    ):
+        assert HybridEngine.kept_form(types.SimpleNamespace(**{**vars(kept), **case})) is None, case
