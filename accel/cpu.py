@@ -88,6 +88,13 @@ class CpuAccelerator(Accelerator):
             if ds_comm.cdb is not None and hasattr(ds_comm.cdb, "shm_vector_kernel_level"):
                 ds_comm.cdb.shm_vector_kernel_level = 0
 
+    def zero_overrides(self, stage: int) -> dict[str, Any]:
+        """Gradients averaged by all-reduce, not reduce-scatter: gloo has no native reduce-scatter
+        (measured, 2 processes, 32M bf16 elements: all-reduce 0.11 s, reduce-scatter 0.19 s), and
+        ZeRO-3's reduce-scatter path first interleaves its bucket into a new buffer (`torch.cat`); a step-3
+        PPO step's training phase under ZeRO-3 x2 (OPT-125m shape) went from ~17 s to ~12 s (loaded machine)."""
+        return {"reduce_scatter": False} if stage > 0 else {}
+
     def optimizer_class(self, offload: bool = False, fused: bool = True) -> type[torch.optim.Optimizer]:
         """torch's fused CPU AdamW (`--no_fused_kernels`: the single-tensor AdamW).
 
