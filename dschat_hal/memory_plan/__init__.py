@@ -6,7 +6,8 @@ No weights are read: parameter counts come from building each model on the meta 
   fp32 gradients and Adam's two moments, split by the ZeRO stage as DeepSpeed splits them (its
   own estimators use the same accounting: `tests/test_memory_plan.py` holds them equal), with
   `--offload` moving the optimizer's part (ZeRO-3: the parameters too) to host memory;
-- frozen models (reference, reward, EMA): their weights in the training dtype (ZeRO-3: 1/N);
+- frozen models (reference, reward, EMA): their weights in the training dtype (ZeRO-3: 1/N), the
+  reference and reward as `dschat_hal.rlhf.placement` places them (replicated where they fit);
 - activations kept for the backward pass (per layer and token: the inputs of every matmul, norm and
   activation function; with gradient checkpointing one hidden state per layer plus one layer
   recomputed), the logits and the loss's copies of them;

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-GiB = 1024**3
+GiB, MiB = 1024**3, 1024**2
 
 # frozen model -> (the trained model it copies, its stage flag, its offload flag)
 FROZEN = {
@@ -38,6 +38,10 @@ class Placement:
             else "replicated on every rank"
         )
         return f"step 3: {name} {where} ({self.reason})"
+
+
+def _size(value: float) -> str:
+    return f"{value / GiB:.2f} GiB" if value >= 0.1 * GiB else f"{value / MiB:.1f} MiB"
 
 
 def _flags(args: argparse.Namespace, name: str) -> tuple[str, int, str, bool]:
@@ -95,9 +99,9 @@ def resolve_frozen_placement(
         return {
             **fixed,
             **{
-                name: Placement(0, False, f"ZeRO-0: {sizes[name] / GiB:.2f} GiB fits; no gathers in its forward")
+                name: Placement(0, False, f"ZeRO-0: {_size(sizes[name])} fits; no gathers in its forward")
                 if name in replicated
-                else Placement(3, False, f"ZeRO-3: {why}; 1/{ranks} of its {sizes[name] / GiB:.2f} GiB per rank")
+                else Placement(3, False, f"ZeRO-3: {why}; 1/{ranks} of its {_size(sizes[name])} per rank")
                 for name in pending
             },
         }
