@@ -149,3 +149,12 @@ def test_two_process_zero3_run_replicates_the_frozen_models_and_scores_as_partit
         assert forced[rank]["partitioned"] == {"actor": True, "ref": True, "critic": True, "reward": True}
         for key, value in auto[rank]["first"].items():
             torch.testing.assert_close(torch.tensor(value), torch.tensor(forced[rank]["first"][key]), msg=key)
+
+
+def test_an_explicit_replica_that_does_not_fit_gets_the_fix_of_partitioning_it():
+    args = _args(*ZERO3, "--actor_lora_dim", "128", "--actor_gradient_checkpointing", "--actor_dropout", "0.0",
+                 "--enable_hybrid_engine", "--inference_tp_size", "2", "--reference_zero_stage", "0",
+                 actor="opt-13b")  # fmt: skip
+    plan = memory_plan.build(args, 3, "cuda", 8, 40 * GiB)
+    assert plan.fits is False
+    assert memory_plan.find_fix(args, plan) == ["--reference_zero_stage 3"]
