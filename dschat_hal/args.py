@@ -265,6 +265,14 @@ def step3_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--offload_reference_model", action="store_true", help="ZeRO-Offload the reference model")
     p.add_argument("--offload_reward_model", action="store_true", help="ZeRO-Offload the reward model")
+    for name, trained in (("reference", "actor"), ("reward", "critic")):
+        p.add_argument(
+            f"--{name}_zero_stage",
+            default="auto",
+            choices=["auto", "0", "3"],
+            help=f"the frozen {name} model: 0 replicated (no gathers in its forward), 3 partitioned; auto: 3 with "
+            f"--offload_{name}_model, 0 unless the {trained} is ZeRO-3 and the memory plan needs it partitioned",
+        )
     p.add_argument(
         "--enable_mixed_precision_lora",
         action="store_true",
@@ -426,6 +434,11 @@ def validate_numbers(args: argparse.Namespace) -> None:
             f"--temperature must be > 0 (got {args.temperature}); for greedy decoding use step 3's greedy "
             "generation option instead of temperature 0"
         )
+    if "reference_zero_stage" in present:
+        from dschat_hal.rlhf.placement import FROZEN, fixed_placement
+
+        for name in FROZEN:
+            fixed_placement(args, name)  # ZeRO-0 with offload: one line naming both flags
     if getattr(args, "offload", False):
         for name in ZERO_STAGES:
             if present.get(name) == 0:

@@ -74,7 +74,8 @@ def hpz_entries(accelerator: Accelerator, stage: int, world_size: int) -> dict[s
 def eval_ds_config(
     accelerator: Accelerator, dtype: torch.dtype, stage: int, offload: bool, micro_batch: int, world_size: int
 ) -> dict[str, Any]:
-    """Config for models that only run forward (reference, reward): ZeRO-3 or plain replication."""
+    """Config for models that only run forward (reference, reward): ZeRO-3 (`offload`: parameters in
+    host memory) or plain replication; `dschat_hal.rlhf.placement` decides which."""
     return {
         "train_batch_size": micro_batch * world_size,
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -82,7 +83,7 @@ def eval_ds_config(
         "zero_optimization": {
             "stage": 3 if stage == 3 else 0,
             "stage3_param_persistence_threshold": 1e4,
-            "offload_param": {"device": "cpu" if offload else "none"},
+            "offload_param": {"device": "cpu" if offload and stage == 3 else "none"},
             "memory_efficient_linear": False,
             **accelerator.zero_overrides(3 if stage == 3 else 0),
         },

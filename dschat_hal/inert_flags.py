@@ -43,15 +43,6 @@ def inert_flag_notes(args: argparse.Namespace, backend: Accelerator, world_size:
                 f"--unpin_actor_parameters frees the gathered copy of a ZeRO-3 actor; with --actor_zero_stage "
                 f"{flags.get('actor_zero_stage')} there is none, so it does nothing"
             )
-    for flag, stage_flag in (
-        ("offload_reference_model", "actor_zero_stage"),
-        ("offload_reward_model", "critic_zero_stage"),
-    ):
-        if flags.get(flag) and flags.get(stage_flag) != 3:
-            notes.append(
-                f"--{flag} offloads ZeRO-3 parameters; with --{stage_flag} {flags.get(stage_flag)} the frozen model "
-                f"is not partitioned, so it does nothing (set --{stage_flag} 3 or drop the flag)"
-            )
     if flags.get("zero_hpz_enabled"):
         stages = [flags[k] for k in ("zero_stage", "actor_zero_stage", "critic_zero_stage") if k in flags]
         if not any(hpz_entries(backend, stage, world_size) for stage in stages):

@@ -228,7 +228,7 @@ def test_offload_reward_model_reaches_the_reward_engine(monkeypatch):
         engine.args = types.SimpleNamespace(
             offload_reward_model=flag, critic_zero_stage=3, per_device_training_batch_size=2
         )
-        engine._critic_model = lambda fp32_loss: torch.nn.Linear(1, 1)
+        engine._critic_model = lambda fp32_loss, stage=None: torch.nn.Linear(1, 1)
         assert engine._init_reward() == "engine"
     assert [c["offload"] for c in calls] == [False, True]
 

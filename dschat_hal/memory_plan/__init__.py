@@ -6,7 +6,8 @@ No weights are read: parameter counts come from building each model on the meta 
   fp32 gradients and Adam's two moments, split by the ZeRO stage as DeepSpeed splits them (its
   own estimators use the same accounting: `tests/test_memory_plan.py` holds them equal), with
   `--offload` moving the optimizer's part (ZeRO-3: the parameters too) to host memory;
-- frozen models (reference, reward, EMA): their weights in the training dtype (ZeRO-3: 1/N);
+- frozen models (reference, reward, EMA): their weights in the training dtype (ZeRO-3: 1/N), the
+  reference and reward as `dschat_hal.rlhf.placement` places them (replicated where they fit);
 - activations kept for the backward pass (per layer and token: the inputs of every matmul, norm and
   activation function; with gradient checkpointing one hidden state per layer plus one layer
   recomputed), the logits and the loss's copies of them;
@@ -39,6 +40,7 @@ __all__ = [
     "check",
     "dry_run",
     "find_fix",
+    "frozen_placement",
     "layer_bytes",
     "model_shape",
     "parse_bytes",
@@ -149,8 +151,8 @@ def refusal(plan: Plan) -> str:
     )
 
 
-def plan_for(args: argparse.Namespace, step: int, backend=None) -> Plan:
-    """The plan of `args` for `step`, with the fix when it does not fit."""
+def _where(args: argparse.Namespace, backend=None) -> tuple[str, int, float | None]:
+    """(device, ranks, device memory per rank) the plan is made for."""
     if backend is not None:
         from dschat_hal.runtime import world_size
 
@@ -158,10 +160,23 @@ def plan_for(args: argparse.Namespace, step: int, backend=None) -> Plan:
     else:
         device, ranks = resolve_device(args), ranks_of(args)
         backend = _probe(device)
-    plan = build(args, step, device, ranks, device_memory(args, device, backend))
+    return device, ranks, device_memory(args, device, backend)
+
+
+def plan_for(args: argparse.Namespace, step: int, backend=None) -> Plan:
+    """The plan of `args` for `step`, with the fix when it does not fit."""
+    device, ranks, memory = _where(args, backend)
+    plan = build(args, step, device, ranks, memory)
     if plan.fits is False:
         plan.fix = find_fix(args, plan)
     return plan
+
+
+def frozen_placement(args: argparse.Namespace, backend=None) -> dict:
+    """Step 3's reference/reward placement for the device, ranks and memory the plan uses."""
+    from dschat_hal.rlhf.placement import resolve_frozen_placement
+
+    return resolve_frozen_placement(args, *_where(args, backend))
 
 
 def _probe(device: str):

@@ -6,6 +6,7 @@ import argparse
 import copy
 
 from dschat_hal.memory_plan.phases import Plan, build
+from dschat_hal.rlhf.placement import clear_placement
 
 
 def _candidates(args, step: int, ranks: int) -> list[tuple[str, dict]]:
@@ -45,7 +46,9 @@ def _candidates(args, step: int, ranks: int) -> list[tuple[str, dict]]:
             tp *= 2
             out.append((f"--inference_tp_size {tp}", {"inference_tp_size": tp}))
     for who in ("reference", "reward"):
-        if not getattr(args, f"offload_{who}_model"):
+        if getattr(args, f"{who}_zero_stage", "auto") == "0" and ranks > 1:
+            out.append((f"--{who}_zero_stage 3", {f"{who}_zero_stage": "3"}))
+        elif not getattr(args, f"offload_{who}_model"):
             out.append((f"--offload_{who}_model", {f"offload_{who}_model": True}))
     for who in ("actor", "critic"):
         for stage in range(getattr(args, f"{who}_zero_stage") + 1, 4):
@@ -82,6 +85,7 @@ def find_fix(args: argparse.Namespace, plan: Plan, rounds: int = 6) -> list[str]
         trials = []
         for flag, changes in _candidates(current, plan.step, plan.ranks):
             trial = copy.copy(current)
+            clear_placement(trial)  # other flags: the frozen models' placement is decided again
             for key, value in changes.items():
                 setattr(trial, key, value)
             peak = build(trial, plan.step, plan.device, plan.ranks, plan.device_memory).peak.total

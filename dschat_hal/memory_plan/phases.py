@@ -133,8 +133,12 @@ def supervised_plan(args, step: int, device: str, ranks: int, memory: float | No
     return plan
 
 
-def rlhf_plan(args, device: str, ranks: int, memory: float | None) -> Plan:
-    """Step 3: resident actor/critic states and frozen reference/reward, then the three phases."""
+def rlhf_plan(args, device: str, ranks: int, memory: float | None, placement: dict | None = None) -> Plan:
+    """Step 3: resident actor/critic states and frozen reference/reward, then the three phases.
+    `placement`: where the frozen models live (default: the one stored on `args`, else resolved here)."""
+    from dschat_hal.rlhf.placement import resolve_frozen_placement, stored_placement
+
+    placement = placement or stored_placement(args) or resolve_frozen_placement(args, device, ranks, memory)
     width, dtype = _width(args, device)
     actor = model_shape(args.actor_model_name_or_path, head=True)
     critic = model_shape(args.critic_model_name_or_path, head=False)
@@ -143,8 +147,9 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None) -> Plan:
     c_train, c_frozen = _trained(critic, args, "critic_")
     actor_states = training_states(a_train, a_frozen, actor.largest_layer, a_stage, ranks, width, args.offload)
     critic_states = training_states(c_train, c_frozen, critic.largest_layer, c_stage, ranks, width, args.offload)
-    ref = frozen_states(actor.params, a_stage, ranks, width, args.offload_reference_model)
-    reward = frozen_states(critic.params, c_stage, ranks, width, args.offload_reward_model)
+    ref_at, reward_at = placement["reference"], placement["reward"]
+    ref = frozen_states(actor.params, ref_at.stage, ranks, width, ref_at.offload)
+    reward = frozen_states(critic.params, reward_at.stage, ranks, width, reward_at.offload)
     resident = {
         "actor states": actor_states.device,
         "critic states": critic_states.device,
@@ -192,8 +197,9 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None) -> Plan:
         experience["inference copy"] = keep_copy
     if keep_cache:
         experience["KV cache"] = keep_cache
-    experience["ZeRO-3 gathered weights"] = max(
-        zero3_gathered(actor.params, a_stage, width), zero3_gathered(critic.params, c_stage, width)
+    experience["ZeRO-3 gathered weights"] = max(  # the reference and reward forwards too
+        zero3_gathered(actor.params, max(a_stage, ref_at.stage), width),
+        zero3_gathered(critic.params, max(c_stage, reward_at.stage), width),
     )
     experience["actor + reference logits"] = gen_batch * seq * actor.vocab * (2 * width + 8)  # + fp32 log-softmax
     experience["forward working set"] = inference_activations(actor, gen_batch, seq, width)
@@ -231,6 +237,7 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None) -> Plan:
         f"generation {gen_batch} x {seq}, training {train_batch} x {seq}"
         + (f", hybrid engine{f' TP {tp}' if tp > 1 else ''}" if hybrid else "")
     )
+    plan.notes.extend(at.describe(name, ranks).removeprefix("step 3: ") for name, at in placement.items())
     return plan
 
 

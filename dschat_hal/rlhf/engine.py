@@ -10,6 +10,7 @@ import torch
 
 from accel import Accelerator
 from dschat_hal.models import create_lm, create_reward_model, model_family
+from dschat_hal.rlhf.placement import placement_of
 from dschat_hal.runtime import apply_lora, engine_from_flags, inference_engine, zero3_load_config
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,12 @@ class RLHFEngine:
         self.backend, self.args, self.tokenizer = backend, args, tokenizer
         self.critic_family = model_family(args.critic_model_name_or_path)
         self.actor = self._timed("actor", self._init_actor, num_total_iters)
-        self.ref = self._timed("reference", self._init_frozen_actor, offload=args.offload_reference_model)
+        reference = placement_of(args, "reference")
+        self.ref = self._timed("reference", self._init_frozen_actor, reference.stage, reference.offload)
         self.actor_ema = (
-            self._timed("actor EMA", self._init_frozen_actor, offload=True, lora=True) if args.enable_ema else None
+            self._timed("actor EMA", self._init_frozen_actor, args.actor_zero_stage, offload=True, lora=True)
+            if args.enable_ema
+            else None
         )
         self.critic = self._timed("critic", self._init_critic, num_total_iters)
         self.reward = self._timed("reward", self._init_reward)
@@ -66,9 +70,10 @@ class RLHFEngine:
         log.info("step 3: %s ready (%.1fs)", name, time.time() - start)
         return engine
 
-    def _actor_model(self, lora: bool) -> torch.nn.Module:
+    def _actor_model(self, lora: bool, stage: int | None = None) -> torch.nn.Module:
+        """The actor's weights, built partitioned when `stage` (default: the actor's) is 3."""
         args = self.args
-        stage = args.actor_zero_stage
+        stage = args.actor_zero_stage if stage is None else stage
         config = zero3_load_config(self.backend, args, stage, args.per_device_training_batch_size)
         model = create_lm(
             args.actor_model_name_or_path,
@@ -102,21 +107,23 @@ class RLHFEngine:
             engine.optimizer.quantize_nontrainable_params()  # LoRA froze the base weights after partitioning
         return engine
 
-    def _init_frozen_actor(self, offload: bool, lora: bool = False):
-        """The reference model (or the EMA copy): the actor's weights, forward only."""
-        model = self._actor_model(lora=lora)
+    def _init_frozen_actor(self, stage: int, offload: bool, lora: bool = False):
+        """The reference model (or the EMA copy): the actor's weights, forward only, at ZeRO `stage`."""
+        model = self._actor_model(lora=lora, stage=stage)
         return inference_engine(
             self.backend,
             model,
             self.args,
-            stage=self.args.actor_zero_stage,
+            stage=stage,
             offload=offload,
             micro_batch=self.args.per_device_training_batch_size,
         )
 
-    def _critic_model(self, fp32_loss: bool) -> torch.nn.Module:
+    def _critic_model(self, fp32_loss: bool, stage: int | None = None) -> torch.nn.Module:
+        """The reward model's weights, built partitioned when `stage` (default: the critic's) is 3."""
         args = self.args
-        config = zero3_load_config(self.backend, args, args.critic_zero_stage, args.per_device_training_batch_size)
+        stage = args.critic_zero_stage if stage is None else stage
+        config = zero3_load_config(self.backend, args, stage, args.per_device_training_batch_size)
         return create_reward_model(
             args.critic_model_name_or_path,
             self.tokenizer,
@@ -143,12 +150,13 @@ class RLHFEngine:
         )
 
     def _init_reward(self):
+        placement = placement_of(self.args, "reward")
         return inference_engine(
             self.backend,
-            self._critic_model(fp32_loss=True),
+            self._critic_model(fp32_loss=True, stage=placement.stage),
             self.args,
-            stage=self.args.critic_zero_stage,
-            offload=self.args.offload_reward_model,
+            stage=placement.stage,
+            offload=placement.offload,
             micro_batch=self.args.per_device_training_batch_size,
         )
 

@@ -36,6 +36,7 @@ from dschat_hal.models.tiny import is_tiny
 from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.evaluation import mean_reward
 from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine
+from dschat_hal.rlhf.placement import FROZEN, placement_of, store_placement
 from dschat_hal.rlhf.reward_shaping import ClipWarning
 from dschat_hal.rlhf.schedule import step3_plan, warmup_warning
 from dschat_hal.rlhf.tensor_parallel import check_tp_args, make_hybrid_engine
@@ -46,7 +47,16 @@ from dschat_hal.rlhf.trainer import (
     materialize,
     old_logprobs_from_training,
 )
-from dschat_hal.runtime import ScalarWriter, dataloader, is_rank0, print_rank0, setup, shape_counts, write_summary
+from dschat_hal.runtime import (
+    ScalarWriter,
+    dataloader,
+    is_rank0,
+    print_rank0,
+    setup,
+    shape_counts,
+    world_size,
+    write_summary,
+)
 
 HEALTH_KEYS = ("reward", "advantage", "actor_loss", "critic_loss", "kl")
 
@@ -176,7 +186,10 @@ def main(argv: list[str]) -> dict:
     )
     claim_outputs(args)
     backend = setup(args)
+    store_placement(args, memory_plan.frozen_placement(args, backend))  # one decision for plan, engines and log
     memory_plan.check(args, 3, backend)  # before any weights are loaded
+    for name in FROZEN:
+        print_rank0(placement_of(args, name).describe(name, world_size()))
     if args.align_overflow and args.dtype_resolved == torch.float16:
         raise UserError(
             "--align_overflow with fp16 needs DeepSpeed's external overflow check and skip_step, which "
