@@ -32,7 +32,8 @@ def main(out: Path, argv: list[str]) -> None:
     def recording_generate(self, *args, **kwargs):
         exp = generate(self, *args, **kwargs)
         if "first" not in seen:
-            seen["first"] = {k: exp[k].float().tolist() for k in ("logprobs", "ref_logprobs", "value", "raw_rewards")}
+            # the frozen models' outputs (the actor's old log-probs come from its training forward)
+            seen["first"] = {k: exp[k].float().tolist() for k in ("ref_logprobs", "value", "raw_rewards")}
         return exp
 
     rlhf_engine.RLHFEngine.__init__ = recording_init
