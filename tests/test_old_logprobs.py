@@ -31,9 +31,9 @@ def count_experience_forwards(monkeypatch) -> list[int]:
     calls = [0]
     original = PPOTrainer._experience_logprobs
 
-    def counted(self, seq, mask):
+    def counted(self, seq, mask, start):
         calls[0] += 1
-        return original(self, seq, mask)
+        return original(self, seq, mask, start)
 
     monkeypatch.setattr(PPOTrainer, "_experience_logprobs", counted)
     return calls
@@ -90,14 +90,14 @@ def test_zero3_experience_logprobs_on_the_kept_copy_equal_the_zero3_forward(tmp_
     seen: list[tuple[bool, float]] = []
     original = PPOTrainer._experience_logprobs
 
-    def compared(self, seq, mask):
+    def compared(self, seq, mask, start):
         from dschat_hal.rlhf import ppo_math
 
         form = self.generator.kept_form()
-        on_copy = original(self, seq, mask)
+        on_copy = original(self, seq, mask, start)
         logits = self.actor(**lm_inputs(self.actor.module, seq, mask)).logits  # the ZeRO-3 forward (gathers)
-        through_zero3 = ppo_math.logprobs_of_labels(logits[:, :-1], seq[:, 1:])
-        seen.append((form is not None, (on_copy - through_zero3).abs().max().item()))
+        through_zero3 = ppo_math.logprobs_of_labels(logits[:, :-1], seq[:, 1:])[:, start:]
+        seen.append((form is not None, (on_copy[:, start:] - through_zero3).abs().max().item()))
         return on_copy
 
     monkeypatch.setattr(PPOTrainer, "_experience_logprobs", compared)
@@ -120,3 +120,24 @@ def test_the_kept_form_is_only_a_copy_kept_between_phases():
         dict(fallback_reason="HF generate"),
     ):
         assert HybridEngine.kept_form(types.SimpleNamespace(**{**vars(kept), **case})) is None, case
+
+
+@pytest.mark.parametrize("family", ["opt", "bloom", "llama"])
+def test_answer_logprobs_equal_the_full_logits_and_leave_no_hook(family):
+    from dschat_hal.models import create_lm, load_tokenizer
+    from dschat_hal.rlhf import ppo_math
+    from dschat_hal.rlhf.trainer import answer_logprobs
+
+    torch.manual_seed(0)
+    model = create_lm(f"tiny-{family}", load_tokenizer(f"tiny-{family}")).float().eval()
+    seq = torch.randint(3, 100, (3, 20))
+    mask = torch.ones_like(seq)
+    mask[0, :4] = 0  # left padding
+    start = 11
+    with torch.no_grad():
+        full = ppo_math.logprobs_of_labels(model(**lm_inputs(model, seq, mask)).logits[:, :-1], seq[:, 1:])
+        answer = answer_logprobs(model, model, seq, mask, start)
+        logits_after = model(**lm_inputs(model, seq, mask)).logits
+    assert answer.shape == full.shape and torch.equal(answer[:, :start], torch.zeros_like(answer[:, :start]))
+    torch.testing.assert_close(answer[:, start:], full[:, start:], atol=1e-5, rtol=0)
+    assert logits_after.size(1) == seq.size(1)  # the head sees every position again afterwards

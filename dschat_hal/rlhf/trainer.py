@@ -6,9 +6,11 @@ backward/step (HPU lazy mode), static generation length, and the generation cont
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +90,38 @@ def lm_inputs(model: torch.nn.Module, seq: torch.Tensor, mask: torch.Tensor) -> 
     return inputs
 
 
+@functools.cache
+def _accepts_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+@contextlib.contextmanager
+def head_on_last(module: torch.nn.Module, keep: int) -> Iterator[dict[str, int]]:
+    """Apply the LM head to the last `keep` positions only: forward kwargs for models that take
+    `logits_to_keep`, else a pre-hook on the output layer that slices its input for the block."""
+    if _accepts_logits_to_keep(type(module)):
+        yield {"logits_to_keep": keep}
+        return
+    head = module.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0][:, -keep:], *args[1:]))
+    try:
+        yield {}
+    finally:
+        handle.remove()
+
+
+def answer_logprobs(model, module: torch.nn.Module, seq: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+    """log p(seq[:, t + 1]) at every t >= `start` (zeros before), with the output head computed on the
+    answer positions only: PPO reads no prompt log-prob, and the head over a vocabulary (with its
+    fp32 log-softmax) is a large share of the forward. `model` is what is called (an engine or a plain
+    copy), `module` the causal LM inside it."""
+    keep = seq.size(1) - start
+    with head_on_last(module, keep) as extra:
+        logits = model(**lm_inputs(module, seq, mask), **extra).logits
+    log_probs = ppo_math.logprobs_of_labels(logits[:, -keep:-1], seq[:, start + 1 :])
+    return torch.nn.functional.pad(log_probs, (start, 0))
+
+
 class PPOTrainer:
     def __init__(self, engine: RLHFEngine, backend: Accelerator, tokenizer, config: PPOConfig, generator=None) -> None:
         """`generator` makes the answers (`generation.PlainGenerator` when not given, or a `HybridEngine`)."""
@@ -128,9 +162,11 @@ class PPOTrainer:
         for name in ("actor", "ref", "critic", "reward"):
             self.backend.audit_shape(name, seq)
         self.backend.mark_step()
-        logprobs = None if self.config.old_logprobs_from_training else self._experience_logprobs(seq, mask)
+        logprobs = (
+            None if self.config.old_logprobs_from_training else self._experience_logprobs(seq, mask, prompt_len - 1)
+        )
         self.backend.mark_step()
-        ref_logits = self.ref(**lm_inputs(self.ref.module, seq, mask)).logits
+        ref_logprobs = answer_logprobs(self.ref, self.ref.module, seq, mask, prompt_len - 1)
         self.backend.mark_step()
         values = self.critic.forward_value(seq, mask, return_value_only=True)[:, :-1]
         self.backend.mark_step()
@@ -145,7 +181,7 @@ class PPOTrainer:
             "attention_mask": mask,
             "action_mask": action_mask,
             **({} if logprobs is None else {"logprobs": logprobs}),  # else from the training forward
-            "ref_logprobs": ppo_math.logprobs_of_labels(ref_logits[:, :-1], seq[:, 1:]),
+            "ref_logprobs": ref_logprobs,
             "value": values.float(),
             "rewards": self.shape_reward(reward),  # what PPO clips and uses
             "raw_rewards": reward.float(),
@@ -153,14 +189,13 @@ class PPOTrainer:
         }
         return self.last_experience
 
-    def _experience_logprobs(self, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _experience_logprobs(self, seq: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
         """The actor's log-probs of `seq`: on the hybrid engine's kept gathered copy under ZeRO-3 (the
         same weights, no second gather), else through the actor's engine."""
         kept = getattr(self.generator, "kept_form", None)
         form = kept() if kept is not None else None
         model = form if form is not None else self.actor
-        logits = model(**lm_inputs(self.actor.module, seq, mask)).logits
-        return ppo_math.logprobs_of_labels(logits[:, :-1], seq[:, 1:])
+        return answer_logprobs(model, self.actor.module, seq, mask, start)
 
     # ---- training ----------------------------------------------------------------------------
     def train_rlhf(self, exp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -173,8 +208,7 @@ class PPOTrainer:
         seq, mask, action_mask = exp["seq"], exp["attention_mask"], exp["action_mask"]
         answer_mask = action_mask[:, start:]
         self.backend.audit_shape("actor_train", seq)
-        logits = self.actor(**lm_inputs(self.actor.module, seq, mask)).logits
-        log_probs = ppo_math.logprobs_of_labels(logits[:, :-1], seq[:, 1:])
+        log_probs = answer_logprobs(self.actor, self.actor.module, seq, mask, start)
         old_logprobs = exp["logprobs"] if "logprobs" in exp else log_probs.detach()
         with torch.no_grad():
             old_values = exp["value"] * action_mask
