@@ -56,10 +56,16 @@ class CpuAccelerator(Accelerator):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def runtime_notes(self) -> str:
-        from accel import _openmp
+    def __init__(self, local_rank: int | None = None) -> None:
+        from accel._host_memory import keep_freed_host_memory
 
-        return f"{torch.get_num_threads()} threads, OpenMP waits: {_openmp.choice}"
+        super().__init__(local_rank)
+        keep_freed_host_memory()  # tensors live in host memory: reuse freed blocks (see _host_memory)
+
+    def runtime_notes(self) -> str:
+        from accel import _host_memory, _openmp
+
+        return f"{torch.get_num_threads()} threads, OpenMP waits: {_openmp.choice}, host memory: {_host_memory.choice}"
 
     def init_distributed(self) -> None:
         """DeepSpeed's shared-memory all-reduce (its inference all-reduce on the CPU, which AutoTP's

@@ -1,0 +1,44 @@
+"""Freed host memory kept for reuse (glibc malloc), chosen when the CPU backend starts.
+
+glibc serves every allocation above its mmap threshold (at most 32 MB) with a fresh mmap and unmaps
+it on free, so a tensor of that size allocated each step is page-faulted in again each step. A ZeRO
+optimizer step allocates several such temporaries per model (the flat gradient, its fp32 copy, one
+fp32 copy per gradient for the norm): measured on 2 cores, converting a 125M-element bf16 gradient to
+fp32 and taking its norm took 0.30 s with glibc's defaults and 0.05 s once freed blocks are reused.
+With mmap off for large blocks and a high trim threshold, freed blocks stay in the heap for the next
+step. The process's resident memory then stays at its peak instead of shrinking between steps (the
+peak can be higher: reused blocks fragment; a step-3 run of two OPT-125m-shape models measured 6.7 GB
+VmHWM vs 5.7-6.0 GB, with its training phase 1.5-2x faster). Settings of your own win: any of glibc's
+`MALLOC_*_` variables or a `GLIBC_TUNABLES` malloc entry in the environment, or
+`DSCHAT_HAL_HOST_MALLOC=default`, keep the allocator as configured.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+TRIM_THRESHOLD = 2**31 - 1  # bytes free at the heap's top before glibc gives them back (the int maximum)
+
+choice = "allocator defaults"  # what `keep_freed_host_memory` decided, for the start-up line
+
+
+def keep_freed_host_memory() -> str:
+    """Switch glibc to reusing freed large blocks (once per process); returns the choice."""
+    global choice
+    own = [k for k in os.environ if k.startswith("MALLOC_") and k.endswith("_")]
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        own.append("GLIBC_TUNABLES")
+    if os.environ.get("DSCHAT_HAL_HOST_MALLOC") == "default":
+        choice = "glibc defaults (DSCHAT_HAL_HOST_MALLOC=default)"
+    elif own:
+        choice = f"as set in the environment ({', '.join(sorted(own))})"
+    elif platform.libc_ver()[0] != "glibc":
+        choice = "allocator defaults (not glibc)"
+    else:
+        libc = ctypes.CDLL(None)
+        done = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+        choice = "freed blocks reused" if done else "glibc defaults (mallopt refused)"
+    return choice
