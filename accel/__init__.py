@@ -15,6 +15,7 @@ set_wait_defaults()  # before accel.base imports torch, which reads these once
 if may_use_hpu():
     set_hpu_env_defaults()  # before torch (which may autoload Habana's bridge): the bridge picks lazy/eager at import
 
+from accel._host_memory import release as release_host_memory  # noqa: E402
 from accel.base import DTYPE_NAMES, Accelerator, DeviceUnavailableError, UnsupportedDtypeError  # noqa: E402
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "hpu")
@@ -78,4 +79,5 @@ __all__ = [
     "current",
     "detect",
     "get",
+    "release_host_memory",
 ]

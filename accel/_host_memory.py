@@ -21,8 +21,10 @@ import platform
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 TRIM_THRESHOLD = 2**31 - 1  # bytes free at the heap's top before glibc gives them back (the int maximum)
+GLIBC_MMAP_MAX, GLIBC_TRIM_THRESHOLD = 65536, 128 * 1024  # glibc's defaults, restored by `release`
 
 choice = "allocator defaults"  # what `keep_freed_host_memory` decided, for the start-up line
+_changed = False
 
 
 def keep_freed_host_memory() -> str:
@@ -38,7 +40,21 @@ def keep_freed_host_memory() -> str:
     elif platform.libc_ver()[0] != "glibc":
         choice = "allocator defaults (not glibc)"
     else:
+        global _changed
         libc = ctypes.CDLL(None)
-        done = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-        choice = "freed blocks reused" if done else "glibc defaults (mallopt refused)"
+        _changed = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+        choice = "freed blocks reused" if _changed else "glibc defaults (mallopt refused)"
     return choice
+
+
+def release() -> None:
+    """Back to glibc's defaults and the freed heap returned to the system (at the end of a step run, so
+    that a process that goes on, e.g. a test session, does not keep the run's peak)."""
+    global _changed, choice
+    if not _changed:
+        return
+    libc = ctypes.CDLL(None)
+    libc.mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX)
+    libc.mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD)
+    libc.malloc_trim(0)
+    _changed, choice = False, "allocator defaults"

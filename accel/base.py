@@ -188,6 +188,11 @@ class Accelerator(abc.ABC):
         """The backend `init_distributed` actually uses (the hardware's, unless simulated)."""
         return self.dist_backend
 
+    def reuse_freed_host_memory(self) -> str | None:
+        """Keep freed large host blocks for reuse where tensors live in host memory (the CPU backend);
+        `accel.release_host_memory()` undoes it. None where the backend leaves the allocator alone."""
+        return None
+
     def zero_overrides(self, stage: int) -> dict[str, Any]:
         """Entries this hardware needs in DeepSpeed's `zero_optimization` section for ZeRO `stage`."""
         return {}

@@ -56,11 +56,11 @@ class CpuAccelerator(Accelerator):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def __init__(self, local_rank: int | None = None) -> None:
+    def reuse_freed_host_memory(self) -> str:
+        """Tensors live in host memory: keep freed large blocks for reuse (see accel/_host_memory.py)."""
         from accel._host_memory import keep_freed_host_memory
 
-        super().__init__(local_rank)
-        keep_freed_host_memory()  # tensors live in host memory: reuse freed blocks (see _host_memory)
+        return keep_freed_host_memory()
 
     def runtime_notes(self) -> str:
         from accel import _host_memory, _openmp

@@ -33,6 +33,10 @@ def setup(args: argparse.Namespace) -> Accelerator:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     backend = accel.get(args.device, local_rank=args.local_rank if args.local_rank >= 0 else None)
+    if backend.reuse_freed_host_memory() is not None:  # until the step's main returns
+        from dschat_hal.errors import on_exit
+
+        on_exit(accel.release_host_memory)
     backend.set_buckets(args.bucket_lengths)
     backend.use_graphs = args.enable_hpu_graphs or getattr(args, "enable_device_graphs", False)
     if args.audit_shapes:

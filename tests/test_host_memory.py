@@ -18,6 +18,7 @@ sys.path.insert(0, {root!r})
 import torch
 import accel
 backend = accel.get("cpu")
+backend.reuse_freed_host_memory()  # what each step's setup does
 from accel import _host_memory
 
 def faults_of_one_step(gradient):
@@ -29,7 +30,10 @@ def faults_of_one_step(gradient):
 
 gradient = torch.ones(16 * 2**20, dtype=torch.bfloat16)
 faults = [faults_of_one_step(gradient) for _ in range(16)]
-print(json.dumps({{"choice": _host_memory.choice, "faults": faults[12:]}}))  # steady state: the last four
+choice = _host_memory.choice
+accel.release_host_memory()  # what the end of a step's main does
+print(json.dumps({{"choice": choice, "faults": faults[12:], "after": _host_memory.choice,
+                  "after_faults": [faults_of_one_step(gradient) for _ in range(4)]}}))
 """
 
 
@@ -52,6 +56,7 @@ def test_a_reallocated_block_is_not_faulted_in_again():
     reused = probe()
     assert reused["choice"] == "freed blocks reused"
     assert sum(reused["faults"]) < pages // 10, reused
+    assert reused["after"] == "allocator defaults" and min(reused["after_faults"]) > pages // 2, reused  # released
     defaults = probe(DSCHAT_HAL_HOST_MALLOC="default")
     assert defaults["choice"].startswith("glibc defaults")
     assert min(defaults["faults"]) > pages // 2, defaults  # mmap'd anew and faulted in, page by page
