@@ -18,8 +18,10 @@ prompts, judged by the reward model; sample answers side by side.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -81,39 +83,77 @@ def write_data(out: Path, args: argparse.Namespace) -> dict[int, Path]:
     return dirs
 
 
+def run_key(step: int, argv: list[str]) -> dict:
+    """What made a step's output: its argv and a digest of the small files (*.json) of every directory it reads
+    (the data slices, whose size the argv does not name, and the models of earlier steps, whose
+    training_summary.json changes when they are rerun)."""
+    skip = {argv.index(flag) + 1 for flag in ("--output_dir", "--data_output_path") if flag in argv}
+    inputs = {}
+    for index, value in enumerate(argv):
+        path = Path(value)
+        if index in skip or not value.startswith(os.sep) or not path.is_dir():
+            continue
+        digest = hashlib.sha256()
+        for file in sorted(path.glob("*.json")):
+            digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+        inputs[value] = digest.hexdigest()
+    return {"step": step, "argv": argv, "inputs": inputs}
+
+
+def reusable(output: Path, key: dict) -> bool:
+    """Whether `output` holds a finished step made by exactly `key` (its bench_argv.json)."""
+    done, made_by = output / "training_summary.json", output / "bench_argv.json"
+    return done.exists() and made_by.exists() and json.loads(made_by.read_text()) == key
+
+
 def run_steps(jobs: list[tuple[int, list[str], Path]], parallel: int = 1) -> list[dict]:
     """Steps in their own processes (all memory back afterwards), `parallel` at a time; their
-    training_summary.json. A step whose output already holds one is not run again (a rerun resumes)."""
+    training_summary.json. A step whose output holds one made by the same argv and inputs (its
+    bench_argv.json) is not run again; any other output there is removed before the step runs."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     summaries: list[dict | None] = [None] * len(jobs)
     pending = list(enumerate(jobs))
-    running: list[tuple[int, subprocess.Popen, float]] = []
+    running: list[tuple[int, subprocess.Popen, float, dict]] = []
     while pending or running:
         while pending and len(running) < parallel:
             index, (step, argv, log) = pending.pop(0)
-            done = Path(argv[argv.index("--output_dir") + 1]) / "training_summary.json"
-            if done.exists():
-                summaries[index] = json.loads(done.read_text())
-                print(f"step {step}: reusing {done}", flush=True)
+            output = Path(argv[argv.index("--output_dir") + 1])
+            key = run_key(step, argv)
+            if reusable(output, key):
+                summaries[index] = json.loads((output / "training_summary.json").read_text())
+                print(f"step {step}: reusing {output} (same argv and inputs)", flush=True)
                 continue
+            if output.exists():
+                print(
+                    f"step {step}: {output} was made by other flags or inputs (or did not finish): rerunning",
+                    flush=True,
+                )
+                shutil.rmtree(output)
             with log.open("w") as handle:
                 cmd = [sys.executable, str(STEP[step]), *argv]
                 process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
-            running.append((index, process, time.time()))
+            running.append((index, process, time.time(), key))
         for entry in list(running):
-            index, process, started = entry
+            index, process, started, key = entry
             if process.poll() is None:
                 continue
             running.remove(entry)
             step, argv, log = jobs[index]
             if process.returncode:
                 raise SystemExit(f"error: step {step} failed (exit {process.returncode}); see {log}")
-            done = Path(argv[argv.index("--output_dir") + 1]) / "training_summary.json"
+            output = Path(argv[argv.index("--output_dir") + 1])
+            done = output / "training_summary.json"
             summaries[index] = {**json.loads(done.read_text()), "seconds": time.time() - started}
             done.write_text(json.dumps(summaries[index]))
+            (output / "bench_argv.json").write_text(json.dumps(key, indent=1))
             print(f"step {step} done in {summaries[index]['seconds']:.0f}s ({log})", flush=True)
         time.sleep(1)
     return summaries
+
+
+def eval_interval(ppo_steps: int, quick: bool = False) -> int:
+    """Step 3's --eval_interval: about 6-8 held-out evaluations per run (every step in --quick)."""
+    return 1 if quick else max(1, ppo_steps // 6)
 
 
 def run_step(step: int, argv: list[str], log: Path) -> dict:
@@ -298,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         "--per_device_generation_batch_size", batch, "--per_device_training_batch_size", batch,
         "--actor_learning_rate", str(args.actor_learning_rate), "--critic_learning_rate", str(args.actor_learning_rate), "--num_warmup_steps", "0",
         "--actor_dropout", "0.0", "--critic_dropout", "0.0",
-        "--eval_interval", "1" if args.quick else "2", "--eval_iters", "1" if args.quick else str(12 // args.batch),
+        # every held-out prompt at each evaluation, about 6-8 evaluations a run
+        "--eval_interval", str(eval_interval(ppo_steps, args.quick)),
+        "--eval_iters", str(-(-len(held_out) // args.batch)),
         *steps_quick,
     ]  # fmt: skip
     names = args.remedies.split(",")
@@ -331,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(base),
         "argv": ["benchmarks/bench_quality.py", *(sys.argv[1:] if argv is None else argv)],
         "ppo_steps": ppo_steps,
+        "eval_interval": eval_interval(ppo_steps, args.quick),
         "seconds": time.time() - started,
         "load": [load_at_start, os.getloadavg()[0]],
         "perplexity": ppl,

