@@ -107,7 +107,8 @@ class CpuAccelerator(Accelerator):
         Parameters already live in host memory, so offload changes nothing. Measured on a 125M
         parameter set (benchmarks/RESULTS.md): fused 1.4 s a step, single-tensor 10.4 s,
         DeepSpeedCPUAdam 0.66 s but 11-13 s to load its op in every process even when cached,
-        which the demo and the tests would pay on every run.
+        which the demo and the tests would pay on every run; measured again on a quieter machine,
+        DeepSpeedCPUAdam 1.44 s vs fused 1.40 s, so it is not faster here either.
         """
         return FusedAdamW if fused else torch.optim.AdamW
 
