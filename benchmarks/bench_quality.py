@@ -268,67 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     batch = str(args.batch)
     common = ["--dtype", args.dtype, "--zero_stage", "0", "--seed", "1234", "--quiet", "--log_interval", "2"]
     steps_quick = ["--max_steps", "2"] if args.quick else []
-    s1 = run_step(
-        1,
-        [
-            *common,
-            "--model_name_or_path",
-            str(base),
-            "--data_path",
-            str(data[1]),
-            "--data_split",
-            "1,0,0",
-            "--max_seq_len",
-            "64",
-            "--per_device_train_batch_size",
-            batch,
-            "--per_device_eval_batch_size",
-            batch,
-            "--learning_rate",
-            str(args.learning_rate),
-            "--weight_decay",
-            "0.0",
-            "--num_train_epochs",
-            "1",
-            *steps_quick,
-            "--data_output_path",
-            str(out / "cache"),
-            "--output_dir",
-            str(out / "actor"),
-        ],
-        out / "step1.log",
-    )
-    s2 = run_step(
-        2,
-        [
-            *common,
-            "--model_name_or_path",
-            str(base),
-            "--data_path",
-            str(data[2]),
-            "--data_split",
-            "0,1,0",
-            "--max_seq_len",
-            "64",
-            "--per_device_train_batch_size",
-            batch,
-            "--per_device_eval_batch_size",
-            batch,
-            "--learning_rate",
-            str(args.learning_rate),
-            "--num_train_epochs",
-            "1",
-            "--center_reward",
-            "--eval_iters",
-            "4",
-            *steps_quick,
-            "--data_output_path",
-            str(out / "cache"),
-            "--output_dir",
-            str(out / "reward"),
-        ],
-        out / "step2.log",
-    )
+
+    def supervised(step: int, split: str, output: str, *extra: str) -> list[str]:
+        """Steps 1 and 2 on their data slice, from the base model, one epoch."""
+        return [
+            *common, "--model_name_or_path", str(base), "--data_path", str(data[step]), "--data_split", split,
+            "--max_seq_len", "64", "--per_device_train_batch_size", batch, "--per_device_eval_batch_size", batch,
+            "--learning_rate", str(args.learning_rate), "--num_train_epochs", "1", *extra, *steps_quick,
+            "--data_output_path", str(out / "cache"), "--output_dir", str(out / output),
+        ]  # fmt: skip
+
+    s1 = run_step(1, supervised(1, "1,0,0", "actor", "--weight_decay", "0.0"), out / "step1.log")
+    s2 = run_step(2, supervised(2, "0,1,0", "reward", "--center_reward", "--eval_iters", "4"), out / "step2.log")
     ppo_steps = args.step3_prompts // args.batch
     step3_common = [
         "--dtype", args.dtype, "--seed", "1234", "--quiet", "--log_interval", "1",
