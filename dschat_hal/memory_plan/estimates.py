@@ -82,12 +82,21 @@ def layer_bytes(shape: Shape, seq: int, width: int, dropout: bool) -> float:
 
 
 def training_activations(
-    shape: Shape, batch: int, seq: int, width: int, checkpointing: bool, dropout: bool, logits: bool, fp32_loss: bool
+    shape: Shape,
+    batch: int,
+    seq: int,
+    width: int,
+    checkpointing: bool,
+    dropout: bool,
+    logits: bool,
+    fp32_loss: bool,
+    head_positions: int | None = None,
 ) -> float:
     """Bytes alive at the start of the backward pass of one micro-batch of `batch` x `seq` tokens:
     the layers' saved tensors (with checkpointing: one hidden state per layer plus one layer
     recomputed), the final norm and head input, and the loss's copies of the logits (the logits,
-    their shifted copy and log-softmax; in fp32 the upcast copy and an fp32 log-softmax)."""
+    their shifted copy and log-softmax; in fp32 the upcast copy and an fp32 log-softmax) at
+    `head_positions` per row (default all `seq`; step 3 computes the head on the answer only)."""
     tokens = batch * seq
     per_layer = tokens * layer_bytes(shape, seq, width, dropout)
     if checkpointing:
@@ -95,7 +104,8 @@ def training_activations(
     else:
         layers = shape.layers * per_layer
     rest = 2 * tokens * shape.hidden * width
-    head = tokens * shape.vocab * ((width + 8) if fp32_loss else 3 * width) if logits else 0.0
+    head_tokens = batch * (seq if head_positions is None else head_positions)
+    head = head_tokens * shape.vocab * ((width + 8) if fp32_loss else 3 * width) if logits else 0.0
     return layers + rest + head
 
 

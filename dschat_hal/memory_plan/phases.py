@@ -201,7 +201,8 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None, placement: di
         zero3_gathered(actor.params, max(a_stage, ref_at.stage), width),
         zero3_gathered(critic.params, max(c_stage, reward_at.stage), width),
     )
-    experience["actor + reference logits"] = gen_batch * seq * actor.vocab * (2 * width + 8)  # + fp32 log-softmax
+    head_positions = args.max_answer_seq_len + 1  # step 3 applies the LM head to the answer only
+    experience["actor + reference logits"] = gen_batch * head_positions * actor.vocab * (2 * width + 8)  # + fp32
     experience["forward working set"] = inference_activations(actor, gen_batch, seq, width)
     training = dict(resident)
     if keep_copy:
@@ -210,8 +211,9 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None, placement: di
         training["KV cache"] = keep_cache
     fp32_loss = True  # log-probs are computed in fp32
     actor_act = training_activations(
-        actor, train_batch, seq, width, args.actor_gradient_checkpointing, _dropout(args, "actor_"), True, fp32_loss
-    )
+        actor, train_batch, seq, width, args.actor_gradient_checkpointing, _dropout(args, "actor_"), True, fp32_loss,
+        head_positions,
+    )  # fmt: skip
     critic_act = training_activations(
         critic, train_batch, seq, width, args.critic_gradient_checkpointing, _dropout(args, "critic_"), False, False
     )
