@@ -133,6 +133,10 @@ class PlainGenerator:
             self.actor.train()
         return pad_answers(seq, prompts.size(1), self.config, self.backend)
 
+    def kept_form(self) -> None:
+        """No separate inference form: forwards go through the actor's engine."""
+        return None
+
 
 @contextlib.contextmanager
 def folded_lora(module: nn.Module, enabled: bool = True) -> Iterator[None]:

@@ -58,11 +58,11 @@ def old_logprobs_from_training(args) -> str | None:
     gather) per step."""
     from dschat_hal.rlhf.engine import ppo_dropout
 
-    if getattr(args, "ppo_epochs", 1) != 1 or getattr(args, "generation_batches", 1) != 1:
+    if args.ppo_epochs != 1 or args.generation_batches != 1:
         return None
     if args.per_device_training_batch_size < args.per_device_generation_batch_size:
         return None
-    if ppo_dropout(getattr(args, "actor_dropout", None)) != 0:
+    if ppo_dropout(args.actor_dropout) != 0:
         return None
     return "one PPO epoch over one micro-batch per generation batch, dropout off"
 
@@ -192,8 +192,7 @@ class PPOTrainer:
     def _experience_logprobs(self, seq: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
         """The actor's log-probs of `seq`: on the hybrid engine's kept gathered copy under ZeRO-3 (the
         same weights, no second gather), else through the actor's engine."""
-        kept = getattr(self.generator, "kept_form", None)
-        form = kept() if kept is not None else None
+        form = self.generator.kept_form()
         model = form if form is not None else self.actor
         return answer_logprobs(model, self.actor.module, seq, mask, start)
 
