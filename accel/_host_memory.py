@@ -1,4 +1,4 @@
-"""Freed host memory kept for reuse (glibc malloc), chosen when the CPU backend starts.
+"""Freed host memory kept for reuse (glibc malloc) while a step runs on the CPU backend.
 
 glibc serves every allocation above its mmap threshold (at most 32 MB) with a fresh mmap and unmaps
 it on free, so a tensor of that size allocated each step is page-faulted in again each step. A ZeRO
@@ -29,7 +29,7 @@ _changed = False
 
 def keep_freed_host_memory() -> str:
     """Switch glibc to reusing freed large blocks (once per process); returns the choice."""
-    global choice
+    global choice, _changed
     own = [k for k in os.environ if k.startswith("MALLOC_") and k.endswith("_")]
     if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         own.append("GLIBC_TUNABLES")
@@ -40,7 +40,6 @@ def keep_freed_host_memory() -> str:
     elif platform.libc_ver()[0] != "glibc":
         choice = "allocator defaults (not glibc)"
     else:
-        global _changed
         libc = ctypes.CDLL(None)
         _changed = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
         choice = "freed blocks reused" if _changed else "glibc defaults (mallopt refused)"
