@@ -197,6 +197,24 @@ def head_on_base_output() -> tuple[type, ...]:
     return (OPTForCausalLM, BloomForCausalLM)
 
 
+@contextlib.contextmanager
+def contiguous_head_input(module: nn.Module) -> Iterator[None]:
+    """For the block, the output head gets a contiguous input. HF slices the hidden states before the
+    head (`logits_to_keep`), and torch's matmul on a 3-D input that cannot be viewed as 2-D with a
+    weight that needs no grad (a frozen or inference copy) broadcasts the weight over the batch: a copy of
+    the vocabulary matrix per row (OPT-125m, 4 rows: ~1 s on a CPU core and 4 x 77 MB; on any device
+    batch x the head's size in transient memory) instead of one matmul."""
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def last_logits(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -216,9 +234,11 @@ def last_logits(
     if _forward_takes(type(model), "position_ids"):
         inputs["position_ids"] = position_ids
     if _forward_takes(type(model), "logits_to_keep"):
-        return model(**inputs, logits_to_keep=1).logits[:, -1]
+        with contiguous_head_input(model):
+            return model(**inputs, logits_to_keep=1).logits[:, -1]
     if isinstance(model, head_on_base_output()):
-        hidden = model.base_model(**inputs)[0][:, -1:]  # 3-D: AutoTP's sharded head slices the last dim of [B, T, H]
+        # 3-D: AutoTP's sharded head slices the last dim of [B, T, H]; contiguous: see contiguous_head_input
+        hidden = model.base_model(**inputs)[0][:, -1:].contiguous()
         return model.get_output_embeddings()(hidden)[:, -1]
     return model(**inputs).logits[:, -1]
 

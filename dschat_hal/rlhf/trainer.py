@@ -19,7 +19,7 @@ from accel import Accelerator
 from dschat_hal.models.end_tokens import answer_end_ids
 from dschat_hal.rlhf import ppo_math
 from dschat_hal.rlhf.engine import RLHFEngine
-from dschat_hal.rlhf.generation import GenerationConfig, PlainGenerator
+from dschat_hal.rlhf.generation import GenerationConfig, PlainGenerator, contiguous_head_input
 from dschat_hal.rlhf.reward_shaping import RewardShaper, clipped_share, whiten
 
 
@@ -100,10 +100,11 @@ def head_on_last(module: torch.nn.Module, keep: int) -> Iterator[dict[str, int]]
     """Apply the LM head to the last `keep` positions only: forward kwargs for models that take
     `logits_to_keep`, else a pre-hook on the output layer that slices its input for the block."""
     if _accepts_logits_to_keep(type(module)):
-        yield {"logits_to_keep": keep}
+        with contiguous_head_input(module):
+            yield {"logits_to_keep": keep}
         return
     head = module.get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda _, args: (args[0][:, -keep:], *args[1:]))
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0][:, -keep:].contiguous(), *args[1:]))
     try:
         yield {}
     finally:
