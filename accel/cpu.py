@@ -77,6 +77,7 @@ class CpuAccelerator(Accelerator):
         if "LOCAL_WORLD_SIZE" in os.environ:
             os.environ.setdefault("LOCAL_SIZE", os.environ["LOCAL_WORLD_SIZE"])
         super().init_distributed()
+        unlink_shared_memory_buffer()
 
     def tensor_parallel_limit(self) -> int:
         """Every process is a CPU device: a group can hold all processes of the node."""
@@ -138,3 +139,30 @@ class CpuAccelerator(Accelerator):
         if not self.use_graphs:
             return step
         return torch.compile(step, backend=self.graph_compiler, fullgraph=True, dynamic=False)
+
+
+def shm_buffer_path(rank: int) -> str:
+    """The file DeepSpeed's shared-memory all-reduce creates for `rank` (its shm.cpp's name)."""
+    import os
+
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def unlink_shared_memory_buffer() -> None:
+    """DeepSpeed maps one 66 MB shared-memory workspace per rank at start-up and never unlinks it: every
+    multi-process CPU run left its files in /dev/shm (host memory, until reboot). Once every rank has
+    mapped every workspace (DeepSpeed's start-up returns only then; the barrier waits for all ranks),
+    the names can go: the mappings stay valid and the memory is freed when the last process exits,
+    killed or not."""
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    dist.barrier()
+    try:
+        os.unlink(shm_buffer_path(dist.get_rank()))
+    except FileNotFoundError:  # not a node-local run, or the shm op is not built
+        pass

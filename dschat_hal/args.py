@@ -317,9 +317,10 @@ def step3_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recompute_old_logprobs",
         action="store_true",
-        help="always compute the actor's old log-probs in a separate experience forward, as upstream does "
-        "(by default, with one PPO epoch over one micro-batch per generation batch and dropout off, they are "
-        "taken from the training forward, which sees the same weights: one actor forward less per step)",
+        help="always compute the actor's old log-probs and the critic's old values in separate experience "
+        "forwards, as upstream does (by default, with one PPO epoch over one micro-batch per generation batch and "
+        "the model's dropout off, they are taken from the training forwards, which see the same weights: one "
+        "actor and one critic forward less per step; the critic's graph is then kept through the actor's update)",
     )
     p.add_argument("--cliprange", type=float, default=0.2, help="PPO ratio clip")
     p.add_argument("--cliprange_value", type=float, default=0.2, help="critic value clip")

@@ -166,6 +166,18 @@ def is_rank0() -> bool:
     return rank() == 0
 
 
+def rank0s(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a decision each rank made from its own measurements, which
+    must agree: ranks that differ in what they gather or when wait on each other for ever)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def print_rank0(*parts: Any) -> None:
     if is_rank0():
         print(*parts, flush=True)

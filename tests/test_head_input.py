@@ -27,12 +27,7 @@ def broadcast_head_shapes(model: torch.nn.Module, fn) -> list[list[int]]:
     hidden = model.get_output_embeddings().weight.shape[1]
     with profile(record_shapes=True) as prof:
         fn()
-    return [
-        shape
-        for event in prof.events()
-        for shape in event.input_shapes
-        if shape == [BATCH, hidden, VOCAB]
-    ]
+    return [shape for event in prof.events() for shape in event.input_shapes if shape == [BATCH, hidden, VOCAB]]
 
 
 @pytest.mark.parametrize("family", ["opt", "llama", "bloom"])

@@ -189,6 +189,25 @@ def test_deepspeed_chats_published_step3_runs_fit(run):
     assert plan.fits, memory_plan.render(plan)
 
 
+def test_the_critic_graph_is_kept_through_the_actors_update_only_where_the_plan_fits_with_it():
+    flags, ranks, memory = PUBLISHED["OPT-13B on 8x A100-40G"]
+    big = _step3(*flags, "--device", "cuda", "--dtype", "fp16", "--num_devices", str(ranks), "--device_memory", memory)
+    small = _step3("opt-1.3b", "--device", "cuda", "--dtype", "fp16", "--num_devices", "8", "--device_memory", "80GiB")
+    assert memory_plan.keep_critic_graph(big) is None and big.critic_graph_kept is False
+    assert memory_plan.keep_critic_graph(small) is not None and small.critic_graph_kept is True
+    training = {p.name: p for p in memory_plan.plan_for(small, 3).phases}["training"]
+    assert (
+        "critic activations (kept through the actor's update)" in training.parts
+        and "actor activations" in training.parts
+    )
+    forced = _step3(
+        "opt-1.3b", "--device", "cuda", "--num_devices", "8", "--device_memory", "80GiB", "--recompute_old_logprobs"
+    )
+    assert memory_plan.keep_critic_graph(forced) is None
+    apart = {p.name: p for p in memory_plan.plan_for(forced, 3).phases}["training"]
+    assert training.total > apart.total  # both models' activations at once cost memory
+
+
 def test_without_its_flags_opt_13b_does_not_fit_and_the_plan_names_a_fix():
     args = _step3("opt-13b", "--actor_zero_stage", "2", "--critic_zero_stage", "2", "--enable_hybrid_engine")
     plan = memory_plan.build(args, 3, "cuda", 8, 40 * GB)

@@ -1,6 +1,7 @@
-"""Where the actor's old log-probs come from (issue #21): the training forward when it sees the weights
-that generated (one PPO epoch over one micro-batch, dropout off), else an experience forward, on the
-hybrid engine's kept gathered copy under ZeRO-3. Each source gives what the separate ZeRO forward gives."""
+"""Where the actor's old log-probs and the critic's old values come from (issue #21): the training
+forwards when they see the weights of the experience (one PPO epoch over one micro-batch, dropout off),
+else experience forwards (the actor's on the hybrid engine's kept gathered copy under ZeRO-3). Each source
+gives what the separate ZeRO forward gives."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import types
 import pytest
 import torch
 
+from dschat_hal.models.reward_model import RewardModel
 from dschat_hal.rlhf.generation import HybridEngine
-from dschat_hal.rlhf.trainer import PPOTrainer, lm_inputs, old_logprobs_from_training
+from dschat_hal.rlhf.trainer import PPOTrainer, lm_inputs, old_logprobs_from_training, old_values_from_training
 from training.step3_rlhf_finetuning.main import main as step3
 
 
@@ -46,6 +48,7 @@ def flags(**overrides) -> argparse.Namespace:
         per_device_generation_batch_size=4,
         per_device_training_batch_size=4,
         actor_dropout=None,
+        critic_dropout=None,
     )
     return argparse.Namespace(**{**base, **overrides})
 
@@ -61,14 +64,44 @@ def test_the_training_forward_gives_the_old_logprobs_only_when_it_sees_the_gener
         flags(actor_dropout=0.1),  # train mode would drop out: not the eval-mode log-probs
     ):
         assert old_logprobs_from_training(unsafe) is None, unsafe
+    assert old_logprobs_from_training(flags(recompute_old_logprobs=True)) is None
+
+
+def test_the_critic_training_forward_gives_the_old_values_only_when_it_sees_the_experience_weights():
+    assert old_values_from_training(flags()) is not None
+    assert old_values_from_training(flags(actor_dropout=0.1)) is not None  # the actor's dropout is not the critic's
+    for unsafe in (
+        flags(ppo_epochs=2),
+        flags(generation_batches=2),
+        flags(per_device_training_batch_size=2),
+        flags(critic_dropout=0.1),
+        flags(recompute_old_logprobs=True),
+    ):
+        assert old_values_from_training(unsafe) is None, unsafe
+
+
+def count_critic_forwards(monkeypatch) -> dict[str, int]:
+    """Critic value forwards by mode (the reward model's scoring forward is not counted)."""
+    calls = {"eval": 0, "train": 0}
+    original = RewardModel.forward_value
+
+    def counted(self, *args, **kwargs):
+        if kwargs.get("return_value_only"):
+            calls["train" if self.training else "eval"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RewardModel, "forward_value", counted)
+    return calls
 
 
 def test_training_without_the_experience_forward_equals_training_with_it(tmp_path, monkeypatch):
-    calls = count_experience_forwards(monkeypatch)
+    calls, critic = count_experience_forwards(monkeypatch), count_critic_forwards(monkeypatch)
     reused = step3(tiny_step3(tmp_path / "a"))["history"]
     assert calls[0] == 0  # no actor forward in the experience phase
+    assert critic == {"eval": 0, "train": 2}  # nor a critic one: one training forward per step
     separate = step3(tiny_step3(tmp_path / "b", "--recompute_old_logprobs"))["history"]
     assert calls[0] == 2  # one per step
+    assert critic == {"eval": 2, "train": 4}
     assert len(reused) == len(separate) == 2
     for a, b in zip(reused, separate, strict=True):
         for key in ("reward", "actor_loss", "critic_loss", "kl", "advantage"):

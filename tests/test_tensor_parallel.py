@@ -32,6 +32,7 @@ def test_tp2_tokens_equal_the_whole_model_engine_and_hf_generate(tmp_path, monke
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rank in ranks:
         assert rank["local_size_at_start"] is None
+        assert rank["shm_op"] and not rank["shm_buffer_left"]  # nothing left in /dev/shm, the all-reduce works
         assert len(rank["cases"]) == 8
         for name, case in rank["cases"].items():
             assert case["is_tp"], name

@@ -165,6 +165,8 @@ def _where(args: argparse.Namespace, backend=None) -> tuple[str, int, float | No
 
 def plan_for(args: argparse.Namespace, step: int, backend=None) -> Plan:
     """The plan of `args` for `step`, with the fix when it does not fit."""
+    if step == 3 and not hasattr(args, "critic_graph_kept"):
+        keep_critic_graph(args, backend)
     device, ranks, memory = _where(args, backend)
     plan = build(args, step, device, ranks, memory)
     if plan.fits is False:
@@ -177,6 +179,23 @@ def frozen_placement(args: argparse.Namespace, backend=None) -> dict:
     from dschat_hal.rlhf.placement import resolve_frozen_placement
 
     return resolve_frozen_placement(args, *_where(args, backend))
+
+
+def keep_critic_graph(args: argparse.Namespace, backend=None) -> str | None:
+    """Step 3: why the critic's old values come from its training forward (`old_values_from_training`,
+    and the plan still fits with its graph kept through the actor's update), or None. Rank 0's decision,
+    kept on `args` (`critic_graph_kept`) for the plan, the trainer and the log."""
+    from dschat_hal.rlhf.trainer import old_values_from_training
+    from dschat_hal.runtime import rank0s
+
+    reason = old_values_from_training(args)
+    if reason is not None:
+        args.critic_graph_kept = True
+        if build(args, 3, *_where(args, backend)).fits is False:
+            reason = None
+    reason = rank0s(reason)
+    args.critic_graph_kept = reason is not None
+    return reason
 
 
 def _probe(device: str):

@@ -83,6 +83,12 @@ def _trained(shape: Shape, args, prefix: str, keep: int = 0) -> tuple[int, int]:
     return shape.params - lora_frozen + lora, lora_frozen
 
 
+def _critic_graph_kept(args: argparse.Namespace) -> bool:
+    """Whether the critic's old values come from its training forward (`memory_plan.keep_critic_graph`
+    decides; undecided: no)."""
+    return bool(getattr(args, "critic_graph_kept", False))
+
+
 def _dropout(args, prefix: str) -> bool:
     value = getattr(args, f"{prefix}dropout", None)
     return value is None or value > 0
@@ -217,10 +223,17 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None, placement: di
     critic_act = training_activations(
         critic, train_batch, seq, width, args.critic_gradient_checkpointing, _dropout(args, "critic_"), False, False
     )
-    training["ZeRO-3 gathered weights"] = max(
-        zero3_gathered(actor.params, a_stage, width), zero3_gathered(critic.params, c_stage, width)
+    actor_gathered, critic_gathered = (
+        zero3_gathered(actor.params, a_stage, width),
+        zero3_gathered(critic.params, c_stage, width),
     )
-    training["actor activations" if actor_act >= critic_act else "critic activations"] = max(actor_act, critic_act)
+    if _critic_graph_kept(args):  # its forward before the actor's update, its backward after
+        training["ZeRO-3 gathered weights"] = actor_gathered + critic_gathered
+        training["actor activations"] = actor_act
+        training["critic activations (kept through the actor's update)"] = critic_act
+    else:
+        training["ZeRO-3 gathered weights"] = max(actor_gathered, critic_gathered)
+        training["actor activations" if actor_act >= critic_act else "critic activations"] = max(actor_act, critic_act)
     phases = [Phase("generation", generation), Phase("experience", experience), Phase("training", training)]
     if device == "cpu":
         step_parts = {(k if not k.endswith("activations") else "freed activations"): v for k, v in training.items()}

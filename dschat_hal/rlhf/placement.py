@@ -125,13 +125,9 @@ def stored_placement(args: argparse.Namespace) -> dict[str, Placement] | None:
 def store_placement(args: argparse.Namespace, placement: dict[str, Placement]) -> None:
     """Keep `placement` on `args`, rank 0's on every rank (each rank measures its own free memory,
     and ranks that partitioned differently would wait on each other's gathers for ever)."""
-    import torch.distributed as dist
+    from dschat_hal.runtime import rank0s
 
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        shared = [placement]
-        dist.broadcast_object_list(shared, src=0)
-        placement = shared[0]
-    for name, value in placement.items():
+    for name, value in rank0s(placement).items():
         setattr(args, f"{name}_placement", value)
 
 

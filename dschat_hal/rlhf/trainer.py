@@ -44,6 +44,8 @@ class PPOConfig:
     # the actor's old log-probs from its PPO training forward instead of an experience forward (see
     # `old_logprobs_from_training`): exact when that forward sees the weights that generated
     old_logprobs_from_training: bool = False
+    # the critic's old values likewise from its training forward (`old_values_from_training`)
+    old_values_from_training: bool = False
 
 
 def old_logprobs_from_training(args) -> str | None:
@@ -56,13 +58,29 @@ def old_logprobs_from_training(args) -> str | None:
     log-probs, detached, are the old log-probs (the first ratio is exactly 1, as PPO's is). Upstream
     DeepSpeed-Chat runs a separate forward for them; skipping it saves one actor forward (a ZeRO-3
     gather) per step."""
+    return _first_training_forward_sees_generation(args, args.actor_dropout)
+
+
+def old_values_from_training(args) -> str | None:
+    """Why the critic's experience forward can be skipped, or None when it cannot: as for the actor
+    (`old_logprobs_from_training`), the critic's training forward is its first forward after the
+    experience with the same weights. It runs before the actor's update, since the advantages the
+    actor's loss needs come from these values, and its graph is kept until the critic's backward
+    (the memory plan counts both models' activations then): one critic forward (a ZeRO-3 gather) less
+    per step, and under ZeRO-3 the critic's forwards and backwards keep one order from step to step."""
+    return _first_training_forward_sees_generation(args, args.critic_dropout)
+
+
+def _first_training_forward_sees_generation(args, dropout: float | None) -> str | None:
     from dschat_hal.rlhf.engine import ppo_dropout
 
+    if getattr(args, "recompute_old_logprobs", False):
+        return None
     if args.ppo_epochs != 1 or args.generation_batches != 1:
         return None
     if args.per_device_training_batch_size < args.per_device_generation_batch_size:
         return None
-    if ppo_dropout(args.actor_dropout) != 0:
+    if ppo_dropout(dropout) != 0:
         return None
     return "one PPO epoch over one micro-batch per generation batch, dropout off"
 
@@ -169,7 +187,11 @@ class PPOTrainer:
         self.backend.mark_step()
         ref_logprobs = answer_logprobs(self.ref, self.ref.module, seq, mask, prompt_len - 1)
         self.backend.mark_step()
-        values = self.critic.forward_value(seq, mask, return_value_only=True)[:, :-1]
+        values = (
+            None
+            if self.config.old_values_from_training
+            else self.critic.forward_value(seq, mask, return_value_only=True)[:, :-1]
+        )
         self.backend.mark_step()
         reward = self.reward.forward_value(seq, mask)["chosen_end_scores"]
         self.backend.mark_step()
@@ -183,7 +205,7 @@ class PPOTrainer:
             "action_mask": action_mask,
             **({} if logprobs is None else {"logprobs": logprobs}),  # else from the training forward
             "ref_logprobs": ref_logprobs,
-            "value": values.float(),
+            **({} if values is None else {"value": values.float()}),  # else from the training forward
             "rewards": self.shape_reward(reward),  # what PPO clips and uses
             "raw_rewards": reward.float(),
             "answer_length": answers.sum(-1),
@@ -208,10 +230,12 @@ class PPOTrainer:
         seq, mask, action_mask = exp["seq"], exp["attention_mask"], exp["action_mask"]
         answer_mask = action_mask[:, start:]
         self.backend.audit_shape("actor_train", seq)
+        # values first when they are also the old values: the advantages below need them
+        values = None if "value" in exp else self.critic.forward_value(seq, mask, return_value_only=True)[:, :-1]
         log_probs = answer_logprobs(self.actor, self.actor.module, seq, mask, start)
         old_logprobs = exp["logprobs"] if "logprobs" in exp else log_probs.detach()
         with torch.no_grad():
-            old_values = exp["value"] * action_mask
+            old_values = (exp["value"] if values is None else values.float()) * action_mask
             rewards = ppo_math.compute_rewards(
                 old_logprobs,
                 exp["ref_logprobs"],
@@ -234,7 +258,8 @@ class PPOTrainer:
             self.actor.step()
             self.backend.mark_step()
 
-        values = self.critic.forward_value(seq, mask, return_value_only=True)[:, :-1]
+        if values is None:
+            values = self.critic.forward_value(seq, mask, return_value_only=True)[:, :-1]
         critic_loss = ppo_math.critic_loss(
             values[:, start:], old_values[:, start:], returns, answer_mask, cfg.cliprange_value
         )
@@ -286,11 +311,11 @@ class PPOTrainer:
         sync), except the host timings; only the adaptive KL controller, when on, reads the KL back
         every step."""
         timings_before = dict(self._timings_at_last_step)
-        deferred = any("logprobs" not in exp for exp in experiences)
+        deferred = any("logprobs" not in exp or "value" not in exp for exp in experiences)
         if deferred and (ppo_epochs != 1 or len(experiences) != 1 or experiences[0]["seq"].size(0) > batch_size):
             raise ValueError(
-                "the old log-probs were left to the training forward, which gives them only for one PPO epoch "
-                "over one micro-batch per generation batch (see old_logprobs_from_training)"
+                "the old log-probs or values were left to the training forwards, which give them only for one PPO "
+                "epoch over one micro-batch per generation batch (see old_logprobs_from_training)"
             )
         stats = []
         for _ in range(ppo_epochs):

@@ -1,7 +1,7 @@
 """One rank of a step-3 run under torchrun: `python frozen_placement.py OUT STEP3_FLAGS...`.
 
 Writes OUT/rank{R}.json: whether the reference and reward models' parameters are ZeRO-3 partitioned
-(`ds_id`), and the first experience's log-probs, reference log-probs, values and rewards.
+(`ds_id`), and the first experience's reference log-probs and rewards.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def main(out: Path, argv: list[str]) -> None:
     def recording_generate(self, *args, **kwargs):
         exp = generate(self, *args, **kwargs)
         if "first" not in seen:
-            # the frozen models' outputs (the actor's old log-probs come from its training forward)
-            seen["first"] = {k: exp[k].float().tolist() for k in ("ref_logprobs", "value", "raw_rewards")}
+            # the frozen models' outputs (old log-probs and values come from the training forwards)
+            seen["first"] = {k: exp[k].float().tolist() for k in ("ref_logprobs", "raw_rewards")}
         return exp
 
     rlhf_engine.RLHFEngine.__init__ = recording_init

@@ -20,9 +20,11 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import deepspeed.comm.comm as ds_comm  # noqa: E402
 from test_hybrid_engine import EOS, PAD, SPECIAL, VOCAB, answers_equal, engine_for, reference_tokens  # noqa: E402
 from transformers import AutoModelForCausalLM, BloomConfig, GPTNeoXConfig, LlamaConfig, OPTConfig  # noqa: E402
 
+from accel.cpu import shm_buffer_path  # noqa: E402
 from dschat_hal.models.lora import convert_to_lora, lora_layers  # noqa: E402
 from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine, _cache_tensors  # noqa: E402
 from dschat_hal.rlhf.tensor_parallel import TensorParallelEngine, layer_bytes, make_hybrid_engine  # noqa: E402
@@ -184,6 +186,9 @@ def main() -> None:
     weights_after = tp.form.model.state_dict()
     result["weights_changed"] = any(not torch.equal(weights_before[k], weights_after[k]) for k in weights_before)
     result["tokens_changed"] = not torch.equal(after, runs[0])
+    # DeepSpeed's shared-memory workspace was mapped (its op is in use) and its name already unlinked
+    result["shm_op"] = getattr(ds_comm.cdb, "shm_comm_op", None) is not None
+    result["shm_buffer_left"] = os.path.exists(shm_buffer_path(rank))
     with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     torch.distributed.barrier()

@@ -46,6 +46,7 @@ from dschat_hal.rlhf.trainer import (
     generation_config,
     materialize,
     old_logprobs_from_training,
+    old_values_from_training,
 )
 from dschat_hal.runtime import (
     ScalarWriter,
@@ -187,6 +188,7 @@ def main(argv: list[str]) -> dict:
     claim_outputs(args)
     backend = setup(args)
     store_placement(args, memory_plan.frozen_placement(args, backend))  # one decision for plan, engines and log
+    values_reason = memory_plan.keep_critic_graph(args, backend)  # likewise
     memory_plan.check(args, 3, backend)  # before any weights are loaded
     for name in FROZEN:
         print_rank0(placement_of(args, name).describe(name, world_size()))
@@ -232,7 +234,7 @@ def main(argv: list[str]) -> dict:
 
     micro_batches, total_iters = step3_plan(args, loader, unsup_loader)
     engine = RLHFEngine(backend, args, tokenizer, total_iters)
-    reuse_reason = None if args.recompute_old_logprobs else old_logprobs_from_training(args)
+    reuse_reason = old_logprobs_from_training(args)
     ppo_config = PPOConfig(
         max_answer_seq_len=args.max_answer_seq_len,
         kl_ctl=args.kl_ctl,
@@ -248,6 +250,7 @@ def main(argv: list[str]) -> dict:
         normalize_reward=args.normalize_reward,
         whiten_advantages=args.whiten_advantages,
         old_logprobs_from_training=reuse_reason is not None,
+        old_values_from_training=values_reason is not None,
     )
     generator = make_generator(engine, backend, generation_config(ppo_config, tokenizer), args)
     trainer = PPOTrainer(engine, backend, tokenizer, ppo_config, generator=generator)
@@ -265,10 +268,19 @@ def main(argv: list[str]) -> dict:
     warning = warmup_warning(args.num_warmup_steps, total_iters, args.max_steps)
     if warning and is_rank0():
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    if reuse_reason is not None:
+    reused = [
+        what
+        for what, reason in (("actor's old log-probs", reuse_reason), ("critic's old values", values_reason))
+        if reason
+    ]
+    if reused:
         print_rank0(
-            f"step 3: the actor's old log-probs come from its training forward ({reuse_reason}: the same weights)"
+            f"step 3: the {' and the '.join(reused)} come from the training forwards "
+            f"({reuse_reason or values_reason}: the same weights; --recompute_old_logprobs computes them apart)"
         )
+    if values_reason is None and old_values_from_training(args):
+        print_rank0("step 3: the critic's old values come from an experience forward: the memory plan does not fit "
+                    "with the critic's graph kept through the actor's update")  # fmt: skip
     if reward_center is not None:
         print_rank0(f"rewards centred: the reward model's mean training score {reward_center:.3f} is subtracted")
 
