@@ -85,10 +85,10 @@ def count_critic_forwards(monkeypatch) -> dict[str, int]:
     calls = {"eval": 0, "train": 0}
     original = RewardModel.forward_value
 
-    def counted(self, *args, **kwargs):
-        if kwargs.get("return_value_only"):
+    def counted(self, input_ids, attention_mask, return_value_only=False):
+        if return_value_only:
             calls["train" if self.training else "eval"] += 1
-        return original(self, *args, **kwargs)
+        return original(self, input_ids, attention_mask, return_value_only)
 
     monkeypatch.setattr(RewardModel, "forward_value", counted)
     return calls

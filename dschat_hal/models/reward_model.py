@@ -83,7 +83,17 @@ class RewardModel(nn.Module):
         values = self.v_head(hidden).squeeze(-1)
         return values.float() if self.compute_fp32_loss else values
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        scoring: bool = False,
+        return_value_only: bool = False,
+    ) -> dict[str, torch.Tensor] | torch.Tensor:
+        """The pairwise loss over stacked [chosen; rejected]; `scoring`: what `forward_value` returns,
+        through the module call (see `score`)."""
+        if scoring:
+            return self.forward_value(input_ids, attention_mask, return_value_only)
         values = self.values(input_ids, attention_mask)
         half = input_ids.size(0) // 2
         chosen_mask, rejected_mask = attention_mask[:half], attention_mask[half:]
@@ -127,6 +137,14 @@ class RewardModel(nn.Module):
         (Path(directory) / MARKER_FILE).write_text(json.dumps(marker) + "\n")
         if tokenizer is not None:
             save_tokenizer(tokenizer, self.rwtransformer, directory)
+
+
+def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_value_only: bool = False):
+    """`RewardModel.forward_value` of a reward model or of the engine around one, called as the module
+    so its forward hooks run: DeepSpeed's ZeRO-3 closes a step's parameter trace in a pre-hook of the
+    wrapped module's forward, and without it (`engine.forward_value(...)`, as upstream calls the critic)
+    the trace never completes, so each backward gathers the whole model again and nothing is prefetched."""
+    return model(input_ids, attention_mask, scoring=True, return_value_only=return_value_only)
 
 
 def reset_final_norm(model: RewardModel) -> tuple[str, ...]:

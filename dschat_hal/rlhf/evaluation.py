@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from dschat_hal.models.end_tokens import answer_end_ids
+from dschat_hal.models.reward_model import score
 from dschat_hal.rlhf import ppo_math
 
 
@@ -25,7 +26,7 @@ def mean_reward(trainer, loader, max_batches: int) -> float:
         answers = ppo_math.answer_mask(seq[:, prompts.size(1) :], answer_end_ids(tokenizer), tokenizer.pad_token_id)
         mask = torch.cat([prompt_mask, answers], dim=1)
         backend.mark_step()
-        scores = trainer.reward.forward_value(seq, mask)["chosen_end_scores"].float()
+        scores = score(trainer.reward, seq, mask)["chosen_end_scores"].float()
         backend.mark_step()
         total, count = total + scores.sum(), count + scores.numel()
     return all_reduce_mean(total / max(count, 1)).item()

@@ -17,6 +17,7 @@ import torch
 
 from accel import Accelerator
 from dschat_hal.models.end_tokens import answer_end_ids
+from dschat_hal.models.reward_model import score
 from dschat_hal.rlhf import ppo_math
 from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.generation import GenerationConfig, PlainGenerator, contiguous_head_input
@@ -190,10 +191,10 @@ class PPOTrainer:
         values = (
             None
             if self.config.old_values_from_training
-            else self.critic.forward_value(seq, mask, return_value_only=True)[:, :-1]
+            else score(self.critic, seq, mask, return_value_only=True)[:, :-1]
         )
         self.backend.mark_step()
-        reward = self.reward.forward_value(seq, mask)["chosen_end_scores"]
+        reward = score(self.reward, seq, mask)["chosen_end_scores"]
         self.backend.mark_step()
         action_mask = mask[:, 1:] * torch.cat([torch.ones_like(prompt_mask[:, 1:]), usable.expand_as(answers)], dim=1)
         self.timings["generation"] += generated - start
@@ -231,7 +232,7 @@ class PPOTrainer:
         answer_mask = action_mask[:, start:]
         self.backend.audit_shape("actor_train", seq)
         # values first when they are also the old values: the advantages below need them
-        values = None if "value" in exp else self.critic.forward_value(seq, mask, return_value_only=True)[:, :-1]
+        values = None if "value" in exp else score(self.critic, seq, mask, return_value_only=True)[:, :-1]
         log_probs = answer_logprobs(self.actor, self.actor.module, seq, mask, start)
         old_logprobs = exp["logprobs"] if "logprobs" in exp else log_probs.detach()
         with torch.no_grad():
@@ -259,7 +260,7 @@ class PPOTrainer:
             self.backend.mark_step()
 
         if values is None:
-            values = self.critic.forward_value(seq, mask, return_value_only=True)[:, :-1]
+            values = score(self.critic, seq, mask, return_value_only=True)[:, :-1]
         critic_loss = ppo_math.critic_loss(
             values[:, start:], old_values[:, start:], returns, answer_mask, cfg.cliprange_value
         )
