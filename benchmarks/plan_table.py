@@ -73,6 +73,8 @@ def plans(run: tuple) -> list:
     out = []
     for step in (1, 2, 3):
         args = parsers[step]().parse_args(argvs[step])
+        if step == 3:  # as the run decides it
+            memory_plan.decide_critic_graph(args, "gpu", ranks, size)
         plan = memory_plan.build(args, step, "gpu", ranks, size)
         if plan.fits is False:
             plan.fix = memory_plan.find_fix(args, plan)

@@ -182,18 +182,26 @@ def frozen_placement(args: argparse.Namespace, backend=None) -> dict:
 
 
 def keep_critic_graph(args: argparse.Namespace, backend=None) -> str | None:
-    """Step 3: why the critic's old values come from its training forward (`old_values_from_training`,
-    and the plan still fits with its graph kept through the actor's update), or None. Rank 0's decision,
-    kept on `args` (`critic_graph_kept`) for the plan, the trainer and the log."""
-    from dschat_hal.rlhf.trainer import old_values_from_training
+    """Step 3: why the critic's old values come from its training forward, or None (`decide_critic_graph`
+    for this device, its ranks and memory). Rank 0's decision on every rank."""
     from dschat_hal.runtime import rank0s
+
+    reason = rank0s(decide_critic_graph(args, *_where(args, backend)))
+    args.critic_graph_kept = reason is not None
+    return reason
+
+
+def decide_critic_graph(args: argparse.Namespace, device: str, ranks: int, memory: float | None) -> str | None:
+    """`old_values_from_training`'s reason when the plan still fits with the critic's graph kept through
+    the actor's update (unknown memory: it does), else None; kept on `args` (`critic_graph_kept`) for
+    the plan, the trainer and the log."""
+    from dschat_hal.rlhf.trainer import old_values_from_training
 
     reason = old_values_from_training(args)
     if reason is not None:
         args.critic_graph_kept = True
-        if build(args, 3, *_where(args, backend)).fits is False:
+        if build(args, 3, device, ranks, memory).fits is False:
             reason = None
-    reason = rank0s(reason)
     args.critic_graph_kept = reason is not None
     return reason
 
