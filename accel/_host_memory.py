@@ -6,9 +6,7 @@ optimizer step allocates several such temporaries per model (the flat gradient, 
 fp32 copy per gradient for the norm): measured on 2 cores, converting a 125M-element bf16 gradient to
 fp32 and taking its norm took 0.30 s with glibc's defaults and 0.05 s once freed blocks are reused.
 With mmap off for large blocks and a high trim threshold, freed blocks stay in the heap for the next
-step; with one arena, so do those of other threads (glibc gives each thread contending for the heap an
-arena of its own, 64 MB heaps it maps and unmaps as they grow and shrink, whatever the trim threshold:
-a ZeRO-3 x2 step-3 run still spent half its time zeroing fresh pages, ~4.5 -> ~4.0 s a step with one arena). The process's resident memory then stays at its peak instead of shrinking between steps (the
+step. The process's resident memory then stays at its peak instead of shrinking between steps (the
 peak can be higher: reused blocks fragment; a step-3 run of two OPT-125m-shape models measured 6.7 GB
 VmHWM vs 5.7-6.0 GB, with its training phase 1.5-2x faster). Settings of your own win: any of glibc's
 `MALLOC_*_` variables or a `GLIBC_TUNABLES` malloc entry in the environment, or
@@ -21,7 +19,7 @@ import ctypes
 import os
 import platform
 
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 TRIM_THRESHOLD = 2**31 - 1  # bytes free at the heap's top before glibc gives them back (the int maximum)
 GLIBC_MMAP_MAX, GLIBC_TRIM_THRESHOLD = 65536, 128 * 1024  # glibc's defaults, restored by `release`
 
@@ -44,7 +42,6 @@ def keep_freed_host_memory() -> str:
     else:
         libc = ctypes.CDLL(None)
         _changed = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-        _changed = _changed and libc.mallopt(M_ARENA_MAX, 1) == 1
         choice = "freed blocks reused" if _changed else "glibc defaults (mallopt refused)"
     return choice
 
