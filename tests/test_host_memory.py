@@ -56,7 +56,9 @@ def test_a_reallocated_block_is_not_faulted_in_again():
     reused = probe()
     assert reused["choice"] == "freed blocks reused"
     assert sum(reused["faults"]) < pages // 10, reused
-    assert reused["after"] == "allocator defaults" and min(reused["after_faults"]) > pages // 2, reused  # released
+    # released: the freed heap went back to the system, so the next block is faulted in again (later ones may
+    # reuse that block: glibc serves a fitting free chunk before it maps)
+    assert reused["after"] == "allocator defaults" and reused["after_faults"][0] > pages // 2, reused
     defaults = probe(DSCHAT_HAL_HOST_MALLOC="default")
     assert defaults["choice"].startswith("glibc defaults")
     assert min(defaults["faults"]) > pages // 2, defaults  # mmap'd anew and faulted in, page by page
