@@ -198,10 +198,9 @@ def decide_critic_graph(args: argparse.Namespace, device: str, ranks: int, memor
     from dschat_hal.rlhf.trainer import old_values_from_training
 
     reason = old_values_from_training(args)
-    if reason is not None:
-        args.critic_graph_kept = True
-        if build(args, 3, device, ranks, memory).fits is False:
-            reason = None
+    kept = argparse.Namespace(**{**vars(args), "critic_graph_kept": True})
+    if reason is not None and build(kept, 3, device, ranks, memory).fits is False:
+        reason = None
     args.critic_graph_kept = reason is not None
     return reason
 

@@ -188,11 +188,7 @@ class PPOTrainer:
         self.backend.mark_step()
         ref_logprobs = answer_logprobs(self.ref, self.ref.module, seq, mask, prompt_len - 1)
         self.backend.mark_step()
-        values = (
-            None
-            if self.config.old_values_from_training
-            else score(self.critic, seq, mask, return_value_only=True)[:, :-1]
-        )
+        values = None if self.config.old_values_from_training else self._critic_values(seq, mask)
         self.backend.mark_step()
         reward = score(self.reward, seq, mask)["chosen_end_scores"]
         self.backend.mark_step()
@@ -213,6 +209,10 @@ class PPOTrainer:
         }
         return self.last_experience
 
+    def _critic_values(self, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The critic's value at every position but the last (in its current train/eval mode)."""
+        return score(self.critic, seq, mask, return_value_only=True)[:, :-1]
+
     def _experience_logprobs(self, seq: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
         """The actor's log-probs of `seq`: on the hybrid engine's kept gathered copy under ZeRO-3 (the
         same weights, no second gather), else through the actor's engine."""
@@ -232,7 +232,7 @@ class PPOTrainer:
         answer_mask = action_mask[:, start:]
         self.backend.audit_shape("actor_train", seq)
         # values first when they are also the old values: the advantages below need them
-        values = None if "value" in exp else score(self.critic, seq, mask, return_value_only=True)[:, :-1]
+        values = None if "value" in exp else self._critic_values(seq, mask)
         log_probs = answer_logprobs(self.actor, self.actor.module, seq, mask, start)
         old_logprobs = exp["logprobs"] if "logprobs" in exp else log_probs.detach()
         with torch.no_grad():
@@ -260,7 +260,7 @@ class PPOTrainer:
             self.backend.mark_step()
 
         if values is None:
-            values = score(self.critic, seq, mask, return_value_only=True)[:, :-1]
+            values = self._critic_values(seq, mask)
         critic_loss = ppo_math.critic_loss(
             values[:, start:], old_values[:, start:], returns, answer_mask, cfg.cliprange_value
         )
