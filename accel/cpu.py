@@ -71,13 +71,18 @@ class CpuAccelerator(Accelerator):
         """DeepSpeed's shared-memory all-reduce (its inference all-reduce on the CPU, which AutoTP's
         layers call) reads `LOCAL_SIZE`, which only DeepSpeed's launcher sets: without it every rank
         dies with SIGSEGV at the first all-reduce. torchrun sets `LOCAL_WORLD_SIZE`; copy it before
-        DeepSpeed's communication starts."""
+        DeepSpeed's communication starts. Then ZeRO's all-reduces and all-gathers take the same
+        shared memory where safe (`accel/_shm_collectives.py`; `DSCHAT_HAL_SHM_COLLECTIVES=gloo`: not)."""
         import os
 
         if "LOCAL_WORLD_SIZE" in os.environ:
             os.environ.setdefault("LOCAL_SIZE", os.environ["LOCAL_WORLD_SIZE"])
         super().init_distributed()
         unlink_shared_memory_buffer()
+        if os.environ.get("DSCHAT_HAL_SHM_COLLECTIVES") != "gloo":
+            from accel._shm_collectives import route_zero_collectives
+
+            route_zero_collectives()
 
     def tensor_parallel_limit(self) -> int:
         """Every process is a CPU device: a group can hold all processes of the node."""
