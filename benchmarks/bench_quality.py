@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"step-3 runs, comma-separated (pass as --remedies=...), of: {', '.join(REMEDIES)}",
     )
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--step3_seed", type=int, default=1234, help="step 3's seed (steps 1-2 keep 1234: reused)")
     p.add_argument("--parallel", type=int, default=1, help="step-3 runs at a time (up to ~5 GB each)")
     return p.parse_args(argv)
 
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     s2 = run_step(2, supervised(2, "0,1,0", "reward", "--center_reward", "--eval_iters", "4"), out / "step2.log")
     ppo_steps = args.step3_prompts // args.batch
     step3_common = [
-        "--dtype", args.dtype, "--seed", "1234", "--quiet", "--log_interval", "1",
+        "--dtype", args.dtype, "--seed", str(args.step3_seed), "--quiet", "--log_interval", "1",
         "--actor_model_name_or_path", str(out / "actor"), "--critic_model_name_or_path", str(out / "reward"),
         "--data_path", str(data[3]), "--data_split", "0,0,1", "--data_output_path", str(out / "cache"),
         "--max_prompt_seq_len", "32", "--max_answer_seq_len", str(ANSWER_TOKENS),
