@@ -17,7 +17,8 @@ all-gather into one tensor takes the shared-memory path when it is safe, and glo
   asynchronous caller gets a handle that is already complete).
 
 A rank waiting in the kernel for a peer that died spins (gloo would raise) until the launcher stops it:
-torchrun stops every rank when one dies (checked: a SIGKILL of one rank mid-loop, torchrun gone in 2 s).
+torchrun and DeepSpeed's launcher stop every rank when one dies (checked: one rank SIGKILLed mid-loop,
+both launchers stopped the other and exited).
 """
 
 from __future__ import annotations
