@@ -14,7 +14,9 @@ all-gather into one tensor takes the shared-memory path when it is safe, and glo
   (bf16/fp16 need AVX-512BW, fp32 AVX2; any other dtype the kernel returns unreduced), under 2 GiB
   (its byte count is a C `int`);
 - the ranks issue the collectives in the same order, as ZeRO's do (the kernel is synchronous, so an
-  asynchronous caller gets a handle that is already complete).
+  asynchronous caller gets a handle that is already complete), and every rank decides alike: the checks
+  read only what ZeRO's rank-symmetric code passes (dtypes, shapes, layout, the group; an all-gather's
+  input is its own slot of the output on every rank, or outside it on every rank).
 
 A rank waiting in the kernel for a peer that died spins (gloo would raise) until the launcher stops it:
 torchrun and DeepSpeed's launcher stop every rank when one dies (checked: one rank SIGKILLed mid-loop,
@@ -66,10 +68,11 @@ def shm_all_gather_into_tensor(output: torch.Tensor, shard: torch.Tensor) -> boo
     when `shard` overlaps `output` anywhere but its own slot (left to the process group)."""
     rank, n = tdist.get_rank(), shard.numel()
     slot = output.view(-1).narrow(0, rank * n, n)
-    out_start = output.data_ptr()
+    out_start, shard_start = output.data_ptr(), shard.data_ptr()
     out_end = out_start + output.numel() * output.element_size()
-    if shard.data_ptr() != slot.data_ptr():
-        if out_start <= shard.data_ptr() < out_end:
+    shard_end = shard_start + shard.numel() * shard.element_size()
+    if shard_start != slot.data_ptr():
+        if shard_start < out_end and out_start < shard_end:
             return False
         slot.copy_(shard.view(-1))
     flat = output.view(-1)
