@@ -36,16 +36,6 @@ _MAX_BYTES = 2**31 - 1
 _WRAPPED = "_dschat_hal_shm_routed"
 
 
-class _Done:
-    """The handle an asynchronous caller gets for a collective that has already finished."""
-
-    def wait(self, *_: Any, **__: Any) -> bool:
-        return True
-
-    def is_completed(self) -> bool:
-        return True
-
-
 def _kernel_takes(cdb: Any, tensor: torch.Tensor, group: Any) -> bool:
     needed = _KERNEL_LEVEL_NEEDED.get(tensor.dtype)
     return (
@@ -91,6 +81,7 @@ def route_zero_collectives() -> bool:
     """Send DeepSpeed's all-reduce (sum) and all-gather-into-tensor over shared memory where safe.
     True when installed (a multi-process, single-host run with the kernel built)."""
     import deepspeed.comm.comm as ds_comm
+    from deepspeed.comm.torch import Noop  # DeepSpeed's handle for a collective with nothing left to wait for
 
     cdb = ds_comm.cdb
     if cdb is None or getattr(cdb, _WRAPPED, False) or getattr(cdb, "shm_comm_op", None) is None:
@@ -102,7 +93,7 @@ def route_zero_collectives() -> bool:
     def all_reduce(tensor, op=tdist.ReduceOp.SUM, group=None, async_op=False):
         if cdb._reduce_op(op) == tdist.ReduceOp.SUM and _kernel_takes(cdb, tensor, group):
             shm_all_reduce(tensor)
-            return _Done() if async_op else None
+            return Noop() if async_op else None
         return gloo_all_reduce(tensor, op, group, async_op)
 
     def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
@@ -115,7 +106,7 @@ def route_zero_collectives() -> bool:
             and input_tensor.numel() * world == output_tensor.numel()
             and shm_all_gather_into_tensor(output_tensor, input_tensor)
         ):
-            return _Done() if async_op else None
+            return Noop() if async_op else None
         return gloo_all_gather(output_tensor, input_tensor, group=group, async_op=async_op)
 
     cdb.all_reduce, cdb.all_gather_into_tensor = all_reduce, all_gather_into_tensor
