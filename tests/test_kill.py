@@ -25,6 +25,12 @@ from training.step3_rlhf_finetuning.main import main as step3
 
 STEP1 = "training/step1_supervised_finetuning/main.py"
 STEP3 = "training/step3_rlhf_finetuning/main.py"
+# Runs argv[1] as __main__ with SIGINT raising KeyboardInterrupt, whatever disposition was inherited.
+WITH_DEFAULT_CTRL_C = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv = sys.argv[1:]; sys.path[0] = __import__('os').path.dirname(sys.argv[0]); "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
 
 def step1_args(tmp: Path) -> list[str]:
@@ -156,11 +162,13 @@ def test_step3_killed_while_saving_resumes_exactly(kill_at, step3_models, step3_
 
 def test_ctrl_c_exits_130_with_one_line_and_checkpoints_intact(tmp_path):
     # A shell without job control starts background jobs with SIGINT ignored, and children inherit
-    # that: give the step the default disposition, as a terminal's Ctrl-C finds it.
+    # that: the child gives itself Python's usual Ctrl-C handler, as a terminal's Ctrl-C finds it. Done
+    # in the child, not with `preexec_fn`, which makes subprocess fork() this large pytest process
+    # (ENOMEM under memory pressure); without it the child starts by vfork/posix_spawn.
+    argv = [STEP1, *step1_args(tmp_path), "--output_dir", str(tmp_path / "run"), "--num_train_epochs", "50"]
     child = subprocess.Popen(
-        [sys.executable, STEP1, *step1_args(tmp_path), "--output_dir", str(tmp_path / "run"), "--num_train_epochs", "50"],
+        [sys.executable, "-c", WITH_DEFAULT_CTRL_C, *argv],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     seen = []
     for line in child.stdout:

@@ -125,9 +125,14 @@ def main() -> None:
     import deepspeed.comm.comm as ds_comm
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    report = {"routed": bool(getattr(ds_comm.cdb, shm._WRAPPED, False))}
+    cdb = ds_comm.cdb
+    report = {"routed": bool(getattr(cdb, shm._WRAPPED, False)), "level": getattr(cdb, "shm_vector_kernel_level", 0)}
     if report["routed"]:
         report["cases"] = collective_cases(rank, world)
+        # The routing again as an AVX2-only CPU sees it (the kernel's level 1: fp32 only), whatever this CPU has
+        native_level, cdb.shm_vector_kernel_level = cdb.shm_vector_kernel_level, min(report["level"], 1)
+        report["cases_at_level_1"] = collective_cases(rank, world)
+        cdb.shm_vector_kernel_level = native_level
     zero3_training(out_dir, rank)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
