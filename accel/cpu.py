@@ -29,6 +29,28 @@ def native_bf16_flags() -> tuple[str, ...]:
     return ()
 
 
+@functools.cache
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (x86 `model name`, else the platform's processor)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":", 1)[0].strip() in ("model name", "Model"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def describe_cpu() -> str:
+    """What a CPU figure depends on, for benchmark headers and RESULTS files: model, the vector level
+    torch's kernels run at, and whether bf16 is native (what `--dtype auto` and DeepSpeed's shm kernel follow)."""
+    flags = native_bf16_flags()
+    bf16 = f"native bf16 ({', '.join(flags)})" if flags else "no native bf16"
+    return f"{cpu_model_name()}, torch CPU kernels {torch.backends.cpu.get_cpu_capability()}, {bf16}"
+
+
 class FusedAdamW(torch.optim.AdamW):
     """torch's AdamW with its fused CPU kernel: the same update as `AdamW(foreach=False)`, one pass per tensor."""
 

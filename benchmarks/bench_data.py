@@ -166,7 +166,9 @@ def main() -> None:
             f"| {reload['seconds']:.2f} | {reload['rss_after_mb'] - reload['rss_before_mb']:.0f} "
             f"| {reload['peak_mb']:.0f} |"
         )
-    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    from accel.cpu import describe_cpu
+
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs ({describe_cpu()})")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     from torch._dynamo.testing import CompileCounter
 
     import accel
-    from accel.cpu import CpuAccelerator
+    from accel.cpu import CpuAccelerator, describe_cpu
     from dschat_hal.rlhf import generation
     from training.step3_rlhf_finetuning.main import main as step3
 
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         "compiled_graphs": counter.frame_count,
         "recompile_limit_warnings": sum("recompile_limit" in m for m in warnings.messages),
         "failure": failure,
+        "cpu": describe_cpu(),
     }
     print(json.dumps(result))
     return result

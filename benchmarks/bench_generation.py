@@ -279,13 +279,15 @@ def describe(args: argparse.Namespace) -> str:
     import deepspeed
     import transformers
 
+    from accel.cpu import describe_cpu
+
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     what = "PPO steps" if args.step3 else "generation"
     return (
         f"{what}: {args.model} shape, random weights, {args.dtype}, batch {args.batch}/rank, prompt {args.prompt}, "
         f"answer {args.answer}, {args.processes} process(es), device {args.device}; torch {torch.__version__}, "
         f"deepspeed {deepspeed.__version__}, transformers {transformers.__version__}; "
-        f"{os.cpu_count()} CPUs, load average {load:.1f} at the start"
+        f"{os.cpu_count()} CPUs ({describe_cpu()}), load average {load:.1f} at the start"
     )
 
 

@@ -173,6 +173,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     data = make_data(args.work, args.prompt)
     MB = 1024**2
+    from accel.cpu import describe_cpu
+
+    print(f"{os.cpu_count()} CPUs ({describe_cpu()})\n")
     print("| size | step | measured VmHWM MB | plan MB | plan/measured | measured - baseline MB | plan - baseline MB |")
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes:

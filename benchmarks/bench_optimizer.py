@@ -42,9 +42,11 @@ def main() -> None:
     args = p.parse_args()
     from transformers import OPTConfig, OPTForCausalLM
 
+    from accel.cpu import describe_cpu
+
     shapes = [q.shape for q in OPTForCausalLM(OPTConfig()).parameters()]
     print(f"{sum(s.numel() for s in shapes) / 1e6:.1f}M parameters in {len(shapes)} tensors, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+          f"{torch.get_num_threads()} threads on {describe_cpu()}")  # fmt: skip
     candidates = {
         "AdamW single-tensor": lambda ps: torch.optim.AdamW(ps, foreach=False, **SETTINGS),
         "AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True, **SETTINGS),

@@ -255,6 +255,8 @@ def generate_answers(actor_dir: Path, prompts: list[str], batch: int, max_new_to
 
 # ---- the run ----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    from accel.cpu import describe_cpu
+
     args = parse_args(argv)
     if args.quick:
         args.step1_rows = args.step2_rows = args.step3_prompts = 2 * args.batch
@@ -328,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval_interval": eval_interval(ppo_steps, args.quick),
         "seconds": time.time() - started,
         "load": [load_at_start, os.getloadavg()[0]],
+        "cpu": describe_cpu(),
         "perplexity": ppl,
         "step1_seconds": s1.get("seconds"),
         "step2": {

@@ -92,7 +92,9 @@ def main() -> None:
     p.add_argument("--workloads", nargs="+", default=["loop", "demo"], choices=["loop", "demo"])
     args = p.parse_args()
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    print(f"{os.cpu_count()} CPUs; shared cores = {args.load} busy processes beside the run\n")
+    from accel.cpu import describe_cpu
+
+    print(f"{os.cpu_count()} CPUs ({describe_cpu()}); shared cores = {args.load} busy processes beside the run\n")
     print("| workload | wait policy | cores | wall (s) | CPU (s) | load average |\n|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="bench_startup_") as tmp:
         trees = {"demo": ROOT}

@@ -237,13 +237,15 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from accel.cpu import describe_cpu
+
     args = parse_args(argv)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
     load = os.getloadavg()[0]
     setup = (f"{args.model} shape, random weights, {args.dtype}, ZeRO-{args.zero} x{args.processes}, "
              f"--enable_hybrid_engine {'on every side' if args.hybrid_engine else 'on ours_hybrid_* sides only'}, batch {args.batch}, prompt {args.prompt} + "
              f"answer {args.answer}, {args.steps} steps x {args.repeats} alternated round(s); torch {torch.__version__}; "
-             f"{os.cpu_count()} CPUs, load average {load:.1f} at the start")  # fmt: skip
+             f"{os.cpu_count()} CPUs ({describe_cpu()}), load average {load:.1f} at the start")  # fmt: skip
     runs = []
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name) if args.work_dir is None else args.work_dir

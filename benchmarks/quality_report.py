@@ -148,7 +148,7 @@ def write_results(m: dict, path: Path, argv: list[str], quick: bool = False) -> 
     lines = [
         "# Quality lane: SmolLM2-135M-Instruct through steps 1-3",
         "",
-        "Measured by `benchmarks/bench_quality.py` on the CPU (2 cores"
+        f"Measured by `benchmarks/bench_quality.py` on the CPU ({m.get('cpu', 'CPU not recorded')}; 2 cores"
         f"{load_note(m)}) in {m['seconds'] / 60:.0f} min: `{shlex.join(['python', *argv])}`. "
         "Plot: `RESULTS_quality.png`.",
         "",

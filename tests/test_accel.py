@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +83,21 @@ def test_unavailable_and_unknown_devices_fail_with_one_clear_line():
     if not torch.cuda.is_available():
         with pytest.raises(accel.DeviceUnavailableError, match="CUDA requested"):
             accel.get("cuda")
+
+
+def test_benchmark_headers_name_the_cpu_as_it_reports_itself(monkeypatch):
+    """Every CPU figure depends on the model, torch's kernel level and native bf16: the benchmarks say them."""
+    import accel.cpu
+
+    monkeypatch.setattr(accel.cpu, "cpu_model_name", lambda: "Some CPU 9000")
+    monkeypatch.setattr(accel.cpu, "native_bf16_flags", lambda: ())
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert accel.cpu.describe_cpu() == "Some CPU 9000, torch CPU kernels AVX2, no native bf16"
+    monkeypatch.setattr(accel.cpu, "native_bf16_flags", lambda: ("avx512_bf16", "amx_bf16"))
+    assert accel.cpu.describe_cpu().endswith("native bf16 (avx512_bf16, amx_bf16)")
+    benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
+    timed = [p.name for p in benchmarks.glob("bench_*.py")]
+    assert timed and all("describe_cpu()" in (benchmarks / name).read_text() for name in timed), timed
 
 
 def test_cpu_backend_answers(monkeypatch):
