@@ -90,6 +90,22 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def resume_position(position: dict, batches_per_epoch: int) -> dict:
+    """Where a resumed run starts: a position saved after an epoch's last batch is the next epoch's
+    start (there the uninterrupted run set the next epoch and created its data iterators)."""
+    if position["batch"] >= batches_per_epoch:
+        return {**position, "epoch": position["epoch"] + 1, "batch": 0}
+    return position
+
+
+def restore_rng(position: dict) -> None:
+    """Restore the RNG state saved with `position`, once (it is popped). Call it where the
+    uninterrupted run's RNG stood at the save: before an epoch's data iterators are created when
+    resuming at an epoch start (creating one draws a seed from the global RNG), after them mid-epoch."""
+    if "rng" in position:
+        set_rng_state(position.pop("rng"))
+
+
 def checkpoint_dir(args: argparse.Namespace) -> str | None:
     """`--checkpoint_dir`, else a sibling of the output (the final save replaces the output directory)."""
     return args.checkpoint_dir or (f"{args.output_dir.rstrip('/')}_checkpoints" if args.output_dir else None)
@@ -237,22 +253,26 @@ def train(
     `on_step(global_step)` runs after every optimizer step (e.g. a periodic evaluation)."""
     planned = total_optimizer_steps(loader, args)
     limit = min(planned, args.max_steps) if args.max_steps else planned
-    position = load_checkpoint({tag: engine}, args) or {"epoch": 0, "batch": 0}
+    saved = load_checkpoint({tag: engine}, args) or {"epoch": 0, "batch": 0}
     guard = HealthGuard(args.max_bad_steps)
     reported: list[float] = []
     pending: list[torch.Tensor] = []
     start = time.time()
     engine.train()
-    if engine.global_steps >= limit:
+    if engine.global_steps >= limit:  # resumed from the last step's checkpoint: left as the run ended
+        loader.sampler.set_epoch(saved["epoch"])
+        restore_rng(saved)
         return reported
+    position = resume_position(saved, len(loader))
     for epoch in range(position["epoch"], args.num_train_epochs):
         loader.sampler.set_epoch(epoch)
         skip = position["batch"] if epoch == position["epoch"] else 0
+        if not skip:  # an epoch start: before the iterator below draws its seed
+            restore_rng(position)
         for index, batch in enumerate(progress(loader, len(loader), f"{tag} epoch {epoch + 1}", args)):
             if index < skip:
                 continue
-            if "rng" in position:
-                set_rng_state(position.pop("rng"))
+            restore_rng(position)  # mid-epoch: after the iterator drew its seed, as in the uninterrupted run
             loss = loss_fn(engine, backend.to_device(batch))
             engine.backward(loss)
             backend.mark_step()

@@ -26,8 +26,9 @@ from dschat_hal.loop import (
     dtype_advice,
     load_checkpoint,
     progress,
+    restore_rng,
+    resume_position,
     save_checkpoint,
-    set_rng_state,
 )
 from dschat_hal.models import atomic_directory, check_positions, load_tokenizer, require_reward_checkpoint, write_lm
 from dschat_hal.models.lm import add_eot_token
@@ -258,6 +259,8 @@ def main(argv: list[str]) -> dict:
     if engine.actor_ema is not None:
         engines["actor_ema"] = engine.actor_ema
     position = load_checkpoint(engines, args) or {"epoch": 0, "batch": 0, "step": 0, "reward_ema": None}
+    saved_epoch = position["epoch"]  # an epoch is as long as the shorter of the zipped prompt and ptx loaders
+    position = resume_position(position, min(len(loader), len(unsup_loader)) if unsup_loader else len(loader))
     writer = ScalarWriter(args.tensorboard_path if args.enable_tensorboard else None, "step3")
     guard = HealthGuard(args.max_bad_steps)
     print_rank0(
@@ -322,18 +325,19 @@ def main(argv: list[str]) -> dict:
     experiences, unsup_batches, save_due = [], [], False
     if args.eval_interval and step == 0:  # the held-out reward before training
         evaluate()
-    for epoch in range(position["epoch"], args.num_train_epochs):
+    epoch = saved_epoch
+    # resumed from a checkpoint taken at the last step: no batch runs
+    for epoch in range(0) if limit_reached() else range(position["epoch"], args.num_train_epochs):
         loader.sampler.set_epoch(epoch)
-        unsup_iter = iter(unsup_loader) if unsup_loader else itertools.repeat(None)
         skip = position["batch"] if epoch == position["epoch"] else 0
+        if not skip:  # an epoch start: before the iterators below draw their seeds
+            restore_rng(position)
+        unsup_iter = iter(unsup_loader) if unsup_loader else itertools.repeat(None)
         batches = progress(zip(loader, unsup_iter, strict=False), len(loader), f"step3 epoch {epoch + 1}", args)
         for index, (batch, unsup) in enumerate(batches):
             if index < skip:
                 continue
-            if limit_reached():  # resumed from a checkpoint taken at the last step
-                break
-            if "rng" in position:  # after the loader drew its seed, as in an uninterrupted run
-                set_rng_state(position.pop("rng"))
+            restore_rng(position)  # mid-epoch: after the loaders drew their seeds, as in an uninterrupted run
             if pending:  # before generating with the updated actor: a diverged actor would crash generate()
                 flushed_ema = check_last_update(pending, flush, engine, step)
                 reward_ema = reward_ema if flushed_ema is None else flushed_ema
@@ -366,6 +370,7 @@ def main(argv: list[str]) -> dict:
                 break
         if limit_reached():
             break
+    restore_rng(position)  # resumed at the run's end (no batch ran): the RNG as the run left it
     reward_ema = flush()
     if args.eval_interval and (not evaluations or evaluations[-1]["step"] != step):  # and after the last step
         evaluate()
