@@ -263,10 +263,25 @@ class Accelerator(abc.ABC):
         """Return cached allocator memory to the device."""
 
     def available_memory(self) -> int | None:
-        """Bytes this process could still allocate on its device (None when unknown)."""
+        """Bytes still free on this process's device (None when unknown); host memory where the device
+        is the host (`memory_is_host_memory`), which all ranks on the host share: see `rank_memory`."""
         import psutil
 
         return int(psutil.virtual_memory().available)
+
+    @property
+    def memory_is_host_memory(self) -> bool:
+        """Whether this backend's device memory is the host's, shared by every rank on the host."""
+        return False
+
+    def rank_memory(self, ranks_on_host: int | None = None) -> int | None:
+        """Bytes one rank may still allocate: its device's free memory; where that is host memory, the
+        host's available memory divided by the ranks on this host (`ranks_on_host`, default this job's
+        processes here: `local_process_count()`). None when unknown."""
+        free = self.available_memory()
+        if free is None or not self.memory_is_host_memory:
+            return free
+        return int(free // max(1, ranks_on_host or local_process_count()))
 
     # ---- generation ------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -78,6 +78,11 @@ class CpuAccelerator(Accelerator):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    @property
+    def memory_is_host_memory(self) -> bool:
+        """Tensors live in host memory: the node's ranks share it."""
+        return True
+
     def reuse_freed_host_memory(self) -> str:
         """Tensors live in host memory: keep freed large blocks for reuse (see accel/_host_memory.py)."""
         from accel._host_memory import keep_freed_host_memory

@@ -200,6 +200,11 @@ class HpuAccelerator(Accelerator):
         stats = getattr(self._hpu, "mem_get_info", None)
         return int(stats()[0]) if stats is not None and not self.simulated else super().available_memory()
 
+    @property
+    def memory_is_host_memory(self) -> bool:
+        """Simulated (the test fake): tensors live in host memory, shared by the node's ranks."""
+        return self.simulated
+
     def capture_decode_step(self, step: torch.nn.Module) -> Callable[..., torch.Tensor]:
         """An HPU graph of the decode step only: `wrap_in_hpu_graph` replaces the module's forward for
         good, so it is never applied to a module that trains."""

@@ -444,6 +444,10 @@ def validate_numbers(args: argparse.Namespace) -> None:
         for name in ZERO_STAGES:
             if present.get(name) == 0:
                 raise UserError(f"--offload needs ZeRO: set {_flag(name)} to 1, 2 or 3 (or drop --offload)")
+    if present.get("device_memory") is not None:  # before anything is claimed or written
+        from dschat_hal.memory_plan import parse_bytes
+
+        parse_bytes(args.device_memory)
 
 
 def validate_paths(args: argparse.Namespace) -> None:

@@ -18,6 +18,7 @@ from conftest import run_script
 
 from training.chat import main as chat
 from training.e2e_rlhf import main as e2e
+from training.plan import main as plan
 from training.step1_supervised_finetuning.main import main as step1
 from training.step2_reward_model_finetuning.main import main as step2
 from training.step3_rlhf_finetuning.main import main as step3
@@ -260,6 +261,14 @@ CASES = [
     # --debug and Ctrl-C
     ("--debug keeps exit 2", step1, [*S1, "--lora_dim", "-4", "--debug"], None, 2, "--lora_dim must be 0 or more"),
     ("Ctrl-C", step1, S1, interrupt_training, 130, "interrupted (Ctrl-C)"),
+    # memory plan sizes (issue #27: --device_memory needs a positive size with its unit)
+    ("plan device_memory 1.2.3GiB", plan, ["1", "--model_name_or_path", "tiny-opt", "--device", "cpu", "--device_memory", "1.2.3GiB"], None, 2, "--device_memory '1.2.3GiB' is not a size; write a positive size with its unit, e.g. 24GiB, 80GB or 512MiB"),
+    ("plan device_memory without unit", plan, ["3", "--actor_model_name_or_path", "{actor}", "--critic_model_name_or_path", "{reward}", "--device_memory", "40"], None, 2, "--device_memory '40' has no unit"),
+    ("dry_run device_memory 0", step1, [*S1, "--dry_run", "--device_memory", "0"], None, 2, "--device_memory '0' must be more than 0"),
+    ("step-3 dry_run negative device_memory", step3, [*S3, "--dry_run", "--device_memory=-8GiB"], None, 2, "--device_memory '-8GiB' must be more than 0"),
+    ("step device_memory without unit", step2, [*S1, "--device_memory", "24"], None, 2, "--device_memory '24' has no unit"),
+    ("e2e dry-run device-memory without unit", e2e, ["--output-dir", "{out}", "--dry-run", "--device-memory", "40"], None, 2, "--device-memory '40' has no unit; write a positive size with its unit"),
+    ("e2e dry-run device-memory 1.2.3GiB", e2e, ["--output-dir", "{out}", "--dry-run", "--device-memory", "1.2.3GiB"], None, 2, "--device-memory '1.2.3GiB' is not a size"),
 ]  # fmt: skip
 
 

@@ -70,3 +70,21 @@ def test_refused_before_generating_when_nothing_fits(monkeypatch, stage):
         assert "inference copy" in message and "--offload_reference_model" in message
         assert hybrid.copy.model is None and hybrid.copy.gather_calls == 0  # nothing gathered or allocated
     assert hybrid._cache is None
+
+
+def test_cpu_ranks_on_one_host_share_its_free_memory(monkeypatch):
+    """Two local ranks (torchrun's LOCAL_WORLD_SIZE) share the host: each gets half of what is free."""
+    from dschat_hal.rlhf.memory import _mb
+
+    hybrid, backend = hybrid_engine(3)
+    prompts, mask = prompt_batch()
+    needs = hybrid.phase_memory(3, 9 + 100)
+    free = int(1.5 * needs.grouped())  # enough for one rank, not for two
+    monkeypatch.setattr(backend, "available_memory", lambda: free)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert hybrid._free_memory() == free
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert hybrid._free_memory() == free // 2
+    with pytest.raises(UserError, match=f"but {_mb(free // 2)} is free"):
+        hybrid.generate(prompts, mask)

@@ -333,3 +333,120 @@ def test_readme_table_is_the_plans_output():
 def test_json_summary_is_serialisable():
     args = step1_parser().parse_args(["--model_name_or_path", config("opt-1.3b"), "--device", "cuda"])
     json.dumps(memory_plan.summary(memory_plan.build(args, 1, "cuda", 1, 48 * GB)))
+
+
+# ---- host memory shared by the CPU ranks of one host (issue #27) ----------------------------------
+def _host_of(monkeypatch, size: int) -> None:
+    """This host has `size` bytes available and the planning process holds nothing (no real RAM read)."""
+    from accel.cpu import CpuAccelerator
+
+    monkeypatch.setattr(CpuAccelerator, "available_memory", lambda self: size)
+    monkeypatch.setattr(memory_plan, "_rss", lambda: 0)
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _cpu_step1(*flags: str):
+    return step1_parser().parse_args(
+        ["--model_name_or_path", config("opt-1.3b"), "--device", "cpu", "--dtype", "bf16", *flags]
+    )
+
+
+def test_cpu_ranks_on_one_host_each_plan_with_their_share_of_it(monkeypatch, capsys):
+    peak = memory_plan.build(_cpu_step1(), 1, "cpu", 1, None).peak.total  # ZeRO 0: the same on every rank
+    host = int(1.5 * peak / memory_plan.FIT_FRACTION)  # enough for one rank, not for two
+    _host_of(monkeypatch, host)
+    one = memory_plan.plan_for(_cpu_step1("--num_devices", "1"), 1)
+    assert one.device_memory == host and one.fits
+    two = memory_plan.plan_for(_cpu_step1("--num_devices", "2"), 1)
+    assert two.device_memory == host // 2 and two.fits is False
+    assert "host memory shared by the 2 ranks on this host" in memory_plan.render(two)
+    # training/plan.py and a step's --dry_run say the same
+    from training.plan import main as plan
+    from training.step1_supervised_finetuning.main import main as step1
+
+    argv = ["--model_name_or_path", config("opt-1.3b"), "--device", "cpu", "--dtype", "bf16", "--num_devices", "2"]
+    assert plan(["1", *argv]) == 1
+    assert f"2 rank(s) on cpu, {memory_plan._gib(host // 2)} each" in capsys.readouterr().out
+    assert step1([*argv, "--dry_run"])["device_memory"] == host // 2
+    # under a launcher with two ranks here (torchrun's LOCAL_WORLD_SIZE), without --num_devices
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert memory_plan.plan_for(_cpu_step1(), 1).device_memory == host // 2
+    # --device_memory is the memory of one rank, as given
+    assert memory_plan.plan_for(_cpu_step1("--device_memory", "3GiB"), 1).device_memory == 3 * GB
+
+
+def test_rank_memory_divides_host_memory_only(monkeypatch):
+    import accel
+
+    backend = accel.get("cpu")
+    monkeypatch.setattr(backend, "available_memory", lambda: 10 * GB)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert backend.memory_is_host_memory and backend.rank_memory() == 5 * GB and backend.rank_memory(4) == 10 * GB // 4
+    monkeypatch.setattr(type(backend), "memory_is_host_memory", property(lambda self: False))  # a device's own memory
+    assert backend.rank_memory() == backend.rank_memory(4) == 10 * GB
+
+
+def _llama_config(tmp_path, kv_heads: int) -> str:
+    from transformers import LlamaConfig
+
+    path = tmp_path / f"llama-kv{kv_heads}"
+    LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+    ).save_pretrained(path)  # fmt: skip
+    return str(path)
+
+
+def test_tensor_parallel_is_planned_as_the_engine_will_run_it(tmp_path, capsys):
+    """One key/value head cannot be split over 2 ranks: the engine falls back to T = 1, and so does the plan."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dschat_hal.memory_plan.fixes import _candidates
+    from dschat_hal.rlhf.tensor_parallel import tp_unsupported_reason
+
+    def generation(actor: str, *flags: str) -> tuple[dict, memory_plan.Plan]:
+        args = step3_parser().parse_args(
+            ["--actor_model_name_or_path", actor, "--critic_model_name_or_path", config("opt-350m"),
+             "--actor_zero_stage", "3", "--critic_zero_stage", "3", "--enable_hybrid_engine", "--dtype", "fp16",
+             *flags]
+        )  # fmt: skip
+        plan = memory_plan.build(args, 3, "cuda", 2, None)
+        return {p.name: p.parts for p in plan.phases}["generation"], plan
+
+    mqa = _llama_config(tmp_path, 1)
+    reason = tp_unsupported_reason(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(mqa)), 2)
+    assert reason and "1 key/value heads" in reason  # the engine's refusal
+    one, _ = generation(mqa)
+    two, plan = generation(mqa, "--inference_tp_size", "2")
+    assert two["inference copy"] == one["inference copy"] and two["KV cache"] == one["KV cache"]
+    assert f"hybrid engine: --inference_tp_size 2 falls back to 1: {reason}" in plan.notes
+    assert "TP 2" not in memory_plan.render(plan)
+    args = step3_parser().parse_args(["--actor_model_name_or_path", mqa, "--critic_model_name_or_path",
+                                      config("opt-350m"), "--enable_hybrid_engine", "--actor_zero_stage", "3"])  # fmt: skip
+    assert not any(flag.startswith("--inference_tp_size") for flag, _ in _candidates(args, 3, 8))
+    # two key/value heads split: the cache halves, no note
+    gqa = _llama_config(tmp_path, 2)
+    one, _ = generation(gqa)
+    two, plan = generation(gqa, "--inference_tp_size", "2")
+    assert two["KV cache"] == pytest.approx(one["KV cache"] / 2) and not any("falls back" in n for n in plan.notes)
+    # training/plan.py says so
+    from training.plan import main as plan_main
+
+    assert plan_main(["3", "--actor_model_name_or_path", mqa, "--critic_model_name_or_path", config("opt-350m"),
+                      "--actor_zero_stage", "3", "--enable_hybrid_engine", "--inference_tp_size", "2",
+                      "--device", "cuda", "--num_devices", "2"]) == 0  # fmt: skip
+    assert "--inference_tp_size 2 falls back to 1: LlamaForCausalLM has 1 key/value heads" in capsys.readouterr().out
+
+
+def test_device_memory_needs_a_positive_size_with_its_unit():
+    from dschat_hal.errors import UserError
+
+    assert memory_plan.parse_bytes("512MiB") == 512 * 2**20 and memory_plan.parse_bytes("80gb") == 80e9
+    for text, problem in [("1.2.3GiB", "is not a size"), ("40", "has no unit"), ("0", "must be more than 0"),
+                          ("0GiB", "must be more than 0"), ("-8GiB", "must be more than 0"), ("", "is not a size")]:  # fmt: skip
+        with pytest.raises(UserError, match=problem) as refused:
+            memory_plan.parse_bytes(text)
+        assert "e.g. 24GiB, 80GB or 512MiB" in str(refused.value)

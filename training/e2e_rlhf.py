@@ -276,6 +276,19 @@ def check_step_args(args: argparse.Namespace) -> str | None:
     return None
 
 
+def check_device_memory(args: argparse.Namespace) -> str | None:
+    """`--device-memory` must be a positive size with its unit (checked before any step starts)."""
+    if args.device_memory is None:
+        return None
+    from dschat_hal.memory_plan import parse_bytes
+
+    try:
+        parse_bytes(args.device_memory, flag="--device-memory")
+    except UserError as err:
+        return str(err)
+    return None
+
+
 def dry_run(args: argparse.Namespace, out: Path) -> int:
     """Each step's memory plan, from the commands the run would start (step 3 on the base models,
     which steps 1 and 2 would turn into its actor and critic); 1 when one does not fit."""
@@ -307,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir).resolve()
     problem = (
         check_step_args(args)
+        or check_device_memory(args)
         or (f"--output-dir {out} is a file; pass a directory" if out.is_file() else None)
         or check_master_port(args)
         or check_step_flags(args, out)

@@ -14,7 +14,8 @@ No weights are read: parameter counts come from building each model on the meta 
 - step 3's hybrid engine: its inference copy of the actor (ZeRO-3 only, 1/T of the layers with
   `--inference_tp_size T`), the static KV cache, and the gathered layer group while refilling.
 
-On the CPU the "device" is host memory shared by the node's ranks, and a process also holds the
+On the CPU the "device" is host memory shared by the node's ranks (each planned with its share of what
+is available: `accel`'s `rank_memory`, over `--num_devices` or the launcher's local ranks), and a process also holds the
 interpreter, torch, DeepSpeed, transformers and the data: a measured baseline (`CPU_BASELINE_BYTES`)
 is added there. `benchmarks/bench_memory.py` compares the plan with measured peaks (VmHWM).
 """
@@ -52,20 +53,28 @@ __all__ = [
 ]
 
 
-_SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(?:([KMGT])(i?B)?|(B))?\s*$", re.IGNORECASE)
+SIZE_FORM = "a positive size with its unit, e.g. 24GiB, 80GB or 512MiB"
 
 
-def parse_bytes(text: str) -> float:
-    """'40GiB', '40G' (both 2^30 units), '40GB' (10^9) or a plain number of bytes."""
+def parse_bytes(text: str, flag: str = "--device_memory") -> float:
+    """'40GiB', '40G' (both 2^30 units), '40GB' (10^9), '512B'; a UserError naming `flag` for anything
+    else: no unit, zero or negative, not a number."""
     from dschat_hal.errors import UserError
 
     match = _SIZE.match(text or "")
     if not match:
-        raise UserError(f"--device_memory {text!r} is not a size; write e.g. 40GiB, 80G or 48000MB")
-    value, unit, suffix = float(match.group(1)), match.group(2).upper(), match.group(3).lower()
-    power = "KMGT".index(unit) + 1 if unit else 0
-    base = 1000 if suffix == "b" and unit else 1024
-    return value * base**power
+        raise UserError(f"{flag} {text!r} is not a size; write {SIZE_FORM}")
+    number, unit, suffix, plain_bytes = match.groups()
+    value = float(number)
+    if value <= 0:
+        raise UserError(f"{flag} {text!r} must be more than 0; write {SIZE_FORM}")
+    if not unit and not plain_bytes:
+        raise UserError(f"{flag} {text!r} has no unit; write {SIZE_FORM}")
+    if plain_bytes:
+        return value
+    base = 1000 if (suffix or "").lower() == "b" else 1024
+    return value * base ** ("KMGT".index(unit.upper()) + 1)
 
 
 def resolve_device(args: argparse.Namespace) -> str:
@@ -82,19 +91,33 @@ def ranks_of(args: argparse.Namespace) -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def ranks_sharing(args: argparse.Namespace, backend) -> int:
+    """How many ranks share the memory `backend` reports: where it is host memory, the ranks planned
+    for (`--num_devices`, all on this host) or else this job's processes on this host; 1 elsewhere."""
+    from accel.base import local_process_count
+
+    if backend is None or not backend.memory_is_host_memory:
+        return 1
+    return max(1, int(getattr(args, "num_devices", None) or local_process_count()))
+
+
 def device_memory(args: argparse.Namespace, device: str, backend=None) -> float | None:
-    """`--device_memory`, else what the backend reports free (CPU: host memory available, shared by
-    this node's ranks), else unknown (None: the plan is printed but never refuses)."""
+    """`--device_memory`, else what one rank gets of what the backend reports free (host memory: its
+    share of what is available, with what this job's processes hold now), else unknown (None: the plan
+    is printed but never refuses)."""
     given = getattr(args, "device_memory", None)
-    if given:
+    if given is not None:
         return parse_bytes(given)
     if backend is None:
         return None
-    free = backend.available_memory()
+    sharing = ranks_sharing(args, backend)
+    free = backend.rank_memory(sharing)
     if free is None:
         return None
-    if device == "cpu":  # host memory: shared by the node's ranks; what this process holds is in the plan
-        free = free / int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1"))) + _rss()
+    if device == "cpu":  # the plan counts each process's baseline: what the running ones hold is theirs to share
+        from accel.base import local_process_count
+
+        free += _rss() * local_process_count() / sharing
     return float(free)
 
 
@@ -153,6 +176,11 @@ def refusal(plan: Plan) -> str:
 
 def _where(args: argparse.Namespace, backend=None) -> tuple[str, int, float | None]:
     """(device, ranks, device memory per rank) the plan is made for."""
+    return _locate(args, backend)[:3]
+
+
+def _locate(args: argparse.Namespace, backend=None) -> tuple[str, int, float | None, int]:
+    """`_where`, and how many ranks share the memory reported free (1: not shared, or given)."""
     if backend is not None:
         from dschat_hal.runtime import world_size
 
@@ -160,15 +188,18 @@ def _where(args: argparse.Namespace, backend=None) -> tuple[str, int, float | No
     else:
         device, ranks = resolve_device(args), ranks_of(args)
         backend = _probe(device)
-    return device, ranks, device_memory(args, device, backend)
+    given = getattr(args, "device_memory", None) is not None
+    return device, ranks, device_memory(args, device, backend), 1 if given else ranks_sharing(args, backend)
 
 
 def plan_for(args: argparse.Namespace, step: int, backend=None) -> Plan:
     """The plan of `args` for `step`, with the fix when it does not fit."""
     if step == 3 and not hasattr(args, "critic_graph_kept"):
         keep_critic_graph(args, backend)
-    device, ranks, memory = _where(args, backend)
+    device, ranks, memory, sharing = _locate(args, backend)
     plan = build(args, step, device, ranks, memory)
+    if memory is not None and sharing > 1:
+        plan.notes.append(f"host memory shared by the {sharing} ranks on this host: {_gib(memory)} each")
     if plan.fits is False:
         plan.fix = find_fix(args, plan)
     return plan

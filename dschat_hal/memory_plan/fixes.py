@@ -6,6 +6,7 @@ import argparse
 import copy
 
 from dschat_hal.memory_plan.phases import Plan, build
+from dschat_hal.memory_plan.shapes import tp_fallback_reason
 from dschat_hal.rlhf.placement import clear_placement
 
 
@@ -44,7 +45,8 @@ def _candidates(args, step: int, ranks: int) -> list[tuple[str, dict]]:
         tp = int(getattr(args, "inference_tp_size", 1) or 1)
         while tp * 2 <= ranks:
             tp *= 2
-            out.append((f"--inference_tp_size {tp}", {"inference_tp_size": tp}))
+            if tp_fallback_reason(args.actor_model_name_or_path, tp) is None:  # else the engine uses T = 1
+                out.append((f"--inference_tp_size {tp}", {"inference_tp_size": tp}))
     for who in ("reference", "reward"):
         if getattr(args, f"{who}_zero_stage", "auto") == "0" and ranks > 1:
             out.append((f"--{who}_zero_stage 3", {f"{who}_zero_stage": "3"}))

@@ -15,7 +15,7 @@ from dschat_hal.memory_plan.estimates import (
     zero3_gathered,
     zero_buffers,
 )
-from dschat_hal.memory_plan.shapes import Shape, model_shape
+from dschat_hal.memory_plan.shapes import Shape, model_shape, tp_fallback_reason
 
 GiB = 1024**3
 MiB = 1024**2
@@ -178,6 +178,9 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None, placement: di
     seq = args.max_prompt_seq_len + args.max_answer_seq_len
     tp = max(1, int(getattr(args, "inference_tp_size", 1) or 1))
     hybrid = args.enable_hybrid_engine
+    fallback = tp_fallback_reason(args.actor_model_name_or_path, tp) if hybrid else None
+    if fallback:  # planned as it will run: the engine makes the same decision and generates at T = 1
+        tp = 1
     copy_bytes = 0.0
     refill = 0.0
     if hybrid and a_stage == 3:
@@ -252,6 +255,8 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None, placement: di
         f"generation {gen_batch} x {seq}, training {train_batch} x {seq}"
         + (f", hybrid engine{f' TP {tp}' if tp > 1 else ''}" if hybrid else "")
     )
+    if fallback:
+        plan.notes.append(f"hybrid engine: --inference_tp_size {args.inference_tp_size} falls back to 1: {fallback}")
     plan.notes.extend(at.describe(name, ranks).removeprefix("step 3: ") for name, at in placement.items())
     return plan
 

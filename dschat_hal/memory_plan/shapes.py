@@ -59,15 +59,35 @@ def _first(config, *keys: str, default=None):
     return next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), default)
 
 
-@functools.lru_cache(maxsize=32)
-def model_shape(name_or_path: str, head: bool = True) -> Shape:
-    """The shape of a causal LM (`head`) or of a reward model (backbone + value head)."""
+@functools.lru_cache(maxsize=8)
+def meta_model(name_or_path: str, head: bool = True):
+    """A causal LM (`head`) or its backbone built on the meta device from its config: no storage."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
     config = _config(name_or_path)
     with torch.device("meta"):  # shapes only; unlike accelerate's init_empty_weights, tied heads stay one tensor
-        model = (AutoModelForCausalLM if head else AutoModel).from_config(config)
+        return (AutoModelForCausalLM if head else AutoModel).from_config(config)
+
+
+@functools.lru_cache(maxsize=32)
+def tp_fallback_reason(name_or_path: str, tp_size: int) -> str | None:
+    """Why the hybrid engine generates at T = 1 for `--inference_tp_size tp_size` on this actor (None:
+    it shards): the engine's own decision (`tensor_parallel.tp_unsupported_reason`) on the meta build."""
+    if tp_size <= 1:
+        return None
+    from dschat_hal.rlhf.tensor_parallel import tp_unsupported_reason
+
+    return tp_unsupported_reason(meta_model(name_or_path, head=True), tp_size)
+
+
+@functools.lru_cache(maxsize=32)
+def model_shape(name_or_path: str, head: bool = True) -> Shape:
+    """The shape of a causal LM (`head`) or of a reward model (backbone + value head)."""
+    import torch
+
+    model = meta_model(name_or_path, head)
+    config = model.config  # as the model resolved it (its attention implementation included)
     unique = {id(p): p.numel() for p in model.parameters()}
     params = sum(unique.values())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())

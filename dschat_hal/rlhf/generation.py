@@ -410,10 +410,11 @@ class HybridEngine:
         return PhaseMemory(copy, sum(groups), max(groups), kv, (batch, positions))
 
     def _free_memory(self) -> int | None:
-        """The device memory free on every rank (the least; ranks must agree on how they gather)."""
+        """The device memory free to each rank (the least; ranks must agree on how they gather); host
+        memory is shared by the ranks on the host (`Accelerator.rank_memory`)."""
         import torch.distributed as dist
 
-        free = self.backend.available_memory()
+        free = self.backend.rank_memory()
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return free
         unknown = 2**62

@@ -265,7 +265,7 @@ class TensorParallelEngine(HybridEngine):
         if not self.form.partitioned:
             return 0
         needed = self.form.full_bytes() * (1 + (self.form.model is None) / self.tp.size)
-        free = self.backend.available_memory()
+        free = self.backend.rank_memory()
         fits = torch.tensor([int(free is None or needed < 0.8 * free)], device=self.backend.device)
         dist.all_reduce(fits, op=dist.ReduceOp.MIN)
         return 0 if bool(fits.item()) else self.group_layers
