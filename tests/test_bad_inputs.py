@@ -180,6 +180,15 @@ def interrupt_training(monkeypatch):
     monkeypatch.setattr(loop, "train", interrupted)
 
 
+def drop_backbone_tensor(path: Path) -> None:
+    """A causal-LM save that lost one backbone tensor (task: real checkpoints)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(path / "model.safetensors"))
+    del weights["model.decoder.layers.1.fc1.weight"]
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
 CASES = [
     # flags
     ("train batch 0", step1, [*S1, "--per_device_train_batch_size", "0"], None, 2, "--per_device_train_batch_size must be at least 1"),
@@ -260,6 +269,8 @@ CASES = [
     # --debug and Ctrl-C
     ("--debug keeps exit 2", step1, [*S1, "--lora_dim", "-4", "--debug"], None, 2, "--lora_dim must be 0 or more"),
     ("Ctrl-C", step1, S1, interrupt_training, 130, "interrupted (Ctrl-C)"),
+    # real checkpoints: a backbone tensor missing from a causal-LM directory would train from random values
+    ("causal LM missing a backbone tensor", step2, [*S1, "--model_name_or_path", "{tmp}/m"], copy_model("actor", drop_backbone_tensor), 2, "1 backbone tensor(s) of '{tmp}/m' are not in its checkpoint"),
 ]  # fmt: skip
 
 
