@@ -63,7 +63,12 @@ def is_tiny(name: str) -> bool:
 
 
 def tiny_model(
-    name: str, vocab_size: int, seed: int = 42, head: bool = True, dropout: float | None = None
+    name: str,
+    vocab_size: int,
+    seed: int = 42,
+    head: bool = True,
+    dropout: float | None = None,
+    attn_implementation: str | None = None,
 ) -> torch.nn.Module:
     """Random-weight tiny model, seeded; `head=False` returns the backbone (for reward models)."""
     from transformers import AutoModel, AutoModelForCausalLM
@@ -74,4 +79,6 @@ def tiny_model(
     set_dropout(config, dropout)  # before construction: modules copy their dropout rate from the config
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return (AutoModelForCausalLM if head else AutoModel).from_config(config)
+        return (AutoModelForCausalLM if head else AutoModel).from_config(
+            config, attn_implementation=attn_implementation
+        )
