@@ -271,6 +271,7 @@ CASES = [
     ("Ctrl-C", step1, S1, interrupt_training, 130, "interrupted (Ctrl-C)"),
     # real checkpoints: a backbone tensor missing from a causal-LM directory would train from random values
     ("causal LM missing a backbone tensor", step2, [*S1, "--model_name_or_path", "{tmp}/m"], copy_model("actor", drop_backbone_tensor), 2, "1 backbone tensor(s) of '{tmp}/m' are not in its checkpoint"),
+    ("attention kernels not available", step1, [*S1, "--attn_implementation", "flash_attention_2"], None, 2, "--attn_implementation flash_attention_2 cannot be used for 'tiny-opt' here"),
 ]  # fmt: skip
 
 

@@ -239,19 +239,28 @@ def from_pretrained_checked(
             "pass a local directory or tiny-opt when no model hub is reachable"
         ) from None
     except (ImportError, ValueError) as err:
-        if attention is None or not any(w in str(err).lower() for w in ("attention", "attn", "flash")):
-            if isinstance(err, ImportError):
-                raise
-            raise _damaged(name_or_path, err) from None
-        raise UserError(
-            f"--attn_implementation {attention} cannot be used for {name_or_path!r} here "
-            f"({str(err).splitlines()[0][:160]}); choose another (eager always works) or leave it out"
-        ) from None
+        refused = unusable_attention(attention, name_or_path, err)
+        if refused is not None:
+            raise refused from None
+        if isinstance(err, ImportError):
+            raise
+        raise _damaged(name_or_path, err) from None
     except (SafetensorError, RuntimeError) as err:
         raise _damaged(name_or_path, err) from None
     finally:
         loading_log.removeFilter(quiet)
     return model, list(info["missing_keys"])
+
+
+def unusable_attention(attention: str | None, name_or_path: str, err: Exception) -> UserError | None:
+    """The one-line error for transformers refusing `--attn_implementation` (not installed, not
+    supported by the model or the device); None when `err` is about something else."""
+    if attention is None or not any(word in str(err).lower() for word in ("attention", "attn", "flash")):
+        return None
+    return UserError(
+        f"--attn_implementation {attention} cannot be used for {name_or_path!r} here "
+        f"({str(err).splitlines()[0][:160]}); choose another (eager always works) or leave it out"
+    )
 
 
 def _damaged(name_or_path: str, err: Exception) -> UserError:
