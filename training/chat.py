@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from dschat_hal.args import ATTN_HELP, ATTN_IMPLEMENTATIONS
 from dschat_hal.data.chat_format import PROMPT_FORMATS, ChatTemplate
 from dschat_hal.data.tokens import Encoder
 from dschat_hal.errors import UserError, cli_entry
@@ -35,6 +36,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="plain",
         help="plain: 'Human: ... Assistant:' text; chat_template: the tokenizer's chat template (as in training)",
     )
+    p.add_argument("--attn_implementation", default=None, choices=ATTN_IMPLEMENTATIONS, help=ATTN_HELP)
     p.add_argument("--debug", action="store_true")
     return p.parse_args(argv)
 
@@ -173,7 +175,9 @@ def main(argv: list[str]) -> int:
         file=sys.stderr,
         flush=True,
     )
-    model = backend.to_device(load_pretrained(AutoModelForCausalLM, args.path)).eval()
+    model = backend.to_device(
+        load_pretrained(AutoModelForCausalLM, args.path, attn_implementation=args.attn_implementation)
+    ).eval()
     limit = context_limit(model)
     if limit is not None and args.max_new_tokens >= limit:
         raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for input in {limit} positions")

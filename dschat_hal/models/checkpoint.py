@@ -83,12 +83,14 @@ def atomic_directory(target: str | os.PathLike, enabled: bool = True) -> Iterato
 def save_tokenizer(tokenizer, model: nn.Module, out_dir: str | os.PathLike) -> None:
     """Save `tokenizer` with `model_input_names` cut to the inputs `model.forward` takes, so that
     `model.generate(**tokenizer(text, return_tensors="pt"))` works on the reloaded pair (no
-    `token_type_ids` for OPT, BLOOM, Llama, ...). The tokenizer object keeps the cut names."""
+    `token_type_ids` for OPT, BLOOM, Llama, ...). The tokenizer object keeps the cut names.
+    `fast_tokenizer` (which transformers does not read; earlier saves wrote it) is left out."""
     accepted = inspect.signature(model.forward).parameters
     names = [name for name in tokenizer.model_input_names if name in accepted]
     if "input_ids" in names:
         tokenizer.model_input_names = names
         tokenizer.init_kwargs["model_input_names"] = names  # what save_pretrained writes
+    tokenizer.init_kwargs.pop("fast_tokenizer", None)
     tokenizer.save_pretrained(out_dir)
 
 

@@ -145,7 +145,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     check_model_source(name_or_path, need_weights=False)
     source = TOKENIZER_DIR if is_tiny(name_or_path) else name_or_path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, fast_tokenizer=True)
+        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
     except (OSError, TypeError, ValueError) as err:
         local = Path(name_or_path).expanduser()
         if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
@@ -205,8 +205,20 @@ def set_dropout(config: Any, dropout: float | None) -> None:
             setattr(config, key, dropout)
 
 
-def load_pretrained(auto_class: Any, name_or_path: str, ds_config: dict | None = None, **kwargs) -> torch.nn.Module:
-    """`auto_class.from_pretrained` with ZeRO-3 partitioning at load time when `ds_config` asks for it."""
+class _DropInitWarning(logging.Filter):
+    """Drops transformers' "Some weights of X were not initialized" warning: `require_loaded` turns
+    missing weights into one error line instead (and an LM head a backbone load drops is no concern)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "were not initialized from the model checkpoint" not in record.getMessage()
+
+
+def from_pretrained_checked(
+    auto_class: Any, name_or_path: str, ds_config: dict | None = None, **kwargs
+) -> tuple[torch.nn.Module, list[str]]:
+    """`auto_class.from_pretrained` with ZeRO-3 partitioning at load time when `ds_config` asks for it
+    and one-line errors; returns the model and the names of the weights it did not find in the
+    checkpoint (initialised, not loaded)."""
     check_model_source(name_or_path)
     dschf = None
     if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
@@ -214,19 +226,66 @@ def load_pretrained(auto_class: Any, name_or_path: str, ds_config: dict | None =
 
         dschf = HfDeepSpeedConfig(ds_config)  # must stay alive while the model is built  # noqa: F841
     from safetensors import SafetensorError
+    from transformers.modeling_utils import logger as loading_log
 
+    attention = kwargs.get("attn_implementation")
+    quiet = _DropInitWarning()
+    loading_log.addFilter(quiet)
     try:
-        return auto_class.from_pretrained(name_or_path, **kwargs)
+        model, info = auto_class.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     except OSError as err:
         raise UserError(
             f"cannot load model {name_or_path!r} ({str(err).splitlines()[0]}); "
             "pass a local directory or tiny-opt when no model hub is reachable"
         ) from None
-    except (SafetensorError, RuntimeError, ValueError) as err:
+    except (ImportError, ValueError) as err:
+        refused = unusable_attention(attention, name_or_path, err)
+        if refused is not None:
+            raise refused from None
+        if isinstance(err, ImportError):
+            raise
+        raise _damaged(name_or_path, err) from None
+    except (SafetensorError, RuntimeError) as err:
+        raise _damaged(name_or_path, err) from None
+    finally:
+        loading_log.removeFilter(quiet)
+    return model, list(info["missing_keys"])
+
+
+def unusable_attention(attention: str | None, name_or_path: str, err: Exception) -> UserError | None:
+    """The one-line error for transformers refusing `--attn_implementation` (not installed, not
+    supported by the model or the device); None when `err` is about something else."""
+    if attention is None or not any(word in str(err).lower() for word in ("attention", "attn", "flash")):
+        return None
+    return UserError(
+        f"--attn_implementation {attention} cannot be used for {name_or_path!r} here "
+        f"({str(err).splitlines()[0][:160]}); choose another (eager always works) or leave it out"
+    )
+
+
+def _damaged(name_or_path: str, err: Exception) -> UserError:
+    return UserError(
+        f"the weights of {name_or_path!r} are damaged or incomplete ({str(err).splitlines()[0][:160]}); "
+        "save the model again"
+    )
+
+
+def require_loaded(name_or_path: str, missing: list[str], what: str = "weight") -> None:
+    """Refuse a model some of whose weights would start random because the checkpoint lacks them."""
+    if missing:
         raise UserError(
-            f"the weights of {name_or_path!r} are damaged or incomplete ({str(err).splitlines()[0][:160]}); "
-            "save the model again"
-        ) from None
+            f"{len(missing)} {what} tensor(s) of {name_or_path!r} are not in its checkpoint and would start random "
+            f"(e.g. {missing[0]}); pass a complete model directory (a causal LM or a step-2 output saved "
+            "with save_pretrained)"
+        )
+
+
+def load_pretrained(auto_class: Any, name_or_path: str, ds_config: dict | None = None, **kwargs) -> torch.nn.Module:
+    """`auto_class.from_pretrained` with ZeRO-3 partitioning at load time when `ds_config` asks for it;
+    every weight of the model must come from the checkpoint (UserError otherwise)."""
+    model, missing = from_pretrained_checked(auto_class, name_or_path, ds_config, **kwargs)
+    require_loaded(name_or_path, missing)
+    return model
 
 
 def create_lm(
@@ -235,17 +294,27 @@ def create_lm(
     ds_config: dict | None = None,
     dropout: float | None = None,
     seed: int = 42,
+    attn_implementation: str | None = None,
 ) -> torch.nn.Module:
     """A causal LM from a tiny name (random, seeded), a local directory or a hub name.
 
     Pad and end tokens (config and generation config) follow the tokenizer; the vocabulary is resized to a multiple of 8.
+    `attn_implementation` (eager, sdpa, ...; None: transformers' choice) picks the attention kernels.
     """
     if is_tiny(name_or_path):
-        model = tiny_model(name_or_path, padded_vocab_size(tokenizer), seed=seed, dropout=dropout)
+        model = tiny_model(
+            name_or_path,
+            padded_vocab_size(tokenizer),
+            seed=seed,
+            dropout=dropout,
+            attn_implementation=attn_implementation,
+        )
     else:
         config = load_config(name_or_path)
         set_dropout(config, dropout)
-        model = load_pretrained(AutoModelForCausalLM, name_or_path, ds_config, config=config)
+        model = load_pretrained(
+            AutoModelForCausalLM, name_or_path, ds_config, config=config, attn_implementation=attn_implementation
+        )
     end_tokens.apply_to_model(model, tokenizer)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(padded_vocab_size(tokenizer))

@@ -13,11 +13,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from dschat_hal.models import end_tokens
 from dschat_hal.models.checkpoint import atomic_directory, gathered_state_dict, save_tokenizer
-from dschat_hal.models.lm import load_config, load_pretrained, padded_vocab_size, set_dropout
+from dschat_hal.models.lm import (
+    from_pretrained_checked,
+    load_config,
+    load_pretrained,
+    padded_vocab_size,
+    require_loaded,
+    set_dropout,
+)
 from dschat_hal.models.tiny import is_tiny, tiny_model
 
 HEAD_FILE = "value_head.safetensors"
@@ -194,6 +201,47 @@ def require_reward_checkpoint(name_or_path: str) -> None:
         )
 
 
+def backbone_class(config: PretrainedConfig) -> type | None:
+    """The class `AutoModel` builds for `config` (the transformer without a head), if any."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    try:
+        return MODEL_MAPPING[type(config)]
+    except (KeyError, ValueError):
+        return None
+
+
+def load_backbone(name_or_path: str, config: PretrainedConfig, ds_config: dict | None = None, **kwargs) -> nn.Module:
+    """The backbone (`AutoModel`'s class) of a saved model, every weight loaded from the checkpoint.
+
+    A saved backbone (a step-2 output, or any `AutoModel` save) loads as itself. A causal LM loads
+    whole and gives up its backbone module: the checkpoint's keys follow the causal-LM class, which
+    `AutoModel` cannot always map (Gemma-3's empty `base_model_prefix` matched none of `model.*`).
+    The LM head goes with the causal-LM object (a tied head is the backbone's embedding). Under a
+    ZeRO-3 `ds_config` the backbone is partitioned at load time, as any model.
+    """
+    base = backbone_class(config)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    saved_backbone = (
+        base is None
+        or base.__name__ in (config.architectures or ())
+        or is_reward_checkpoint(name_or_path)
+        or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING
+    )
+    if not saved_backbone:
+        lm, missing = from_pretrained_checked(AutoModelForCausalLM, name_or_path, ds_config, config=config, **kwargs)
+        found = next(((n, m) for n, m in lm.named_modules() if n and isinstance(m, base)), None)
+        if found is not None:
+            prefix, backbone = found
+            del lm  # the head (untied: a vocabulary-sized matrix) is freed here
+            inside = [k.removeprefix(prefix + ".") for k in missing if k.startswith(prefix + ".")]
+            require_loaded(name_or_path, inside, "backbone")
+            return backbone
+        del lm  # an unusual layout: load the backbone class directly (its loading is checked below)
+    return load_pretrained(AutoModel, name_or_path, ds_config, config=config, **kwargs)
+
+
 def create_reward_model(
     name_or_path: str,
     tokenizer: PreTrainedTokenizerBase,
@@ -201,15 +249,24 @@ def create_reward_model(
     dropout: float | None = None,
     compute_fp32_loss: bool = False,
     seed: int = 42,
+    attn_implementation: str | None = None,
 ) -> RewardModel:
     """A reward model (or critic): from a step-2 checkpoint (head included), or a fresh head on a
-    backbone taken from a tiny name, a causal-LM directory or a hub name."""
+    backbone taken from a tiny name, a causal-LM directory or a hub name (see `load_backbone`);
+    `attn_implementation` (eager, sdpa, ...; None: transformers' choice) picks the attention kernels."""
     if is_tiny(name_or_path):
-        backbone = tiny_model(name_or_path, padded_vocab_size(tokenizer), seed=seed, head=False, dropout=dropout)
+        backbone = tiny_model(
+            name_or_path,
+            padded_vocab_size(tokenizer),
+            seed=seed,
+            head=False,
+            dropout=dropout,
+            attn_implementation=attn_implementation,
+        )
     else:
         config = load_config(name_or_path)
         set_dropout(config, dropout)
-        backbone = load_pretrained(AutoModel, name_or_path, ds_config, config=config)
+        backbone = load_backbone(name_or_path, config, ds_config, attn_implementation=attn_implementation)
     end_tokens.apply_to_model(backbone, tokenizer)
     if backbone.get_input_embeddings().num_embeddings < len(tokenizer):
         backbone.resize_token_embeddings(padded_vocab_size(tokenizer))

@@ -63,15 +63,28 @@ def is_tiny(name: str) -> bool:
 
 
 def tiny_model(
-    name: str, vocab_size: int, seed: int = 42, head: bool = True, dropout: float | None = None
+    name: str,
+    vocab_size: int,
+    seed: int = 42,
+    head: bool = True,
+    dropout: float | None = None,
+    attn_implementation: str | None = None,
 ) -> torch.nn.Module:
     """Random-weight tiny model, seeded; `head=False` returns the backbone (for reward models)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from dschat_hal.models.lm import set_dropout
+    from dschat_hal.models.lm import set_dropout, unusable_attention
 
     config = tiny_config(TINY_MODELS[name], vocab_size)
     set_dropout(config, dropout)  # before construction: modules copy their dropout rate from the config
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return (AutoModelForCausalLM if head else AutoModel).from_config(config)
+        try:
+            return (AutoModelForCausalLM if head else AutoModel).from_config(
+                config, attn_implementation=attn_implementation
+            )
+        except (ImportError, ValueError) as err:
+            refused = unusable_attention(attn_implementation, name, err)
+            if refused is None:
+                raise
+            raise refused from None

@@ -81,6 +81,7 @@ class RLHFEngine:
             config,
             dropout=ppo_dropout(args.actor_dropout),
             seed=args.seed,
+            attn_implementation=args.attn_implementation,
         )
         if lora:
             apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name, args.only_optimize_lora)
@@ -131,6 +132,7 @@ class RLHFEngine:
             dropout=ppo_dropout(args.critic_dropout),
             compute_fp32_loss=fp32_loss,
             seed=args.seed,
+            attn_implementation=args.attn_implementation,
         )
 
     def _init_critic(self, total_iters: int):

@@ -37,7 +37,14 @@ def main(argv: list[str]) -> dict:
     train_set, eval_set, train_loader, eval_loader = loop.supervised_loaders(args, 1, tokenizer, backend)
 
     load_config = zero3_load_config(backend, args, args.zero_stage, args.per_device_train_batch_size)
-    model = create_lm(args.model_name_or_path, tokenizer, load_config, dropout=args.dropout, seed=args.seed)
+    model = create_lm(
+        args.model_name_or_path,
+        tokenizer,
+        load_config,
+        dropout=args.dropout,
+        seed=args.seed,
+        attn_implementation=args.attn_implementation,
+    )
     apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora)
     engine = engine_from_flags(
         backend,

@@ -44,6 +44,7 @@ def main(argv: list[str]) -> dict:
         dropout=args.dropout,
         compute_fp32_loss=fp32_loss,
         seed=args.seed,
+        attn_implementation=args.attn_implementation,
     )
     # a new value head: reset bloom's final norm under it; the head (and that norm) stay trainable
     # under --only_optimize_lora, or the reward model would keep a random head
