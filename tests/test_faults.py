@@ -241,6 +241,47 @@ def test_a_unit_missing_a_part_is_named(tmp_path):
     )
 
 
+def write_unit(root, step: int, manifest: object) -> None:
+    unit = root / f"global_step{step}"
+    (unit / "actor").mkdir(parents=True)
+    (unit / "actor" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
+    (unit / "manifest.json").write_text(json.dumps(manifest))
+
+
+GOOD_MANIFEST = {"step": 1, "engines": ["actor"], "setup": {}, "files": {"actor/mp_rank_00_model_states.pt": 10}}
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        ["actor"],
+        "global_step2",
+        None,
+        {"step": 2, "engines": ["actor"]},  # no setup
+        {"step": 2, "setup": {}},  # no engines
+        {"step": 2, "engines": "actor", "setup": {}},
+        {"step": 2, "engines": [{"name": "actor"}], "setup": {}},
+        {"step": 2, "engines": ["actor"], "setup": []},
+        {"step": "2", "engines": ["actor"], "setup": {}},
+        {"step": 2, "engines": ["actor"], "setup": {}, "files": ["actor/mp_rank_00_model_states.pt"]},
+        {"step": 2, "engines": ["actor"], "setup": {}, "files": {"actor/mp_rank_00_model_states.pt": "10"}},
+        {"step": 2, "engines": ["../actor"], "setup": {}},
+    ],
+    ids=lambda manifest: json.dumps(manifest)[:40],
+)
+def test_a_manifest_of_the_wrong_shape_is_a_damaged_unit(tmp_path, manifest):
+    """Valid JSON that is not a manifest: the unit is named in one line and the older one resumed."""
+    from dschat_hal.checkpoints import choose_unit
+
+    write_unit(tmp_path, 1, GOOD_MANIFEST)
+    write_unit(tmp_path, 2, manifest)
+    (tmp_path / "latest").write_text("global_step2\n")
+    unit, notes = choose_unit(tmp_path)
+    assert unit == tmp_path / "global_step1"
+    assert notes[0].startswith(f"warning: checkpoint unit {tmp_path / 'global_step2'} is damaged (its manifest.json ")
+    assert notes[0].endswith("damaged or not written by this program); skipping it") and "\n" not in notes[0]
+
+
 def no_space(*args, **kwargs):
     raise OSError(28, "No space left on device")
 
