@@ -399,6 +399,7 @@ def _flag(name: str) -> str:
 def validate_numbers(args: argparse.Namespace) -> None:
     """Counts, sizes, rates and probabilities in their ranges; one line naming the flag and the fix."""
     import math
+    import os
     import sys
 
     from dschat_hal.errors import UserError
@@ -417,7 +418,7 @@ def validate_numbers(args: argparse.Namespace) -> None:
         value = present[name]
         if not math.isfinite(value) or value < 0 or value > 3.4e38:
             raise UserError(f"{_flag(name)} must be a finite number >= 0 that fits a float32 (got {value})")
-        if value == 0 and "lora" not in name:
+        if value == 0 and "lora" not in name and os.environ.get("RANK", "0") == "0":  # once, not per rank
             print(f"warning: {_flag(name)} is 0: the weights will not change", file=sys.stderr)
     for name in DROPOUTS:
         value = present.get(name)

@@ -37,6 +37,15 @@ def _run_cleanups() -> None:
             traceback.print_exc()
 
 
+def rank_prefix() -> str:
+    """'rank N: ' in a run of several processes (launchers set RANK and WORLD_SIZE), else ''."""
+    try:
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        several = False
+    return f"rank {os.environ.get('RANK', '?')}: " if several else ""
+
+
 def _one_line(err: BaseException) -> str:
     if isinstance(err, PermissionError):
         return (
@@ -93,7 +102,7 @@ def cli_entry(main: F) -> F:
         except user_errors as err:
             if "--debug" in argv:
                 traceback.print_exc()
-            print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
+            print(f"error: {rank_prefix()}{_one_line(err)}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
             if "--debug" in argv:
