@@ -20,7 +20,7 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.nargs == 0 or action.default is argparse.SUPPRESS or "%(default)" in text:
+        if action.nargs == 0 or action.default is argparse.SUPPRESS or "%(default)" in text or "(default: " in text:
             return text
         return f"{text} (default: %(default)s)".strip()
 
@@ -72,7 +72,12 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="training dtype")
     g.add_argument("--seed", type=int, default=1234, help="seeds the data split, shuffling and model init")
     g.add_argument("--local_rank", type=int, default=-1, help="passed by the deepspeed launcher")
-    g.add_argument("--output_dir", default=None, help="where the trained model is saved (HF format)")
+    g.add_argument(
+        "--output_dir",
+        default=None,
+        help="where the trained model is saved, HF format; '' saves nothing (default: output/actor, output/reward "
+        "or output/rlhf under the current directory, for steps 1, 2 and 3)",
+    )
     g.add_argument("--offload", action="store_true", help="ZeRO-Offload optimizer (and ZeRO-3 params) to the CPU")
     g.add_argument("--no_fused_kernels", action="store_true", help="torch AdamW instead of fused device kernels")
     g.add_argument(
@@ -192,7 +197,7 @@ def _supervised_parser(description: str) -> argparse.ArgumentParser:
 
 def step1_parser() -> argparse.ArgumentParser:
     p = _supervised_parser("Step 1: supervised fine-tuning of the actor")
-    p.set_defaults(learning_rate=1e-3, tensorboard_path="step1_tensorboard")
+    p.set_defaults(learning_rate=1e-3, tensorboard_path="step1_tensorboard", output_name="actor")
     return p
 
 
@@ -206,7 +211,7 @@ def step2_parser() -> argparse.ArgumentParser:
         help="after training, store the mean score of (at most --eval_iters batches of) the training pairs with "
         "the model, for step 3's --center_reward",
     )
-    p.set_defaults(learning_rate=5e-5, tensorboard_path="step2_tensorboard")
+    p.set_defaults(learning_rate=5e-5, tensorboard_path="step2_tensorboard", output_name="reward")
     return p
 
 
@@ -344,6 +349,7 @@ def step3_parser() -> argparse.ArgumentParser:
         critic_learning_rate=5e-6,
         num_warmup_steps=100,
         tensorboard_path="step3_tensorboard",
+        output_name="rlhf",
     )
     return p
 
@@ -447,6 +453,28 @@ def validate_numbers(args: argparse.Namespace) -> None:
                 raise UserError(f"--offload needs ZeRO: set {_flag(name)} to 1, 2 or 3 (or drop --offload)")
 
 
+# Where a step saves when --output_dir is not given (upstream saves nothing then, silently): the demo's
+# layout (training/e2e_rlhf.py), under the current directory; the step's start-up lines say so.
+DEFAULT_OUTPUT_ROOT = "output"
+
+
+def default_output(args: argparse.Namespace) -> None:
+    """Give a step run without --output_dir its default output directory (`output/actor`,
+    `output/reward`, `output/rlhf`), and keep the start-up line that says where the model goes
+    (`args.output_note`; also for `--output_dir ''`, which saves nothing)."""
+    import os
+
+    name = getattr(args, "output_name", None)
+    if args.output_dir is None and name:
+        args.output_dir = os.path.join(DEFAULT_OUTPUT_ROOT, name)
+        args.output_note = (
+            f"saving the trained model to {args.output_dir} at the end (no --output_dir given; "
+            "pass --output_dir DIR to choose, or '' to save nothing)"
+        )
+    elif args.output_dir == "":
+        args.output_note = "--output_dir '': the trained model will not be saved"
+
+
 def validate_paths(args: argparse.Namespace) -> None:
     """Output, checkpoint and cache locations usable before any work is done (not after training)."""
     import os
@@ -478,6 +506,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     """Reject out-of-range and contradictory flags and unusable paths, with one line each."""
     from dschat_hal.errors import UserError
 
+    default_output(args)
     validate_numbers(args)
     lora_dims = [getattr(args, k) for k in ("lora_dim", "actor_lora_dim", "critic_lora_dim") if hasattr(args, k)]
     if args.only_optimize_lora and not any(lora_dims):

@@ -53,6 +53,8 @@ def setup(args: argparse.Namespace) -> Accelerator:
     why = f"--dtype auto: {backend.default_dtype_reason()}" if args.dtype in (None, "auto") else f"--dtype {args.dtype}"
     notes = backend.runtime_notes()
     print_rank0(f"running on {backend.describe()} in {chosen} ({why}){'; ' + notes if notes else ''}")
+    if getattr(args, "output_note", None):
+        print_rank0(args.output_note)
     from dschat_hal.inert_flags import inert_flag_notes
 
     for note in inert_flag_notes(args, backend, world_size()):

@@ -118,6 +118,8 @@ def test_under_several_processes_only_rank_0_logs_and_errors_name_their_rank(mon
     monkeypatch.setattr(runtime, "rank", lambda: 1)
     try:
         runtime.setup(step1_parser().parse_args(["--device", "cpu"]))
+        seen.seek(0)
+        seen.truncate()  # what setup logged before its filter was in place
         log = logging.getLogger("dschat_hal.rlhf.engine")
         monkeypatch.setattr(log, "level", logging.INFO)
         log.info("step 3: actor ready")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from conftest import TINY_STEP3_OPTIM, run_script, tiny_step1_argv
@@ -108,3 +109,18 @@ def test_a_step_names_its_optimizer_and_keeps_deepspeeds_untested_optimizer_caut
     assert [line for line in result.stdout.splitlines() if line.startswith("optimizer:")] == [
         "optimizer: torch AdamW (fused)"
     ]
+
+
+def test_a_step_without_output_dir_saves_to_its_default_and_says_so(tmp_path, capsys):
+    """Upstream saves nothing without --output_dir, silently; here step 1 saves to output/actor
+    (under a temporary directory in tests) and its start-up lines say where; '' saves nothing, said."""
+    import dschat_hal.args
+
+    default = Path(dschat_hal.args.DEFAULT_OUTPUT_ROOT) / "actor"
+    step1(tiny_step1_argv(tmp_path, "--max_steps", "1"))
+    out = capsys.readouterr().out.splitlines()
+    assert (default / "model.safetensors").is_file() and (default / "config.json").is_file()
+    assert f"saving the trained model to {default} at the end (no --output_dir given; " in "\n".join(out[:3])
+    step1(tiny_step1_argv(tmp_path, "--max_steps", "1", "--seed", "5", "--output_dir", ""))
+    out = capsys.readouterr().out.splitlines()
+    assert "--output_dir '': the trained model will not be saved" in out[:3]
