@@ -218,10 +218,15 @@ class Accelerator(abc.ABC):
     def init_distributed(self) -> None:
         """Initialise torch.distributed through DeepSpeed: under a launcher (torchrun, deepspeed)
         from its environment, or as a world of one without one — without exporting RANK or
-        MASTER_PORT, so that child processes never inherit this process's rendezvous."""
+        MASTER_PORT, so that child processes never inherit this process's rendezvous. First, once per
+        process, a stale op-build lock (a killed build's) is removed, said in one line: DeepSpeed loads
+        its communication op here, and torch would wait on that lock forever, silently."""
         import deepspeed
         import torch.distributed as dist
 
+        from accel._op_builds import clear_stale_build_locks_once
+
+        clear_stale_build_locks_once()
         if dist.is_available() and dist.is_initialized():
             return
         self.set_device()

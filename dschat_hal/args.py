@@ -23,7 +23,7 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.nargs == 0 or action.default is argparse.SUPPRESS or "%(default)" in text:
+        if action.nargs == 0 or action.default is argparse.SUPPRESS or "%(default)" in text or "(default: " in text:
             return text
         return f"{text} (default: %(default)s)".strip()
 
@@ -76,7 +76,12 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attn_implementation", default=None, choices=ATTN_IMPLEMENTATIONS, help=ATTN_HELP)
     g.add_argument("--seed", type=int, default=1234, help="seeds the data split, shuffling and model init")
     g.add_argument("--local_rank", type=int, default=-1, help="passed by the deepspeed launcher")
-    g.add_argument("--output_dir", default=None, help="where the trained model is saved (HF format)")
+    g.add_argument(
+        "--output_dir",
+        default=None,
+        help="where the trained model is saved, HF format; '' saves nothing (default: output/actor, output/reward "
+        "or output/rlhf under the current directory, for steps 1, 2 and 3)",
+    )
     g.add_argument("--offload", action="store_true", help="ZeRO-Offload optimizer (and ZeRO-3 params) to the CPU")
     g.add_argument("--no_fused_kernels", action="store_true", help="torch AdamW instead of fused device kernels")
     g.add_argument(
@@ -196,7 +201,7 @@ def _supervised_parser(description: str) -> argparse.ArgumentParser:
 
 def step1_parser() -> argparse.ArgumentParser:
     p = _supervised_parser("Step 1: supervised fine-tuning of the actor")
-    p.set_defaults(learning_rate=1e-3, tensorboard_path="step1_tensorboard")
+    p.set_defaults(learning_rate=1e-3, tensorboard_path="step1_tensorboard", output_name="actor")
     return p
 
 
@@ -210,7 +215,7 @@ def step2_parser() -> argparse.ArgumentParser:
         help="after training, store the mean score of (at most --eval_iters batches of) the training pairs with "
         "the model, for step 3's --center_reward",
     )
-    p.set_defaults(learning_rate=5e-5, tensorboard_path="step2_tensorboard")
+    p.set_defaults(learning_rate=5e-5, tensorboard_path="step2_tensorboard", output_name="reward")
     return p
 
 
@@ -348,6 +353,7 @@ def step3_parser() -> argparse.ArgumentParser:
         critic_learning_rate=5e-6,
         num_warmup_steps=100,
         tensorboard_path="step3_tensorboard",
+        output_name="rlhf",
     )
     return p
 
@@ -403,6 +409,7 @@ def _flag(name: str) -> str:
 def validate_numbers(args: argparse.Namespace) -> None:
     """Counts, sizes, rates and probabilities in their ranges; one line naming the flag and the fix."""
     import math
+    import os
     import sys
 
     from dschat_hal.errors import UserError
@@ -421,7 +428,7 @@ def validate_numbers(args: argparse.Namespace) -> None:
         value = present[name]
         if not math.isfinite(value) or value < 0 or value > 3.4e38:
             raise UserError(f"{_flag(name)} must be a finite number >= 0 that fits a float32 (got {value})")
-        if value == 0 and "lora" not in name:
+        if value == 0 and "lora" not in name and os.environ.get("RANK", "0") == "0":  # once, not per rank
             print(f"warning: {_flag(name)} is 0: the weights will not change", file=sys.stderr)
     for name in DROPOUTS:
         value = present.get(name)
@@ -452,6 +459,28 @@ def validate_numbers(args: argparse.Namespace) -> None:
         from dschat_hal.memory_plan import parse_bytes
 
         parse_bytes(args.device_memory)
+
+
+# Where a step saves when --output_dir is not given (upstream saves nothing then, silently): the demo's
+# layout (training/e2e_rlhf.py), under the current directory; the step's start-up lines say so.
+DEFAULT_OUTPUT_ROOT = "output"
+
+
+def default_output(args: argparse.Namespace) -> None:
+    """Give a step run without --output_dir its default output directory (`output/actor`,
+    `output/reward`, `output/rlhf`), and keep the start-up line that says where the model goes
+    (`args.output_note`; also for `--output_dir ''`, which saves nothing)."""
+    import os
+
+    name = getattr(args, "output_name", None)
+    if args.output_dir is None and name:
+        args.output_dir = os.path.join(DEFAULT_OUTPUT_ROOT, name)
+        args.output_note = (
+            f"saving the trained model to {args.output_dir} at the end (no --output_dir given; "
+            "pass --output_dir DIR to choose, or '' to save nothing)"
+        )
+    elif args.output_dir == "":
+        args.output_note = "--output_dir '': the trained model will not be saved"
 
 
 def validate_paths(args: argparse.Namespace) -> None:
@@ -485,6 +514,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     """Reject out-of-range and contradictory flags and unusable paths, with one line each."""
     from dschat_hal.errors import UserError
 
+    default_output(args)
     validate_numbers(args)
     lora_dims = [getattr(args, k) for k in ("lora_dim", "actor_lora_dim", "critic_lora_dim") if hasattr(args, k)]
     if args.only_optimize_lora and not any(lora_dims):

@@ -158,17 +158,57 @@ def latest_unit(root: str | os.PathLike) -> Path | None:
     return root / tag if UNIT_NAME.match(tag) else None
 
 
+def manifest_shape_problem(manifest: object) -> str | None:
+    """What makes parsed `manifest` JSON not a unit's manifest (None: the shape `_save_unit` writes):
+    an object with an int `step`, a non-empty list of engine names, a `setup` object and, when
+    present, `files` mapping relative paths to sizes."""
+    if not isinstance(manifest, dict):
+        return f"its {MANIFEST} holds a JSON {_json_type(manifest)}, not an object"
+    step, engines, setup = manifest.get("step"), manifest.get("engines"), manifest.get("setup")
+    if type(step) is not int:
+        return f"its {MANIFEST} has no integer 'step'"
+    if not isinstance(engines, list) or not engines or not all(_plain_name(name) for name in engines):
+        return f"its {MANIFEST} has no list of engine names under 'engines'"
+    if not isinstance(setup, dict):
+        return f"its {MANIFEST} has no 'setup' object"
+    files = manifest.get("files")
+    if files is not None and not (
+        isinstance(files, dict)
+        and all(_relative(path) and type(size) is int and size >= 0 for path, size in files.items())
+    ):
+        return f"its {MANIFEST} 'files' is not a map of relative paths to sizes"
+    return None
+
+
+def _json_type(value: object) -> str:
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _plain_name(name: object) -> bool:
+    return isinstance(name, str) and bool(name) and name not in (".", "..") and "/" not in name
+
+
+def _relative(path: str) -> bool:
+    parts = Path(path).parts
+    return bool(parts) and not Path(path).is_absolute() and ".." not in parts
+
+
 def unit_problem(unit: Path) -> str | None:
     """Why `unit` cannot be resumed from (None: every part is present at the size it was saved with)."""
-    manifest = read_manifest(unit)
-    if manifest is None:
+    try:
+        manifest = json.loads((unit / MANIFEST).read_text())
+    except (OSError, ValueError):
         return f"no readable {MANIFEST} (an interrupted save)"
-    for name in manifest.get("engines", []):
+    shape = manifest_shape_problem(manifest)
+    if shape is not None:
+        return f"{shape}: damaged or not written by this program"
+    for name in manifest["engines"]:
         if not (unit / name).is_dir():
             return f"its {name}/ part is missing"
     sizes = manifest.get("files")
     if sizes is None:  # saved before manifests listed their files: at least each engine's model states
-        for name in manifest.get("engines", []):
+        for name in manifest["engines"]:
             if not any(p.stat().st_size for p in (unit / name).glob("*model_states.pt")):
                 return f"{name}/ holds no model states"
         return None

@@ -11,11 +11,11 @@ import re
 import shutil
 import signal
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from accel._op_builds import clear_stale_build_locks as clear_stale_build_locks  # the layer loads the ops
 from dschat_hal.errors import UserError, on_exit
 
 log = logging.getLogger("dschat_hal")
@@ -195,114 +195,6 @@ def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = No
         removed.append(entry)
     if removed:
         log.warning("removed %d leftover(s) of an interrupted save in %s", len(removed), directory)
-    return removed
-
-
-# ---- DeepSpeed/torch op builds -----------------------------------------------------------------
-def extensions_dir() -> Path:
-    """Where torch builds ops (DeepSpeed's CPU Adam, shm comm, ...): TORCH_EXTENSIONS_DIR or its default."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torch_extensions"
-
-
-def _processes() -> Iterator[Path]:
-    return (proc for proc in Path("/proc").glob("[0-9]*") if proc.name != str(os.getpid()))
-
-
-def lock_holders(lock: Path) -> list[int]:
-    """Local processes that hold `lock` open. torch's `FileBaton` creates the lock and keeps its file
-    descriptor open until the build ends, so a live build always holds it; a killed one never does."""
-    try:
-        target = lock.stat()
-    except FileNotFoundError:
-        return []
-    holders = []
-    for proc in _processes():
-        try:
-            fds = list((proc / "fd").iterdir())
-        except OSError:  # gone, or another user's process (which cannot write our build directory)
-            continue
-        for fd in fds:
-            try:
-                found = fd.stat()
-            except OSError:
-                continue
-            if (found.st_ino, found.st_dev) == (target.st_ino, target.st_dev):
-                holders.append(int(proc.name))
-                break
-    return holders
-
-
-def _build_in_progress(build_dir: Path) -> bool:
-    """Is any live process working inside `build_dir` (ninja and the compilers run there)?"""
-    target = str(build_dir.resolve())
-    for proc in _processes():
-        try:
-            cwd = os.readlink(proc / "cwd")
-        except OSError:
-            continue
-        if cwd == target or cwd.startswith(target + os.sep):
-            return True
-    return False
-
-
-NETWORK_FILE_SYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "fuse", "9p", "glusterfs")
-
-
-def on_network_file_system(path: Path) -> bool:
-    """Whether `path` lies on a file system other machines may share (then their builds are invisible here)."""
-    try:
-        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
-    except OSError:
-        return False
-    resolved = str(path.resolve())
-    best, kind = "", ""
-    for point, fs_type in mounts:
-        point = point.replace("\\040", " ")
-        if (resolved == point or resolved.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
-            best, kind = point, fs_type
-    return kind.split(".")[0] in NETWORK_FILE_SYSTEMS
-
-
-def clear_stale_build_locks(root: str | os.PathLike | None = None, min_age_s: float = 600.0) -> list[Path]:
-    """Remove torch's op-build `lock` files that no live build holds, before anything waits on one
-    (torch's `FileBaton.wait` polls forever, silently); say so. A lock a local process holds open is
-    a live build: reported (a run then waits with a message, not silently). On a network file system
-    a build on another machine is invisible here, so there a lock is stale only after `min_age_s`."""
-    root = Path(root) if root else extensions_dir()
-    removed: list[Path] = []
-    if not root.is_dir() or not Path("/proc/self").exists():
-        return removed
-    for lock in root.glob("**/lock"):
-        try:
-            age = time.time() - lock.stat().st_mtime
-        except FileNotFoundError:
-            continue
-        holders = lock_holders(lock)
-        if holders or _build_in_progress(lock.parent):
-            who = f"process {holders[0]}" if holders else "another process"
-            log.warning("waiting: %s is building the op in %s (lock %s)", who, lock.parent, lock)
-            continue
-        if on_network_file_system(lock) and age < min_age_s:
-            log.warning(
-                "op-build lock %s is %.0f s old and no process here holds it: a build on another machine may "
-                "hold it; if none does, remove the file",
-                lock,
-                age,
-            )
-            continue
-        time.sleep(0.2)  # a holder that just closed its descriptor removes the file a moment later
-        if not lock.exists() or lock_holders(lock):
-            continue
-        lock.unlink(missing_ok=True)
-        removed.append(lock)
-        log.warning(
-            "removed a stale op-build lock %s (no process holds it: its build, started %.0f s ago, was killed)",
-            lock,
-            age,
-        )
     return removed
 
 

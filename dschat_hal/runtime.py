@@ -41,12 +41,9 @@ def setup(args: argparse.Namespace) -> Accelerator:
     backend.use_graphs = args.enable_hpu_graphs or getattr(args, "enable_device_graphs", False)
     if args.audit_shapes:
         backend.enable_shape_audit()
-    from dschat_hal.faults import clear_stale_build_locks
-
-    # before init_distributed, which loads DeepSpeed's comm op: a killed op build leaves a lock that
-    # makes every later load wait forever
-    clear_stale_build_locks()
-    init_distributed(backend)
+    init_distributed(backend)  # which first clears a stale op-build lock (accel/_op_builds.py)
+    _optimizers_said.clear()
+    log_from_rank0(rank())
     _silence_deepspeed(getattr(args, "verbose", False))
     _import_muon_uncompiled()
     freeze_startup_objects()
@@ -56,11 +53,40 @@ def setup(args: argparse.Namespace) -> Accelerator:
     why = f"--dtype auto: {backend.default_dtype_reason()}" if args.dtype in (None, "auto") else f"--dtype {args.dtype}"
     notes = backend.runtime_notes()
     print_rank0(f"running on {backend.describe()} in {chosen} ({why}){'; ' + notes if notes else ''}")
+    if getattr(args, "output_note", None):
+        print_rank0(args.output_note)
     from dschat_hal.inert_flags import inert_flag_notes
 
     for note in inert_flag_notes(args, backend, world_size()):
         print_rank0(f"note: {note}")
     return backend
+
+
+class RankFilter(logging.Filter):
+    """One rank's log filter: rank 0 logs everything; any other rank only errors, which name it, and
+    records logged with `extra={"all_ranks": True}` (lines that concern that rank alone)."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.rank == 0 or getattr(record, "all_ranks", False):
+            return True
+        if record.levelno < logging.ERROR:
+            return False
+        if not getattr(record, "rank_named", False):
+            record.msg, record.rank_named = f"rank {self.rank}: {record.msg}", True
+        return True
+
+
+def log_from_rank0(rank: int, handlers: list[logging.Handler] | None = None) -> None:
+    """Under several processes only rank 0 logs (as upstream's `print_rank_0`), errors excepted:
+    filter `handlers` (default: the root logger's, which every project logger reaches)."""
+    for handler in logging.getLogger().handlers if handlers is None else handlers:
+        for old in [f for f in handler.filters if isinstance(f, RankFilter)]:
+            handler.removeFilter(old)
+        handler.addFilter(RankFilter(rank))
 
 
 def init_distributed(backend: Accelerator) -> None:
@@ -135,6 +161,8 @@ def _silence_deepspeed(verbose: bool = False) -> None:
     if verbose:
         return
     ds_logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _UntestedOptimizerCaution) for f in ds_logger.filters):
+        ds_logger.addFilter(_UntestedOptimizerCaution())
     import deepspeed.runtime.utils as ds_utils
 
     report = ds_utils.see_memory_usage
@@ -144,6 +172,34 @@ def _silence_deepspeed(verbose: bool = False) -> None:
             and getattr(module, "see_memory_usage", None) is report
         ):
             module.see_memory_usage = _no_memory_report
+
+
+class _UntestedOptimizerCaution(logging.Filter):
+    """Drops DeepSpeed's "You are using ZeRO with an untested optimizer, proceed with caution": ZeRO
+    is given torch's AdamW (or the device's fused Adam) on purpose (`zero_allow_untested_optimizer`),
+    and the step's start-up lines name the optimizer instead (`describe_optimizer`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in str(record.msg)
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
+    """What the optimizer is, for a start-up line: 'torch AdamW (fused)', 'deepspeed FusedAdam', ..."""
+    cls = type(optimizer)
+    if isinstance(optimizer, torch.optim.AdamW) and (cls is torch.optim.AdamW or cls.__module__.startswith("accel")):
+        return "torch AdamW (fused)" if optimizer.defaults.get("fused") else "torch AdamW"
+    return f"{cls.__module__.split('.')[0]} {cls.__name__}"
+
+
+_optimizers_said: set[str] = set()
+
+
+def say_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """`optimizer: ...` once per kind of optimizer in a run (step 3's actor and critic share one line)."""
+    described = describe_optimizer(optimizer)
+    if described not in _optimizers_said:
+        _optimizers_said.add(described)
+        print_rank0(f"optimizer: {described}")
 
 
 def _no_memory_report(message: str, force: bool = False) -> None:
@@ -287,6 +343,7 @@ def training_engine(
     optimizer = optimizer_class(
         param_groups(model, weight_decay, lora_lr), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay
     )
+    say_optimizer(optimizer)
     scheduler = get_scheduler(
         args.lr_scheduler_type,
         optimizer=optimizer,

@@ -152,3 +152,12 @@ def e2e_output(tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (out / "e2e_stdout.txt").write_text(result.stdout)
     return out
+
+
+@pytest.fixture(autouse=True)
+def default_output_root(tmp_path_factory, monkeypatch):
+    """A step run without --output_dir saves to output/<name> under the current directory: in tests,
+    under a fresh temporary directory instead of the repository (in-process runs)."""
+    import dschat_hal.args
+
+    monkeypatch.setattr(dschat_hal.args, "DEFAULT_OUTPUT_ROOT", str(tmp_path_factory.mktemp("default_output")))

@@ -151,3 +151,38 @@ def test_empty_lines_are_skipped(saved, monkeypatch, capsys):
         ["--path", str(saved / "actor"), "--greedy"], io.StringIO("\n  \nhi\n\nquit\n"), monkeypatch, capsys
     )
     assert code == 0 and out.count("Assistant:") == 1
+
+
+def chat_command(saved) -> list[str]:
+    path = str(saved / "actor")
+    return [sys.executable, str(ROOT / "training/chat.py"), "--path", path, "--device", "cpu", "--max_new_tokens", "2"]
+
+
+def test_a_closed_stdin_ends_chat_as_end_of_input(saved):
+    """`chat.py <&-`: Python starts with no sys.stdin; that is the end of the input, exit 0."""
+    result = subprocess.run(
+        ["bash", "-c", 'exec "$@" <&-', "chat", *chat_command(saved)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "Assistant:" not in result.stdout
+
+
+def test_a_reader_that_left_ends_chat_quietly(saved):
+    """`chat.py | head -1` once head has exited: no BrokenPipeError traceback, no "Exception ignored"
+    at shutdown, exit 141 (128 + SIGPIPE, as a tool killed by SIGPIPE)."""
+    chat = subprocess.Popen(
+        chat_command(saved),
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    chat.stdout.close()  # the reader is gone before chat writes its first answer
+    _, err = chat.communicate("hi\nhello\n", timeout=300)
+    assert chat.returncode == 141, err[-2000:]
+    assert "Traceback" not in err and "Exception ignored" not in err and "BrokenPipe" not in err, err

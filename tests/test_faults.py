@@ -73,22 +73,73 @@ def test_a_lock_no_process_holds_is_stale_at_any_age_and_one_held_open_is_live(t
     assert f"waiting: process {holder.pid} is building the op in {building}" in caplog.text
 
 
-def test_a_stale_lock_of_the_comm_op_is_gone_before_init_distributed_loads_it(tmp_path, monkeypatch, caplog):
-    """init_distributed loads DeepSpeed's comm op, whose build waits (forever, silently) on the lock a
-    killed build left in deepspeed_shm_comm/: the cleanup runs before it."""
-    import accel
+def test_a_library_caller_is_not_held_by_a_stale_lock_of_the_comm_op(tmp_path):
+    """A program that uses the library directly (no step main): `init_distributed` loads DeepSpeed's
+    comm op, whose load waits forever, silently, on the lock a killed build left in its build
+    directory; the layer removes it first and says so in one line. On a copy of the built op."""
+    import shutil
+    import sys
+
+    from conftest import ROOT
+
+    from accel._op_builds import extensions_dir
+
+    built = extensions_dir() / "deepspeed_shm_comm"
+    op = tmp_path / "deepspeed_shm_comm"
+    if built.is_dir():
+        shutil.copytree(built, op, ignore=shutil.ignore_patterns("lock"))  # mtimes kept: no rebuild
+    else:
+        op.mkdir()  # not built yet: the load builds it here
+    (op / "lock").touch()
+    os.utime(op / "lock", (time.time() - 3600, time.time() - 3600))
+    code = "import accel; accel.get('cpu').init_distributed(); print('initialised')"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0 and "initialised" in result.stdout, result.stderr[-2000:]
+    said = [line for line in result.stderr.splitlines() if "stale op-build lock" in line]
+    assert len(said) == 1 and str(op / "lock") in said[0] and not (op / "lock").exists(), result.stderr[-2000:]
+
+
+def test_under_several_processes_only_rank_0_logs_and_errors_name_their_rank(monkeypatch, capsys):
+    """Every rank configures logging; step 3's lines printed once per rank under torchrun x2 are
+    cut to rank 0's, except errors (named with their rank), in the logs and in `error:` lines."""
+    import io
+    import logging
+
     from dschat_hal import runtime
     from dschat_hal.args import step1_parser
+    from dschat_hal.errors import UserError, cli_entry
 
-    lock = tmp_path / "deepspeed_shm_comm" / "lock"
-    lock.parent.mkdir()
-    lock.touch()
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    backend, seen = accel.get("cpu"), []
-    monkeypatch.setattr(backend, "init_distributed", lambda: seen.append(lock.exists()))  # torch would wait here
-    monkeypatch.setattr(runtime.accel, "get", lambda *args, **kwargs: backend)
-    runtime.setup(step1_parser().parse_args(["--device", "cpu"]))
-    assert seen == [False] and "removed a stale op-build lock" in caplog.text
+    root, seen = logging.getLogger(), io.StringIO()
+    handler = logging.StreamHandler(seen)
+    root.addHandler(handler)
+    monkeypatch.setattr(runtime, "rank", lambda: 1)
+    try:
+        runtime.setup(step1_parser().parse_args(["--device", "cpu"]))
+        seen.seek(0)
+        seen.truncate()  # what setup logged before its filter was in place
+        log = logging.getLogger("dschat_hal.rlhf.engine")
+        monkeypatch.setattr(log, "level", logging.INFO)
+        log.info("step 3: actor ready")
+        log.warning("warning: most rewards are clipped")
+        log.error("the critic diverged")
+        log.info("rank 1: building the data cache here", extra={"all_ranks": True})
+    finally:
+        root.removeHandler(handler)
+        runtime.log_from_rank0(0)
+    assert seen.getvalue().splitlines() == ["rank 1: the critic diverged", "rank 1: building the data cache here"]
+
+    @cli_entry
+    def refuses(argv: list[str]) -> None:
+        raise UserError("--data_path x does not exist")
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        refuses([])
+    assert capsys.readouterr().err == "error: rank 1: --data_path x does not exist\n"
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -239,6 +290,47 @@ def test_a_unit_missing_a_part_is_named(tmp_path):
         notes[0]
         == f"warning: checkpoint unit {tmp_path / 'global_step2'} is damaged (its critic/ part is missing); skipping it"
     )
+
+
+def write_unit(root, step: int, manifest: object) -> None:
+    unit = root / f"global_step{step}"
+    (unit / "actor").mkdir(parents=True)
+    (unit / "actor" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
+    (unit / "manifest.json").write_text(json.dumps(manifest))
+
+
+GOOD_MANIFEST = {"step": 1, "engines": ["actor"], "setup": {}, "files": {"actor/mp_rank_00_model_states.pt": 10}}
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        ["actor"],
+        "global_step2",
+        None,
+        {"step": 2, "engines": ["actor"]},  # no setup
+        {"step": 2, "setup": {}},  # no engines
+        {"step": 2, "engines": "actor", "setup": {}},
+        {"step": 2, "engines": [{"name": "actor"}], "setup": {}},
+        {"step": 2, "engines": ["actor"], "setup": []},
+        {"step": "2", "engines": ["actor"], "setup": {}},
+        {"step": 2, "engines": ["actor"], "setup": {}, "files": ["actor/mp_rank_00_model_states.pt"]},
+        {"step": 2, "engines": ["actor"], "setup": {}, "files": {"actor/mp_rank_00_model_states.pt": "10"}},
+        {"step": 2, "engines": ["../actor"], "setup": {}},
+    ],
+    ids=lambda manifest: json.dumps(manifest)[:40],
+)
+def test_a_manifest_of_the_wrong_shape_is_a_damaged_unit(tmp_path, manifest):
+    """Valid JSON that is not a manifest: the unit is named in one line and the older one resumed."""
+    from dschat_hal.checkpoints import choose_unit
+
+    write_unit(tmp_path, 1, GOOD_MANIFEST)
+    write_unit(tmp_path, 2, manifest)
+    (tmp_path / "latest").write_text("global_step2\n")
+    unit, notes = choose_unit(tmp_path)
+    assert unit == tmp_path / "global_step1"
+    assert notes[0].startswith(f"warning: checkpoint unit {tmp_path / 'global_step2'} is damaged (its manifest.json ")
+    assert notes[0].endswith("damaged or not written by this program); skipping it") and "\n" not in notes[0]
 
 
 def no_space(*args, **kwargs):

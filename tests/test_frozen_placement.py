@@ -129,7 +129,7 @@ def _torchrun(tmp_path, name: str, port: str, *extra: str) -> tuple[list[dict], 
         *("--actor_model_name_or_path", "tiny-opt", "--critic_model_name_or_path", "tiny-opt", "--allow_random_critic"),
         *("--max_prompt_seq_len", "32", "--max_answer_seq_len", "8", "--num_warmup_steps", "0"),
         *("--per_device_generation_batch_size", "2", "--per_device_training_batch_size", "2", *ZERO3),
-        *("--enable_test_mode", "--test_stop_step", "1", *extra),
+        *("--enable_test_mode", "--test_stop_step", "1", "--output_dir", "", *extra),
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -80,6 +80,7 @@ def test_step3_with_two_processes_under_torchrun(e2e_output, tmp_path, hybrid):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "step 2 reward" in result.stdout
+    assert (result.stdout + result.stderr).count("step 3: actor ready") == 1  # rank 0 logs, rank 1 does not
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "rlhf" / "actor").config.model_type == "opt"
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
-from conftest import TINY_STEP3_OPTIM
+from conftest import TINY_STEP3_OPTIM, run_script, tiny_step1_argv
 from transformers import AutoModelForCausalLM
 
 from dschat_hal.models import create_reward_model, load_tokenizer
@@ -95,3 +96,31 @@ def test_three_steps_for_each_family(tmp_path, family):
     tokenizer = load_tokenizer(str(tmp_path / "rlhf" / "actor"))
     critic = create_reward_model(str(tmp_path / "rlhf" / "critic"), tokenizer)
     assert critic.config.model_type == family
+
+
+def test_a_step_names_its_optimizer_and_keeps_deepspeeds_untested_optimizer_caution_out(tmp_path):
+    """ZeRO is given torch's fused AdamW on purpose: one `optimizer:` start-up line says so, and
+    DeepSpeed's "untested optimizer, proceed with caution" is kept out (it shows with --verbose)."""
+    argv = tiny_step1_argv(tmp_path, "--zero_stage", "2", "--max_steps", "1", "--output_dir", str(tmp_path / "o"))
+    result = run_script("training/step1_supervised_finetuning/main.py", *argv, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "untested optimizer" not in output
+    assert [line for line in result.stdout.splitlines() if line.startswith("optimizer:")] == [
+        "optimizer: torch AdamW (fused)"
+    ]
+
+
+def test_a_step_without_output_dir_saves_to_its_default_and_says_so(tmp_path, capsys):
+    """Upstream saves nothing without --output_dir, silently; here step 1 saves to output/actor
+    (under a temporary directory in tests) and its start-up lines say where; '' saves nothing, said."""
+    import dschat_hal.args
+
+    default = Path(dschat_hal.args.DEFAULT_OUTPUT_ROOT) / "actor"
+    step1(tiny_step1_argv(tmp_path, "--max_steps", "1"))
+    out = capsys.readouterr().out.splitlines()
+    assert (default / "model.safetensors").is_file() and (default / "config.json").is_file()
+    assert f"saving the trained model to {default} at the end (no --output_dir given; " in "\n".join(out[:3])
+    step1(tiny_step1_argv(tmp_path, "--max_steps", "1", "--seed", "5", "--output_dir", ""))
+    out = capsys.readouterr().out.splitlines()
+    assert "--output_dir '': the trained model will not be saved" in out[:3]

@@ -2,8 +2,10 @@
 
     python training/chat.py --path output/rlhf/actor [--device auto] [--max_new_tokens 128]
 
-Type a message and press enter; `clear` starts a new conversation, `quit` (or end of input) leaves;
-empty lines are skipped. Pass `--prompt_format chat_template` for an actor trained with it.
+Type a message and press enter; `clear` starts a new conversation, `quit` (or end of input, or a
+closed stdin) leaves with exit code 0; empty lines are skipped. Output piped into a reader that exits
+(`| head -1`) ends chat quietly with exit code 141, as a tool killed by SIGPIPE. Pass
+`--prompt_format chat_template` for an actor trained with it.
 """
 
 from __future__ import annotations
@@ -139,8 +141,10 @@ def check_finite(model, tokenizer, backend, path: str) -> None:
 
 
 def read_line(stream) -> tuple[str | None, bool]:
-    """(the next input line, whether it had bytes that are not UTF-8); None at end of input. Bytes
-    that do not decode become U+FFFD."""
+    """(the next input line, whether it had bytes that are not UTF-8); None at end of input (or when
+    `stream` is None: stdin was closed). Bytes that do not decode become U+FFFD."""
+    if stream is None:  # stdin closed (`<&-`): Python has no sys.stdin; as end of input
+        return None, False
     raw = getattr(stream, "buffer", None)
     line = stream.readline() if raw is None else raw.readline()
     if isinstance(line, str):
@@ -182,7 +186,7 @@ def main(argv: list[str]) -> int:
     if limit is not None and args.max_new_tokens >= limit:
         raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for input in {limit} positions")
     check_finite(model, tokenizer, backend, args.path)
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin is not None and sys.stdin.isatty()
     while True:
         if interactive:
             print("Human: ", end="", flush=True)

@@ -430,7 +430,12 @@ def load_or_build(
     _barrier()
     if rank != 0 and local_rank == 0:
         if not path.exists():
-            log.info("rank %d: the data cache %s is not on this node's disk; building it here", rank, path)
+            log.info(
+                "rank %d: the data cache %s is not on this node's disk; building it here",
+                rank,
+                path,
+                extra={"all_ranks": True},
+            )
         found = _reuse_or_build(spec, tokenizer, path, num_proc)
     _barrier()
     if found is None and not (path / "meta.json").exists():
