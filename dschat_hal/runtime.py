@@ -39,6 +39,7 @@ def setup(args: argparse.Namespace) -> Accelerator:
         on_exit(accel.release_host_memory)
     backend.set_buckets(args.bucket_lengths)
     backend.use_graphs = args.enable_hpu_graphs or getattr(args, "enable_device_graphs", False)
+    backend.optimizer_choice = getattr(args, "optimizer", "auto")
     if args.audit_shapes:
         backend.enable_shape_audit()
     from dschat_hal.faults import clear_stale_build_locks
@@ -56,6 +57,7 @@ def setup(args: argparse.Namespace) -> Accelerator:
     why = f"--dtype auto: {backend.default_dtype_reason()}" if args.dtype in (None, "auto") else f"--dtype {args.dtype}"
     notes = backend.runtime_notes()
     print_rank0(f"running on {backend.describe()} in {chosen} ({why}){'; ' + notes if notes else ''}")
+    print_rank0(f"optimizer: {backend.describe_optimizer(offload=args.offload, fused=not args.no_fused_kernels)}")
     from dschat_hal.inert_flags import inert_flag_notes
 
     for note in inert_flag_notes(args, backend, world_size()):
