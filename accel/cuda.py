@@ -107,8 +107,10 @@ class CudaAccelerator(Accelerator):
         silently. A capture that fails falls back to eager, said in one line, for this and later steps."""
         if not self.use_graphs or self.graphs_fallback_reason:
             return step
+        import torch._inductor.config as inductor_config
+
         options: dict[str, Any] = {"triton.cudagraphs": True}  # what mode="reduce-overhead" sets
-        if hasattr(torch._inductor.config.triton, "cudagraph_or_error"):  # torch >= 2.6
+        if hasattr(inductor_config.triton, "cudagraph_or_error"):  # not in every torch release
             options["triton.cudagraph_or_error"] = True
         compiled = torch.compile(step, fullgraph=True, dynamic=False, options=options)
         return _GuardedCapture(self, step, compiled)
