@@ -40,6 +40,7 @@ class Accelerator(abc.ABC):
         self.bucket_sizes: tuple[int, ...] = ()  # empty: identity bucketing
         self.shape_audit: dict[str, set[tuple]] | None = None
         self.use_graphs = False  # capture generation in device graphs where the backend can
+        self.optimizer_choice = "auto"  # --optimizer: "deepspeed_fused" where the backend offers it
 
     # ---- availability -------------------------------------------------------------------
     @classmethod
@@ -136,6 +137,11 @@ class Accelerator(abc.ABC):
     @abc.abstractmethod
     def optimizer_class(self, offload: bool = False, fused: bool = True) -> type[torch.optim.Optimizer]:
         """The Adam(W) class to use: fused kernels where they exist, a CPU kernel with offload."""
+
+    def describe_optimizer(self, offload: bool = False, fused: bool = True) -> str:
+        """The name of what `optimizer_class` picks (with `optimizer_choice` as set), for the start-up line."""
+        cls = self.optimizer_class(offload=offload, fused=fused)
+        return getattr(cls, "description", f"{cls.__module__}.{cls.__qualname__}")
 
     def compute_fp32_loss(self, model_type: str, user_flag: bool | None = None) -> bool:
         """Whether the LM loss should be computed in fp32. A user flag always wins."""

@@ -52,7 +52,10 @@ def describe_cpu() -> str:
 
 
 class FusedAdamW(torch.optim.AdamW):
-    """torch's AdamW with its fused CPU kernel: the same update as `AdamW(foreach=False)`, one pass per tensor."""
+    """torch's AdamW with its fused kernel (CPU and CUDA): the same update as `AdamW(foreach=False)`, one
+    pass per tensor."""
+
+    description = "torch.optim.AdamW(fused=True)"
 
     def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("fused", True)

@@ -264,11 +264,15 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         head = ("| ZeRO | mode | seconds | first phase s | tokens/s | speed-up vs hf | tokens = hf | x floor "
                 "| copy MB/rank | KV cache MB/rank |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
         lines = [f"| {r['zero']} | {r['mode']} | {r['seconds']:.2f} | {r['first_phase_s']:.2f} | "
-                 f"{r['tokens_per_s']:.1f} | {r['speedup_vs_hf']:.2f}x | "
+                 f"{r['tokens_per_s']:.1f} | {_speedup(r['speedup_vs_hf'])} | "
                  f"{'-' if r['tokens_equal_hf'] is None else 'yes' if r['tokens_equal_hf'] else 'no'} | "
                  f"{r['x_floor']:.1f} | {_per_rank(r.get('copy_mb'))} | {_per_rank(r.get('cache_mb'))} |"
                  for r in rows]  # fmt: skip
     return "\n".join([head, *lines])
+
+
+def _speedup(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"  # "-": no hf row to compare with (--modes without hf)
 
 
 def _per_rank(values: list[float] | None) -> str:

@@ -85,6 +85,14 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offload", action="store_true", help="ZeRO-Offload optimizer (and ZeRO-3 params) to the CPU")
     g.add_argument("--no_fused_kernels", action="store_true", help="torch AdamW instead of fused device kernels")
     g.add_argument(
+        "--optimizer",
+        default="auto",
+        choices=["auto", "deepspeed_fused"],
+        help="auto: the device's fused AdamW (CPU and CUDA: torch's AdamW(fused=True), HPU: Habana's FusedAdamW); "
+        "deepspeed_fused: DeepSpeed's FusedAdam (CUDA; its op builds with nvcc on first use). "
+        "--offload and --no_fused_kernels choose theirs",
+    )
+    g.add_argument(
         "--zero_hpz_enabled",
         action="store_true",
         help="ZeRO++ hpZ: ZeRO-3 weights also partitioned within each node (multi-node ZeRO-3 only)",

@@ -50,4 +50,16 @@ def inert_flag_notes(args: argparse.Namespace, backend: Accelerator, world_size:
                 f"--zero_hpz_enabled does nothing here: it partitions ZeRO-3 weights within each node of a "
                 f"multi-node run (this run: ZeRO stage {'/'.join(map(str, stages))}, {world_size} process(es))"
             )
+    if flags.get("optimizer") == "deepspeed_fused":
+        chosen = backend.describe_optimizer(
+            offload=flags.get("offload", False), fused=not flags.get("no_fused_kernels")
+        )
+        if not chosen.endswith(".FusedAdam"):
+            why = next((f"--{f}" for f in ("offload", "no_fused_kernels") if flags.get(f)), None)
+            notes.append(
+                f"--optimizer deepspeed_fused does nothing with {why}, which picks {chosen}; drop one of the two"
+                if why
+                else f"--optimizer deepspeed_fused does nothing on {backend.name}: DeepSpeed's FusedAdam is a CUDA "
+                f"optimizer ({chosen} is used); drop the flag"
+            )
     return notes

@@ -39,10 +39,10 @@ def setup(args: argparse.Namespace) -> Accelerator:
         on_exit(accel.release_host_memory)
     backend.set_buckets(args.bucket_lengths)
     backend.use_graphs = args.enable_hpu_graphs or getattr(args, "enable_device_graphs", False)
+    backend.optimizer_choice = getattr(args, "optimizer", "auto")
     if args.audit_shapes:
         backend.enable_shape_audit()
     init_distributed(backend)  # which first clears a stale op-build lock (accel/_op_builds.py)
-    _optimizers_said.clear()
     log_from_rank0(rank())
     _silence_deepspeed(getattr(args, "verbose", False))
     _import_muon_uncompiled()
@@ -53,6 +53,7 @@ def setup(args: argparse.Namespace) -> Accelerator:
     why = f"--dtype auto: {backend.default_dtype_reason()}" if args.dtype in (None, "auto") else f"--dtype {args.dtype}"
     notes = backend.runtime_notes()
     print_rank0(f"running on {backend.describe()} in {chosen} ({why}){'; ' + notes if notes else ''}")
+    print_rank0(f"optimizer: {backend.describe_optimizer(offload=args.offload, fused=not args.no_fused_kernels)}")
     if getattr(args, "output_note", None):
         print_rank0(args.output_note)
     from dschat_hal.inert_flags import inert_flag_notes
@@ -177,29 +178,10 @@ def _silence_deepspeed(verbose: bool = False) -> None:
 class _UntestedOptimizerCaution(logging.Filter):
     """Drops DeepSpeed's "You are using ZeRO with an untested optimizer, proceed with caution": ZeRO
     is given torch's AdamW (or the device's fused Adam) on purpose (`zero_allow_untested_optimizer`),
-    and the step's start-up lines name the optimizer instead (`describe_optimizer`)."""
+    and the step's start-up lines name the optimizer instead (`Accelerator.describe_optimizer`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "untested optimizer" not in str(record.msg)
-
-
-def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
-    """What the optimizer is, for a start-up line: 'torch AdamW (fused)', 'deepspeed FusedAdam', ..."""
-    cls = type(optimizer)
-    if isinstance(optimizer, torch.optim.AdamW) and (cls is torch.optim.AdamW or cls.__module__.startswith("accel")):
-        return "torch AdamW (fused)" if optimizer.defaults.get("fused") else "torch AdamW"
-    return f"{cls.__module__.split('.')[0]} {cls.__name__}"
-
-
-_optimizers_said: set[str] = set()
-
-
-def say_optimizer(optimizer: torch.optim.Optimizer) -> None:
-    """`optimizer: ...` once per kind of optimizer in a run (step 3's actor and critic share one line)."""
-    described = describe_optimizer(optimizer)
-    if described not in _optimizers_said:
-        _optimizers_said.add(described)
-        print_rank0(f"optimizer: {described}")
 
 
 def _no_memory_report(message: str, force: bool = False) -> None:
@@ -343,7 +325,6 @@ def training_engine(
     optimizer = optimizer_class(
         param_groups(model, weight_decay, lora_lr), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay
     )
-    say_optimizer(optimizer)
     scheduler = get_scheduler(
         args.lr_scheduler_type,
         optimizer=optimizer,

@@ -21,10 +21,16 @@ def _param_groups(seed: int) -> list[dict]:
     return [{"params": decayed, "weight_decay": 0.1}, {"params": plain, "weight_decay": 0.0}]
 
 
-def test_fused_cpu_adamw_steps_equal_single_tensor_adamw():
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_fused_cpu_adamw_steps_equal_single_tensor_adamw(device):
+    """The CPU's default, and the CUDA backend's (the same class; its choice and update maths checked here on
+    CPU tensors, the backend built without touching CUDA)."""
+    from accel.cuda import CudaAccelerator
+
+    backend = accel.get("cpu") if device == "cpu" else CudaAccelerator(local_rank=0)
     fused_groups, plain_groups = _param_groups(0), _param_groups(0)
     settings = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
-    fused = accel.get("cpu").optimizer_class()(fused_groups, **settings)
+    fused = backend.optimizer_class()(fused_groups, **settings)
     plain = torch.optim.AdamW(plain_groups, foreach=False, **settings)
     assert isinstance(fused, FusedAdamW) and fused.defaults["fused"] is True
     gen = torch.Generator().manual_seed(1)

@@ -107,7 +107,7 @@ def test_a_step_names_its_optimizer_and_keeps_deepspeeds_untested_optimizer_caut
     assert result.returncode == 0, output[-3000:]
     assert "untested optimizer" not in output
     assert [line for line in result.stdout.splitlines() if line.startswith("optimizer:")] == [
-        "optimizer: torch AdamW (fused)"
+        "optimizer: torch.optim.AdamW(fused=True)"
     ]
 
 
