@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -31,6 +32,13 @@ log = logging.getLogger(__name__)
 def _habana(submodule: str = "") -> Any:
     name = "habana_frameworks" + (f".{submodule}" if submodule else "")
     return importlib.import_module(name)
+
+
+def _distribution_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 class HpuAccelerator(Accelerator):
@@ -89,28 +97,44 @@ class HpuAccelerator(Accelerator):
     def unavailable_reason(cls) -> str:
         return "HPU requested but habana_frameworks is not importable; run inside a Gaudi image or use --device cpu"
 
-    @staticmethod
-    def _adapt_transformers(lazy_mode: bool) -> bool:
-        """Apply optimum-habana's Gaudi model patches once, when it is installed, and in lazy mode its
-        activation-checkpointing function. transformers binds `checkpoint` into `modeling_utils` when it
-        is imported, so both names are replaced, as optimum-habana's trainer does."""
+    def _adapt_transformers(self, lazy_mode: bool) -> bool:
+        """Apply optimum-habana's Gaudi model patches once, and in lazy mode its activation-checkpointing
+        function. transformers binds `checkpoint` into `modeling_utils` when it is imported, so both
+        names are replaced, as optimum-habana's trainer does. A missing or broken optimum-habana is one
+        warning line naming the exception (never a silent fallback): at import it raises ImportError
+        when absent, and others when broken (IndexError when `pip list` shows no habana-torch-plugin)."""
+        self.optimum_habana_version: str | None = None
+        self.optimum_habana_problem: str | None = None
         try:
             from optimum.habana.transformers.modeling_utils import adapt_transformers_to_gaudi
-        except ImportError:
+
+            adapt_transformers_to_gaudi()
+            _fix_opt_decode_positions()
+        except Exception as err:  # noqa: BLE001  (any failure of the package is reported, not raised)
+            detail = (str(err).strip().splitlines() or [""])[0]
+            self.optimum_habana_problem = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
+            log.warning(
+                "accel/hpu: WARNING: running WITHOUT optimum-habana (%s): models are plain transformers, "
+                "without Gaudi's optimised classes; install it with `pip install -r requirements-hpu.txt` "
+                "(example_scripts/validate_gaudi.sh checks it)",
+                self.optimum_habana_problem,
+            )
             return False
-        adapt_transformers_to_gaudi()
+        self.optimum_habana_version = _distribution_version("optimum-habana")
         if not lazy_mode:
-            return True
-        try:
-            from optimum.habana.transformers import gradient_checkpointing
-        except ImportError:
             return True
         import torch.utils.checkpoint
         import transformers.modeling_utils
+        from optimum.habana.transformers import gradient_checkpointing
 
         torch.utils.checkpoint.checkpoint = gradient_checkpointing.checkpoint
         transformers.modeling_utils.checkpoint = gradient_checkpointing.checkpoint
         return True
+
+    def runtime_notes(self) -> str:
+        if self.gaudi_generate:
+            return f"optimum-habana {self.optimum_habana_version or '(version unknown)'}"
+        return f"WITHOUT optimum-habana ({self.optimum_habana_problem})"
 
     def generate_kwargs(self) -> dict[str, Any]:
         """optimum-habana's `generate` (when it patched transformers) runs lazy mode per token and
@@ -121,7 +145,10 @@ class HpuAccelerator(Accelerator):
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cpu") if self.simulated else torch.device("hpu", self.local_rank)
+        """ "hpu" without an index: the bridge binds each process to its card from the launcher's
+        environment, and DeepSpeed's HPU accelerator, accelerate (`torch.hpu.current_device()`) and
+        optimum-habana (which dropped "hpu:X" strings as not fully supported) all place on plain "hpu"."""
+        return torch.device("cpu") if self.simulated else torch.device("hpu")
 
     def comm_backend(self) -> str:
         return "gloo" if self.simulated else self.dist_backend
@@ -229,3 +256,29 @@ class HpuAccelerator(Accelerator):
             yield model
         finally:
             self.mark_step()
+
+
+def _fix_opt_decode_positions() -> None:
+    """optimum-habana 1.21's `GaudiOPTLearnedPositionalEmbedding` embeds a decode step's position as
+    `token_idx + offset`: one past the token's index and blind to left padding, so OPT's tokens differ
+    from transformers' from the first decode step on. Its forward is replaced by transformers' rule
+    (positions count the attended tokens, `cumsum(mask) - 1`), read at the token's index `token_idx - 1`
+    in optimum-habana's static-shape decode, and at the last positions otherwise."""
+    from optimum.habana.transformers.models.opt import modeling_opt as gaudi_opt
+
+    def forward(
+        self: torch.nn.Embedding,
+        attention_mask: torch.Tensor,
+        past_key_values_length: int = 0,
+        position_ids: torch.Tensor | None = None,
+        token_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        mask = attention_mask.long()
+        positions = torch.cumsum(mask, dim=1) * mask - 1
+        if past_key_values_length and token_idx is not None:
+            positions = positions.index_select(1, token_idx.reshape(-1) - 1)
+        elif past_key_values_length:
+            positions = positions[:, past_key_values_length:]
+        return torch.nn.Embedding.forward(self, positions + self.offset)
+
+    gaudi_opt.GaudiOPTLearnedPositionalEmbedding.forward = forward

@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # Validate dschat-hal inside a Gaudi Docker image (vault.habana.ai/gaudi-docker/<release>/...):
-#   bash example_scripts/validate_gaudi.sh [--num-devices N] [--skip-install] [--output DIR]
-# Checks the image, installs requirements-hpu.txt, runs the three steps with the tiny model on the
-# HPU, then the bloom scripts for a few steps, and prints a pass/fail table with timings.
+#   bash example_scripts/validate_gaudi.sh [--num-devices N] [--skip-install] [--checks-only] [--output DIR]
+# Checks the image, installs requirements-hpu.txt with its dependencies (the image's torch,
+# habana-frameworks and DeepSpeed fork pinned as constraints, so pip fails rather than replace them),
+# checks that optimum-habana loads, runs the three steps with the tiny model on the HPU, then the bloom
+# scripts for a few steps, and prints a pass/fail table with timings (--checks-only: no training runs).
 # Stops at the first failed check of the image (nothing else can pass without it).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 NUM_DEVICES=""
 INSTALL=1
+CHECKS_ONLY=0
 OUTPUT="$ROOT/output/validate_gaudi"
 while [ $# -gt 0 ]; do
   case "$1" in
     --num-devices) NUM_DEVICES="$2"; shift 2 ;;
     --skip-install) INSTALL=0; shift ;;
+    --checks-only) CHECKS_ONLY=1; shift ;;
     --output) OUTPUT="$2"; shift 2 ;;
-    *) echo "error: unknown option $1 (use --num-devices N, --skip-install, --output DIR)" >&2; exit 2 ;;
+    *) echo "error: unknown option $1 (use --num-devices N, --skip-install, --checks-only, --output DIR)" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$OUTPUT"
@@ -48,7 +52,20 @@ if [ "$image_ok" = 0 ]; then
   exit 1
 fi
 if [ "$INSTALL" = 1 ]; then
-  check "install requirements-hpu.txt" "$PYTHON" -m pip install -q -r "$ROOT/requirements-hpu.txt" -e "$ROOT" --no-deps
+  # with dependencies (optimum-habana imports optimum, sentence-transformers, scikit-learn and
+  # sentencepiece), but never another torch, habana-frameworks or DeepSpeed than the image's
+  "$PYTHON" -m pip list --format=freeze 2>/dev/null \
+    | grep -iE '^(torch|torchvision|torchaudio|habana[-_a-z0-9]*|deepspeed)==' >"$OUTPUT/image_constraints.txt"
+  check "install requirements-hpu.txt" "$PYTHON" -m pip install -q -r "$ROOT/requirements-hpu.txt" \
+    -c "$OUTPUT/image_constraints.txt" -e "$ROOT"
+fi
+OH_VERSION="$("$PYTHON" -c "import importlib.metadata as m; print(m.version('optimum-habana'))" 2>/dev/null || echo "missing")"
+check "optimum-habana ($OH_VERSION) loads" env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c \
+  "import sys, accel; b = accel.get('hpu'); print(b.runtime_notes()); sys.exit(0 if b.gaudi_generate else 1)"
+if [ "$CHECKS_ONLY" = 1 ]; then
+  table
+  [ "$FAILED" -eq 0 ]
+  exit
 fi
 check "e2e three steps, tiny, hpu" "$PYTHON" "$ROOT/training/e2e_rlhf.py" --device hpu --output-dir "$OUTPUT/tiny"
 DEV=(--device hpu --output "$OUTPUT/bloom" ${NUM_DEVICES:+--num-devices "$NUM_DEVICES"})

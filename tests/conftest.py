@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,50 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import accel  # noqa: E402  (sets the OpenMP wait defaults before torch loads; every test process inherits them)
+
+OPTIMUM_HABANA_INSTALL = ".venv/bin/pip install -q --no-deps --target .venv/optimum-habana -r requirements-hpu-test.txt"
+
+
+def optimum_habana_site() -> Path:
+    """Where the real optimum-habana for the tests lives (`requirements-hpu-test.txt`, installed with
+    `--target` beside the CPU stack): $OPTIMUM_HABANA_SITE, else `optimum-habana` in this interpreter's venv."""
+    return Path(os.environ.get("OPTIMUM_HABANA_SITE") or Path(sys.prefix) / "optimum-habana")
+
+
+def real_gaudi_env(extra: dict | None = None, optimum_habana: bool = True) -> dict:
+    """A child process's environment for the real optimum-habana on the bridge stand-in (`tests/fakes`):
+    both on PYTHONPATH (never in this process: `adapt_transformers_to_gaudi()` patches a process for
+    good), this venv's `pip` first on PATH (optimum-habana reads the SynapseAI version from `pip list`)."""
+    site = optimum_habana_site()
+    if optimum_habana and not (site / "optimum" / "habana").is_dir():
+        pytest.fail(f"the real optimum-habana is not installed for the tests at {site}: run {OPTIMUM_HABANA_INSTALL}")
+    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in launcher_vars and not k.startswith("PT_HPU_") and k not in ("ACCEL_DEVICE", "DS_ACCELERATOR")
+    }
+    paths = [str(ROOT), str(FAKES), *([str(site)] if optimum_habana else [])]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env | (extra or {})
+
+
+def run_real_gaudi(
+    code: str, *args: str, env: dict | None = None, optimum_habana: bool = True, timeout: int = 900
+) -> dict:
+    """Run `code` (with `args` in sys.argv[1:]) in a child process on the bridge stand-in and the real
+    optimum-habana; it prints one JSON object as its last line, returned with the child's `stderr`."""
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        env=real_gaudi_env(env, optimum_habana),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]) | {"stderr": result.stderr}
 
 
 def run_script(
@@ -91,6 +136,7 @@ def import_fake_hpu():
 
     htorch.core.reset()
     htorch.hpu.reset()
+    htorch.hpex.kernels.reset()
     htorch.hpex.optimizers.reset()
     htorch.dynamo.reset()
     return htorch
@@ -110,38 +156,11 @@ def fake_hpu(monkeypatch):
     htorch = import_fake_hpu()
     monkeypatch.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))
     yield htorch
+    htorch.unregister()
     for name in [m for m in sys.modules if m.startswith("habana_frameworks")]:
         sys.modules.pop(name)
 
     accel.get("cpu")
-
-
-@pytest.fixture
-def fake_optimum_habana(fake_hpu, monkeypatch):
-    """The fake HPU plus the double of optimum-habana (`tests/fakes/optimum_habana`): the HPU backend
-    then applies its patch (Llama only). Everything it replaces in torch and transformers is put back."""
-    import torch.utils.checkpoint
-    import transformers
-    import transformers.modeling_utils
-    from transformers.models.llama import modeling_llama
-
-    monkeypatch.syspath_prepend(str(FAKES / "optimum_habana"))
-    for name in [m for m in sys.modules if m == "optimum" or m.startswith("optimum.")]:
-        monkeypatch.delitem(sys.modules, name)
-    for owner, name in (
-        (torch.utils.checkpoint, "checkpoint"),
-        (transformers.modeling_utils, "checkpoint"),
-        (modeling_llama, "LlamaForCausalLM"),
-    ):
-        monkeypatch.setattr(owner, name, getattr(owner, name))  # restored after the test
-    mapping = transformers.AutoModelForCausalLM._model_mapping
-    monkeypatch.setattr(mapping, "_extra_content", dict(mapping._extra_content))
-    import optimum.habana.transformers.gradient_checkpointing
-    import optimum.habana.transformers.models.llama
-
-    yield optimum.habana
-    for name in [m for m in sys.modules if m == "optimum" or m.startswith("optimum.")]:
-        sys.modules.pop(name)
 
 
 @pytest.fixture(scope="session")

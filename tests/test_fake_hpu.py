@@ -70,3 +70,11 @@ def test_generation_context_flushes_before_and_after(fake_hpu):
     with hpu.generation_context(torch.nn.Linear(1, 1)):
         assert fake_hpu.core.calls == ["mark_step"]
     assert fake_hpu.core.calls == ["mark_step", "mark_step"]
+
+
+def test_every_rank_places_on_hpu_without_an_index(fake_hpu):
+    """The bridge binds a process to its card from the launcher's environment; DeepSpeed, accelerate and
+    optimum-habana place on plain "hpu" (optimum-habana dropped "hpu:X" as not fully supported)."""
+    hpu = accel.get("hpu", local_rank=3)
+    hpu.simulated = False  # the placement a real Gaudi process gets
+    assert hpu.device == torch.device("hpu") and hpu.device.index is None

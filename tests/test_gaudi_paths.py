@@ -1,10 +1,9 @@
-"""Gaudi specifics proven on the CPU with the doubles of habana_frameworks and optimum-habana: the
-hybrid engine on optimum-habana's patched classes, lazy/eager fixed at import, the lazy-mode
-checkpointing patch, one graph per decode step, optimizer parity, and HPU-graph replay aliasing."""
+"""Gaudi specifics proven on the CPU with the stand-in of habana_frameworks: lazy/eager fixed at import,
+one graph per decode step, optimizer parity, and HPU-graph replay aliasing (the real optimum-habana's
+part: tests/test_optimum_habana.py)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -13,17 +12,13 @@ import sys
 import pytest
 import torch
 from conftest import FAKES, ROOT
-from test_hpu_paths import sft_args
-from test_hybrid_engine import EOS, PAD, answers_equal, peaked_model, prompt_batch
+from test_hybrid_engine import EOS, PAD, peaked_model, prompt_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import OPTForCausalLM
-from transformers.models.llama.modeling_llama import LlamaForCausalLM as PlainLlama  # bound before any patch
 
 import accel
-from dschat_hal.models.lora import fuse_lora
-from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine, hf_generate, last_logits
+from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine, last_logits
 from dschat_hal.runtime import ADAM_EPS, engine_settings, training_engine
-from training.step1_supervised_finetuning.main import main as step1
 
 GREEDY = GenerationConfig(max_answer_seq_len=12, pad_token_id=PAD, eos_token_id=EOS, do_sample=False)
 
@@ -41,62 +36,6 @@ def engine_on(backend, model, stage: int = 0, weight_decay: float = 0.0):
         total_steps=4,
         micro_batch=3,
     )
-
-
-def plain_reference(model: torch.nn.Module, prompts, mask) -> torch.Tensor:
-    """transformers' own LlamaForCausalLM and `generate` on the same weights (LoRA fused)."""
-    fused = copy.deepcopy(model)
-    fuse_lora(fused)
-    plain = PlainLlama(model.config).eval()
-    plain.load_state_dict({k: v for k, v in fused.state_dict().items() if "lora_" not in k})
-    with torch.no_grad():
-        return hf_generate(plain, prompts, mask, GREEDY)
-
-
-# ---- the double of optimum-habana's patched Llama behaves as the real one ---------------------------
-def test_the_patched_llama_double_behaves_as_optimum_habanas(fake_optimum_habana):
-    accel.get("hpu")  # applies the (fake) adapt_transformers_to_gaudi
-    model = peaked_model("llama", lora=False).eval()
-    assert type(model).__name__ == "GaudiLlamaForCausalLM"
-    prompts, mask = prompt_batch()
-    with torch.no_grad():
-        out = model(input_ids=prompts, attention_mask=mask, past_key_values=None, token_idx=torch.tensor([9]))
-        past = out.past_key_values
-        assert isinstance(past, tuple) and isinstance(past[0], tuple)  # legacy tuples
-        grown = model(input_ids=prompts[:, :1], attention_mask=torch.ones(3, 10), past_key_values=past)
-        assert grown.past_key_values[0][0].shape[2] == 10  # no token_idx: concatenated
-        step = dict(input_ids=prompts[:, :1], attention_mask=torch.ones(3, 9), past_key_values=past)
-        a = model(**step, token_idx=torch.tensor([9]), cache_position=torch.tensor([0])).logits
-        b = model(**step, token_idx=torch.tensor([9]), cache_position=torch.tensor([5])).logits
-        in_place = model(**step, token_idx=torch.tensor([9]))
-    assert torch.equal(a, b)  # cache_position ignored
-    assert in_place.past_key_values[0][0] is past[0][0]  # token_idx: written in place, same tensors
-    # its static-shape generate is transformers' greedy decoding on the same weights
-    with torch.no_grad():
-        seq = hf_generate(model, prompts, mask, GREEDY, lazy_mode=True, ignore_eos=False)
-    assert answers_equal(
-        torch.nn.functional.pad(seq, (0, 21 - seq.size(1)), value=PAD), plain_reference(model, prompts, mask)
-    )
-
-
-@pytest.mark.parametrize("stage", [0, 3], ids=["zero0", "zero3"])
-def test_hybrid_engine_serves_optimum_habanas_patched_llama(fake_optimum_habana, stage):
-    """The patched class ignores cache_position and fills a cache only through token_idx: driven through
-    transformers' StaticCache it fails (mask and key lengths disagree). The engine serves it through its
-    own static-shape generate, on the generation form (the training module outside ZeRO-3, LoRA folded
-    in place; the gathered copy under ZeRO-3), with the backend's lazy_mode."""
-    backend = accel.get("hpu")
-    model = peaked_model("llama", lora=True)
-    prompts, mask = prompt_batch()
-    reference = plain_reference(model, prompts, mask)
-    engine = engine_on(backend, model, stage)
-    hybrid = HybridEngine(engine, backend, GREEDY, dtype=torch.float32)
-    assert "token_idx" in hybrid.fallback_reason
-    seq = hybrid.generate(prompts, mask)
-    assert seq.shape == (3, 9 + 12)
-    assert answers_equal(seq, reference), (seq, reference)
-    calls = fake_optimum_habana.transformers.models.llama.generate_calls
-    assert calls and calls[-1]["lazy_mode"] is True and calls[-1]["ignore_eos"] is False
 
 
 # ---- lazy or eager: fixed when the bridge is imported -------------------------------------------------
@@ -161,13 +100,6 @@ def test_hpu_defaults_are_not_set_for_other_devices():
     assert may_use_hpu(["main.py"], {"ACCEL_DEVICE": "hpu"})
     assert not may_use_hpu(["main.py", "--device=cpu"], {})
     assert not may_use_hpu(["main.py", "--device", "cuda"], {})
-
-
-# ---- gradient checkpointing through optimum-habana's lazy-mode function --------------------------------
-def test_checkpointed_forward_goes_through_the_hpu_variant(tmp_path, fake_optimum_habana):
-    calls = fake_optimum_habana.transformers.gradient_checkpointing.calls
-    step1(sft_args(tmp_path, "hpu", "--max_steps", "2", "--gradient_checkpointing"))
-    assert calls, "transformers' checkpoint (bound in modeling_utils) did not reach optimum-habana's"
 
 
 # ---- one graph per decode step ---------------------------------------------------------------------------
