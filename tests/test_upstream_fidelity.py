@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 import types
 
 import pytest
@@ -255,35 +254,6 @@ def test_hpz_partitions_within_a_node_only_for_multi_node_zero3():
     assert hpz_entries(node_of_8, 2, 16) == {}
     assert hpz_entries(types.SimpleNamespace(device_count=lambda: 1), 3, 4) == {}
     assert step1_parser().parse_args(["--zero_hpz_enabled"]).zero_hpz_enabled
-
-
-def test_hpu_swaps_in_optimum_habanas_checkpointing(fake_hpu, monkeypatch):
-    import torch.utils.checkpoint
-
-    import accel
-
-    def gaudi_checkpoint(*args, **kwargs):
-        return None
-
-    adapted = []
-    modules = {
-        "optimum": types.ModuleType("optimum"),
-        "optimum.habana": types.ModuleType("optimum.habana"),
-        "optimum.habana.transformers": types.ModuleType("optimum.habana.transformers"),
-        "optimum.habana.transformers.modeling_utils": types.ModuleType("optimum.habana.transformers.modeling_utils"),
-        "optimum.habana.transformers.gradient_checkpointing": types.ModuleType("gradient_checkpointing"),
-    }
-    modules["optimum.habana.transformers.modeling_utils"].adapt_transformers_to_gaudi = lambda: adapted.append(1)
-    modules["optimum.habana.transformers.gradient_checkpointing"].checkpoint = gaudi_checkpoint
-    modules["optimum.habana.transformers"].gradient_checkpointing = modules[
-        "optimum.habana.transformers.gradient_checkpointing"
-    ]
-    for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", torch.utils.checkpoint.checkpoint)
-    accel.get("hpu")
-    assert adapted == [1]
-    assert torch.utils.checkpoint.checkpoint is gaudi_checkpoint
 
 
 def test_num_padding_at_beginning_says_it_has_no_effect():

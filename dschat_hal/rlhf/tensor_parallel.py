@@ -284,6 +284,7 @@ class TensorParallelEngine(HybridEngine):
                 self.form.nbytes / MB,
                 layer_bytes(model) / MB,
                 self.form.full_bytes() / MB,
+                extra={"all_ranks": True},  # each rank's own shard: every rank says it
             )
             self._logged = True
         try:
