@@ -31,6 +31,7 @@ from dschat_hal.loop import (
     save_checkpoint,
 )
 from dschat_hal.models import atomic_directory, check_positions, load_tokenizer, require_reward_checkpoint, write_lm
+from dschat_hal.models.checkpoint import adapter_base
 from dschat_hal.models.lm import add_eot_token
 from dschat_hal.models.reward_model import stored_score_mean
 from dschat_hal.models.tiny import is_tiny
@@ -98,7 +99,12 @@ def save_models(engine: RLHFEngine, tokenizer, output_dir: str, args=None) -> No
     never leaves a new actor beside an old critic; with them `args.json` and `made_by.json` (when
     `args` is given). Collective under ZeRO-3."""
     with atomic_directory(output_dir, enabled=is_rank0()) as tmp:
-        write_lm(engine.actor.module, tokenizer, tmp / "actor" if tmp else None)
+        base = (
+            None
+            if args is None
+            else adapter_base(args.actor_lora_dim, args.only_optimize_lora, args.actor_model_name_or_path)
+        )
+        write_lm(engine.actor.module, tokenizer, tmp / "actor" if tmp else None, adapter_base=base)
         fault_point("step3_actor_written")
         engine.critic.module.write(tmp / "critic" if tmp else None, tokenizer)
         if engine.actor_ema is not None:
