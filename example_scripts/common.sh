@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Shared by the example scripts: options, device defaults and the launcher.
 #   --device hpu|cuda   hardware (default cuda)
-#   --num-devices N     devices per node for the deepspeed launcher (default: all)
+#   --num-devices N     devices per node for the deepspeed launcher (default: all visible, counted through accel)
 #   --output DIR        where actor/, reward/ and rlhf/ go (default: output/<family>)
 #   --tiny              the same script with the bundled tiny model on the CPU, a few steps (CI)
 # Anything else is passed to the training script.
+# The interpreter: the project's .venv (the README's setup), else $PYTHON, else python3 from PATH.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-python3}"
+if [ -x "$ROOT/.venv/bin/python" ]; then
+  PYTHON="$ROOT/.venv/bin/python"; PYTHON_FROM="the .venv beside the scripts"
+elif [ -n "${PYTHON:-}" ]; then
+  PYTHON_FROM="\$PYTHON"
+else
+  PYTHON="$(command -v python3 || echo python3)"; PYTHON_FROM="python3 from PATH; no $ROOT/.venv"
+fi
+echo "python: $PYTHON ($PYTHON_FROM)" >&2
 DEVICE=cuda
 NUM_DEVICES=""
 TINY=0
@@ -27,6 +35,23 @@ case "$DEVICE" in
   *) echo "error: --device must be hpu or cuda (got '$DEVICE'); use --tiny to run on the CPU" >&2; exit 2 ;;
 esac
 OUTPUT="${OUTPUT:-$ROOT/output/$FAMILY}"
+
+# Without --num-devices: the devices of --device this machine shows (what deepspeed would use), through
+# accel; none visible is an error, not a guess (a guess of 8 silently changes the global batch).
+if [ "$TINY" = 0 ] && [ -z "$NUM_DEVICES" ]; then
+  NUM_DEVICES=$("$PYTHON" -c '
+import sys
+import accel
+try:
+    print(accel.get(sys.argv[1]).device_count())
+except Exception as err:
+    sys.exit(f"error: cannot count the {sys.argv[1]} devices ({str(err).splitlines()[0]}); pass --num-devices N")
+' "$DEVICE") || exit 2
+  if ! [ "$NUM_DEVICES" -gt 0 ] 2>/dev/null; then
+    echo "error: no $DEVICE device is visible; pass --num-devices N, or --tiny to run on the CPU" >&2; exit 2
+  fi
+  echo "devices: $NUM_DEVICES $DEVICE device(s) visible (--num-devices N to use fewer)" >&2
+fi
 mkdir -p "$OUTPUT"
 
 # Device defaults: bf16 on Gaudi (HabanaAI's recipe); on CUDA --dtype auto picks bf16 where the GPU
@@ -41,9 +66,9 @@ else
 fi
 
 # accumulation GLOBAL_BATCH MICRO_BATCH : gradient accumulation steps that make HabanaAI's global batch
-# from the micro-batch on --num-devices devices (8 when not given, the fork's default), at least 1.
+# from the micro-batch on --num-devices devices (all visible when not given), at least 1.
 accumulation() {
-  local devices="${NUM_DEVICES:-8}" gas
+  local devices="${NUM_DEVICES:-1}" gas
   gas=$(( $1 / (devices * $2) ))
   echo $(( gas > 0 ? gas : 1 ))
 }
@@ -54,6 +79,6 @@ launch() {
   if [ "$TINY" = 1 ]; then
     "$PYTHON" "$script" "$@" --device cpu --data_output_path "$OUTPUT/data_cache" "${EXTRA[@]}"
   else
-    deepspeed ${NUM_DEVICES:+--num_gpus "$NUM_DEVICES"} "$script" "$@" --device "$DEVICE" "${DEVICE_FLAGS[@]}" "${EXTRA[@]}"
+    "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NUM_DEVICES" "$script" "$@" --device "$DEVICE" "${DEVICE_FLAGS[@]}" "${EXTRA[@]}"
   fi
 }

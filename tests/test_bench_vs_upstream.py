@@ -18,11 +18,11 @@ def test_upstream_reward_model_is_our_reward_model_in_upstreams_state_dict_layou
     actor, reward, upstream_reward = bench_vs_upstream.prepare_models(args, tmp_path)
     state = torch.load(upstream_reward / "pytorch_model.bin", weights_only=True)
     assert "v_head.weight" in state and all(k.startswith(("rwtransformer.", "v_head.")) for k in state)
-    ours = load_file(str(reward / "model.safetensors"))
+    ours = load_file(str(reward / "model.safetensors"))  # OPTForSequenceClassification: model.*, score.weight
+    assert torch.equal(state["v_head.weight"], ours.pop("score.weight"))
     assert len(ours) == sum(k.startswith("rwtransformer.") for k in state) > 0
     for key, value in ours.items():
-        assert torch.equal(state[f"rwtransformer.{key}"], value), key
-    assert torch.equal(state["v_head.weight"], load_file(str(reward / "value_head.safetensors"))["weight"])
+        assert torch.equal(state[f"rwtransformer.{key.removeprefix('model.')}"], value), key
     assert (upstream_reward / "config.json").is_file() and not list(upstream_reward.glob("*.safetensors"))
     assert (actor / "config.json").is_file()
 

@@ -49,3 +49,77 @@ def test_validate_gaudi_reports_a_non_gaudi_machine(tmp_path):
     assert "| habana_frameworks importable" in result.stdout and "FAIL" in result.stdout
     assert "validation FAILED" in result.stdout
     assert "not a working Gaudi image" in result.stderr
+
+
+def clean_clone(tmp_path, venv: bool = True):
+    """A checkout as the README's setup leaves it: the project beside `.venv/bin/python` (this
+    interpreter, through a wrapper), nothing activated."""
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for name in ("example_scripts", "training", "dschat_hal", "accel"):
+        (clone / name).symlink_to(ROOT / name)
+    if venv:
+        (clone / ".venv" / "bin").mkdir(parents=True)
+        python = clone / ".venv" / "bin" / "python"
+        python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        python.chmod(0o755)
+    return clone
+
+
+def without_the_venv(extra: dict | None = None) -> dict:
+    """The environment of a shell where the venv was never activated: its bin not on PATH, no $PYTHON."""
+    venv_bin = os.path.dirname(sys.executable)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
+    env.pop("PYTHON", None)
+    env.pop("VIRTUAL_ENV", None)
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
+    return env | (extra or {})
+
+
+def test_a_script_runs_as_the_readme_writes_it_with_the_venv_not_activated(tmp_path):
+    clone = clean_clone(tmp_path)
+    result = subprocess.run(
+        ["bash", "example_scripts/bloom/step1_bloom_1b1.sh", "--tiny", "--output", str(tmp_path / "out")],
+        cwd=clone, env=without_the_venv(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"python: {clone}/.venv/bin/python (the .venv beside the scripts)" in result.stderr.splitlines()
+    assert (tmp_path / "out" / "actor" / "config.json").is_file()
+
+
+def sourced(clone, *args: str, env: dict) -> subprocess.CompletedProcess:
+    """common.sh's choices for `args`: the interpreter line, then NUM_DEVICES and the step-1 accumulation."""
+    code = 'FAMILY=bloom; source example_scripts/common.sh "$@"; echo "$NUM_DEVICES $(accumulation 128 8)"'
+    return subprocess.run(
+        ["bash", "-c", code, "common", *args], cwd=clone, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_without_a_venv_the_scripts_use_python_then_path_and_say_so(tmp_path):
+    clone = clean_clone(tmp_path, venv=False)
+    chosen = sourced(clone, "--tiny", env=without_the_venv({"PYTHON": sys.executable}))
+    assert f"python: {sys.executable} ($PYTHON)" in chosen.stderr
+    fallback = sourced(clone, "--tiny", env=without_the_venv())
+    assert fallback.returncode == 0 and "(python3 from PATH; no " in fallback.stderr
+
+
+def test_without_num_devices_the_scripts_count_the_visible_devices(tmp_path):
+    """Gradient accumulation follows the devices deepspeed will use (accel's count; the HPU stand-in
+    shows one), not a guess of 8; a device that is absent is one error line."""
+    from conftest import FAKES
+
+    clone = clean_clone(tmp_path)
+    fake_hpu = without_the_venv({"PYTHONPATH": os.pathsep.join([str(ROOT), str(FAKES)])})
+    counted = sourced(clone, "--device", "hpu", "--output", str(tmp_path / "o"), env=fake_hpu)
+    assert counted.returncode == 0, counted.stderr[-2000:]
+    assert counted.stdout.split() == ["1", "16"]  # 128 = 16 x 8 x 1 device
+    assert "devices: 1 hpu device(s) visible" in counted.stderr
+    given = sourced(clone, "--device", "hpu", "--num-devices", "4", "--output", str(tmp_path / "o"), env=fake_hpu)
+    assert given.stdout.split() == ["4", "4"]
+    import accel
+
+    if accel.detect() == "cuda":
+        pytest.skip("CUDA devices are visible here: the refusal needs a machine without them")
+    absent = sourced(clone, "--device", "cuda", "--output", str(tmp_path / "o"), env=without_the_venv())
+    assert absent.returncode == 2 and absent.stdout == ""
+    assert absent.stderr.splitlines()[-1].startswith("error: ") and "--num-devices N" in absent.stderr

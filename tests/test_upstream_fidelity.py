@@ -12,11 +12,10 @@ import types
 import pytest
 import torch
 from conftest import ROOT, tiny_step3_argv
-from safetensors.torch import load_file
 
 from dschat_hal.args import step1_parser, step2_parser, step3_parser
 from dschat_hal.models import create_reward_model, load_tokenizer
-from dschat_hal.models.reward_model import HEAD_FILE, reset_final_norm
+from dschat_hal.models.reward_model import reset_final_norm, saved_value_head
 from dschat_hal.rlhf import engine as rlhf_engine
 from dschat_hal.rlhf.schedule import batch_sizes, planned_optimizer_steps, ppo_micro_batches
 
@@ -198,7 +197,7 @@ def test_step2_lora_only_trains_the_value_head_with_eval_interval_and_eot_token(
     )
     assert "v_head.weight" in seen["trainable"]
     assert all("lora_" in n or n == "v_head.weight" for n in seen["trainable"])
-    assert not torch.equal(load_file(str(out / HEAD_FILE))["weight"], seen["head"])  # the head trained
+    assert not torch.equal(saved_value_head(out), seen["head"])  # the head trained
     assert [e["step"] for e in result["evaluations"]] == [2, 4]
     tokenizer = load_tokenizer(str(out))
     (eot_id,) = tokenizer("<|eot|>", add_special_tokens=False)["input_ids"]

@@ -18,7 +18,6 @@ from transformers import AutoModelForCausalLM, OPTConfig
 
 from dschat_hal.models import create_reward_model, load_tokenizer
 from dschat_hal.models.lm import padded_vocab_size
-from dschat_hal.models.reward_model import HEAD_FILE
 
 
 def write_sources(directory) -> None:
@@ -71,4 +70,4 @@ def test_only_the_writing_rank_holds_the_gathered_model(tmp_path):
         assert other["growth"] < min(3 * other["largest_bytes"], 0.15 * size), (kind, other)  # a matrix or two
         source, saved = weights(tmp_path / kind / "source"), weights(tmp_path / kind / "saved")
         assert source.keys() == saved.keys() and all(torch.equal(source[k], saved[k]) for k in source), kind
-    assert f"{HEAD_FILE}:weight" in saved
+    assert "model.safetensors:score.weight" in saved

@@ -6,14 +6,23 @@ step never waits on the host — what graph-compiling devices need, and harmless
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from dschat_hal.models import end_tokens
 from dschat_hal.models.checkpoint import atomic_directory, gathered_state_dict, save_tokenizer
@@ -27,7 +36,9 @@ from dschat_hal.models.lm import (
 )
 from dschat_hal.models.tiny import is_tiny, tiny_model
 
-HEAD_FILE = "value_head.safetensors"
+log = logging.getLogger(__name__)
+
+HEAD_FILE = "value_head.safetensors"  # the head of the first format (backbone saved as `AutoModel`)
 MARKER_FILE = "reward_model.json"
 
 
@@ -129,21 +140,75 @@ class RewardModel(nn.Module):
 
     def write(self, directory: Path | None, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         """Write into `directory` (None on ranks that do not write, which keep nothing of what they
-        gather; collective under ZeRO-3)."""
+        gather; collective under ZeRO-3).
+
+        Where transformers has a `*ForSequenceClassification` class for the backbone (OPT, BLOOM,
+        Llama, GPT-NeoX, ...), the model is saved as one with one label (`score.weight` = `v_head`)
+        and the pad id in its config, so `AutoModelForSequenceClassification` loads it with the
+        trained head and scores the last non-pad token, as `forward_value` does. Otherwise the
+        backbone is saved as `AutoModel` with the head in `value_head.safetensors`."""
         state = gathered_state_dict(self, keep=directory is not None)
         if directory is None:
             return
         backbone_state = {
             k.removeprefix("rwtransformer."): v for k, v in state.items() if k.startswith("rwtransformer.")
         }
-        self.rwtransformer.save_pretrained(directory, state_dict=backbone_state, safe_serialization=True)
-        save_file({"weight": state["v_head.weight"].contiguous()}, str(Path(directory) / HEAD_FILE))
-        marker = {"format": "dschat_hal.RewardModel", "version": 1}
+        head = state["v_head.weight"].contiguous()
+        classifier = sequence_classifier(self.config, self.rwtransformer, head)
+        weights = None
+        if classifier is not None:
+            prefix = classifier.base_model_prefix
+            weights = {f"{prefix}.{k}": v for k, v in backbone_state.items()} | {"score.weight": head}
+            if not set(classifier.state_dict()) <= weights.keys():
+                weights = None  # an unusual layout: keep the first format
+        if weights is not None:
+            pad = self.config.pad_token_id if tokenizer is None else tokenizer.pad_token_id
+            classifier.config.pad_token_id = pad
+            if tokenizer is not None and pad in end_tokens.answer_end_ids(tokenizer):
+                log.warning(
+                    "the pad token (id %d) also ends answers: transformers' sequence classification skips it "
+                    "at a sequence's end and scores the token before; give the tokenizer its own pad token "
+                    "for the same end scores as ours",
+                    pad,
+                )
+            classifier.save_pretrained(directory, state_dict=weights, safe_serialization=True)
+        else:
+            self.rwtransformer.save_pretrained(directory, state_dict=backbone_state, safe_serialization=True)
+            save_file({"weight": head}, str(Path(directory) / HEAD_FILE))
+        marker = {"format": "dschat_hal.RewardModel", "version": 2 if weights is not None else 1}
         if self.score_mean is not None:
             marker["score_mean"] = self.score_mean
         (Path(directory) / MARKER_FILE).write_text(json.dumps(marker) + "\n")
         if tokenizer is not None:
             save_tokenizer(tokenizer, self.rwtransformer, directory)
+
+
+def sequence_classifier(config: PretrainedConfig, backbone: nn.Module, head: torch.Tensor) -> PreTrainedModel | None:
+    """An empty (meta-device) one-label `*ForSequenceClassification` of `config` built around
+    `backbone`'s class with a `score` head shaped as `head`; None where transformers has none."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    try:
+        cls = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
+    except (KeyError, ValueError):
+        return None
+    config = copy.deepcopy(config)
+    config.num_labels = 1
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    except Exception as err:  # a class that cannot be built from this config: keep the first format
+        log.debug("no %s for the reward model (%s)", cls.__name__, err)
+        return None
+    inner, score_layer = getattr(model, model.base_model_prefix, None), getattr(model, "score", None)
+    if (
+        type(inner) is not type(backbone)
+        or not isinstance(score_layer, nn.Linear)
+        or score_layer.bias is not None
+        or score_layer.weight.shape != head.shape
+    ):
+        return None
+    return model.to(head.dtype)
 
 
 def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_value_only: bool = False):
@@ -183,8 +248,24 @@ def stored_score_mean(path: str | Path) -> float | None:
     return None if value is None else float(value)
 
 
+def is_sequence_classifier(path: str | Path) -> bool:
+    """A local directory holding a one-label `*ForSequenceClassification` (our save, or TRL's, OpenRLHF's...)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # a broken config.json is reported by the model loader
+    if not isinstance(data, dict):
+        return False
+    labels = data.get("num_labels") or len(data.get("id2label") or {}) or 2  # transformers' default: 2
+    return labels == 1 and any(str(a).endswith("ForSequenceClassification") for a in data.get("architectures") or ())
+
+
 def is_reward_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / HEAD_FILE).exists()
+    """A reward model or critic: ours in either format (value head file, or sequence classifier)."""
+    return (Path(path) / HEAD_FILE).exists() or is_sequence_classifier(path)
 
 
 def require_reward_checkpoint(name_or_path: str) -> None:
@@ -196,9 +277,47 @@ def require_reward_checkpoint(name_or_path: str) -> None:
     path = Path(name_or_path).expanduser()
     if path.is_dir() and not is_reward_checkpoint(path):
         raise UserError(
-            f"--critic_model_name_or_path {path} is not a step-2 reward model (no {HEAD_FILE}); "
-            "run step 2 first and pass its --output_dir"
+            f"--critic_model_name_or_path {path} is not a step-2 reward model (no {HEAD_FILE} and no one-label "
+            "*ForSequenceClassification config); run step 2 first and pass its --output_dir"
         )
+
+
+def load_sequence_classifier(
+    name_or_path: str, config: PretrainedConfig, ds_config: dict | None = None, **kwargs
+) -> tuple[nn.Module, torch.Tensor]:
+    """The backbone and the `score` weight of a one-label `*ForSequenceClassification` directory,
+    every tensor loaded from the checkpoint (partitioned at load time under a ZeRO-3 `ds_config`)."""
+    import deepspeed
+
+    from dschat_hal.errors import UserError
+
+    model, missing = from_pretrained_checked(
+        AutoModelForSequenceClassification, name_or_path, ds_config, config=config, **kwargs
+    )
+    require_loaded(name_or_path, missing, "reward model")
+    backbone, layer = getattr(model, model.base_model_prefix, None), getattr(model, "score", None)
+    if not isinstance(backbone, nn.Module) or not isinstance(layer, nn.Linear) or layer.bias is not None:
+        raise UserError(
+            f"{name_or_path} is a {type(model).__name__} without a bias-free `score` layer, which a value head "
+            "needs; pass a step-2 output or a reward model saved as a one-label sequence classifier"
+        )
+    with deepspeed.zero.GatheredParameters([layer.weight], enabled=hasattr(layer.weight, "ds_id")):
+        head = layer.weight.detach().cpu().clone()
+    del model, layer  # the classifier object goes; the backbone module stays
+    return backbone, head
+
+
+def saved_value_head(path: str | Path) -> torch.Tensor:
+    """The value head (`v_head.weight`, shape [1, hidden]) stored in a reward model directory, either format."""
+    path = Path(path)
+    if (path / HEAD_FILE).exists():
+        return load_file(str(path / HEAD_FILE))["weight"]
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    name = json.loads(index.read_text())["weight_map"]["score.weight"] if index.exists() else "model.safetensors"
+    with safe_open(str(path / name), framework="pt") as weights:
+        return weights.get_tensor("score.weight")
 
 
 def backbone_class(config: PretrainedConfig) -> type | None:
@@ -251,7 +370,8 @@ def create_reward_model(
     seed: int = 42,
     attn_implementation: str | None = None,
 ) -> RewardModel:
-    """A reward model (or critic): from a step-2 checkpoint (head included), or a fresh head on a
+    """A reward model (or critic): from a step-2 checkpoint (head included; either format, or any
+    one-label `*ForSequenceClassification`), or a fresh head on a
     backbone taken from a tiny name, a causal-LM directory or a hub name (see `load_backbone`);
     `attn_implementation` (eager, sdpa, ...; None: transformers' choice) picks the attention kernels."""
     if is_tiny(name_or_path):
@@ -263,10 +383,18 @@ def create_reward_model(
             dropout=dropout,
             attn_implementation=attn_implementation,
         )
+        head = None
     else:
         config = load_config(name_or_path)
         set_dropout(config, dropout)
-        backbone = load_backbone(name_or_path, config, ds_config, attn_implementation=attn_implementation)
+        head_file = Path(name_or_path) / HEAD_FILE  # the first format's head (older outputs)
+        if is_sequence_classifier(name_or_path) and not head_file.exists():
+            backbone, head = load_sequence_classifier(
+                name_or_path, config, ds_config, attn_implementation=attn_implementation
+            )
+        else:
+            backbone = load_backbone(name_or_path, config, ds_config, attn_implementation=attn_implementation)
+            head = load_file(str(head_file))["weight"] if head_file.exists() else None
     end_tokens.apply_to_model(backbone, tokenizer)
     if backbone.get_input_embeddings().num_embeddings < len(tokenizer):
         backbone.resize_token_embeddings(padded_vocab_size(tokenizer))
@@ -274,9 +402,8 @@ def create_reward_model(
     # A bf16 checkpoint loaded under ZeRO-3 (zero.Init) stays bf16; the new head must match it, since
     # DeepSpeed's ZeRO-3 optimizer flattens all trainable parameters into one buffer of one dtype.
     model.v_head.to(next(backbone.parameters()).dtype)
-    if not is_tiny(name_or_path) and is_reward_checkpoint(name_or_path):
-        head = load_file(str(Path(name_or_path) / HEAD_FILE))
+    if head is not None:
         with torch.no_grad():
-            model.v_head.weight.copy_(head["weight"].to(model.v_head.weight.dtype))
+            model.v_head.weight.copy_(head.to(model.v_head.weight.dtype))
         model.score_mean = stored_score_mean(name_or_path)
     return model

@@ -5,9 +5,17 @@ from __future__ import annotations
 from dschat_hal import loop, memory_plan
 from dschat_hal.args import step2_parser, validate
 from dschat_hal.errors import cli_entry
-from dschat_hal.models import check_positions, create_reward_model, is_reward_checkpoint, load_tokenizer, model_family
+from dschat_hal.models import (
+    atomic_directory,
+    check_positions,
+    create_reward_model,
+    is_reward_checkpoint,
+    load_tokenizer,
+    model_family,
+)
 from dschat_hal.models.lm import add_eot_token
 from dschat_hal.models.reward_model import reset_final_norm
+from dschat_hal.provenance import write_record
 from dschat_hal.runtime import (
     ScalarWriter,
     apply_lora,
@@ -108,7 +116,9 @@ def main(argv: list[str]) -> dict:
     writer.add({f"step2/eval_{k}": v for k, v in after.items()}, engine.global_steps)
     writer.close()
     if args.output_dir:
-        engine.module.save(args.output_dir, tokenizer, is_writer=is_rank0())
+        with atomic_directory(args.output_dir, enabled=is_rank0()) as tmp:  # the record is published with the model
+            engine.module.write(tmp, tokenizer)
+            write_record(tmp, args, "step2")
         print_rank0(f"saved the reward model to {args.output_dir}")
     summary = {
         "shape_counts": shape_counts(backend),

@@ -31,9 +31,11 @@ from dschat_hal.loop import (
     save_checkpoint,
 )
 from dschat_hal.models import atomic_directory, check_positions, load_tokenizer, require_reward_checkpoint, write_lm
+from dschat_hal.models.checkpoint import adapter_base
 from dschat_hal.models.lm import add_eot_token
 from dschat_hal.models.reward_model import stored_score_mean
 from dschat_hal.models.tiny import is_tiny
+from dschat_hal.provenance import write_record
 from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.evaluation import mean_reward
 from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine
@@ -92,15 +94,23 @@ def make_generator(engine: RLHFEngine, backend, config: GenerationConfig, args) 
     )
 
 
-def save_models(engine: RLHFEngine, tokenizer, output_dir: str) -> None:
+def save_models(engine: RLHFEngine, tokenizer, output_dir: str, args=None) -> None:
     """Actor, critic (and EMA) written in full, then published together by one rename: a kill
-    never leaves a new actor beside an old critic. Collective under ZeRO-3."""
+    never leaves a new actor beside an old critic; with them `args.json` and `made_by.json` (when
+    `args` is given). Collective under ZeRO-3."""
     with atomic_directory(output_dir, enabled=is_rank0()) as tmp:
-        write_lm(engine.actor.module, tokenizer, tmp / "actor" if tmp else None)
+        base = (
+            None
+            if args is None
+            else adapter_base(args.actor_lora_dim, args.only_optimize_lora, args.actor_model_name_or_path)
+        )
+        write_lm(engine.actor.module, tokenizer, tmp / "actor" if tmp else None, adapter_base=base)
         fault_point("step3_actor_written")
         engine.critic.module.write(tmp / "critic" if tmp else None, tokenizer)
         if engine.actor_ema is not None:
             write_lm(engine.actor_ema.module, tokenizer, tmp / "actor_ema" if tmp else None)
+        if args is not None:
+            write_record(tmp, args, "step3")
 
 
 def at_optimizer_boundary(engines: dict) -> bool:
@@ -377,7 +387,7 @@ def main(argv: list[str]) -> dict:
     writer.close()
     print_rank0("step 3 time: " + ", ".join(f"{k} {v:.1f}s" for k, v in trainer.timings.items()))
     if args.output_dir:
-        save_models(engine, tokenizer, args.output_dir)
+        save_models(engine, tokenizer, args.output_dir, args)
         print_rank0(f"saved actor and critic under {args.output_dir}")
     summary = {
         "shape_counts": shape_counts(backend),
