@@ -260,6 +260,11 @@ CASES = [
     # --debug and Ctrl-C
     ("--debug keeps exit 2", step1, [*S1, "--lora_dim", "-4", "--debug"], None, 2, "--lora_dim must be 0 or more"),
     ("Ctrl-C", step1, S1, interrupt_training, 130, "interrupted (Ctrl-C)"),
+    # critic-free step 3 (issue #29): estimator flags
+    ("grpo with one answer per prompt", step3, [*S3, "--advantage_estimator", "grpo"], None, 2, "--advantage_estimator grpo compares the answers to the same prompt: add --n_samples_per_prompt N with N >= 2 (got 1)"),
+    ("rloo with one answer per prompt", step3, [*S3, "--advantage_estimator", "rloo", "--n_samples_per_prompt", "1"], None, 2, "--advantage_estimator rloo compares the answers"),
+    ("zero answers per prompt", step3, [*S3, "--n_samples_per_prompt", "0"], None, 2, "--n_samples_per_prompt must be at least 1"),
+    ("dr_grpo without grpo", step3, [*S3, "--dr_grpo"], None, 2, "--dr_grpo modifies grpo: add --advantage_estimator grpo (got gae)"),
 ]  # fmt: skip
 
 
