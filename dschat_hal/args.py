@@ -213,7 +213,11 @@ def step2_parser() -> argparse.ArgumentParser:
 def step3_parser() -> argparse.ArgumentParser:
     p = _parser("Step 3: RLHF fine-tuning with PPO or a critic-free estimator (GRPO, RLOO, REINFORCE++, ReMax)")
     p.add_argument("--actor_model_name_or_path", required=True, help="step-1 output (or any causal LM)")
-    p.add_argument("--critic_model_name_or_path", required=True, help="step-2 output (reward model)")
+    p.add_argument(
+        "--critic_model_name_or_path",
+        required=True,
+        help="step-2 output: the reward model, and the critic's initial weights (gae only)",
+    )
     p.add_argument("--num_padding_at_beginning", type=int, default=1, help=NUM_PADDING_HELP)
     p.add_argument("--per_device_generation_batch_size", type=int, default=16, help="prompts per device per generation")
     p.add_argument("--per_device_training_batch_size", type=int, default=16, help="experience rows per PPO micro-batch")
@@ -296,7 +300,8 @@ def step3_parser() -> argparse.ArgumentParser:
         "--per_device_unsup_batch_size",
         type=int,
         default=None,
-        help="ptx rows per generation batch, split across its PPO micro-batches (None: the generation batch size)",
+        help="ptx rows per generation batch, split across its PPO micro-batches (None: the generation batch size "
+        "x --n_samples_per_prompt)",
     )
     p.add_argument("--kl_ctl", type=float, default=0.1, help="KL penalty coefficient")
     p.add_argument("--target_kl", type=float, default=None, help="adapt kl_ctl towards this KL (off by default)")

@@ -37,6 +37,11 @@ def uses_critic(estimator: str) -> bool:
     return estimator == "gae"
 
 
+def has_critic(args) -> bool:
+    """Whether step 3 with these flags builds, trains and saves a critic."""
+    return uses_critic(getattr(args, "advantage_estimator", "gae"))
+
+
 def sequence_scores(
     estimator: str,
     rewards: torch.Tensor,
@@ -87,20 +92,21 @@ def token_advantages(
 def whiten_batch(
     values: list[torch.Tensor],
     masks: list[torch.Tensor],
-    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     eps: float = 1e-8,
 ) -> list[torch.Tensor]:
     """`values` (tensors of any lengths) shifted and scaled to mean 0 and variance 1 over all their
-    masked entries together (and over ranks, with `all_reduce_sum`); zero where masked out."""
+    masked entries together (and over ranks, with `all_reduce`: a sum or mean over ranks, as only
+    ratios of reduced numbers are used); zero where masked out."""
     masks = [m.to(v.dtype) for v, m in zip(values, masks, strict=True)]
     sums = torch.stack([sum((v * m).sum() for v, m in zip(values, masks, strict=True)), sum(m.sum() for m in masks)])
-    if all_reduce_sum is not None:
-        sums = all_reduce_sum(sums)
+    if all_reduce is not None:
+        sums = all_reduce(sums)
     count = sums[1].clamp(min=1)
     mean = sums[0] / count
     squares = sum(((v - mean).pow(2) * m).sum() for v, m in zip(values, masks, strict=True))
     squares = squares.reshape(1)
-    if all_reduce_sum is not None:
-        squares = all_reduce_sum(squares)
+    if all_reduce is not None:
+        squares = all_reduce(squares)
     scale = torch.rsqrt(squares[0] / count + eps)
     return [(v - mean) * scale * m for v, m in zip(values, masks, strict=True)]
