@@ -86,7 +86,8 @@ def toy(tmp_path_factory):
     )
     assert rm["accuracy"] > 0.95
 
-    def ppo(kl_ctl: str) -> dict:
+    def ppo(kl_ctl: str, *extra: str, name: str | None = None) -> dict:
+        name = name or f"ppo_kl{kl_ctl}"
         result = step3(
             [
                 *common,
@@ -119,7 +120,8 @@ def toy(tmp_path_factory):
                 "--critic_dropout",
                 "0.0",
                 "--output_dir",
-                str(root / f"ppo_kl{kl_ctl}"),
+                str(root / name),
+                *extra,
             ]
         )
         history = result["history"]
@@ -127,11 +129,14 @@ def toy(tmp_path_factory):
             "rise": statistics.mean(h["reward"] for h in history[-3:])
             - statistics.mean(h["reward"] for h in history[:3]),
             "kl": statistics.mean(h["kl"] for h in history[-5:]),
-            "actor": root / f"ppo_kl{kl_ctl}" / "actor",
+            "kl_trace": [h["kl"] for h in history],
+            "steps": len(history),
+            "actor": root / name / "actor",
+            "output": root / name,
         }
 
     prompts = [row["prompt"] for row in json.loads((paths["sft"] / "eval.json").read_text())]
-    return {"sft": root / "sft", "default": ppo("0.1"), "strong_kl": ppo("5"), "prompts": prompts}
+    return {"sft": root / "sft", "default": ppo("0.1"), "strong_kl": ppo("5"), "prompts": prompts, "run": ppo}
 
 
 def test_reward_of_fresh_generations_rises(toy):
@@ -152,3 +157,32 @@ def test_strong_kl_penalty_keeps_the_policy_close(toy):
     assert (
         feature_frequency(strong["actor"], toy["prompts"]) < feature_frequency(default["actor"], toy["prompts"]) - 0.15
     )
+
+
+# ---- critic-free estimators (issue #29) -------------------------------------------------------
+@pytest.fixture(scope="module")
+def critic_free(toy):
+    """GRPO and RLOO on the same task: 4 prompts x 4 answers per step (PPO's 16 rows), as many steps
+    as PPO took; made once per estimator."""
+    runs = {}
+
+    def run(estimator: str) -> dict:
+        if estimator not in runs:
+            runs[estimator] = toy["run"](
+                "0.1",
+                *("--advantage_estimator", estimator, "--n_samples_per_prompt", "4"),
+                *("--per_device_generation_batch_size", "4", "--max_steps", str(toy["default"]["steps"])),
+                name=estimator,
+            )
+        return runs[estimator]
+
+    return run
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_critic_free_estimators_learn_the_toy_task(estimator, critic_free, toy):
+    result = critic_free(estimator)
+    assert result["rise"] > 1.0
+    assert feature_frequency(result["actor"], toy["prompts"]) > feature_frequency(toy["sft"], toy["prompts"]) + 0.3
+    assert max(result["kl_trace"]) < 3 * max(toy["default"]["kl_trace"])  # KL bounded as PPO's is
+    assert not (result["output"] / "critic").exists()  # no critic trained or saved

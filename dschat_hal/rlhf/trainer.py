@@ -442,14 +442,14 @@ class PPOTrainer:
         sync), except the host timings; only the adaptive KL controller, when on, reads the KL back
         every step."""
         timings_before = dict(self._timings_at_last_step)
-        critic = self.critic is not None
-        deferred = any("logprobs" not in exp or (critic and "value" not in exp) for exp in experiences)
+        critic_free = "sequence_scores" in experiences[0]  # critic-free experience carries no values
+        deferred = any("logprobs" not in exp or ("value" not in exp and not critic_free) for exp in experiences)
         if deferred and (ppo_epochs != 1 or len(experiences) != 1 or experiences[0]["seq"].size(0) > batch_size):
             raise ValueError(
                 "the old log-probs or values were left to the training forwards, which give them only for one PPO "
                 "epoch over one micro-batch per generation batch (see old_logprobs_from_training)"
             )
-        if not critic and not deferred:  # the step's advantages, before any update (REINFORCE++ pools them)
+        if critic_free and not deferred:  # the step's advantages, before any update (REINFORCE++ pools them)
             with torch.no_grad():
                 found = self.critic_free_advantages(experiences, [exp["logprobs"] for exp in experiences])
             experiences = [{**exp, "advantages": adv} for exp, adv in zip(experiences, found, strict=True)]
