@@ -198,14 +198,14 @@ class PPOTrainer:
         an all-zero mask. With N answers per prompt each prompt is repeated N times (its answers are
         contiguous rows); ReMax adds one greedy answer per prompt, scored as its baseline."""
         start = time.time()
-        n, estimator = self.config.n_samples_per_prompt, self.config.advantage_estimator
-        greedy_seq = None
-        if estimator == "remax":  # the baseline, in the same generation phase
-            with greedy_decoding(self.generator):
-                greedy_seq = self.generate_sequence(prompts, prompt_mask)
+        n, greedy_seq = self.config.n_samples_per_prompt, None
+        unique_prompts, unique_mask = prompts, prompt_mask
         if n > 1:
             prompts, prompt_mask = prompts.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
         seq = self.generate_sequence(prompts, prompt_mask)
+        if self.config.advantage_estimator == "remax":  # the baseline, in the same phase (fixed shapes: padded rows)
+            with greedy_decoding(self.generator):
+                greedy_seq = self.generate_sequence(unique_prompts, unique_mask)
         generated = time.time()
         self.actor.eval()
         if self.critic is not None:
@@ -228,7 +228,7 @@ class PPOTrainer:
         reward = score(self.reward, seq, mask)["chosen_end_scores"]
         self.backend.mark_step()
         if self.critic is None:
-            shaped, scores = self._sequence_scores(reward, greedy_seq, prompt_mask[::n])
+            shaped, scores = self._sequence_scores(reward, greedy_seq, unique_mask)
             extra = {"sequence_scores": scores}
         else:
             shaped, extra = self.shape_reward(reward), {}
@@ -369,7 +369,7 @@ class PPOTrainer:
                     start,
                     self.kl_ctl,
                     cfg.gamma,
-                )  # fmt: skip
+                )
             )
         if cfg.advantage_estimator == "reinforce_pp":
             masks = [exp["action_mask"][:, exp["prompts"].size(1) - 1 :] for exp in experiences]
