@@ -228,9 +228,13 @@ def step2_parser() -> argparse.ArgumentParser:
 
 
 def step3_parser() -> argparse.ArgumentParser:
-    p = _parser("Step 3: RLHF fine-tuning with PPO")
+    p = _parser("Step 3: RLHF fine-tuning with PPO or a critic-free estimator (GRPO, RLOO, REINFORCE++, ReMax)")
     p.add_argument("--actor_model_name_or_path", required=True, help="step-1 output (or any causal LM)")
-    p.add_argument("--critic_model_name_or_path", required=True, help="step-2 output (reward model)")
+    p.add_argument(
+        "--critic_model_name_or_path",
+        required=True,
+        help="step-2 output: the reward model, and the critic's initial weights (gae only)",
+    )
     p.add_argument("--num_padding_at_beginning", type=int, default=1, help=NUM_PADDING_HELP)
     p.add_argument("--per_device_generation_batch_size", type=int, default=16, help="prompts per device per generation")
     p.add_argument("--per_device_training_batch_size", type=int, default=16, help="experience rows per PPO micro-batch")
@@ -313,7 +317,8 @@ def step3_parser() -> argparse.ArgumentParser:
         "--per_device_unsup_batch_size",
         type=int,
         default=None,
-        help="ptx rows per generation batch, split across its PPO micro-batches (None: the generation batch size)",
+        help="ptx rows per generation batch, split across its PPO micro-batches (None: the generation batch size "
+        "x --n_samples_per_prompt)",
     )
     p.add_argument("--kl_ctl", type=float, default=0.1, help="KL penalty coefficient")
     p.add_argument("--target_kl", type=float, default=None, help="adapt kl_ctl towards this KL (off by default)")
@@ -343,6 +348,26 @@ def step3_parser() -> argparse.ArgumentParser:
     p.add_argument("--cliprange_value", type=float, default=0.2, help="critic value clip")
     p.add_argument("--gamma", type=float, default=1.0, help="discount")
     p.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    p.add_argument(
+        "--advantage_estimator",
+        choices=["gae", "grpo", "rloo", "reinforce_pp", "remax"],
+        default="gae",
+        help="gae: PPO with the critic; critic-free (no critic is built, --critic_model_name_or_path is the "
+        "reward model only): grpo (group mean/std), rloo (leave-one-out mean), reinforce_pp (REINFORCE++: "
+        "discounted returns, batch-whitened), remax (minus the greedy answer's reward)",
+    )
+    p.add_argument(
+        "--n_samples_per_prompt",
+        type=int,
+        default=1,
+        help="answers sampled per prompt (the experience batch is prompts x N rows); grpo and rloo need N >= 2",
+    )
+    p.add_argument(
+        "--dr_grpo",
+        action="store_true",
+        help="grpo as Dr. GRPO: no division by the group's std, and the policy loss summed over answer tokens "
+        "divided by rows x --max_answer_seq_len",
+    )
     p.add_argument("--print_answers", action="store_true", help="print a prompt and its answer")
     p.add_argument("--print_answers_interval", type=int, default=1, help="PPO steps between printed answers")
     p.add_argument(
@@ -385,6 +410,7 @@ POSITIVE_INTS = (
     "eval_iters",
     "tp_gather_partition_size",
     "inference_tp_size",
+    "n_samples_per_prompt",
 )
 NON_NEGATIVE_INTS = (
     "eval_interval",
@@ -518,6 +544,21 @@ def validate_paths(args: argparse.Namespace) -> None:
         require_writable_dir(args.data_output_path, "--data_output_path")
 
 
+def validate_estimator(args: argparse.Namespace) -> None:
+    """Step 3: the advantage estimator's needs (grpo and rloo compare several answers per prompt)."""
+    from dschat_hal.errors import UserError
+    from dschat_hal.rlhf.advantages import GROUP_ESTIMATORS
+
+    estimator, n = args.advantage_estimator, args.n_samples_per_prompt
+    if estimator in GROUP_ESTIMATORS and n < 2:
+        raise UserError(
+            f"--advantage_estimator {estimator} compares the answers to the same prompt: add "
+            f"--n_samples_per_prompt N with N >= 2 (got {n})"
+        )
+    if args.dr_grpo and estimator != "grpo":
+        raise UserError(f"--dr_grpo modifies grpo: add --advantage_estimator grpo (got {estimator}), or drop --dr_grpo")
+
+
 def validate(args: argparse.Namespace) -> argparse.Namespace:
     """Reject out-of-range and contradictory flags and unusable paths, with one line each."""
     from dschat_hal.errors import UserError
@@ -531,5 +572,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--resume needs to know where checkpoints are: pass --output_dir or --checkpoint_dir")
     if args.save_interval and not (args.checkpoint_dir or args.output_dir):
         raise UserError("--save_interval needs --output_dir or --checkpoint_dir")
+    if hasattr(args, "advantage_estimator"):
+        validate_estimator(args)
     validate_paths(args)
     return args

@@ -289,7 +289,7 @@ def load_unit(root: str | os.PathLike | None, engines: dict, setup: dict) -> dic
     if sorted(manifest["engines"]) != sorted(engines):
         raise UserError(
             f"checkpoint {unit} holds {', '.join(manifest['engines'])} but this run trains {', '.join(engines)}; "
-            "resume with the same models and options (e.g. --enable_ema), or drop --resume"
+            "resume with the same models and options (e.g. --enable_ema, --advantage_estimator), or drop --resume"
         )
     changed = [
         f"{key} {manifest['setup'].get(key)!r} -> {value!r}"

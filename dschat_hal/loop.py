@@ -198,6 +198,9 @@ def resume_setup(args: argparse.Namespace) -> dict:
             setup[key] = value
     setup["world_size"] = world_size()
     setup["dtype"] = str(getattr(args, "dtype_resolved", args.dtype))
+    if getattr(args, "advantage_estimator", "gae") != "gae":  # absent from PPO's units, as before
+        setup["advantage_estimator"] = args.advantage_estimator
+        setup["n_samples_per_prompt"] = args.n_samples_per_prompt
     return setup
 
 

@@ -281,6 +281,11 @@ CASES = [
     # real checkpoints: a backbone tensor missing from a causal-LM directory would train from random values
     ("causal LM missing a backbone tensor", step2, [*S1, "--model_name_or_path", "{tmp}/m"], copy_model("actor", drop_backbone_tensor), 2, "1 backbone tensor(s) of '{tmp}/m' are not in its checkpoint"),
     ("attention kernels not available", step1, [*S1, "--attn_implementation", "flash_attention_2"], None, 2, "--attn_implementation flash_attention_2 cannot be used for 'tiny-opt' here"),
+    # critic-free step 3 (issue #29): estimator flags
+    ("grpo with one answer per prompt", step3, [*S3, "--advantage_estimator", "grpo"], None, 2, "--advantage_estimator grpo compares the answers to the same prompt: add --n_samples_per_prompt N with N >= 2 (got 1)"),
+    ("rloo with one answer per prompt", step3, [*S3, "--advantage_estimator", "rloo", "--n_samples_per_prompt", "1"], None, 2, "--advantage_estimator rloo compares the answers"),
+    ("zero answers per prompt", step3, [*S3, "--n_samples_per_prompt", "0"], None, 2, "--n_samples_per_prompt must be at least 1"),
+    ("dr_grpo without grpo", step3, [*S3, "--dr_grpo"], None, 2, "--dr_grpo modifies grpo: add --advantage_estimator grpo (got gae)"),
 ]  # fmt: skip
 
 

@@ -92,6 +92,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="step 3 generates through the hybrid engine (--enable_hybrid_engine)",
     )
     p.add_argument(
+        "--advantage-estimator",
+        default="gae",
+        choices=["gae", "grpo", "rloo", "reinforce_pp", "remax"],
+        help="step 3's --advantage_estimator (gae: PPO with a critic; the others train no critic)",
+    )
+    p.add_argument(
+        "--n-samples-per-prompt",
+        type=int,
+        default=None,
+        help="step 3's --n_samples_per_prompt (default: 4 for grpo and rloo, else 1)",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="print each step's memory plan (step 3 planned on the base models) and stop; with --device-memory",
@@ -183,6 +195,16 @@ def tiny_run(args: argparse.Namespace) -> bool:
     return args.actor_model.startswith("tiny-") and args.reward_model.startswith("tiny-")
 
 
+def estimator_flags(args: argparse.Namespace) -> list[str]:
+    """Step 3's estimator flags from --advantage-estimator/--n-samples-per-prompt (none for plain PPO)."""
+    estimator = getattr(args, "advantage_estimator", "gae")
+    samples = getattr(args, "n_samples_per_prompt", None)
+    if samples is None:
+        samples = 4 if estimator in ("grpo", "rloo") else 1
+    flags = ["--advantage_estimator", estimator] if estimator != "gae" else []
+    return flags + (["--n_samples_per_prompt", str(samples)] if samples != 1 else [])
+
+
 def step_command(step: int, args: argparse.Namespace, out: Path) -> list[str]:
     tiny = tiny_run(args)
     defaults = (TINY_DEFAULTS if tiny else MODEL_DEFAULTS)[step] + (STEP3_EVAL if step == 3 else "")
@@ -214,6 +236,7 @@ def step_command(step: int, args: argparse.Namespace, out: Path) -> list[str]:
         ]
         if args.enable_hybrid_engine:
             own.append("--enable_hybrid_engine")
+        own += estimator_flags(args)
     target = out / OUTPUT_NAMES[step]
     extra = shlex.split(getattr(args, f"step{step}_args"))
     return [

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from dschat_hal.memory_plan.estimates import (
+    States,
     frozen_states,
     inference_activations,
     kv_cache_bytes,
@@ -141,7 +142,10 @@ def supervised_plan(args, step: int, device: str, ranks: int, memory: float | No
 
 def rlhf_plan(args, device: str, ranks: int, memory: float | None, placement: dict | None = None) -> Plan:
     """Step 3: resident actor/critic states and frozen reference/reward, then the three phases.
-    `placement`: where the frozen models live (default: the one stored on `args`, else resolved here)."""
+    `placement`: where the frozen models live (default: the one stored on `args`, else resolved here).
+    A critic-free estimator (`--advantage_estimator`) has no critic: no critic states, gathers or
+    activations; its experience is prompts x `--n_samples_per_prompt` rows."""
+    from dschat_hal.rlhf.advantages import has_critic
     from dschat_hal.rlhf.placement import resolve_frozen_placement, stored_placement
 
     placement = placement or stored_placement(args) or resolve_frozen_placement(args, device, ranks, memory)
@@ -151,8 +155,15 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None, placement: di
     a_stage, c_stage = args.actor_zero_stage, args.critic_zero_stage
     a_train, a_frozen = _trained(actor, args, "actor_")
     c_train, c_frozen = _trained(critic, args, "critic_")
+    critic_used = has_critic(args)
+    if not critic_used:
+        c_train = c_frozen = 0
     actor_states = training_states(a_train, a_frozen, actor.largest_layer, a_stage, ranks, width, args.offload)
-    critic_states = training_states(c_train, c_frozen, critic.largest_layer, c_stage, ranks, width, args.offload)
+    critic_states = (
+        training_states(c_train, c_frozen, critic.largest_layer, c_stage, ranks, width, args.offload)
+        if critic_used
+        else States(0.0)
+    )
     ref_at, reward_at = placement["reference"], placement["reward"]
     ref = frozen_states(actor.params, ref_at.stage, ranks, width, ref_at.offload)
     reward = frozen_states(critic.params, reward_at.stage, ranks, width, reward_at.offload)
@@ -162,19 +173,22 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None, placement: di
         "reference": ref.device,
         "reward": reward.device,
     }
+    if not critic_used:
+        del resident["critic states"]
     host = actor_states.host + critic_states.host + ref.host + reward.host
     if args.enable_ema:  # the EMA copy: the actor with its LoRA factors, built with offload on
         lora_added = actor.lora(args.actor_lora_module_name, args.actor_lora_dim)[0]
         ema = frozen_states(actor.params + lora_added, a_stage, ranks, width, True)
         resident["actor EMA"] = ema.device
         host += ema.host
-    resident["ZeRO buffers"] = zero_buffers(a_stage, a_train, width, device) + zero_buffers(
-        c_stage, c_train, width, device
+    resident["ZeRO buffers"] = zero_buffers(a_stage, a_train, width, device) + (
+        zero_buffers(c_stage, c_train, width, device) if critic_used else 0.0
     )
     if device == "cpu":
         resident = {"process baseline": CPU_BASELINE_BYTES[3], **resident, "host": host}
 
-    gen_batch, train_batch = args.per_device_generation_batch_size, args.per_device_training_batch_size
+    gen_batch = args.per_device_generation_batch_size * getattr(args, "n_samples_per_prompt", 1)
+    train_batch = args.per_device_training_batch_size
     seq = args.max_prompt_seq_len + args.max_answer_seq_len
     tp = max(1, int(getattr(args, "inference_tp_size", 1) or 1))
     hybrid = args.enable_hybrid_engine
@@ -208,7 +222,7 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None, placement: di
         experience["KV cache"] = keep_cache
     experience["ZeRO-3 gathered weights"] = max(  # the reference and reward forwards too
         zero3_gathered(actor.params, max(a_stage, ref_at.stage), width),
-        zero3_gathered(critic.params, max(c_stage, reward_at.stage), width),
+        zero3_gathered(critic.params, max(c_stage if critic_used else 0, reward_at.stage), width),
     )
     head_positions = args.max_answer_seq_len + 1  # step 3 applies the LM head to the answer only
     experience["actor + reference logits"] = gen_batch * head_positions * actor.vocab * (2 * width + 8)  # + fp32
@@ -223,12 +237,16 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None, placement: di
         actor, train_batch, seq, width, args.actor_gradient_checkpointing, _dropout(args, "actor_"), True, fp32_loss,
         head_positions,
     )  # fmt: skip
-    critic_act = training_activations(
-        critic, train_batch, seq, width, args.critic_gradient_checkpointing, _dropout(args, "critic_"), False, False
+    critic_act = (
+        training_activations(
+            critic, train_batch, seq, width, args.critic_gradient_checkpointing, _dropout(args, "critic_"), False, False
+        )
+        if critic_used
+        else 0.0
     )
     actor_gathered, critic_gathered = (
         zero3_gathered(actor.params, a_stage, width),
-        zero3_gathered(critic.params, c_stage, width),
+        zero3_gathered(critic.params, c_stage, width) if critic_used else 0.0,
     )
     if _critic_graph_kept(args):  # its forward before the actor's update, its backward after
         training["ZeRO-3 gathered weights"] = actor_gathered + critic_gathered
@@ -241,17 +259,20 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None, placement: di
     if device == "cpu":
         step_parts = {(k if not k.endswith("activations") else "freed activations"): v for k, v in training.items()}
         step_parts.pop("ZeRO-3 gathered weights")
-        step_parts["freed gathered weights"] = zero3_gathered(actor.params, a_stage, width) + zero3_gathered(
-            critic.params, c_stage, width
-        )
+        step_parts["freed gathered weights"] = actor_gathered + critic_gathered
         step_parts["AdamW temporaries"] = max(
             optimizer_step_bytes(a_stage, a_train, ranks, device), optimizer_step_bytes(c_stage, c_train, ranks, device)
         )
         phases.append(Phase("optimizer step", step_parts))
     plan = Plan(3, device, ranks, memory, dtype, phases, host=host)
+    critic_note = (
+        f"critic {critic.name}: {critic.params / 1e6:.1f}M ({c_train / 1e6:.1f}M trained, ZeRO {c_stage})"
+        if critic_used
+        else f"no critic ({args.advantage_estimator})"
+    )
     plan.notes.append(
-        f"actor {actor.name}: {actor.params / 1e6:.1f}M ({a_train / 1e6:.1f}M trained, ZeRO {a_stage}); critic "
-        f"{critic.name}: {critic.params / 1e6:.1f}M ({c_train / 1e6:.1f}M trained, ZeRO {c_stage}); "
+        f"actor {actor.name}: {actor.params / 1e6:.1f}M ({a_train / 1e6:.1f}M trained, ZeRO {a_stage}); "
+        f"{critic_note}; "
         f"generation {gen_batch} x {seq}, training {train_batch} x {seq}"
         + (f", hybrid engine{f' TP {tp}' if tp > 1 else ''}" if hybrid else "")
     )

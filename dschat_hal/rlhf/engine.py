@@ -1,4 +1,5 @@
-"""The four (five with EMA) models of step 3, each wrapped in its DeepSpeed engine."""
+"""The four (five with EMA) models of step 3, each wrapped in its DeepSpeed engine; three (four) with a
+critic-free advantage estimator, which builds no critic."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from accel import Accelerator
 from dschat_hal.models import create_lm, create_reward_model, model_family
+from dschat_hal.rlhf.advantages import has_critic
 from dschat_hal.rlhf.placement import placement_of
 from dschat_hal.runtime import apply_lora, engine_from_flags, inference_engine, zero3_load_config
 
@@ -46,7 +48,8 @@ def mixed_precision_lora_config(backend: Accelerator, args: argparse.Namespace) 
 
 
 class RLHFEngine:
-    """Actor and critic (trained), reference and reward (frozen), and an optional actor EMA."""
+    """Actor and critic (trained), reference and reward (frozen), and an optional actor EMA. The critic
+    is None when the advantage estimator uses none (`--advantage_estimator` other than gae)."""
 
     def __init__(self, backend: Accelerator, args: argparse.Namespace, tokenizer, num_total_iters: int) -> None:
         self.backend, self.args, self.tokenizer = backend, args, tokenizer
@@ -59,7 +62,7 @@ class RLHFEngine:
             if args.enable_ema
             else None
         )
-        self.critic = self._timed("critic", self._init_critic, num_total_iters)
+        self.critic = self._timed("critic", self._init_critic, num_total_iters) if has_critic(args) else None
         self.reward = self._timed("reward", self._init_reward)
 
     @staticmethod

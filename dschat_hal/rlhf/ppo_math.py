@@ -77,13 +77,23 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def actor_loss(
-    log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+    length: int | None = None,
 ) -> torch.Tensor:
-    """Clipped surrogate objective (a loss: lower is better), masked mean over answer tokens."""
+    """Clipped surrogate objective (a loss: lower is better), masked mean over answer tokens; with
+    `length`, the sum over answer tokens divided by rows × `length` (Dr. GRPO's constant-length
+    average: no bias towards short or long answers)."""
     ratio = torch.exp((log_probs - old_log_probs) * mask)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
-    return masked_mean(torch.max(unclipped, clipped), mask)
+    losses = torch.max(unclipped, clipped)
+    if length is not None:
+        return (losses * mask.to(losses.dtype)).sum() / (mask.size(0) * length)
+    return masked_mean(losses, mask)
 
 
 def critic_loss(

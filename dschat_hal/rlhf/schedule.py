@@ -43,6 +43,7 @@ def step3_plan(args, prompt_loader, unsup_loader=None) -> tuple[int, int]:
     sizes = batch_sizes(len(prompt_loader.sampler), prompt_loader.batch_size, prompt_loader.drop_last)
     if unsup_loader is not None:  # generation batches are zipped with ptx batches: the shorter ends the epoch
         sizes = sizes[: len(unsup_loader)]
+    sizes = [size * getattr(args, "n_samples_per_prompt", 1) for size in sizes]  # N answers per prompt
     micro = ppo_micro_batches(
         sizes, args.per_device_training_batch_size, args.num_train_epochs, args.generation_batches, args.ppo_epochs
     )

@@ -1,4 +1,5 @@
-"""PPO trainer: generate experience with the actor, score it, and update actor and critic.
+"""PPO trainer: generate experience with the actor, score it, and update actor and critic (or, with a
+critic-free advantage estimator, the actor alone: `advantages.py`).
 
 Every device decision goes through the `accel` backend: `mark_step` around each forward and after
 backward/step (HPU lazy mode), static generation length, and the generation context.
@@ -7,6 +8,7 @@ backward/step (HPU lazy mode), static generation length, and the generation cont
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import time
@@ -18,6 +20,7 @@ import torch
 from accel import Accelerator
 from dschat_hal.models.end_tokens import answer_end_ids
 from dschat_hal.models.reward_model import score
+from dschat_hal.rlhf import advantages as critic_free
 from dschat_hal.rlhf import ppo_math
 from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.generation import GenerationConfig, PlainGenerator, contiguous_head_input
@@ -47,6 +50,10 @@ class PPOConfig:
     old_logprobs_from_training: bool = False
     # the critic's old values likewise from its training forward (`old_values_from_training`)
     old_values_from_training: bool = False
+    # gae (PPO with the critic) or a critic-free estimator (advantages.py), over N answers per prompt
+    advantage_estimator: str = "gae"
+    n_samples_per_prompt: int = 1
+    dr_grpo: bool = False  # grpo without the std division, constant-length loss average
 
 
 def old_logprobs_from_training(args) -> str | None:
@@ -62,6 +69,11 @@ def old_logprobs_from_training(args) -> str | None:
     return _first_training_forward_sees_generation(args, args.actor_dropout)
 
 
+def experience_rows(args) -> int:
+    """Rows of one generation batch's experience: its prompts x `--n_samples_per_prompt`."""
+    return args.per_device_generation_batch_size * getattr(args, "n_samples_per_prompt", 1)
+
+
 def old_values_from_training(args) -> str | None:
     """Why the critic's experience forward can be skipped, or None when it cannot: as for the actor
     (`old_logprobs_from_training`), the critic's training forward is its first forward after the
@@ -69,6 +81,8 @@ def old_values_from_training(args) -> str | None:
     actor's loss needs come from these values, and its graph is kept until the critic's backward
     (the memory plan counts both models' activations then): one critic forward (a ZeRO-3 gather) less
     per step, and under ZeRO-3 the critic's forwards and backwards keep one order from step to step."""
+    if not critic_free.has_critic(args):
+        return None
     return _first_training_forward_sees_generation(args, args.critic_dropout)
 
 
@@ -79,11 +93,22 @@ def _first_training_forward_sees_generation(args, dropout: float | None) -> str 
         return None
     if args.ppo_epochs != 1 or args.generation_batches != 1:
         return None
-    if args.per_device_training_batch_size < args.per_device_generation_batch_size:
+    if args.per_device_training_batch_size < experience_rows(args):
         return None
     if ppo_dropout(dropout) != 0:
         return None
     return "one PPO epoch over one micro-batch per generation batch, dropout off"
+
+
+@contextlib.contextmanager
+def greedy_decoding(generator) -> Iterator[None]:
+    """`generator` (plain, hybrid or tensor-parallel) decodes greedily inside the block."""
+    config = generator.config
+    generator.config = dataclasses.replace(config, do_sample=False)
+    try:
+        yield
+    finally:
+        generator.config = config
 
 
 def generation_config(config: PPOConfig, tokenizer) -> GenerationConfig:
@@ -169,17 +194,27 @@ class PPOTrainer:
 
     @torch.no_grad()
     def generate_experience(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Generate, then score with all four models. Answers of ≤ 1 token get an all-zero mask."""
+        """Generate, then score with all four models (three without a critic). Answers of ≤ 1 token get
+        an all-zero mask. With N answers per prompt each prompt is repeated N times (its answers are
+        contiguous rows); ReMax adds one greedy answer per prompt, scored as its baseline."""
         start = time.time()
+        n, greedy_seq = self.config.n_samples_per_prompt, None
+        unique_prompts, unique_mask = prompts, prompt_mask
+        if n > 1:
+            prompts, prompt_mask = prompts.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
         seq = self.generate_sequence(prompts, prompt_mask)
+        if self.config.advantage_estimator == "remax":  # the baseline, in the same phase (fixed shapes: padded rows)
+            with greedy_decoding(self.generator):
+                greedy_seq = self.generate_sequence(unique_prompts, unique_mask)
         generated = time.time()
         self.actor.eval()
-        self.critic.eval()
+        if self.critic is not None:
+            self.critic.eval()
         prompt_len = prompts.size(1)
         answers = ppo_math.answer_mask(seq[:, prompt_len:], answer_end_ids(self.tokenizer), self.tokenizer.pad_token_id)
         usable = (answers.sum(-1, keepdim=True) > 1).long()
         mask = torch.cat([prompt_mask, answers], dim=1)
-        for name in ("actor", "ref", "critic", "reward"):
+        for name in ("actor", "ref", "critic", "reward") if self.critic is not None else ("actor", "ref", "reward"):
             self.backend.audit_shape(name, seq)
         self.backend.mark_step()
         logprobs = (
@@ -188,10 +223,15 @@ class PPOTrainer:
         self.backend.mark_step()
         ref_logprobs = answer_logprobs(self.ref, self.ref.module, seq, mask, prompt_len - 1)
         self.backend.mark_step()
-        values = None if self.config.old_values_from_training else self._critic_values(seq, mask)
+        values = None if self.config.old_values_from_training or self.critic is None else self._critic_values(seq, mask)
         self.backend.mark_step()
         reward = score(self.reward, seq, mask)["chosen_end_scores"]
         self.backend.mark_step()
+        if self.critic is None:
+            shaped, scores = self._sequence_scores(reward, greedy_seq, unique_mask)
+            extra = {"sequence_scores": scores}
+        else:
+            shaped, extra = self.shape_reward(reward), {}
         action_mask = mask[:, 1:] * torch.cat([torch.ones_like(prompt_mask[:, 1:]), usable.expand_as(answers)], dim=1)
         self.timings["generation"] += generated - start
         self.timings["experience"] += time.time() - generated
@@ -203,11 +243,39 @@ class PPOTrainer:
             **({} if logprobs is None else {"logprobs": logprobs}),  # else from the training forward
             "ref_logprobs": ref_logprobs,
             **({} if values is None else {"value": values.float()}),  # else from the training forward
-            "rewards": self.shape_reward(reward),  # what PPO clips and uses
+            "rewards": shaped,  # what PPO clips and uses
             "raw_rewards": reward.float(),
             "answer_length": answers.sum(-1),
+            **extra,
         }
         return self.last_experience
+
+    def _sequence_scores(
+        self, reward: torch.Tensor, greedy_seq: torch.Tensor | None, prompt_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Critic-free: (shaped rewards, each row's sequence-level score b_i) from the rewards shaped and
+        clipped as PPO's are (`advantages.sequence_scores`); ReMax's greedy answers (one per prompt) are
+        scored and shaped with the sampled ones."""
+        cfg, n = self.config, self.config.n_samples_per_prompt
+        baseline = None
+        if greedy_seq is not None:
+            prompt_len = prompt_mask.size(1)
+            answers = ppo_math.answer_mask(
+                greedy_seq[:, prompt_len:], answer_end_ids(self.tokenizer), self.tokenizer.pad_token_id
+            )
+            greedy_reward = score(self.reward, greedy_seq, torch.cat([prompt_mask, answers], dim=1))[
+                "chosen_end_scores"
+            ]
+            self.backend.mark_step()
+            shaped = self.shape_reward(torch.cat([reward.float(), greedy_reward.float()]))
+            shaped, baseline = shaped[: reward.size(0)], shaped[reward.size(0) :].repeat_interleave(n)
+            baseline = baseline.clamp(-cfg.clip_reward_value, cfg.clip_reward_value)
+        else:
+            shaped = self.shape_reward(reward)
+        clipped = shaped.clamp(-cfg.clip_reward_value, cfg.clip_reward_value)
+        return shaped, critic_free.sequence_scores(
+            cfg.advantage_estimator, clipped, n, std_normalize=not cfg.dr_grpo, baseline=baseline
+        )
 
     def _critic_values(self, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The critic's value at every position but the last (in its current train/eval mode)."""
@@ -223,6 +291,8 @@ class PPOTrainer:
     # ---- training ----------------------------------------------------------------------------
     def train_rlhf(self, exp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One PPO update of actor and critic on an experience batch; returns detached stats."""
+        if self.critic is None:
+            return self.train_actor(exp)
         started = time.time()
         self.actor.train()
         self.critic.train()
@@ -280,6 +350,66 @@ class PPOTrainer:
             "advantage": ppo_math.masked_mean(advantages, answer_mask).detach(),
         }
 
+    def critic_free_advantages(
+        self, experiences: list[dict[str, torch.Tensor]], old_logprobs: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Each experience's token advantages (`advantages.token_advantages`) from its sequence scores
+        and KL penalties; REINFORCE++ whitens them over all of them together and over ranks."""
+        from dschat_hal.runtime import all_reduce_mean
+
+        cfg, found = self.config, []
+        for exp, logprobs in zip(experiences, old_logprobs, strict=True):
+            start = exp["prompts"].size(1) - 1
+            found.append(
+                critic_free.token_advantages(
+                    logprobs,
+                    exp["ref_logprobs"],
+                    exp["sequence_scores"],
+                    exp["action_mask"],
+                    start,
+                    self.kl_ctl,
+                    cfg.gamma,
+                )
+            )
+        if cfg.advantage_estimator == "reinforce_pp":
+            masks = [exp["action_mask"][:, exp["prompts"].size(1) - 1 :] for exp in experiences]
+            found = critic_free.whiten_batch(found, masks, all_reduce_mean)
+        return found
+
+    def train_actor(self, exp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Critic-free: one clipped-surrogate update of the actor with the estimator's advantages (taken
+        from `exp`, else computed here from this micro-batch: then it is the whole step's batch)."""
+        started = time.time()
+        self.actor.train()
+        cfg = self.config
+        start = exp["prompts"].size(1) - 1
+        seq, mask, action_mask = exp["seq"], exp["attention_mask"], exp["action_mask"]
+        answer_mask = action_mask[:, start:]
+        self.backend.audit_shape("actor_train", seq)
+        log_probs = answer_logprobs(self.actor, self.actor.module, seq, mask, start)
+        old_logprobs = exp["logprobs"] if "logprobs" in exp else log_probs.detach()
+        with torch.no_grad():
+            advantages = (
+                exp["advantages"] if "advantages" in exp else self.critic_free_advantages([exp], [old_logprobs])[0]
+            )
+            if cfg.whiten_advantages:
+                advantages = whiten(advantages, answer_mask)
+        length = cfg.max_answer_seq_len if cfg.dr_grpo else None
+        actor_loss = ppo_math.actor_loss(
+            log_probs[:, start:], old_logprobs[:, start:], advantages, answer_mask, cfg.cliprange, length
+        )
+        self.actor.backward(actor_loss)
+        self.backend.mark_step()
+        self.actor.step()
+        self.backend.mark_step()
+        self.timings["training"] += time.time() - started
+        kl = ppo_math.masked_mean(old_logprobs[:, start:] - exp["ref_logprobs"][:, start:], answer_mask)
+        return {
+            "actor_loss": actor_loss.detach(),
+            "kl": kl.detach(),
+            "advantage": ppo_math.masked_mean(advantages, answer_mask).detach(),
+        }
+
     def train_unsupervised(self, batch: dict[str, torch.Tensor], unsup_coef: float) -> torch.Tensor:
         """The ptx term: an LM loss on unsupervised text, scaled by `unsup_coef`. Its backward is
         accumulated with the PPO micro-batch's (the actor engine accumulates twice as many
@@ -312,12 +442,17 @@ class PPOTrainer:
         sync), except the host timings; only the adaptive KL controller, when on, reads the KL back
         every step."""
         timings_before = dict(self._timings_at_last_step)
-        deferred = any("logprobs" not in exp or "value" not in exp for exp in experiences)
+        critic_free = "sequence_scores" in experiences[0]  # critic-free experience carries no values
+        deferred = any("logprobs" not in exp or ("value" not in exp and not critic_free) for exp in experiences)
         if deferred and (ppo_epochs != 1 or len(experiences) != 1 or experiences[0]["seq"].size(0) > batch_size):
             raise ValueError(
                 "the old log-probs or values were left to the training forwards, which give them only for one PPO "
                 "epoch over one micro-batch per generation batch (see old_logprobs_from_training)"
             )
+        if critic_free and not deferred:  # the step's advantages, before any update (REINFORCE++ pools them)
+            with torch.no_grad():
+                found = self.critic_free_advantages(experiences, [exp["logprobs"] for exp in experiences])
+            experiences = [{**exp, "advantages": adv} for exp, adv in zip(experiences, found, strict=True)]
         stats = []
         for _ in range(ppo_epochs):
             for exp, unsup in zip(experiences, unsup_batches, strict=True):

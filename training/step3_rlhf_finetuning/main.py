@@ -1,4 +1,5 @@
-"""Step 3: RLHF fine-tuning of the step-1 actor with PPO against the step-2 reward model."""
+"""Step 3: RLHF fine-tuning of the step-1 actor with PPO (or a critic-free estimator: GRPO, RLOO,
+REINFORCE++, ReMax) against the step-2 reward model."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ from dschat_hal.rlhf.tensor_parallel import check_tp_args, make_hybrid_engine
 from dschat_hal.rlhf.trainer import (
     PPOConfig,
     PPOTrainer,
+    experience_rows,
     generation_config,
     materialize,
     old_logprobs_from_training,
@@ -69,10 +71,11 @@ def report(step: int, epoch: int, record: dict, started: float) -> str:
     phases = ("generation", "experience", "training")
     total = sum(record[f"{p}_s"] for p in phases) or 1.0
     timing = ", ".join(f"{p} {record[f'{p}_s']:.2f}s ({100 * record[f'{p}_s'] / total:.0f}%)" for p in phases)
+    critic = f"critic loss {record['critic_loss']:.4f} " if "critic_loss" in record else ""
     return (
         f"[step3] epoch {epoch + 1} step {step} reward used {record['reward_used']:.3f} "
         f"({100 * record['clipped']:.0f}% clipped), raw {record['reward']:.3f} (ema {record['reward_ema']:.3f}) "
-        f"actor loss {record['actor_loss']:.4f} critic loss {record['critic_loss']:.4f} kl {record['kl']:.4f} "
+        f"actor loss {record['actor_loss']:.4f} {critic}kl {record['kl']:.4f} "
         f"answer len {record['answer_length']:.1f} (short {100 * record['short_answers']:.0f}%) | {timing} "
         f"| {time.time() - started:.1f}s"
     )
@@ -95,9 +98,9 @@ def make_generator(engine: RLHFEngine, backend, config: GenerationConfig, args) 
 
 
 def save_models(engine: RLHFEngine, tokenizer, output_dir: str, args=None) -> None:
-    """Actor, critic (and EMA) written in full, then published together by one rename: a kill
-    never leaves a new actor beside an old critic; with them `args.json` and `made_by.json` (when
-    `args` is given). Collective under ZeRO-3."""
+    """Actor, critic (when there is one) and EMA written in full, then published together by one
+    rename: a kill never leaves a new actor beside an old critic; with them `args.json` and
+    `made_by.json` (when `args` is given). Collective under ZeRO-3."""
     with atomic_directory(output_dir, enabled=is_rank0()) as tmp:
         base = (
             None
@@ -106,7 +109,8 @@ def save_models(engine: RLHFEngine, tokenizer, output_dir: str, args=None) -> No
         )
         write_lm(engine.actor.module, tokenizer, tmp / "actor" if tmp else None, adapter_base=base)
         fault_point("step3_actor_written")
-        engine.critic.module.write(tmp / "critic" if tmp else None, tokenizer)
+        if engine.critic is not None:
+            engine.critic.module.write(tmp / "critic" if tmp else None, tokenizer)
         if engine.actor_ema is not None:
             write_lm(engine.actor_ema.module, tokenizer, tmp / "actor_ema" if tmp else None)
         if args is not None:
@@ -156,7 +160,8 @@ def check_last_update(pending: list[dict], flush, engine: RLHFEngine, step: int)
     from dschat_hal.runtime import all_reduce_mean
 
     last = pending[-1]
-    losses = all_reduce_mean(torch.stack([torch.as_tensor(last[k]).float() for k in ("actor_loss", "critic_loss")]))
+    keys = [k for k in ("actor_loss", "critic_loss") if k in last]
+    losses = all_reduce_mean(torch.stack([torch.as_tensor(last[k]).float() for k in keys]))
     ema = None if bool(torch.isfinite(losses).all()) else flush()  # the same on every rank; raises past --max_bad_steps
     if not actor_is_finite(engine):
         raise TrainingHealthError(
@@ -234,8 +239,8 @@ def main(argv: list[str]) -> dict:
     if args.unsupervised_dataset_name:
         texts = read_texts(args.unsupervised_dataset_name, args.unsupervised_dataset_config_name)
         blocks = block_dataset(texts, tokenizer, args.max_prompt_seq_len + args.max_answer_seq_len)
-        unsup_rows = args.per_device_unsup_batch_size or args.per_device_generation_batch_size
-        micro_batches = -(-args.per_device_generation_batch_size // args.per_device_training_batch_size)
+        unsup_rows = args.per_device_unsup_batch_size or experience_rows(args)
+        micro_batches = -(-experience_rows(args) // args.per_device_training_batch_size)
         if unsup_rows < micro_batches:
             raise UserError(
                 f"--per_device_unsup_batch_size {unsup_rows} cannot give each of the {micro_batches} PPO "
@@ -262,10 +267,13 @@ def main(argv: list[str]) -> dict:
         whiten_advantages=args.whiten_advantages,
         old_logprobs_from_training=reuse_reason is not None,
         old_values_from_training=values_reason is not None,
+        advantage_estimator=args.advantage_estimator,
+        n_samples_per_prompt=args.n_samples_per_prompt,
+        dr_grpo=args.dr_grpo,
     )
     generator = make_generator(engine, backend, generation_config(ppo_config, tokenizer), args)
     trainer = PPOTrainer(engine, backend, tokenizer, ppo_config, generator=generator)
-    engines = {"actor": engine.actor, "critic": engine.critic}
+    engines = {"actor": engine.actor} | ({"critic": engine.critic} if engine.critic is not None else {})
     if engine.actor_ema is not None:
         engines["actor_ema"] = engine.actor_ema
     position = load_checkpoint(engines, args) or {"epoch": 0, "batch": 0, "step": 0, "reward_ema": None}
@@ -319,7 +327,9 @@ def main(argv: list[str]) -> dict:
         for offset, stats in enumerate(pending):
             record = materialize(stats)
             number = step - len(pending) + offset + 1
-            guard.check([[record[k] for k in HEALTH_KEYS]], number, engine.actor, what="reward/advantage/loss")
+            guard.check(
+                [[record[k] for k in HEALTH_KEYS if k in record]], number, engine.actor, what="reward/advantage/loss"
+            )
             ema = record["reward"] if ema is None else 0.9 * ema + 0.1 * record["reward"]
             record["reward_ema"] = ema
             history.append(record)
@@ -388,7 +398,7 @@ def main(argv: list[str]) -> dict:
     print_rank0("step 3 time: " + ", ".join(f"{k} {v:.1f}s" for k, v in trainer.timings.items()))
     if args.output_dir:
         save_models(engine, tokenizer, args.output_dir, args)
-        print_rank0(f"saved actor and critic under {args.output_dir}")
+        print_rank0(f"saved actor{' and critic' if engine.critic is not None else ''} under {args.output_dir}")
     summary = {
         "shape_counts": shape_counts(backend),
         "history": history,
@@ -396,7 +406,7 @@ def main(argv: list[str]) -> dict:
         "optimizer_steps": {
             "planned": total_iters,
             "actor": engine.actor.global_steps,
-            "critic": engine.critic.global_steps,
+            **({"critic": engine.critic.global_steps} if engine.critic is not None else {}),
         },
         "timings": trainer.timings,
         "output_dir": args.output_dir,
