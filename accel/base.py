@@ -41,6 +41,7 @@ class Accelerator(abc.ABC):
         self.shape_audit: dict[str, set[tuple]] | None = None
         self.use_graphs = False  # capture generation in device graphs where the backend can
         self.optimizer_choice = "auto"  # --optimizer: "deepspeed_fused" where the backend offers it
+        self.graph_counts: dict[str, int] | None = None  # device-graph captures and replays, where counted
 
     # ---- availability -------------------------------------------------------------------
     @classmethod
@@ -300,9 +301,17 @@ class Accelerator(abc.ABC):
         """Device bookkeeping around a generation phase (e.g. flushing a lazy graph)."""
         yield model
 
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Extra keyword arguments this device's HF `generate` needs (plain generation path)."""
+    def generate_kwargs(self, graphs: bool = False) -> dict[str, Any]:
+        """Extra keyword arguments this device's HF `generate` needs; `graphs`: the model's forward is the
+        one `capture_generate_forward` returned."""
         return {}
+
+    def capture_generate_forward(self, model: torch.nn.Module) -> Callable[..., Any] | None:
+        """For a generation phase run by the model's own `generate` (where the hybrid engine's decode step
+        cannot serve the model): a function to stand in for `model.forward` for that phase only, which
+        captures it in device graphs, one per input shape (`use_graphs`). None where the backend does
+        not capture that way. The caller keeps it for later phases and puts the forward back after each."""
+        return None
 
     def capture_decode_step(self, step: torch.nn.Module) -> Callable[..., torch.Tensor]:
         """The hybrid engine's per-token decode step, captured in a device graph where the backend can
