@@ -227,12 +227,15 @@ class Accelerator(abc.ABC):
         from its environment, or as a world of one without one — without exporting RANK or
         MASTER_PORT, so that child processes never inherit this process's rendezvous. First, once per
         process, a stale op-build lock (a killed build's) is removed, said in one line: DeepSpeed loads
-        its communication op here, and torch would wait on that lock forever, silently."""
+        its communication op here, and torch would wait on that lock forever, silently. DeepSpeed is made
+        to agree with this backend (`ds_name`) even when it was imported, and chose, before it."""
         import deepspeed
         import torch.distributed as dist
 
+        from accel._deepspeed import ds_accelerator
         from accel._op_builds import clear_stale_build_locks_once
 
+        ds_accelerator(self.ds_name)
         clear_stale_build_locks_once()
         if dist.is_available() and dist.is_initialized():
             return

@@ -275,3 +275,38 @@ def test_e2e_step3_on_gaudi_generates_in_hpu_graphs(e2e_output, tmp_path, lazy):
         assert "eager mode: torch.compile(backend='hpu_backend')" in output
         assert "HPU graphs need lazy mode (PT_HPU_LAZY_MODE=1)" in output
         assert counts and counts.groups() == ("0", "0"), output[-3000:]
+
+
+def test_validate_gaudi_tiny_benchmarks_generation_in_hpu_graphs(tmp_path):
+    """`validate_gaudi.sh --tiny` on the bridge stand-in with the real optimum-habana: the checks, the
+    generation benchmark (HF, the engine, the engine in HPU graphs) at a tiny bloom shape, and a row with
+    the graphs captured and replayed, all passing; the benchmark's table follows the pass/fail table."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "hl-smi").write_text("#!/bin/sh\necho 'stand-in hl-smi'\n")
+    (tools / "hl-smi").chmod(0o755)
+    env = real_gaudi_env({"PYTHON": sys.executable})
+    env["PATH"] = os.pathsep.join([str(tools), env["PATH"]])
+    script = ROOT / "example_scripts" / "validate_gaudi.sh"
+    result = subprocess.run(
+        ["bash", str(script), "--tiny", "--output", str(tmp_path / "out")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0 and "validation passed" in result.stdout, result.stdout + result.stderr
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2].strip()
+        for line in result.stdout.splitlines()
+        if "| PASS" in line
+    }
+    assert "optimum-habana (1.21.2) loads" in rows
+    assert {"generation: HF vs the hybrid engine", "generation: the engine in HPU graphs"} <= set(rows)
+    graphs = next(name for name in rows if name.startswith("HPU graphs:"))
+    captured, replays = map(int, re.findall(r"\d+", graphs))
+    assert captured == 1 and replays > captured  # one shape, replayed by every later token and phase
+    modes = [line.split("|")[2].strip() for line in result.stdout.splitlines() if re.match(r"\| 2 \| ", line)]
+    assert modes == ["hf", "engine", "engine"]  # the benchmark's rows: with and without the engine and graphs
+    assert "| 2 | engine |" in result.stdout and "| yes |" in result.stdout  # the engine's tokens equal HF's
