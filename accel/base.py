@@ -41,6 +41,7 @@ class Accelerator(abc.ABC):
         self.shape_audit: dict[str, set[tuple]] | None = None
         self.use_graphs = False  # capture generation in device graphs where the backend can
         self.optimizer_choice = "auto"  # --optimizer: "deepspeed_fused" where the backend offers it
+        self.graph_counts: dict[str, int] | None = None  # device-graph captures and replays, where counted
 
     # ---- availability -------------------------------------------------------------------
     @classmethod
@@ -226,12 +227,15 @@ class Accelerator(abc.ABC):
         from its environment, or as a world of one without one — without exporting RANK or
         MASTER_PORT, so that child processes never inherit this process's rendezvous. First, once per
         process, a stale op-build lock (a killed build's) is removed, said in one line: DeepSpeed loads
-        its communication op here, and torch would wait on that lock forever, silently."""
+        its communication op here, and torch would wait on that lock forever, silently. DeepSpeed is made
+        to agree with this backend (`ds_name`) even when it was imported, and chose, before it."""
         import deepspeed
         import torch.distributed as dist
 
+        from accel._deepspeed import ds_accelerator
         from accel._op_builds import clear_stale_build_locks_once
 
+        ds_accelerator(self.ds_name)
         clear_stale_build_locks_once()
         if dist.is_available() and dist.is_initialized():
             return
@@ -300,9 +304,17 @@ class Accelerator(abc.ABC):
         """Device bookkeeping around a generation phase (e.g. flushing a lazy graph)."""
         yield model
 
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Extra keyword arguments this device's HF `generate` needs (plain generation path)."""
+    def generate_kwargs(self, graphs: bool = False) -> dict[str, Any]:
+        """Extra keyword arguments this device's HF `generate` needs; `graphs`: the model's forward is the
+        one `capture_generate_forward` returned."""
         return {}
+
+    def capture_generate_forward(self, model: torch.nn.Module) -> Callable[..., Any] | None:
+        """For a generation phase run by the model's own `generate` (where the hybrid engine's decode step
+        cannot serve the model): a function to stand in for `model.forward` for that phase only, which
+        captures it in device graphs, one per input shape (`use_graphs`). None where the backend does
+        not capture that way. The caller keeps it for later phases and puts the forward back after each."""
+        return None
 
     def capture_decode_step(self, step: torch.nn.Module) -> Callable[..., torch.Tensor]:
         """The hybrid engine's per-token decode step, captured in a device graph where the backend can

@@ -11,6 +11,7 @@ so the HPU code paths run in CPU tests; every hardware answer (hccl, bf16, fused
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -55,6 +56,7 @@ class HpuAccelerator(Accelerator):
         self.simulated = bool(getattr(_habana(), "IS_TEST_FAKE", False))
         self.lazy_mode = self._runtime_is_lazy()
         self.mark_step_calls = 0
+        self.graph_counts = {"captures": 0, "replays": 0}
         self._graphs_refusal_logged = False
         self.gaudi_generate = self._adapt_transformers(self.lazy_mode)
 
@@ -136,12 +138,53 @@ class HpuAccelerator(Accelerator):
             return f"optimum-habana {self.optimum_habana_version or '(version unknown)'}"
         return f"WITHOUT optimum-habana ({self.optimum_habana_problem})"
 
-    def generate_kwargs(self) -> dict[str, Any]:
+    def generate_kwargs(self, graphs: bool = False) -> dict[str, Any]:
         """optimum-habana's `generate` (when it patched transformers) runs lazy mode per token and
-        honours EOS only when told, as HabanaAI's fork calls it."""
+        honours EOS only when told, as HabanaAI's fork calls it. `graphs` (the forward is in HPU graphs):
+        `hpu_graphs`, and `limit_hpu_graphs`, which runs the prompt's forward outside the graph
+        (`bypass_hpu_graphs`), so each shape bucket captures one graph: the per-token decode step."""
         if not self.gaudi_generate:
             return {}
-        return {"lazy_mode": self.lazy_mode, "ignore_eos": False}
+        kwargs: dict[str, Any] = {"lazy_mode": self.lazy_mode, "ignore_eos": False}
+        if graphs:
+            kwargs |= {"hpu_graphs": True, "limit_hpu_graphs": True}
+        return kwargs
+
+    def capture_generate_forward(self, model: torch.nn.Module) -> Callable[..., Any] | None:
+        """optimum-habana's patched models decode in their own `generate`: their forward, wrapped by
+        `wrap_in_hpu_graph_func` (one graph per input shape), stands in for `model.forward` during
+        generation only, as HabanaAI's DeepSpeed-Chat fork does; training forwards never go through it
+        (`wrap_in_hpu_graph` would replace the training module's forward for good)."""
+        if not self.use_graphs or not self.gaudi_generate or not self._graphs_allowed():
+            return None
+        log.info("accel/hpu: %s's generation forward captured in HPU graphs (one per shape)", type(model).__name__)
+        return self._counted(self._hpu.wrap_in_hpu_graph_func(model.forward))
+
+    def _counted(self, graphed: Callable[..., Any]) -> Callable[..., Any]:
+        """`graphed`, its captures and replays counted in `graph_counts` as the bridge makes them: a graph
+        per input signature (tensor shapes and dtypes, other arguments by value or identity), none for a
+        call with `bypass_hpu_graphs`."""
+        seen: set = set()
+        counts = self.graph_counts
+
+        @functools.wraps(graphed)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if not kwargs.get("bypass_hpu_graphs"):
+                key = _graph_key((args, kwargs))
+                counts["replays" if key in seen else "captures"] += 1
+                seen.add(key)
+            return graphed(*args, **kwargs)
+
+        return call
+
+    def _graphs_allowed(self) -> bool:
+        """HPU graphs need lazy mode (optimum-habana refuses `hpu_graphs` without it too); said once."""
+        if self.lazy_mode:
+            return True
+        if not self._graphs_refusal_logged:
+            log.info("accel/hpu: HPU graphs need lazy mode (PT_HPU_LAZY_MODE=1); eager mode decodes uncaptured")
+            self._graphs_refusal_logged = True
+        return False
 
     @property
     def device(self) -> torch.device:
@@ -238,15 +281,12 @@ class HpuAccelerator(Accelerator):
     def capture_decode_step(self, step: torch.nn.Module) -> Callable[..., torch.Tensor]:
         """An HPU graph of the decode step only: `wrap_in_hpu_graph` replaces the module's forward for
         good, so it is never applied to a module that trains."""
-        if not self.use_graphs:
-            return step
-        if not self.lazy_mode:  # optimum-habana refuses hpu_graphs without lazy mode too
-            if not self._graphs_refusal_logged:
-                log.info("accel/hpu: HPU graphs need lazy mode (PT_HPU_LAZY_MODE=1); eager mode decodes uncaptured")
-                self._graphs_refusal_logged = True
+        if not self.use_graphs or not self._graphs_allowed():
             return step
         log.info("accel/hpu: decode step captured in an HPU graph")
-        return self._hpu.wrap_in_hpu_graph(step)
+        graphed = self._hpu.wrap_in_hpu_graph(step)
+        graphed.forward = self._counted(graphed.forward)
+        return graphed
 
     @contextlib.contextmanager
     def generation_context(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
@@ -256,6 +296,19 @@ class HpuAccelerator(Accelerator):
             yield model
         finally:
             self.mark_step()
+
+
+def _graph_key(value: Any) -> Any:
+    """What tells one HPU graph from another in a call's arguments (as the bridge's `input_hash`)."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.dtype)
+    if isinstance(value, (tuple, list)):
+        return tuple(_graph_key(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _graph_key(v)) for k, v in value.items())
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return (type(value).__name__, id(value))
 
 
 def _fix_opt_decode_positions() -> None:

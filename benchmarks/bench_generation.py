@@ -27,10 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import accel  # noqa: E402  # isort: skip  (before torch: the HPU bridge fixes lazy or eager mode when torch loads it)
+import torch  # noqa: E402  # isort: skip
 
 SHAPES = {  # name: (family, config overrides) — random weights, no download
     "tiny": ("opt", {"hidden_size": 64, "word_embed_proj_dim": 64, "ffn_dim": 256, "num_hidden_layers": 2,
@@ -38,6 +39,8 @@ SHAPES = {  # name: (family, config overrides) — random weights, no download
     "opt-125m": ("opt", {}),
     "opt-1.3b": ("opt", {"hidden_size": 2048, "word_embed_proj_dim": 2048, "ffn_dim": 8192,
                          "num_hidden_layers": 24, "num_attention_heads": 32}),
+    "tiny-bloom": ("bloom", {"hidden_size": 64, "n_layer": 2, "n_head": 4, "vocab_size": 1024}),
+    "bloom-1b1": ("bloom", {"hidden_size": 1536, "n_layer": 24, "n_head": 16, "vocab_size": 250880}),
     "llama-2-7b": ("llama", {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
                              "max_position_embeddings": 4096}),
@@ -71,8 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def memory_bandwidth(device: torch.device, megabytes: int = 256) -> float:
     """Bytes/s of a large device-to-device copy (read + write), best of 5."""
-    import accel
-
     src = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     best = float("inf")
@@ -127,7 +128,6 @@ def _timed(fn, backend) -> tuple[float, torch.Tensor]:
 
 def run_generation(args: argparse.Namespace) -> list[dict]:
     """All modes for every ZeRO stage, in this process (one rank of a torchrun world, or alone)."""
-    import accel
     from dschat_hal.rlhf.generation import GenerationConfig, PlainGenerator
     from dschat_hal.rlhf.tensor_parallel import make_hybrid_engine
     from dschat_hal.runtime import rank
@@ -179,6 +179,7 @@ def run_generation(args: argparse.Namespace) -> list[dict]:
             })  # fmt: skip
         del engine
     for row in rows:
+        row["graph_counts"] = dict(backend.graph_counts) if args.device_graphs and backend.graph_counts else None
         base = next((r for r in rows if r["zero"] == row["zero"] and r["mode"] == "hf"), None)
         row["speedup_vs_hf"] = base["seconds"] / row["seconds"] if base else None
     return rows
@@ -316,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = json.loads(Path(out.name).read_text())
     print(header)
     print(table(rows, args))
+    counts = next((r["graph_counts"] for r in rows if r.get("graph_counts")), None)
+    if counts:  # where the backend counts its graphs (HPU): this process's, all modes and stages
+        print(f"device graphs: {counts['captures']} captured, {counts['replays']} replays")
     if args.json:
         Path(args.json).write_text(json.dumps({"setup": header, "rows": rows}, indent=1))
     return 0

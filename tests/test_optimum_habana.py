@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -162,3 +163,150 @@ def test_validate_gaudi_has_a_row_for_optimum_habana(tmp_path, installed):
     else:
         assert result.returncode == 1 and "(missing)" in rows[0] and "| FAIL" in rows[0]
         assert "validation FAILED (1 checks)" in result.stdout
+
+
+# In the child: the hybrid engine with HPU graphs on optimum-habana's patched classes, four generation
+# phases over two shape buckets (9 and 12 prompt positions; a 2-row batch padded to 3 rows), a training
+# step between phases; the weights each phase generated with are saved for the parent's references.
+GRAPHS = """
+import deepspeed, logging
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from test_gaudi_paths import GREEDY, engine_on
+from test_hybrid_engine import PAD, peaked_model, prompt_batch
+from dschat_hal.rlhf.generation import HybridEngine
+backend.use_graphs = True
+weights = torch.load(sys.argv[1])
+prompts, mask = prompt_batch()
+wide = (torch.nn.functional.pad(prompts, (3, 0), value=PAD), torch.nn.functional.pad(mask, (3, 0)))
+phases = [(prompts, mask), wide, (prompts[:2], mask[:2]), wide]
+out = {}
+for family, stages in json.loads(sys.argv[2]).items():
+    for stage in stages:
+        model = peaked_model(family, lora=True)
+        model.load_state_dict(weights[family])
+        engine = engine_on(backend, model, stage)
+        hybrid = HybridEngine(engine, backend, GREEDY, dtype=torch.float32)
+        ht.hpu.reset()
+        result = out[f"{family}_zero{stage}"] = {"phases": []}
+        for phase, (p, m) in enumerate(phases):
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+                state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+            path = sys.argv[3] + f"/{family}_zero{stage}_{phase}.pt"
+            torch.save(state, path)
+            seq = hybrid.generate(p, m)
+            result["phases"].append({"tokens": seq.tolist(), "weights": path, "captures": ht.hpu.captures(), "replays": ht.hpu.replays()})
+            # a training step through the actor's own forward (never a graph's)
+            loss = engine(input_ids=seq[:, -8:], attention_mask=torch.ones_like(seq[:, -8:]), use_cache=False).logits.float().pow(2).mean()
+            engine.backward(loss)
+            engine.step()
+        result["forward_restored"] = "forward" not in engine.module.__dict__
+        result["graph_calls_outside_generation"] = [r for r in ht.hpu.graph_replays if r["grad_enabled"] or r["training"]]
+        result["kinds"] = sorted({r["kind"] for r in ht.hpu.graph_replays})
+        result["counted"] = [dict(backend.graph_counts), {"captures": ht.hpu.captures(), "replays": ht.hpu.replays()}]
+        backend.graph_counts.update(captures=0, replays=0)
+print(json.dumps(out))
+"""
+
+
+def test_hpu_graphs_capture_optimum_habanas_generation_once_per_shape(tmp_path):
+    """`--enable_hpu_graphs` with the hybrid engine on optimum-habana's patched OPT, BLOOM and Llama (which
+    decode in their own `generate`): one HPU graph per shape bucket, replayed by later phases across
+    training steps, training forwards outside any graph, and the tokens of plain transformers on the
+    weights of each phase (greedy, fp32; ZeRO 0 and 3, LoRA)."""
+    stages = {"opt": [0, 3], "bloom": [3], "llama": [0]}
+    weights = {}
+    for family in stages:
+        weights[family] = peaked_model(family, lora=True).state_dict()
+    path = tmp_path / "weights.pt"
+    torch.save(weights, path)
+    out = run_real_gaudi(CHILD_PRELUDE + GRAPHS, str(path), json.dumps(stages), str(tmp_path))
+    prompts, mask = prompt_batch()
+    wide = (torch.nn.functional.pad(prompts, (3, 0), value=PAD), torch.nn.functional.pad(mask, (3, 0)))
+    phases = [(prompts, mask), wide, (prompts[:2], mask[:2]), wide]
+    for family, family_stages in stages.items():
+        for stage in family_stages:
+            result = out[f"{family}_zero{stage}"]
+            counts = [(phase["captures"], phase["replays"]) for phase in result["phases"]]
+            # a capture for each new bucket (the prompt's forward bypasses the graph), replays afterwards
+            assert [c for c, _ in counts] == [1, 2, 2, 2], (family, stage, counts)
+            assert all(later[1] > earlier[1] for earlier, later in zip(counts, counts[1:], strict=False))
+            assert result["kinds"] == ["bypass", "capture", "replay"]
+            assert result["graph_calls_outside_generation"] == [] and result["forward_restored"]
+            assert result["counted"][0] == result["counted"][1]  # the backend counts as the bridge captures
+            seen = []
+            for phase, (p, m) in zip(result["phases"], phases, strict=True):
+                model = peaked_model(family, lora=True)
+                model.load_state_dict(torch.load(phase["weights"]))
+                seen.append(model.state_dict())
+                seq = torch.tensor(phase["tokens"])
+                assert seq.shape == (p.size(0), p.size(1) + GREEDY.max_answer_seq_len), (family, stage)
+                reference = reference_tokens(model, p, m, GREEDY)
+                assert answers_equal(seq, reference), (family, stage, seq, reference)
+            assert any(not torch.equal(seen[0][k], seen[-1][k]) for k in seen[0])  # the steps changed weights
+    assert "generation forward captured in HPU graphs" in out["stderr"]
+
+
+@pytest.mark.parametrize("lazy", ["1", "0"], ids=["lazy", "eager"])
+def test_e2e_step3_on_gaudi_generates_in_hpu_graphs(e2e_output, tmp_path, lazy):
+    """e2e's step 3 with `--device hpu --enable-hybrid-engine` and `--enable_hpu_graphs`, with the real
+    optimum-habana: its patched actor decodes in its own `generate`, in HPU graphs in lazy mode (the
+    default); eager mode (`PT_HPU_LAZY_MODE=0`, models under torch.compile) runs end to end without them."""
+    for name in ("actor", "reward"):
+        (tmp_path / name).symlink_to(e2e_output / name)
+    args = ["--step", "3", "--device", "hpu", "--enable-hybrid-engine", "--output-dir", str(tmp_path)]
+    args += ["--step3-args", "--enable_test_mode --test_stop_step 2 --enable_hpu_graphs"]
+    result = subprocess.run(
+        [sys.executable, "training/e2e_rlhf.py", *args],
+        cwd=ROOT,
+        env=real_gaudi_env({"PT_HPU_LAZY_MODE": lazy}),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert "optimum-habana 1.21.2" in output and "falling back to HF generate: GaudiOPTForCausalLM" in output
+    assert re.search(r"\| 3 \| \d+ \| held-out reward", result.stdout)
+    counts = re.search(r"generation HPU graphs: (\d+) captured, (\d+) replays", output)
+    if lazy == "1":
+        assert "GaudiOPTForCausalLM's generation forward captured in HPU graphs" in output
+        assert counts and int(counts[1]) == 1 and int(counts[2]) > 0, output[-3000:]  # one shape bucket, replayed
+    else:
+        assert "eager mode: torch.compile(backend='hpu_backend')" in output
+        assert "HPU graphs need lazy mode (PT_HPU_LAZY_MODE=1)" in output
+        assert counts and counts.groups() == ("0", "0"), output[-3000:]
+
+
+def test_validate_gaudi_tiny_benchmarks_generation_in_hpu_graphs(tmp_path):
+    """`validate_gaudi.sh --tiny` on the bridge stand-in with the real optimum-habana: the checks, the
+    generation benchmark (HF, the engine, the engine in HPU graphs) at a tiny bloom shape, and a row with
+    the graphs captured and replayed, all passing; the benchmark's table follows the pass/fail table."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "hl-smi").write_text("#!/bin/sh\necho 'stand-in hl-smi'\n")
+    (tools / "hl-smi").chmod(0o755)
+    env = real_gaudi_env({"PYTHON": sys.executable})
+    env["PATH"] = os.pathsep.join([str(tools), env["PATH"]])
+    script = ROOT / "example_scripts" / "validate_gaudi.sh"
+    result = subprocess.run(
+        ["bash", str(script), "--tiny", "--output", str(tmp_path / "out")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0 and "validation passed" in result.stdout, result.stdout + result.stderr
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2].strip()
+        for line in result.stdout.splitlines()
+        if "| PASS" in line
+    }
+    assert "optimum-habana (1.21.2) loads" in rows
+    assert {"generation: HF vs the hybrid engine", "generation: the engine in HPU graphs"} <= set(rows)
+    graphs = next(name for name in rows if name.startswith("HPU graphs:"))
+    captured, replays = map(int, re.findall(r"\d+", graphs))
+    assert captured == 1 and replays > captured  # one shape, replayed by every later token and phase
+    modes = [line.split("|")[2].strip() for line in result.stdout.splitlines() if re.match(r"\| 2 \| ", line)]
+    assert modes == ["hf", "engine", "engine"]  # the benchmark's rows: with and without the engine and graphs
+    assert "| 2 | engine |" in result.stdout and "| yes |" in result.stdout  # the engine's tokens equal HF's

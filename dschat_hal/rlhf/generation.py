@@ -7,7 +7,10 @@ The hybrid engine switches the actor into a generation form for one generation p
   weights are restored exactly afterwards;
 - decoding is our own loop over a preallocated static KV cache with fixed shapes (mask and cache
   of prompt + answer length); its per-token step is one module the backend may capture in a
-  device graph (`Accelerator.capture_decode_step`).
+  device graph (`Accelerator.capture_decode_step`);
+- models that keep their own static cache (optimum-habana's) decode with their own `generate`; the
+  backend may capture their forward in device graphs for the phase only
+  (`Accelerator.capture_generate_forward`), put back before any training forward.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import functools
 import inspect
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +139,24 @@ class PlainGenerator:
     def kept_form(self) -> None:
         """No separate inference form: forwards go through the actor's engine."""
         return None
+
+
+@contextlib.contextmanager
+def forward_replaced(model: nn.Module, forward: Callable | None) -> Iterator[None]:
+    """`model.forward` is `forward` for the block (nothing changes when it is None), then what it was."""
+    if forward is None:
+        yield
+        return
+    had_own = "forward" in model.__dict__
+    own = model.__dict__.get("forward")
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if had_own:
+            model.forward = own
+        else:
+            del model.forward
 
 
 @contextlib.contextmanager
@@ -389,6 +410,7 @@ class HybridEngine:
         # cache for a shape seen before would be a new device-graph recording), smaller batches padded
         self.static_shapes = backend.static_generation_shapes
         self._captures: dict[tuple, tuple] = {}
+        self._graphed_forwards: dict[int, Callable | None] = {}  # HF-generate fallback: per generation form
         self._rows = 0
         self._logged_shapes = 0
         self._gather_mode_logged = False
@@ -533,6 +555,7 @@ class HybridEngine:
     def _release_cache(self) -> None:
         self._cache = self._cache_key = self._step = None
         self._captures.clear()
+        self._graphed_forwards.clear()
         self.backend.empty_cache()
 
     def _pad_rows(self, prompts: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -579,6 +602,16 @@ class HybridEngine:
             next_position = next_position + 1
         return torch.cat([prompts, answers], dim=1)
 
+    def generate_with_model(self, model: nn.Module, prompts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The model's own `generate` (the fallback), its forward in the backend's device graphs where it
+        captures them: one graph per shape, kept for later phases with the generation form."""
+        if id(model) not in self._graphed_forwards:
+            self._graphed_forwards[id(model)] = self.backend.capture_generate_forward(model)
+        forward = self._graphed_forwards[id(model)]
+        with forward_replaced(model, forward):
+            extra = self.backend.generate_kwargs(graphs=forward is not None)
+            return hf_generate(model, prompts, mask, self.config, **extra)
+
     @torch.no_grad()
     def generate(self, prompts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rows = prompts.size(0)
@@ -586,7 +619,7 @@ class HybridEngine:
         group = self._group_layers(self.phase_memory(padded_rows, prompts.size(1) + self.config.max_answer_seq_len))
         with self.generation_form(group) as model, self.backend.generation_context(model):
             if self.fallback_reason:
-                seq = hf_generate(model, prompts, mask, self.config, **self.backend.generate_kwargs())
+                seq = self.generate_with_model(model, *self._pad_rows(prompts, mask))[:rows]
             else:
                 seq = self.decode(model, *self._pad_rows(prompts, mask))[:rows]
         if self.release_cache or (self.copy is not None and self.unpin):

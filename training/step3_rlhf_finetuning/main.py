@@ -396,6 +396,9 @@ def main(argv: list[str]) -> dict:
         evaluate()
     writer.close()
     print_rank0("step 3 time: " + ", ".join(f"{k} {v:.1f}s" for k, v in trainer.timings.items()))
+    if backend.use_graphs and backend.graph_counts is not None:
+        counts = backend.graph_counts
+        print_rank0(f"generation {backend.graph_kind}: {counts['captures']} captured, {counts['replays']} replays")
     if args.output_dir:
         save_models(engine, tokenizer, args.output_dir, args)
         print_rank0(f"saved actor{' and critic' if engine.critic is not None else ''} under {args.output_dir}")
@@ -409,6 +412,7 @@ def main(argv: list[str]) -> dict:
             **({"critic": engine.critic.global_steps} if engine.critic is not None else {}),
         },
         "timings": trainer.timings,
+        "graph_counts": backend.graph_counts,
         "output_dir": args.output_dir,
     }
     write_summary(args.output_dir, summary)
