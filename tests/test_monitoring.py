@@ -78,7 +78,7 @@ def test_report_to_resolves_and_enable_tensorboard_still_works(monkeypatch):
         parsed("--report_to", "wandb")
 
 
-FAKE_WANDB = '''
+FAKE_WANDB = """
 import json, os
 LOG = os.environ["FAKE_WANDB_LOG"]
 def _record(call, **kw):
@@ -92,7 +92,7 @@ class _Run:
 def init(**kw):
     _record("init", **kw)
     return _Run()
-'''
+"""
 
 
 def test_report_to_wandb_logs_through_wandb(tmp_path, monkeypatch):
