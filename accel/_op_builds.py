@@ -134,3 +134,74 @@ def clear_stale_build_locks_once() -> list[Path]:
         return []
     _cleared.add(root)
     return clear_stale_build_locks(root)
+
+
+# ---- announcing a build ------------------------------------------------------------------------
+SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU communication op (`ShareMemCommBuilder.NAME`)
+NINJA_MARKER = ".dschat_hal_ninja"  # which ninja built the op last (written after a load)
+
+
+def op_build_dir(name: str) -> Path:
+    """The directory torch's JIT builds op `name` in (`torch.utils.cpp_extension._get_build_directory`,
+    without creating it): TORCH_EXTENSIONS_DIR/name, else the default root's pyXY_<device> folder."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"]) / name
+    import sys
+
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if torch.version.hip is not None:
+        device = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        device = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        device = "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{python}_{device}" / name
+
+
+def _ninja() -> str:
+    import shutil
+
+    return os.path.realpath(shutil.which("ninja") or "ninja")
+
+
+def build_reason(build_dir: Path, name: str = SHM_COMM_OP, ninja: str | None = None) -> str | None:
+    """Why loading op `name` from `build_dir` will compile it (None: a built op is there): no built
+    `.so` yet, or a different `ninja` built it (another ninja rewrites the build log: all rebuilt)."""
+    if not (build_dir / f"{name}.so").is_file():
+        return "not built yet"
+    marker = build_dir / NINJA_MARKER
+    ninja = ninja or _ninja()
+    try:
+        built_with = marker.read_text().strip()
+    except OSError:
+        return None
+    if built_with and built_with != ninja:
+        return f"last built with {built_with}, now {ninja} is on PATH"
+    return None
+
+
+def announce_comm_op_build(name: str = SHM_COMM_OP, stream=None) -> str | None:
+    """Before DeepSpeed loads its CPU communication op: print one line (first local rank) when the
+    load will build it, which takes about a minute, silently otherwise; returns the line."""
+    import sys
+
+    build_dir = op_build_dir(name)
+    reason = build_reason(build_dir, name)
+    if reason is None or os.environ.get("LOCAL_RANK", "0") != "0":
+        return None
+    line = f"building DeepSpeed's CPU communication op once, ~1 min; cache: {build_dir.parent} ({reason})"
+    print(line, file=stream or sys.stderr, flush=True)
+    return line
+
+
+def record_comm_op_build(name: str = SHM_COMM_OP) -> None:
+    """After the op loaded: note which ninja its build directory belongs to (best effort)."""
+    build_dir = op_build_dir(name)
+    if (build_dir / f"{name}.so").is_file():
+        try:
+            (build_dir / NINJA_MARKER).write_text(_ninja() + "\n")
+        except OSError:
+            pass

@@ -99,15 +99,26 @@ class CpuAccelerator(Accelerator):
 
     def init_distributed(self) -> None:
         """DeepSpeed's shared-memory all-reduce (its inference all-reduce on the CPU, which AutoTP's
-        layers call) reads `LOCAL_SIZE`, which only DeepSpeed's launcher sets: without it every rank
-        dies with SIGSEGV at the first all-reduce. torchrun sets `LOCAL_WORLD_SIZE`; copy it before
-        DeepSpeed's communication starts. Then ZeRO's all-reduces and all-gathers take the same
-        shared memory where safe (`accel/_shm_collectives.py`; `DSCHAT_HAL_SHM_COLLECTIVES=gloo`: not)."""
+                layers call) reads `LOCAL_SIZE`, which only DeepSpeed's launcher sets: without it every rank
+                dies with SIGSEGV at the first all-reduce. torchrun sets `LOCAL_WORLD_SIZE`; copy it before
+                DeepSpeed's communication starts (and, when DeepSpeed will compile its CPU communication op
+        first, say so in one line: `accel._op_builds.announce_comm_op_build`). Then ZeRO's all-reduces and all-gathers take the same
+                shared memory where safe (`accel/_shm_collectives.py`; `DSCHAT_HAL_SHM_COLLECTIVES=gloo`: not)."""
         import os
 
         if "LOCAL_WORLD_SIZE" in os.environ:
             os.environ.setdefault("LOCAL_SIZE", os.environ["LOCAL_WORLD_SIZE"])
+        import deepspeed
+        import torch.distributed as dist
+
+        from accel import _op_builds
+
+        loads_op = not dist.is_initialized() and deepspeed.ops.__compatible_ops__.get(_op_builds.SHM_COMM_OP, False)
+        if loads_op:  # DeepSpeed builds it silently (minutes on a loaded machine): say so first
+            _op_builds.announce_comm_op_build()
         super().init_distributed()
+        if loads_op and os.environ.get("LOCAL_RANK", "0") == "0":
+            _op_builds.record_comm_op_build()
         unlink_shared_memory_buffer()
         if os.environ.get("DSCHAT_HAL_SHM_COLLECTIVES") != "gloo":
             from accel._shm_collectives import route_zero_collectives

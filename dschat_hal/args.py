@@ -106,7 +106,14 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
         help="compute losses in fp32 (default: the device's policy, e.g. bloom on HPU)",
     )
     g.add_argument("--bucket_lengths", type=int, nargs="*", default=None, help="pad sequence lengths to these buckets")
-    g.add_argument("--enable_tensorboard", action="store_true")
+    g.add_argument("--enable_tensorboard", action="store_true", help="upstream's flag: --report_to tensorboard")
+    g.add_argument(
+        "--report_to",
+        choices=["tensorboard", "wandb", "none"],
+        default=None,
+        help="where scalars go (default: tensorboard with --enable_tensorboard, else none); "
+        "wandb: imported only then, offline with WANDB_MODE=offline",
+    )
     g.add_argument("--tensorboard_path", default="step_tensorboard", help="where TensorBoard logs go")
     g.add_argument("--print_loss", action="store_true", help="print the loss of every step")
     g.add_argument("--log_interval", type=int, default=10, help="steps between progress lines (host syncs)")
@@ -575,4 +582,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     if hasattr(args, "advantage_estimator"):
         validate_estimator(args)
     validate_paths(args)
+    from dschat_hal.monitor import resolve_report_to
+
+    resolve_report_to(args)
     return args

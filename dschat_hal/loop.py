@@ -21,7 +21,8 @@ import torch
 
 from accel import Accelerator
 from dschat_hal.errors import UserError
-from dschat_hal.runtime import ScalarWriter, all_reduce_mean, is_rank0, print_rank0
+from dschat_hal.monitor import RunClock, current_lr, format_eta, throughput
+from dschat_hal.runtime import ScalarWriter, all_reduce_mean, is_rank0, print_rank0, world_size
 
 LossFn = Callable[[object, dict[str, torch.Tensor]], torch.Tensor]
 
@@ -251,9 +252,12 @@ def train(
     writer: ScalarWriter,
     tag: str,
     on_step: Callable[[int], None] | None = None,
+    rows_per_sample: int = 1,
 ) -> list[float]:
     """Run the epochs (or stop after `--max_steps`); returns the reported mean losses.
-    `on_step(global_step)` runs after every optimizer step (e.g. a periodic evaluation)."""
+    `on_step(global_step)` runs after every optimizer step (e.g. a periodic evaluation).
+    Each report also gives samples/s and tokens/s (all ranks; a sample is `rows_per_sample` batch
+    rows: step 2's chosen and rejected), the learning rate and the run's ETA."""
     planned = total_optimizer_steps(loader, args)
     limit = min(planned, args.max_steps) if args.max_steps else planned
     saved = load_checkpoint({tag: engine}, args) or {"epoch": 0, "batch": 0}
@@ -261,6 +265,8 @@ def train(
     reported: list[float] = []
     pending: list[torch.Tensor] = []
     start = time.time()
+    clock = RunClock(engine.global_steps, limit)
+    counted = [0.0, 0.0]  # samples, tokens since the last report (counted on the host batches: no sync)
     engine.train()
     if engine.global_steps >= limit:  # resumed from the last step's checkpoint: left as the run ended
         loader.sampler.set_epoch(saved["epoch"])
@@ -276,6 +282,8 @@ def train(
             if index < skip:
                 continue
             restore_rng(position)  # mid-epoch: after the iterator drew its seed, as in the uninterrupted run
+            counted[0] += len(batch["input_ids"]) / rows_per_sample
+            counted[1] += int(batch["attention_mask"].sum())
             loss = loss_fn(engine, backend.to_device(batch))
             engine.backward(loss)
             backend.mark_step()
@@ -290,12 +298,22 @@ def train(
                 losses = torch.stack(pending).float()
                 guard.check(losses, engine.global_steps - len(pending) + 1, engine)
                 mean = all_reduce_mean(losses.mean()).item()
+                samples, tokens = (all_reduce_mean(losses.new_tensor(counted)) * world_size()).tolist()
+                counted = [0.0, 0.0]
                 pending.clear()
                 reported.append(mean)
-                writer.add({f"{tag}/loss": mean}, engine.global_steps)
+                seconds, eta = clock.tick(engine.global_steps)
+                rates = throughput(samples, tokens, seconds)
+                lr = current_lr(engine)
+                writer.add(
+                    {f"{tag}/loss": mean, f"{tag}/lr": lr, f"{tag}/eta_s": eta}
+                    | {f"{tag}/{key}": value for key, value in rates.items()},
+                    engine.global_steps,
+                )
                 print_rank0(
-                    f"[{tag}] epoch {epoch + 1} step {engine.global_steps}/{limit} loss {mean:.4f} "
-                    f"({time.time() - start:.1f}s)"
+                    f"[{tag}] epoch {epoch + 1} step {engine.global_steps}/{limit} loss {mean:.4f} lr {lr:.2e} "
+                    f"| {rates['samples_per_s']:.1f} samples/s, {rates['tokens_per_s']:.0f} tokens/s "
+                    f"| ETA {format_eta(eta) if eta == eta else '?'} ({time.time() - start:.1f}s)"
                 )
             # only between optimizer steps: a checkpoint inside an accumulation window would lose the
             # window's gradients (DeepSpeed counts micro-steps from 0 again after a resume)

@@ -218,7 +218,19 @@ def rank0s(value: Any) -> Any:
 
 def print_rank0(*parts: Any) -> None:
     if is_rank0():
-        print(*parts, flush=True)
+        write_line(" ".join(str(part) for part in parts))
+
+
+def write_line(text: str, file: Any = None) -> None:
+    """Print one log line; while a tqdm bar is on screen, through `tqdm.write`, which clears the
+    bar, prints the line and redraws the bar below it (a plain print would tear the bar)."""
+    tqdm_module = sys.modules.get("tqdm")  # a bar exists only if tqdm was imported
+    bars = getattr(getattr(tqdm_module, "tqdm", None), "_instances", None)
+    if bars:
+        tqdm_module.tqdm.write(text, file=file or sys.stdout)
+        (file or sys.stdout).flush()
+    else:
+        print(text, file=file, flush=True)
 
 
 def apply_lora(
@@ -450,19 +462,34 @@ def write_summary(output_dir: str | None, summary: dict[str, Any]) -> None:
 
 
 class ScalarWriter:
-    """Pipeline-level TensorBoard scalars, written by rank 0 only (a no-op when disabled)."""
+    """Pipeline-level scalars, written by rank 0 only (a no-op when disabled): TensorBoard event files
+    under `path/name`, or with `report_to="wandb"` a Weights & Biases run (its files under `path`)."""
 
-    def __init__(self, path: str | None, name: str) -> None:
+    def __init__(self, path: str | None, name: str, report_to: str = "tensorboard") -> None:
         self.writer = None
-        if path and is_rank0():
+        if path and is_rank0() and report_to == "wandb":
+            from dschat_hal.monitor import WandbWriter
+
+            self.writer = WandbWriter(name, path)
+        elif path and is_rank0() and report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(path, name))
 
+    @classmethod
+    def for_run(cls, args: Any, name: str) -> ScalarWriter:
+        """The writer `--report_to` (or `--enable_tensorboard`) asks for, under `--tensorboard_path`."""
+        report_to = getattr(args, "report_to", None) or ("tensorboard" if args.enable_tensorboard else "none")
+        return cls(args.tensorboard_path if report_to != "none" else None, name, report_to)
+
     def add(self, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(key, float(value), step)
+        if self.writer is None:
+            return
+        if hasattr(self.writer, "log"):  # wandb: one row per step
+            self.writer.log({key: float(value) for key, value in values.items()}, step)
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(key, float(value), step)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -13,7 +13,7 @@ from training import plot_metrics
 from training.step3_rlhf_finetuning.main import main as step3
 
 
-def test_ema_ptx_tensorboard_and_adaptive_kl(e2e_output, tmp_path):
+def test_ema_ptx_tensorboard_and_adaptive_kl(e2e_output, tmp_path, capsys):
     text = tmp_path / "unsup.json"
     text.write_text(json.dumps([{"text": "Keep a regular bedtime and a cool dark room. " * 4}] * 40))
     result = step3(
@@ -40,6 +40,8 @@ def test_ema_ptx_tensorboard_and_adaptive_kl(e2e_output, tmp_path):
         ]
     )
     history = result["history"]
+    reports = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[step3] epoch")]
+    assert reports and all(" samples/s, generation " in line and " tokens/s, ETA " in line for line in reports)
     assert all(math.isfinite(h["unsup_loss"]) for h in history)
     assert history[-1]["kl_ctl"] != 0.1  # the adaptive controller moved the coefficient
     ema = AutoModelForCausalLM.from_pretrained(tmp_path / "rlhf" / "actor_ema")
@@ -56,10 +58,17 @@ def test_ema_ptx_tensorboard_and_adaptive_kl(e2e_output, tmp_path):
         "step3/critic_loss",
         "step3/kl",
         "step3/answer_length",
+        "step3/samples_per_s",  # issue #30: throughput, learning rates and ETA per step
+        "step3/gen_tokens_per_s",
+        "step3/actor_lr",
+        "step3/critic_lr",
+        "step3/eta_s",
     ):
         assert tag in tags
         values = [e.value for e in events.Scalars(tag)]
         assert len(values) == 3 and all(math.isfinite(v) for v in values)
     png = tmp_path / "metrics.png"
     assert plot_metrics.main(["--logdir", str(tmp_path / "tb"), "--out", str(png)]) == 0
+    assert all(h["gen_tokens_per_s"] > 0 and h["samples_per_s"] > 0 for h in history)
+    assert history[-1]["eta_s"] == 0  # --test_stop_step 3: the last step
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -1,23 +1,17 @@
-"""Plot a run's TensorBoard scalars (reward, reward EMA, losses, KL) into one PNG.
+"""Plot every scalar a run logged (losses, rewards, KL, evaluations, learning rate, throughput,
+ETA) into one PNG, one panel per scalar: from its TensorBoard event files, or from the
+training_summary.json beside its outputs.
 
 python training/plot_metrics.py --logdir step_tensorboard --out metrics.png
+python training/plot_metrics.py --summary output/step3/training_summary.json --out metrics.png
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
-
-DEFAULT_TAGS = (
-    "step3/reward",
-    "step3/reward_ema",
-    "step3/actor_loss",
-    "step3/critic_loss",
-    "step3/kl",
-    "step1/loss",
-    "step2/loss",
-)
 
 
 def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -33,10 +27,27 @@ def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def plot(
-    series: dict[str, list[tuple[int, float]]], out: str | Path, tags: tuple[str, ...] = DEFAULT_TAGS
-) -> list[str]:
-    """Draw one panel per available tag; returns the tags drawn."""
+def read_summary(path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """The scalar series of a step's training_summary.json: step 3's per-step `history`, step 1-2's
+    reported `losses` (numbered by report) and the `evaluations` at their steps."""
+    summary = json.loads(Path(path).read_text())
+    series: dict[str, list[tuple[int, float]]] = {}
+    for index, record in enumerate(summary.get("history") or []):
+        for key, value in record.items():
+            if isinstance(value, int | float):
+                series.setdefault(key, []).append((index + 1, float(value)))
+    for index, value in enumerate(summary.get("losses") or []):
+        series.setdefault("loss (per report)", []).append((index + 1, float(value)))
+    for record in summary.get("evaluations") or []:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float):
+                series.setdefault(f"eval_{key}", []).append((int(record.get("step", 0)), float(value)))
+    return series
+
+
+def plot(series: dict[str, list[tuple[int, float]]], out: str | Path, tags: tuple[str, ...] | None = None) -> list[str]:
+    """Draw one panel per tag with values (every tag in `series` by default); returns the tags drawn."""
+    tags = tuple(sorted(series)) if tags is None else tags
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,7 +55,7 @@ def plot(
 
     drawn = [tag for tag in tags if series.get(tag)]
     if not drawn:
-        raise ValueError(f"no scalars among {', '.join(tags)}")
+        raise ValueError(f"no scalars among {', '.join(tags) or 'none'}")
     fig, axes = plt.subplots(len(drawn), 1, figsize=(7, 2.2 * len(drawn)), squeeze=False)
     for ax, tag in zip(axes[:, 0], drawn, strict=True):
         steps, values = zip(*sorted(series[tag]), strict=True)
@@ -60,9 +71,24 @@ def plot(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--logdir", required=True, help="the --tensorboard_path of a run")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--logdir", help="the --tensorboard_path of a run")
+    source.add_argument("--summary", help="a step's training_summary.json (runs without TensorBoard)")
     p.add_argument("--out", default="metrics.png")
     args = p.parse_args(argv)
+    if args.summary:
+        if not Path(args.summary).is_file():
+            print(
+                f"error: --summary {args.summary} is not a file; pass a step's training_summary.json", file=sys.stderr
+            )
+            return 2
+        try:
+            drawn = plot(read_summary(args.summary), args.out)
+        except (ValueError, json.JSONDecodeError) as err:
+            print(f"error: {args.summary}: {err}; pass a step's training_summary.json", file=sys.stderr)
+            return 2
+        print(f"wrote {args.out} ({', '.join(drawn)})")
+        return 0
     if not Path(args.logdir).is_dir():
         print(
             f"error: --logdir {args.logdir} is not a directory; pass the --tensorboard_path of a run", file=sys.stderr
@@ -71,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         drawn = plot(read_scalars(args.logdir), args.out)
     except ValueError as err:
-        print(f"error: {err} under {args.logdir}; was the run started with --enable_tensorboard?", file=sys.stderr)
+        print(f"error: {err} under {args.logdir}; was the run started with --report_to tensorboard?", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({', '.join(drawn)})")
     return 0

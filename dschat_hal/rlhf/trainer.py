@@ -474,6 +474,8 @@ class PPOTrainer:
             answer_length=lengths.mean(),
             short_answers=(lengths <= 1).float().mean(),
             kl_ctl=self.kl_ctl,
+            samples=float(lengths.numel()),  # this rank's answers (rows) in the step
+            generated_tokens=lengths.sum(),  # this rank's generated answer tokens
         )
         if self.kl_controller is not None:
             from dschat_hal.runtime import all_reduce_mean

@@ -80,7 +80,7 @@ def main(argv: list[str]) -> dict:
     )
     before = perplexity()
     print_rank0(f"perplexity before training: {before:.2f}")
-    writer = ScalarWriter(args.tensorboard_path if args.enable_tensorboard else None, "step1")
+    writer = ScalarWriter.for_run(args, "step1")
     losses = loop.train(engine, train_loader, lm_loss, backend, args, writer, "step1")
     after = perplexity()
     writer.add({"step1/eval_perplexity": after}, engine.global_steps)

@@ -98,7 +98,7 @@ def main(argv: list[str]) -> dict:
 
     print_rank0(f"step 2 on {backend.describe()}: {len(train_set)} train / {len(eval_set)} eval pairs")
     before = report("before training")
-    writer = ScalarWriter(args.tensorboard_path if args.enable_tensorboard else None, "step2")
+    writer = ScalarWriter.for_run(args, "step2")
     evaluations: list[dict[str, float]] = []
 
     def periodic_eval(step: int) -> None:
@@ -106,7 +106,9 @@ def main(argv: list[str]) -> dict:
             evaluations.append({"step": step, **report(f"step {step}")})
             writer.add({f"step2/eval_{k}": v for k, v in evaluations[-1].items() if k != "step"}, step)
 
-    losses = loop.train(engine, train_loader, pair_loss, backend, args, writer, "step2", on_step=periodic_eval)
+    losses = loop.train(
+        engine, train_loader, pair_loss, backend, args, writer, "step2", on_step=periodic_eval, rows_per_sample=2
+    )
     after = report("after training")
     if args.center_reward:  # step 3 --center_reward subtracts it
         totals = loop.evaluate(engine, train_loader, pair_metrics, backend, max_batches=args.eval_iters)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import accel  # noqa: F401  # isort: skip  (first: sets the OpenMP wait policy before torch loads)
 
 import itertools
+import math
 import sys
 import time
 
@@ -36,6 +37,7 @@ from dschat_hal.models.checkpoint import adapter_base
 from dschat_hal.models.lm import add_eot_token
 from dschat_hal.models.reward_model import stored_score_mean
 from dschat_hal.models.tiny import is_tiny
+from dschat_hal.monitor import RunClock, current_lr, format_eta
 from dschat_hal.provenance import write_record
 from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.evaluation import mean_reward
@@ -72,13 +74,42 @@ def report(step: int, epoch: int, record: dict, started: float) -> str:
     total = sum(record[f"{p}_s"] for p in phases) or 1.0
     timing = ", ".join(f"{p} {record[f'{p}_s']:.2f}s ({100 * record[f'{p}_s'] / total:.0f}%)" for p in phases)
     critic = f"critic loss {record['critic_loss']:.4f} " if "critic_loss" in record else ""
+    speed = (
+        f" | lr {record['actor_lr']:.2e}, {record['samples_per_s']:.2f} samples/s, "
+        f"generation {record['gen_tokens_per_s']:.0f} tokens/s, ETA {format_eta(record['eta_s'])}"
+        if "eta_s" in record
+        else ""
+    )
     return (
         f"[step3] epoch {epoch + 1} step {step} reward used {record['reward_used']:.3f} "
         f"({100 * record['clipped']:.0f}% clipped), raw {record['reward']:.3f} (ema {record['reward_ema']:.3f}) "
         f"actor loss {record['actor_loss']:.4f} {critic}kl {record['kl']:.4f} "
-        f"answer len {record['answer_length']:.1f} (short {100 * record['short_answers']:.0f}%) | {timing} "
+        f"answer len {record['answer_length']:.1f} (short {100 * record['short_answers']:.0f}%) | {timing}{speed} "
         f"| {time.time() - started:.1f}s"
     )
+
+
+def planned_ppo_steps(args, epoch_batches: int, total_iters: int) -> int:
+    """PPO steps (generation batches trained on) the run will take: the epochs' steps, cut at
+    --test_stop_step and, approximately (in proportion), at --max_steps optimizer steps."""
+    planned = args.num_train_epochs * (epoch_batches // args.generation_batches)
+    limited = planned
+    if args.enable_test_mode and args.test_stop_step:
+        limited = min(limited, args.test_stop_step)
+    if args.max_steps and total_iters:
+        limited = min(limited, math.ceil(args.max_steps * planned / total_iters))
+    return limited
+
+
+def speeds(record: dict[str, float], step_seconds: float, eta: float) -> dict[str, float]:
+    """A PPO step's throughput over all ranks (`record` holds one rank's mean counts): samples/s over
+    the step's wall time, generation tokens/s over its generation phase, and the run's ETA."""
+    ranks = world_size()
+    return {
+        "samples_per_s": record["samples"] * ranks / max(step_seconds, 1e-9),
+        "gen_tokens_per_s": record["generated_tokens"] * ranks / max(record["generation_s"], 1e-9),
+        "eta_s": eta,
+    }
 
 
 def make_generator(engine: RLHFEngine, backend, config: GenerationConfig, args) -> HybridEngine | None:
@@ -279,7 +310,7 @@ def main(argv: list[str]) -> dict:
     position = load_checkpoint(engines, args) or {"epoch": 0, "batch": 0, "step": 0, "reward_ema": None}
     saved_epoch = position["epoch"]  # an epoch is as long as the shorter of the zipped prompt and ptx loaders
     position = resume_position(position, min(len(loader), len(unsup_loader)) if unsup_loader else len(loader))
-    writer = ScalarWriter(args.tensorboard_path if args.enable_tensorboard else None, "step3")
+    writer = ScalarWriter.for_run(args, "step3")
     guard = HealthGuard(args.max_bad_steps)
     print_rank0(
         f"step 3 on {backend.describe()}: {len(prompts)} prompts, {micro_batches} PPO micro-batches, "
@@ -309,6 +340,8 @@ def main(argv: list[str]) -> dict:
     evaluations: list[dict[str, float]] = []
     pending: list[dict] = []  # statistics still on the device: read back every --log_interval steps
     step, reward_ema, started = position["step"], position["reward_ema"], time.time()
+    epoch_batches = min(len(loader), len(unsup_loader)) if unsup_loader else len(loader)
+    clock = RunClock(step, planned_ppo_steps(args, epoch_batches, total_iters))
     clip_warning = ClipWarning(args.clip_reward_value)
 
     def evaluate() -> None:
@@ -324,8 +357,10 @@ def main(argv: list[str]) -> dict:
     def flush() -> float | None:
         """Read pending statistics back, check their health, log them; returns the reward EMA."""
         ema = reward_ema
+        seconds, eta = clock.tick(step) if pending else (0.0, 0.0)
         for offset, stats in enumerate(pending):
             record = materialize(stats)
+            record.update(speeds(record, seconds / len(pending), eta))
             number = step - len(pending) + offset + 1
             guard.check(
                 [[record[k] for k in HEALTH_KEYS if k in record]], number, engine.actor, what="reward/advantage/loss"
@@ -371,6 +406,9 @@ def main(argv: list[str]) -> dict:
                     experiences, unsup_batches, args.ppo_epochs, args.per_device_training_batch_size, args.unsup_coef
                 )
             )
+            pending[-1]["actor_lr"] = current_lr(engine.actor)  # host floats: no device sync
+            if engine.critic is not None:
+                pending[-1]["critic_lr"] = current_lr(engine.critic)
             experiences, unsup_batches = [], []
             step += 1
             if step % args.log_interval == 0 or limit_reached():

@@ -1,0 +1,106 @@
+"""Run monitoring: throughput and ETA between progress reports, and where scalars go
+(`--report_to`: TensorBoard, Weights & Biases, or nowhere).
+
+Throughput counts every rank (samples and tokens summed over the world); the ETA extrapolates the
+mean time per step of this run (a resumed run counts from its resume) over the steps left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import time
+from typing import Any
+
+from dschat_hal.errors import UserError
+
+REPORT_TO = ("tensorboard", "wandb", "none")
+
+
+def format_eta(seconds: float) -> str:
+    """`seconds` as a short duration: 45s, 3m05s, 2h07m."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class RunClock:
+    """Wall time per step since the previous report, and the run's ETA, for steps `done`..`total`."""
+
+    def __init__(self, done: int, total: int) -> None:
+        self.total, self.first, self.last_step = total, done, done
+        self.start = self.last_time = time.time()
+
+    def tick(self, step: int) -> tuple[float, float]:
+        """(seconds since the previous tick, ETA in seconds) at optimizer step `step`."""
+        now = time.time()
+        interval, self.last_time, self.last_step = now - self.last_time, now, step
+        done = step - self.first
+        eta = (now - self.start) / done * max(self.total - step, 0) if done > 0 else float("nan")
+        return interval, eta
+
+
+def throughput(samples: float, tokens: float, seconds: float) -> dict[str, float]:
+    """samples/s and tokens/s over `seconds` (0 when no time passed)."""
+    seconds = max(seconds, 1e-9)
+    return {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds}
+
+
+def current_lr(engine: Any) -> float:
+    """The first parameter group's learning rate of a DeepSpeed engine (host floats: no device sync)."""
+    lrs = engine.get_lr() if hasattr(engine, "get_lr") else [g["lr"] for g in engine.optimizer.param_groups]
+    return float(lrs[0])
+
+
+def installed(package: str) -> bool:
+    """Whether `package` can be imported (without importing it)."""
+    return importlib.util.find_spec(package) is not None
+
+
+def resolve_report_to(args: argparse.Namespace) -> argparse.Namespace:
+    """`--report_to` from the flags: `--enable_tensorboard` (upstream's flag) means tensorboard when
+    `--report_to` is not given, and `--report_to tensorboard` sets `--enable_tensorboard` (DeepSpeed's
+    own monitor writes beside it). wandb asked for but not installed: one error line."""
+    report_to = getattr(args, "report_to", None)
+    if report_to is None:
+        report_to = "tensorboard" if getattr(args, "enable_tensorboard", False) else "none"
+    args.report_to = report_to
+    args.enable_tensorboard = report_to == "tensorboard"
+    if report_to == "wandb" and not installed("wandb"):
+        raise UserError(
+            "--report_to wandb: the wandb package is not installed; pip install wandb "
+            "(WANDB_MODE=offline logs without an account), or use --report_to tensorboard"
+        )
+    return args
+
+
+class WandbWriter:
+    """Scalars to Weights & Biases; offline with WANDB_MODE=offline (wandb reads it), files under `dir`."""
+
+    def __init__(self, name: str, directory: str | None, config: dict[str, Any] | None = None) -> None:
+        import wandb
+
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "dschat-hal"),
+            name=name,
+            dir=directory,
+            config=config or {},
+        )
+
+    def add_scalar(self, key: str, value: float, step: int) -> None:
+        self.run.log({key: value}, step=step)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.run.finish()
