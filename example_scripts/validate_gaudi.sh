@@ -29,24 +29,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 mkdir -p "$OUTPUT"
-ROWS=()
-FAILED=0
-
-# check NAME COMMAND... : run, time, and record PASS/FAIL (log in $OUTPUT/NAME.log)
-check() {
-  local name="$1"; shift
-  local log="$OUTPUT/${name//[^A-Za-z0-9]/_}.log" start=$SECONDS status
-  if "$@" >"$log" 2>&1; then status=PASS; else status=FAIL; FAILED=$((FAILED + 1)); fi
-  ROWS+=("$(printf '| %-34s | %-4s | %8d | %s |' "$name" "$status" "$((SECONDS - start))" "$log")")
-  [ "$status" = PASS ]
-}
-
-table() {
-  printf '\n| %-34s | %-4s | %8s | %s |\n|---|---|---|---|\n' "check" "result" "time (s)" "log"
-  printf '%s\n' "${ROWS[@]}"
-  echo
-  if [ "$FAILED" -eq 0 ]; then echo "validation passed"; else echo "validation FAILED ($FAILED checks)"; fi
-}
+source "$ROOT/example_scripts/validation_table.sh"
 
 image_ok=1
 check "habana_frameworks importable" "$PYTHON" -c "import habana_frameworks.torch.core, habana_frameworks.torch.hpu as h; assert h.is_available()" || image_ok=0
@@ -84,13 +67,13 @@ BENCH=(env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" "$ROOT/benchm
 GEN_PLAIN="generation: HF vs the hybrid engine" GEN_GRAPHS="generation: the engine in HPU graphs"
 check "$GEN_PLAIN" "${BENCH[@]}" --modes hf engine --json "$OUTPUT/generation.json"
 check "$GEN_GRAPHS" "${BENCH[@]}" --modes engine --device_graphs --json "$OUTPUT/generation_graphs.json"
-GRAPHS_LOG="$OUTPUT/${GEN_GRAPHS//[^A-Za-z0-9]/_}.log"
+GRAPHS_LOG="$(logof "$GEN_GRAPHS")"
 COUNTS="$(grep -hoE '[0-9]+ captured, [0-9]+ replays' "$GRAPHS_LOG" 2>/dev/null || echo "none counted")"
 # replayed IN graphs: at least one capture, and more replays than captures
 check "HPU graphs: $COUNTS" awk '/^device graphs:/ {ok = $3 >= 1 && $5 > $3} END {exit !ok}' "$GRAPHS_LOG"
 if [ "$TINY" = 1 ]; then
   table
-  grep -h "^|" "$OUTPUT/${GEN_PLAIN//[^A-Za-z0-9]/_}.log" "$GRAPHS_LOG" 2>/dev/null
+  grep -h "^|" "$(logof "$GEN_PLAIN")" "$GRAPHS_LOG" 2>/dev/null
   [ "$FAILED" -eq 0 ]
   exit
 fi
@@ -99,5 +82,5 @@ check "bloom step 1 (10 steps)" bash "$ROOT/example_scripts/bloom/step1_bloom_1b
 check "bloom step 2 (10 steps)" bash "$ROOT/example_scripts/bloom/step2_bloom_560m.sh" "${DEV[@]}" --max_steps 10
 check "bloom step 3 (3 PPO steps)" bash "$ROOT/example_scripts/bloom/step3_bloom_1b1_560m.sh" "${DEV[@]}" --enable_test_mode --test_stop_step 3
 table
-grep -h "^|" "$OUTPUT/${GEN_PLAIN//[^A-Za-z0-9]/_}.log" "$GRAPHS_LOG" 2>/dev/null
+grep -h "^|" "$(logof "$GEN_PLAIN")" "$GRAPHS_LOG" 2>/dev/null
 [ "$FAILED" -eq 0 ]
