@@ -153,3 +153,33 @@ def test_e2e_dpo_end_to_end(tmp_path, capsys):
     assert summary["reward_margin"] > summary["before"]["reward_margin"]
     assert "DPO reward margin" in capsys.readouterr().out
     assert not (tmp_path / "reward").exists() and not (tmp_path / "rlhf").exists()
+
+
+def test_flags_and_defaults_are_upstreams_dpo_main():
+    """The defaults of upstream's step2_dpo_finetuning/main.py (dtype and --lora_module_name follow the project's
+    shared choices, as in the other steps), each shown in --help."""
+    from dschat_hal.args import dpo_parser
+
+    parser = dpo_parser()
+    upstream = {
+        "beta": 0.1,
+        "label_smoothing": 0.0,
+        "learning_rate": 1e-3,
+        "lora_learning_rate": 5e-4,
+        "data_split": "2,4,4",
+        "per_device_train_batch_size": 16,
+        "per_device_eval_batch_size": 16,
+        "max_seq_len": 512,
+        "weight_decay": 0.0,
+        "num_train_epochs": 1,
+        "gradient_accumulation_steps": 1,
+        "lr_scheduler_type": "cosine",
+        "num_warmup_steps": 0,
+        "seed": 1234,
+        "zero_stage": 0,
+        "offload_reference_model": False,
+        "tensorboard_path": "step2_tensorboard",
+    }
+    assert {k: parser.get_default(k) for k in upstream} == upstream
+    text = " ".join(parser.format_help().split())
+    assert "--beta BETA DPO temperature" in text and "(default: 0.1)" in text
