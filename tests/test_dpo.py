@@ -183,3 +183,21 @@ def test_flags_and_defaults_are_upstreams_dpo_main():
     assert {k: parser.get_default(k) for k in upstream} == upstream
     text = " ".join(parser.format_help().split())
     assert "--beta BETA DPO temperature" in text and "(default: 0.1)" in text
+
+
+def test_zero3_partitions_the_reference_as_step3_does(tmp_path, capsys):
+    import argparse
+
+    from dschat_hal.dpo import reference_placement
+
+    def placed(stage: int, asked: str = "auto", offload: bool = False):
+        flags = argparse.Namespace(zero_stage=stage, reference_zero_stage=asked, offload_reference_model=offload)
+        at = reference_placement(flags)
+        return at.stage, at.offload
+
+    assert placed(2) == (0, False) and placed(3) == (3, False)
+    assert placed(2, "3") == (3, False) and placed(0, offload=True) == (3, True)
+    result = dpo([*dpo_argv(tmp_path), "--zero_stage", "3", "--max_steps", "2", "--output_dir", str(tmp_path / "z3")])
+    assert "DPO: reference partitioned across 1 rank(s)" in capsys.readouterr().out
+    assert result["reward_margin"] > result["before"]["reward_margin"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "z3").num_parameters() > 0
