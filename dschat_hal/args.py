@@ -234,6 +234,35 @@ def step2_parser() -> argparse.ArgumentParser:
     return p
 
 
+def dpo_parser() -> argparse.ArgumentParser:
+    """Step 2's alternative, DPO (upstream's step2_dpo_finetuning): the step-1 actor trained on the preference
+    pairs against a frozen copy of itself; upstream's flag names and defaults."""
+    p = _supervised_parser("Step 2 alternative: DPO fine-tuning of the actor on preference pairs (no reward model)")
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=0.1,
+        help="DPO temperature (typically 0.1 to 0.5): how far the policy may move from the reference",
+    )
+    p.add_argument(
+        "--label_smoothing",
+        type=float,
+        default=0.0,
+        help="conservative DPO: the share of preference labels assumed flipped, in [0, 0.5)",
+    )
+    p.add_argument("--offload_reference_model", action="store_true", help="ZeRO-Offload the reference model")
+    p.add_argument(
+        "--reference_zero_stage",
+        default="auto",
+        choices=["auto", "0", "3"],
+        help="the frozen reference: 0 replicated, 3 partitioned; auto: 3 when the model is ZeRO-3 or with "
+        "--offload_reference_model, else 0 (upstream's rule)",
+    )
+    add_eval_args(p, "DPO loss, rewards and accuracy on the eval pairs")
+    p.set_defaults(learning_rate=1e-3, tensorboard_path="step2_tensorboard", output_name="dpo")
+    return p
+
+
 def step3_parser() -> argparse.ArgumentParser:
     p = _parser("Step 3: RLHF fine-tuning with PPO or a critic-free estimator (GRPO, RLOO, REINFORCE++, ReMax)")
     p.add_argument("--actor_model_name_or_path", required=True, help="step-1 output (or any causal LM)")
@@ -487,6 +516,10 @@ def validate_numbers(args: argparse.Namespace) -> None:
             f"--temperature must be > 0 (got {args.temperature}); for greedy decoding use step 3's greedy "
             "generation option instead of temperature 0"
         )
+    if "beta" in present and not (math.isfinite(args.beta) and args.beta > 0):
+        raise UserError(f"--beta must be a finite number > 0 (got {args.beta}); upstream's default is 0.1")
+    if "label_smoothing" in present and not 0.0 <= args.label_smoothing < 0.5:
+        raise UserError(f"--label_smoothing must be in [0, 0.5) (got {args.label_smoothing}); 0 is plain DPO")
     if "reference_zero_stage" in present:
         from dschat_hal.rlhf.placement import FROZEN, fixed_placement
 

@@ -8,6 +8,9 @@ Each step runs in its own process (for single_node/multi_node through DeepSpeed'
 this interpreter: no `deepspeed` on PATH needed), except the tiny demo on one device, which runs its
 steps in this process; extra flags for one step go after `--step1-args`,
 `--step2-args` or `--step3-args` as one string.
+
+With `--dpo`, step 2 is DPO (training/step2_dpo_finetuning) on step 1's actor, and there is no step 3:
+the DPO output (OUTPUT/dpo) is the aligned actor.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ SCRIPTS = {
     2: ROOT / "step2_reward_model_finetuning" / "main.py",
     3: ROOT / "step3_rlhf_finetuning" / "main.py",
 }
+DPO_SCRIPT = ROOT / "step2_dpo_finetuning" / "main.py"
 
 OUTPUT_NAMES = {1: "actor", 2: "reward", 3: "rlhf"}
 
@@ -43,6 +47,15 @@ TINY_DEFAULTS = {
     "--per_device_training_batch_size 8 --actor_learning_rate 5e-4 --critic_learning_rate 5e-4 "
     "--num_warmup_steps 0 --actor_dropout 0.0 --critic_dropout 0.0",
 }
+# DPO in place of steps 2 and 3: on the tiny demo, a few epochs over the pairs; for real models the settings
+# of upstream's training_scripts/llama2 for DPO (its main.py's own learning rate, 1e-3, is the parser default).
+TINY_DPO_DEFAULTS = (
+    "--max_seq_len 128 --per_device_train_batch_size 8 --num_train_epochs 2 --learning_rate 1e-3 --dropout 0.0"
+)
+MODEL_DPO_DEFAULTS = (
+    "--max_seq_len 512 --per_device_train_batch_size 8 --per_device_eval_batch_size 8 --learning_rate 9.65e-6 "
+    "--weight_decay 0.1 --num_warmup_steps 0 --eval_iters 10"
+)
 # Step 3 evaluates before its first and after its last step (held-out prompts' mean reward, the summary's
 # result); an interval longer than any run adds no evaluation in between.
 STEP3_EVAL = " --eval_interval 1000000"
@@ -60,7 +73,15 @@ MODEL_DEFAULTS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--step", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
+    p.add_argument(
+        "--step", type=int, nargs="+", default=None, choices=[1, 2, 3], help="default: 1 2 3 (with --dpo: 1 2)"
+    )
+    p.add_argument(
+        "--dpo",
+        action="store_true",
+        help="step 2 is DPO on step 1's actor (training/step2_dpo_finetuning, output OUTPUT/dpo), with no "
+        "reward model and no step 3",
+    )
     p.add_argument(
         "--actor-model", default="tiny-opt", help="step 1 base model (tiny-opt|tiny-bloom|tiny-llama, dir, hub)"
     )
@@ -112,7 +133,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step1-args", default="", help="extra flags for step 1, as one string")
     p.add_argument("--step2-args", default="", help="extra flags for step 2, as one string")
     p.add_argument("--step3-args", default="", help="extra flags for step 3, as one string")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.step is None:
+        args.step = [1, 2] if args.dpo else [1, 2, 3]
+    return args
+
+
+def script(step: int, args: argparse.Namespace) -> Path:
+    """The entry point of `step` (step 2 is DPO's with --dpo)."""
+    return DPO_SCRIPT if step == 2 and getattr(args, "dpo", False) else SCRIPTS[step]
+
+
+def output_name(step: int, args: argparse.Namespace) -> str:
+    return "dpo" if step == 2 and getattr(args, "dpo", False) else OUTPUT_NAMES[step]
 
 
 def launcher(args: argparse.Namespace) -> list[str]:
@@ -171,21 +204,21 @@ def _refuse(message: str):
 def check_step_flags(args: argparse.Namespace, out: Path) -> str | None:
     """The first step whose command line its own parser refuses (an unknown flag in --stepN-args, a
     bad value), as an error message naming the step: before any step runs."""
-    from dschat_hal.args import step1_parser, step2_parser, step3_parser
+    from dschat_hal.args import dpo_parser, step1_parser, step2_parser, step3_parser
 
-    parsers = {1: step1_parser, 2: step2_parser, 3: step3_parser}
+    parsers = {1: step1_parser, 2: dpo_parser if args.dpo else step2_parser, 3: step3_parser}
     for step in sorted(args.step):
         cmd = step_command(step, args, out)
         parser = parsers[step]()
         parser.error = _refuse  # an exception instead of usage + exit
         try:
-            _, unknown = parser.parse_known_args(cmd[cmd.index(str(SCRIPTS[step])) + 1 :])
+            _, unknown = parser.parse_known_args(cmd[cmd.index(str(script(step, args))) + 1 :])
         except _StepArgsError as err:
             return f"step {step} refuses its flags ({err}); check --step{step}-args"
         if unknown:
             return (
                 f"step {step} does not know {' '.join(unknown)} (from --step{step}-args); "
-                f"see python {SCRIPTS[step].relative_to(ROOT.parent)} --help"
+                f"see python {script(step, args).relative_to(ROOT.parent)} --help"
             )
     return None
 
@@ -207,7 +240,11 @@ def estimator_flags(args: argparse.Namespace) -> list[str]:
 
 def step_command(step: int, args: argparse.Namespace, out: Path) -> list[str]:
     tiny = tiny_run(args)
-    defaults = (TINY_DEFAULTS if tiny else MODEL_DEFAULTS)[step] + (STEP3_EVAL if step == 3 else "")
+    dpo = step == 2 and getattr(args, "dpo", False)
+    if dpo:
+        defaults = TINY_DPO_DEFAULTS if tiny else MODEL_DPO_DEFAULTS
+    else:
+        defaults = (TINY_DEFAULTS if tiny else MODEL_DEFAULTS)[step] + (STEP3_EVAL if step == 3 else "")
     dtype = args.dtype or ("fp32" if tiny and args.device == "cpu" else "auto")
     common = [
         "--device",
@@ -221,6 +258,8 @@ def step_command(step: int, args: argparse.Namespace, out: Path) -> list[str]:
     ]
     if step == 1:
         own = ["--model_name_or_path", args.actor_model, "--zero_stage", str(args.actor_zero_stage)]
+    elif dpo:  # the step-1 actor against a frozen copy of itself
+        own = ["--model_name_or_path", str(out / "actor"), "--zero_stage", str(args.actor_zero_stage)]
     elif step == 2:
         own = ["--model_name_or_path", args.reward_model, "--zero_stage", str(args.reward_zero_stage)]
     else:
@@ -237,11 +276,11 @@ def step_command(step: int, args: argparse.Namespace, out: Path) -> list[str]:
         if args.enable_hybrid_engine:
             own.append("--enable_hybrid_engine")
         own += estimator_flags(args)
-    target = out / OUTPUT_NAMES[step]
+    target = out / output_name(step, args)
     extra = shlex.split(getattr(args, f"step{step}_args"))
     return [
         *launcher(args),
-        str(SCRIPTS[step]),
+        str(script(step, args)),
         *common,
         *own,
         *shlex.split(defaults),
@@ -258,9 +297,11 @@ def in_this_process(args: argparse.Namespace) -> bool:
     return args.deployment_type == "single_device" and tiny_run(args)
 
 
-def run_in_process(step: int, argv: list[str]) -> int:
-    """Call step `step`'s `main(argv)` here; its exit code (user errors exit 2 with one line)."""
-    spec = importlib.util.spec_from_file_location(f"dschat_hal_step{step}_main", SCRIPTS[step])
+def run_in_process(step: int, argv: list[str], path: Path | None = None) -> int:
+    """Call step `step`'s `main(argv)` (the one at `path`, default its own) here; its exit code (user
+    errors exit 2 with one line)."""
+    path = path or SCRIPTS[step]
+    spec = importlib.util.spec_from_file_location(f"dschat_hal_{path.parent.name}_main", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     try:
@@ -275,6 +316,12 @@ def run_in_process(step: int, argv: list[str]) -> int:
 def summary_line(step: int, result: dict) -> str:
     if step == 1:
         return f"perplexity {result['perplexity_before']:.1f} -> {result['perplexity']:.1f}"
+    if step == 2 and "reward_margin" in result:  # DPO
+        before = result["before"]
+        return (
+            f"DPO reward margin {before['reward_margin']:.3f} -> {result['reward_margin']:.3f}, "
+            f"accuracy {before['accuracy']:.2f} -> {result['accuracy']:.2f}"
+        )
     if step == 2:
         return f"accuracy {result['before']['accuracy']:.2f} -> {result['accuracy']:.2f}"
     history, evaluations = result["history"], result.get("evaluations") or []
@@ -296,6 +343,17 @@ def check_step_args(args: argparse.Namespace) -> str | None:
             shlex.split(value)
         except ValueError as err:
             return f"--step{step}-args {value!r} cannot be split ({err}); balance the quotes"
+    return None
+
+
+def check_dpo_steps(args: argparse.Namespace) -> str | None:
+    """`--dpo` replaces steps 2 and 3: a step 3, or step-3 flags, would have nothing to run on."""
+    if not args.dpo:
+        return None
+    if 3 in args.step:
+        return "--dpo replaces steps 2 and 3 (DPO runs as step 2, with no step 3): pass --step 1 2, or drop --dpo"
+    if args.step3_args or args.advantage_estimator != "gae" or args.enable_hybrid_engine:
+        return "--dpo runs no step 3: drop --step3-args, --advantage-estimator and --enable-hybrid-engine, or --dpo"
     return None
 
 
@@ -346,10 +404,14 @@ def main(argv: list[str] | None = None) -> int:
         or check_device_memory(args)
         or (f"--output-dir {out} is a file; pass a directory" if out.is_file() else None)
         or check_master_port(args)
+        or check_dpo_steps(args)
         or check_step_flags(args, out)
     )
     if problem:
         print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if args.dpo and args.dry_run:
+        print("error: --dry-run: the memory plan does not cover DPO yet; drop --dry-run or --dpo", file=sys.stderr)
         return 2
     if args.dry_run:
         return dry_run(args, out)
@@ -363,16 +425,20 @@ def main(argv: list[str] | None = None) -> int:
                         file=sys.stderr,
                     )
                     return 2
+        if step == 2 and args.dpo and 1 not in args.step and not (out / "actor" / "config.json").exists():
+            print(f"error: DPO needs step 1's actor at {out / 'actor'} (pass --step 1 2)", file=sys.stderr)
+            return 2
         cmd = step_command(step, args, out)
         here = in_this_process(args)
-        print(f"==> step {step}: {shlex.join(cmd)}{' (run in this process)' if here else ''}", flush=True)
+        name = "step 2 (DPO)" if step == 2 and args.dpo else f"step {step}"
+        print(f"==> {name}: {shlex.join(cmd)}{' (run in this process)' if here else ''}", flush=True)
         started = time.time()
-        code = run_in_process(step, cmd[2:]) if here else subprocess.call(cmd)
+        code = run_in_process(step, cmd[2:], script(step, args)) if here else subprocess.call(cmd)
         elapsed = time.time() - started
         if code != 0:
             print(f"error: step {step} failed with exit code {code} after {elapsed:.0f}s", file=sys.stderr)
             return code
-        result = json.loads((out / OUTPUT_NAMES[step] / "training_summary.json").read_text())
+        result = json.loads((out / output_name(step, args) / "training_summary.json").read_text())
         rows.append((step, elapsed, summary_line(step, result), result["output_dir"]))
     from dschat_hal.provenance import write_record
 
