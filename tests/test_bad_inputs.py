@@ -286,6 +286,12 @@ CASES = [
     ("rloo with one answer per prompt", step3, [*S3, "--advantage_estimator", "rloo", "--n_samples_per_prompt", "1"], None, 2, "--advantage_estimator rloo compares the answers"),
     ("zero answers per prompt", step3, [*S3, "--n_samples_per_prompt", "0"], None, 2, "--n_samples_per_prompt must be at least 1"),
     ("dr_grpo without grpo", step3, [*S3, "--dr_grpo"], None, 2, "--dr_grpo modifies grpo: add --advantage_estimator grpo (got gae)"),
+    # KL loss and rollout importance sampling (issue #29, kl29)
+    ("kl_estimator without kl_loss", step3, [*S3, "--kl_estimator", "k1"], None, 2, "--kl_estimator sets the KL loss term: add --kl_loss"),
+    ("kl_loss_coef without kl_loss", step3, [*S3, "--kl_loss_coef", "0.01"], None, 2, "--kl_loss_coef sets the KL loss term: add --kl_loss"),
+    ("negative kl_loss_coef", step3, [*S3, "--kl_loss", "--kl_loss_coef=-1"], None, 2, "--kl_loss_coef must be a finite number >= 0 (got -1.0)"),
+    ("kl_loss with target_kl", step3, [*S3, "--kl_loss", "--target_kl", "0.1"], None, 2, "--target_kl adapts the KL penalty in the reward, which --kl_loss removes"),
+    ("rollout_is_cap below 1", step3, [*S3, "--rollout_is_cap", "0.5"], None, 2, "--rollout_is_cap must be a finite number >= 1 (got 0.5)"),
 ]  # fmt: skip
 
 
