@@ -404,6 +404,38 @@ def step3_parser() -> argparse.ArgumentParser:
         help="grpo as Dr. GRPO: no division by the group's std, and the policy loss summed over answer tokens "
         "divided by rows x --max_answer_seq_len",
     )
+    p.add_argument(
+        "--kl_loss",
+        action="store_true",
+        help="the KL to the reference model as a loss term (GRPO's placement, verl's use_kl_loss): "
+        "--kl_loss_coef x the mean of --kl_estimator over answer tokens, and no KL penalty in the reward",
+    )
+    p.add_argument(
+        "--kl_estimator",
+        choices=["k1", "k2", "k3"],
+        default=None,
+        help="with --kl_loss, Schulman's estimator of KL(policy || reference) per token, r = p_ref / p: "
+        "k1 = -log r, k2 = (log r)^2 / 2, k3 = r - 1 - log r (default: k3, GRPO's and verl's low_var_kl)",
+    )
+    p.add_argument(
+        "--kl_loss_coef",
+        type=float,
+        default=None,
+        help="with --kl_loss, the KL term's weight (default: 0.001, verl's kl_loss_coef)",
+    )
+    p.add_argument(
+        "--log_rollout_mismatch",
+        action="store_true",
+        help="keep the generation engine's log-prob of each sampled token (fp32) and log per step the share "
+        "of answer tokens whose training/rollout probability ratio lies outside [0.9, 1.1] (rollout_mismatch)",
+    )
+    p.add_argument(
+        "--rollout_is_cap",
+        type=float,
+        default=None,
+        help="truncated importance sampling: weight each answer token's policy loss by min(p_train / p_rollout, "
+        "C), detached (verl's TIS; 2 is usual); implies --log_rollout_mismatch (off by default)",
+    )
     p.add_argument("--print_answers", action="store_true", help="print a prompt and its answer")
     p.add_argument("--print_answers_interval", type=int, default=1, help="PPO steps between printed answers")
     p.add_argument(
@@ -597,6 +629,34 @@ def validate_estimator(args: argparse.Namespace) -> None:
         )
     if args.dr_grpo and estimator != "grpo":
         raise UserError(f"--dr_grpo modifies grpo: add --advantage_estimator grpo (got {estimator}), or drop --dr_grpo")
+    validate_kl_and_rollout(args)
+
+
+KL_LOSS_DEFAULTS = {"kl_estimator": "k3", "kl_loss_coef": 0.001}
+
+
+def validate_kl_and_rollout(args: argparse.Namespace) -> None:
+    """Step 3: --kl_loss and its options, --rollout_is_cap (issue #29); fills the KL loss defaults."""
+    import math
+
+    from dschat_hal.errors import UserError
+
+    for name, default in KL_LOSS_DEFAULTS.items():
+        if getattr(args, name) is not None and not args.kl_loss:
+            raise UserError(f"{_flag(name)} sets the KL loss term: add --kl_loss, or drop {_flag(name)}")
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    coef = args.kl_loss_coef
+    if not (math.isfinite(coef) and coef >= 0):
+        raise UserError(f"--kl_loss_coef must be a finite number >= 0 (got {coef})")
+    if args.kl_loss and args.target_kl is not None:
+        raise UserError("--target_kl adapts the KL penalty in the reward, which --kl_loss removes: drop one of them")
+    cap = args.rollout_is_cap
+    if cap is not None and not (math.isfinite(cap) and cap >= 1):
+        raise UserError(
+            f"--rollout_is_cap must be a finite number >= 1 (got {cap}): a cap below 1 would scale down "
+            "tokens both engines agree on; 2 is usual"
+        )
 
 
 def validate(args: argparse.Namespace) -> argparse.Namespace:

@@ -296,6 +296,12 @@ CASES = [
     ("e2e dpo with step-3 flags", e2e, ["--output-dir", "{out}", "--dpo", "--advantage-estimator", "grpo"], None, 2, "--dpo runs no step 3"),
     ("e2e dpo unknown step-2 flag", e2e, ["--output-dir", "{out}", "--dpo", "--step2-args", "--center_reward --seed 3"], None, 2, "step 2 does not know --center_reward (from --step2-args); see python training/step2_dpo_finetuning/main.py --help"),
     ("e2e dpo without an actor", e2e, ["--output-dir", "{out}", "--dpo", "--step", "2"], None, 2, "DPO needs step 1's actor at {out}/actor (pass --step 1 2)"),
+    # KL loss and rollout importance sampling (issue #29, kl29)
+    ("kl_estimator without kl_loss", step3, [*S3, "--kl_estimator", "k1"], None, 2, "--kl_estimator sets the KL loss term: add --kl_loss"),
+    ("kl_loss_coef without kl_loss", step3, [*S3, "--kl_loss_coef", "0.01"], None, 2, "--kl_loss_coef sets the KL loss term: add --kl_loss"),
+    ("negative kl_loss_coef", step3, [*S3, "--kl_loss", "--kl_loss_coef=-1"], None, 2, "--kl_loss_coef must be a finite number >= 0 (got -1.0)"),
+    ("kl_loss with target_kl", step3, [*S3, "--kl_loss", "--target_kl", "0.1"], None, 2, "--target_kl adapts the KL penalty in the reward, which --kl_loss removes"),
+    ("rollout_is_cap below 1", step3, [*S3, "--rollout_is_cap", "0.5"], None, 2, "--rollout_is_cap must be a finite number >= 1 (got 0.5)"),
 ]  # fmt: skip
 
 

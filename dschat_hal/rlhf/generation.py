@@ -47,6 +47,8 @@ class GenerationConfig:
     do_sample: bool = True
     temperature: float = 1.0
     ignore_eos: bool = False  # always generate max_answer_seq_len tokens (benchmarks)
+    # keep each sampled token's log-prob (fp32, one per token: `sampled_logprobs`) as `rollout_logprobs`
+    return_logprobs: bool = False
 
 
 @functools.cache
@@ -84,6 +86,42 @@ def next_token(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
     return torch.multinomial(probs, num_samples=1).squeeze(1)
 
 
+def sampled_logprobs(logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """log p(`token`) per row under `logits` (fp32, the policy's own distribution: no temperature, as
+    the training forward scores it): the one number per row and step the engine keeps."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None]).squeeze(-1)
+
+
+class SampledLogprobRecorder:
+    """A logits processor for HF `generate` that keeps the log-prob of each sampled token: at every
+    step it holds the step's fp32 log-softmax until the next step shows which token was picked (at
+    position prompt length + step − 1: right-padded static layouts agree), so only one step's
+    distribution is ever kept. `finish(seq)` scores the last step and returns (batch,
+    max_answer_seq_len) log-probs, zeros where nothing was generated."""
+
+    def __init__(self, prompt_len: int, max_answer_len: int) -> None:
+        self.prompt_len, self.max_answer_len = prompt_len, max_answer_len
+        self.pending: torch.Tensor | None = None
+        self.found: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._score_pending(input_ids)
+        self.pending = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _score_pending(self, seq: torch.Tensor) -> None:
+        if self.pending is not None:
+            token = seq[:, self.prompt_len + len(self.found)]
+            self.found.append(self.pending.gather(-1, token[:, None]).squeeze(-1))
+            self.pending = None
+
+    def finish(self, seq: torch.Tensor) -> torch.Tensor:
+        if self.pending is not None and seq.size(1) > self.prompt_len + len(self.found):
+            self._score_pending(seq)
+        found = torch.stack(self.found, 1) if self.found else seq.new_zeros(seq.size(0), 0, dtype=torch.float32)
+        return torch.nn.functional.pad(found, (0, self.max_answer_len - found.size(1)))
+
+
 def pad_answers(seq: torch.Tensor, prompt_len: int, config: GenerationConfig, backend: Accelerator) -> torch.Tensor:
     return backend.pad_to_static(seq, 1, prompt_len + config.max_answer_seq_len, config.pad_token_id)
 
@@ -95,11 +133,17 @@ def hf_generate(
     config: GenerationConfig,
     *,
     synced_gpus: bool = False,
+    recorder: SampledLogprobRecorder | None = None,
     **extra,
 ) -> torch.Tensor:
-    """HF `generate` with step 3's sampling semantics (top-k 0, top-p 1)."""
+    """HF `generate` with step 3's sampling semantics (top-k 0, top-p 1); `recorder`, when given,
+    sees the raw scores of every step (a logits processor before the temperature)."""
+    from transformers import LogitsProcessorList
+
     fixed = {"min_new_tokens": config.max_answer_seq_len} if config.ignore_eos else {}
     sampling = {"temperature": config.temperature, "top_k": 0, "top_p": 1.0} if config.do_sample else {}
+    if recorder is not None:
+        extra["logits_processor"] = LogitsProcessorList([recorder])
     return model.generate(
         input_ids=prompts,
         attention_mask=mask,
@@ -115,12 +159,18 @@ def hf_generate(
     )
 
 
+def recorder_for(prompts: torch.Tensor, config: GenerationConfig) -> SampledLogprobRecorder | None:
+    """A log-prob recorder for one HF `generate` call when `config.return_logprobs`, else None."""
+    return SampledLogprobRecorder(prompts.size(1), config.max_answer_seq_len) if config.return_logprobs else None
+
+
 class PlainGenerator:
     """The default path: HF `generate` on the training module (synced ranks under ZeRO-3, LoRA unfolded there)."""
 
     def __init__(self, actor, backend: Accelerator, config: GenerationConfig) -> None:
         self.actor, self.backend, self.config = actor, backend, config
         self.synced = is_partitioned(actor.module)
+        self.rollout_logprobs: torch.Tensor | None = None  # the last `generate`'s, with `return_logprobs`
         if backend.use_graphs:
             log.info("generation: device graphs capture the hybrid engine's decode step; add --enable_hybrid_engine")
 
@@ -131,9 +181,13 @@ class PlainGenerator:
         try:
             with folded_lora(module, enabled=not self.synced), self.backend.generation_context(module) as model:
                 extra = self.backend.generate_kwargs() | generate_kwargs
-                seq = hf_generate(model, prompts, mask, self.config, synced_gpus=self.synced, **extra)
+                recorder = recorder_for(prompts, self.config)
+                seq = hf_generate(
+                    model, prompts, mask, self.config, synced_gpus=self.synced, recorder=recorder, **extra
+                )
         finally:
             self.actor.train()
+        self.rollout_logprobs = None if recorder is None else recorder.finish(seq)
         return pad_answers(seq, prompts.size(1), self.config, self.backend)
 
     def kept_form(self) -> None:
@@ -412,6 +466,7 @@ class HybridEngine:
         self._captures: dict[tuple, tuple] = {}
         self._graphed_forwards: dict[int, Callable | None] = {}  # HF-generate fallback: per generation form
         self._rows = 0
+        self.rollout_logprobs: torch.Tensor | None = None  # the last `generate`'s, with `return_logprobs`
         self._logged_shapes = 0
         self._gather_mode_logged = False
         self.fallback_reason = static_cache_reason(actor.module)
@@ -582,6 +637,7 @@ class HybridEngine:
         logits = last_logits(model, prompts, mask, positions, cache, cache_position)
         backend.mark_step()
         answers = prompts.new_full((batch, cfg.max_answer_seq_len), cfg.pad_token_id)
+        logprobs = prompts.new_zeros((batch, cfg.max_answer_seq_len), dtype=torch.float32)
         unfinished = torch.ones(batch, dtype=torch.bool, device=prompts.device) if active is None else active.clone()
         next_position = prompt_mask.long().sum(-1, keepdim=True)
         stop_on_eos = cfg.eos_token_id is not None and not cfg.ignore_eos
@@ -590,6 +646,9 @@ class HybridEngine:
         for t in range(cfg.max_answer_seq_len):
             token = torch.where(unfinished, self._pick(logits), cfg.pad_token_id)
             answers.index_copy_(1, answer_index, token[:, None])
+            if cfg.return_logprobs:
+                picked = torch.where(unfinished, sampled_logprobs(logits, token), 0.0)
+                logprobs.index_copy_(1, answer_index, picked[:, None])
             if stop_on_eos:
                 unfinished &= ~is_end(token, cfg)
             if t + 1 == cfg.max_answer_seq_len or not bool(unfinished.any()):
@@ -600,17 +659,25 @@ class HybridEngine:
             logits = step(token[:, None], mask, next_position, cache_position)
             backend.mark_step()
             next_position = next_position + 1
+        self.rollout_logprobs = logprobs if cfg.return_logprobs else None
         return torch.cat([prompts, answers], dim=1)
 
-    def generate_with_model(self, model: nn.Module, prompts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def generate_with_model(
+        self,
+        model: nn.Module,
+        prompts: torch.Tensor,
+        mask: torch.Tensor,
+        recorder: SampledLogprobRecorder | None = None,
+    ) -> torch.Tensor:
         """The model's own `generate` (the fallback), its forward in the backend's device graphs where it
-        captures them: one graph per shape, kept for later phases with the generation form."""
+        captures them: one graph per shape, kept for later phases with the generation form; `recorder`
+        keeps the sampled tokens' log-probs."""
         if id(model) not in self._graphed_forwards:
             self._graphed_forwards[id(model)] = self.backend.capture_generate_forward(model)
         forward = self._graphed_forwards[id(model)]
         with forward_replaced(model, forward):
             extra = self.backend.generate_kwargs(graphs=forward is not None)
-            return hf_generate(model, prompts, mask, self.config, **extra)
+            return hf_generate(model, prompts, mask, self.config, recorder=recorder, **extra)
 
     @torch.no_grad()
     def generate(self, prompts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -619,9 +686,15 @@ class HybridEngine:
         group = self._group_layers(self.phase_memory(padded_rows, prompts.size(1) + self.config.max_answer_seq_len))
         with self.generation_form(group) as model, self.backend.generation_context(model):
             if self.fallback_reason:
-                seq = self.generate_with_model(model, *self._pad_rows(prompts, mask))[:rows]
+                padded_prompts, padded_mask = self._pad_rows(prompts, mask)
+                recorder = recorder_for(padded_prompts, self.config)
+                seq = self.generate_with_model(model, padded_prompts, padded_mask, recorder=recorder)
+                self.rollout_logprobs = None if recorder is None else recorder.finish(seq)[:rows]
+                seq = seq[:rows]
             else:
                 seq = self.decode(model, *self._pad_rows(prompts, mask))[:rows]
+                if self.rollout_logprobs is not None:
+                    self.rollout_logprobs = self.rollout_logprobs[:rows]
         if self.release_cache or (self.copy is not None and self.unpin):
             self._release_cache()
         return pad_answers(seq, prompts.size(1), self.config, self.backend)

@@ -76,6 +76,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+def token_mean(losses: torch.Tensor, mask: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    """Per-token `losses` averaged over the masked tokens; with `length`, summed and divided by
+    rows × `length` (Dr. GRPO's constant-length average: no bias towards short or long answers)."""
+    if length is not None:
+        return (losses * mask.to(losses.dtype)).sum() / (mask.size(0) * length)
+    return masked_mean(losses, mask)
+
+
 def actor_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -83,17 +91,79 @@ def actor_loss(
     mask: torch.Tensor,
     cliprange: float,
     length: int | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Clipped surrogate objective (a loss: lower is better), masked mean over answer tokens; with
-    `length`, the sum over answer tokens divided by rows × `length` (Dr. GRPO's constant-length
-    average: no bias towards short or long answers)."""
+    """Clipped surrogate objective (a loss: lower is better), averaged over answer tokens as
+    `token_mean` does; `weights` (per token, no gradient), when given, scale each token's clipped loss
+    (truncated importance sampling: `truncated_is_weights`)."""
     ratio = torch.exp((log_probs - old_log_probs) * mask)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
     losses = torch.max(unclipped, clipped)
-    if length is not None:
-        return (losses * mask.to(losses.dtype)).sum() / (mask.size(0) * length)
-    return masked_mean(losses, mask)
+    if weights is not None:
+        losses = losses * weights
+    return token_mean(losses, mask, length)
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def approx_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from the sampled tokens' log-probs (Schulman's estimators,
+    signs and clamps as OpenRLHF's `compute_approx_kl` and verl's `kl_penalty`), in fp32. With
+    r = π_ref / π: k1 = −log r = log π − log π_ref; k2 = (log r)² / 2; k3 = r − 1 − log r (log r
+    clamped to ±20 before the exp, as verl's low_var_kl). Every estimate is clamped to ±10."""
+    log_ratio = log_probs.float() - ref_log_probs.float()  # log π − log π_ref = −log r
+    if estimator == "k1":
+        kl = log_ratio
+    elif estimator == "k2":
+        kl = log_ratio.pow(2) / 2
+    elif estimator == "k3":
+        log_r = (-log_ratio).clamp(-20.0, 20.0)
+        kl = log_r.exp() - 1 - log_r
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r} (one of {', '.join(KL_ESTIMATORS)})")
+    return kl.clamp(-10.0, 10.0)
+
+
+def kl_loss(
+    log_probs: torch.Tensor,
+    ref_log_probs: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: str,
+    length: int | None = None,
+) -> torch.Tensor:
+    """The KL to the reference as a loss term (GRPO's placement, verl's `use_kl_loss`): `approx_kl`
+    averaged over answer tokens as the policy loss is (`token_mean`); gradients flow through
+    `log_probs`."""
+    return token_mean(approx_kl(log_probs, ref_log_probs, estimator), mask, length)
+
+
+MISMATCH_BAND = (0.9, 1.1)
+
+
+def rollout_ratio(log_probs: torch.Tensor, rollout_log_probs: torch.Tensor) -> torch.Tensor:
+    """exp(log p_train − log p_rollout) per token, in fp32, no gradient: how much more (or less)
+    likely the training forward finds each sampled token than the engine that sampled it did."""
+    return torch.exp(log_probs.detach().float() - rollout_log_probs.float())
+
+
+def mismatch_share(
+    log_probs: torch.Tensor,
+    rollout_log_probs: torch.Tensor,
+    mask: torch.Tensor,
+    band: tuple[float, float] = MISMATCH_BAND,
+) -> torch.Tensor:
+    """The share of masked tokens whose training/rollout probability ratio lies outside `band`."""
+    ratio = rollout_ratio(log_probs, rollout_log_probs)
+    outside = (ratio < band[0]) | (ratio > band[1])
+    return masked_mean(outside.float(), mask)
+
+
+def truncated_is_weights(log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance-sampling weights min(p_train / p_rollout, `cap`) per token, detached
+    (verl's TIS): they correct the policy loss for sampling with a slightly different distribution."""
+    return rollout_ratio(log_probs, rollout_log_probs).clamp(max=cap)
 
 
 def critic_loss(

@@ -336,6 +336,8 @@ class TensorParallelEngine(HybridEngine):
             self._release_cache()
         start = self.tp.index * width
         mine = seq[start : start + rows, group_prompts.size(1) - length :]
+        if self.rollout_logprobs is not None:
+            self.rollout_logprobs = self.rollout_logprobs[start : start + rows]
         return pad_answers(mine, length, self.config, self.backend)
 
     def _gather_prompts(self, prompts: torch.Tensor, mask: torch.Tensor):

@@ -54,6 +54,14 @@ class PPOConfig:
     advantage_estimator: str = "gae"
     n_samples_per_prompt: int = 1
     dr_grpo: bool = False  # grpo without the std division, constant-length loss average
+    # the KL to the reference as a loss term (estimator k1/k2/k3, `ppo_math.kl_loss`) instead of in the reward
+    kl_loss: bool = False
+    kl_estimator: str = "k3"
+    kl_loss_coef: float = 0.001
+    # the engine's log-probs of the tokens it sampled: the training/rollout mismatch is logged, and with
+    # `rollout_is_cap` the policy loss is weighted by min(p_train / p_rollout, cap) (truncated IS)
+    rollout_logprobs: bool = False
+    rollout_is_cap: float | None = None
 
 
 def old_logprobs_from_training(args) -> str | None:
@@ -118,6 +126,7 @@ def generation_config(config: PPOConfig, tokenizer) -> GenerationConfig:
         eos_token_id=answer_end_ids(tokenizer),
         do_sample=not config.greedy,
         temperature=config.temperature,
+        return_logprobs=config.rollout_logprobs or config.rollout_is_cap is not None,
     )
 
 
@@ -186,6 +195,11 @@ class PPOTrainer:
     def kl_ctl(self) -> float:
         return self.kl_controller.value if self.kl_controller else self.config.kl_ctl
 
+    @property
+    def reward_kl_ctl(self) -> float:
+        """The KL coefficient in the reward: none when the KL is a loss term (`--kl_loss`)."""
+        return 0.0 if self.config.kl_loss else self.kl_ctl
+
     # ---- experience ------------------------------------------------------------------------
     @torch.no_grad()
     def generate_sequence(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -203,6 +217,7 @@ class PPOTrainer:
         if n > 1:
             prompts, prompt_mask = prompts.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
         seq = self.generate_sequence(prompts, prompt_mask)
+        rollout = getattr(self.generator, "rollout_logprobs", None)  # before ReMax's greedy answers replace it
         if self.config.advantage_estimator == "remax":  # the baseline, in the same phase (fixed shapes: padded rows)
             with greedy_decoding(self.generator):
                 greedy_seq = self.generate_sequence(unique_prompts, unique_mask)
@@ -241,6 +256,8 @@ class PPOTrainer:
             "attention_mask": mask,
             "action_mask": action_mask,
             **({} if logprobs is None else {"logprobs": logprobs}),  # else from the training forward
+            # the engine's, indexed as the log-probs (position t scores token t + 1)
+            **({} if rollout is None else {"rollout_logprobs": torch.nn.functional.pad(rollout, (prompt_len - 1, 0))}),
             "ref_logprobs": ref_logprobs,
             **({} if values is None else {"value": values.float()}),  # else from the training forward
             "rewards": shaped,  # what PPO clips and uses
@@ -313,16 +330,14 @@ class PPOTrainer:
                 exp["rewards"],
                 action_mask,
                 start,
-                self.kl_ctl,
+                self.reward_kl_ctl,
                 cfg.clip_reward_value,
             )
             advantages, returns = ppo_math.gae(old_values, rewards, start, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:  # after the returns are taken, as TRL does
                 advantages = whiten(advantages, answer_mask)
 
-        actor_loss = ppo_math.actor_loss(
-            log_probs[:, start:], old_logprobs[:, start:], advantages, answer_mask, cfg.cliprange
-        )
+        actor_loss, extra = self.policy_loss(exp, log_probs, old_logprobs, advantages, start)
         self.actor.backward(actor_loss)
         self.backend.mark_step()
         if not self.align_overflow:
@@ -348,7 +363,41 @@ class PPOTrainer:
             "critic_loss": critic_loss.detach(),
             "kl": kl.detach(),
             "advantage": ppo_math.masked_mean(advantages, answer_mask).detach(),
+            **extra,
         }
+
+    def policy_loss(
+        self,
+        exp: dict[str, torch.Tensor],
+        log_probs: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        advantages: torch.Tensor,
+        start: int,
+        length: int | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The actor's loss and its extra statistics: the clipped surrogate, weighted by truncated
+        importance sampling with `rollout_is_cap` (the engine's log-probs against the old ones, which
+        are the training forward's under the weights that sampled), plus the KL loss term with
+        `kl_loss`; the share of answer tokens whose training/rollout ratio lies outside [0.9, 1.1] when
+        the engine's log-probs are kept."""
+        cfg, stats = self.config, {}
+        answer_mask = exp["action_mask"][:, start:]
+        weights = None
+        if "rollout_logprobs" in exp:
+            rollout = exp["rollout_logprobs"][:, start:]
+            stats["rollout_mismatch"] = ppo_math.mismatch_share(old_logprobs[:, start:], rollout, answer_mask)
+            if cfg.rollout_is_cap is not None:
+                weights = ppo_math.truncated_is_weights(old_logprobs[:, start:], rollout, cfg.rollout_is_cap)
+        loss = ppo_math.actor_loss(
+            log_probs[:, start:], old_logprobs[:, start:], advantages, answer_mask, cfg.cliprange, length, weights
+        )
+        if cfg.kl_loss:
+            kl_term = ppo_math.kl_loss(
+                log_probs[:, start:], exp["ref_logprobs"][:, start:], answer_mask, cfg.kl_estimator, length
+            )
+            stats["kl_loss"] = kl_term.detach()
+            loss = loss + cfg.kl_loss_coef * kl_term
+        return loss, stats
 
     def critic_free_advantages(
         self, experiences: list[dict[str, torch.Tensor]], old_logprobs: list[torch.Tensor]
@@ -367,7 +416,7 @@ class PPOTrainer:
                     exp["sequence_scores"],
                     exp["action_mask"],
                     start,
-                    self.kl_ctl,
+                    self.reward_kl_ctl,
                     cfg.gamma,
                 )
             )
@@ -395,9 +444,7 @@ class PPOTrainer:
             if cfg.whiten_advantages:
                 advantages = whiten(advantages, answer_mask)
         length = cfg.max_answer_seq_len if cfg.dr_grpo else None
-        actor_loss = ppo_math.actor_loss(
-            log_probs[:, start:], old_logprobs[:, start:], advantages, answer_mask, cfg.cliprange, length
-        )
+        actor_loss, extra = self.policy_loss(exp, log_probs, old_logprobs, advantages, start, length)
         self.actor.backward(actor_loss)
         self.backend.mark_step()
         self.actor.step()
@@ -408,6 +455,7 @@ class PPOTrainer:
             "actor_loss": actor_loss.detach(),
             "kl": kl.detach(),
             "advantage": ppo_math.masked_mean(advantages, answer_mask).detach(),
+            **extra,
         }
 
     def train_unsupervised(self, batch: dict[str, torch.Tensor], unsup_coef: float) -> torch.Tensor:

@@ -84,7 +84,9 @@ def report(step: int, epoch: int, record: dict, started: float) -> str:
         f"[step3] epoch {epoch + 1} step {step} reward used {record['reward_used']:.3f} "
         f"({100 * record['clipped']:.0f}% clipped), raw {record['reward']:.3f} (ema {record['reward_ema']:.3f}) "
         f"actor loss {record['actor_loss']:.4f} {critic}kl {record['kl']:.4f} "
-        f"answer len {record['answer_length']:.1f} (short {100 * record['short_answers']:.0f}%) | {timing}{speed} "
+        f"answer len {record['answer_length']:.1f} (short {100 * record['short_answers']:.0f}%) "
+        + (f"rollout mismatch {100 * record['rollout_mismatch']:.1f}% " if "rollout_mismatch" in record else "")
+        + f"| {timing}{speed} "
         f"| {time.time() - started:.1f}s"
     )
 
@@ -301,6 +303,11 @@ def main(argv: list[str]) -> dict:
         advantage_estimator=args.advantage_estimator,
         n_samples_per_prompt=args.n_samples_per_prompt,
         dr_grpo=args.dr_grpo,
+        kl_loss=args.kl_loss,
+        kl_estimator=args.kl_estimator,
+        kl_loss_coef=args.kl_loss_coef,
+        rollout_logprobs=args.log_rollout_mismatch,
+        rollout_is_cap=args.rollout_is_cap,
     )
     generator = make_generator(engine, backend, generation_config(ppo_config, tokenizer), args)
     trainer = PPOTrainer(engine, backend, tokenizer, ppo_config, generator=generator)
