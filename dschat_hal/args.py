@@ -28,6 +28,15 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)".strip()
 
 
+def column_keys(args: argparse.Namespace) -> dict[str, str]:
+    """--prompt_key/--chosen_key/--rejected_key as role -> column (only those given)."""
+    return {
+        role: getattr(args, f"{role}_key")
+        for role in ("prompt", "chosen", "rejected")
+        if getattr(args, f"{role}_key", None)
+    }
+
+
 def _parser(description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=description, formatter_class=DefaultsHelpFormatter)
 
@@ -42,6 +51,14 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--data_split", default="2,4,4", help="shares of each dataset for steps 1,2,3 (disjoint slices)")
     g.add_argument("--sft_only_data_path", nargs="*", default=[], help="datasets used only in step 1")
+    for role, example in (("prompt", "question"), ("chosen", "response"), ("rejected", "bad_response")):
+        g.add_argument(
+            f"--{role}_key",
+            default=None,
+            metavar="COLUMN",
+            help=f"the data column holding the {role} text or messages (e.g. {example}; default: {role}, "
+            "else TRL's completion/messages/text for chosen)",
+        )
     g.add_argument(
         "--data_output_path",
         default=None,

@@ -33,6 +33,7 @@ class TrainingHealthError(UserError):
 
 def supervised_loaders(args: argparse.Namespace, phase: int, tokenizer, backend: Accelerator):
     """Step 1 or 2's (train_set, eval_set, train_loader, eval_loader) from the shared flags."""
+    from dschat_hal.args import column_keys
     from dschat_hal.data import Collator, DataSpec, cache_dir_for, load_or_build
     from dschat_hal.runtime import dataloader
 
@@ -46,6 +47,7 @@ def supervised_loaders(args: argparse.Namespace, phase: int, tokenizer, backend:
         # DeepSpeed-Chat ends step 2's sequences with its end-of-conversation token (step 1's with EOS)
         end_token=args.eot_token if phase == 2 and args.add_eot_token else "",
         prompt_format=args.prompt_format,
+        column_keys=column_keys(args),
     )
     train_set, eval_set, dropped = load_or_build(spec, tokenizer, cache_dir_for(args), args.preprocessing_num_workers)
     if phase == 1 and any(dropped.values()):

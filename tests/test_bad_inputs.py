@@ -302,6 +302,11 @@ CASES = [
     ("negative kl_loss_coef", step3, [*S3, "--kl_loss", "--kl_loss_coef=-1"], None, 2, "--kl_loss_coef must be a finite number >= 0 (got -1.0)"),
     ("kl_loss with target_kl", step3, [*S3, "--kl_loss", "--target_kl", "0.1"], None, 2, "--target_kl adapts the KL penalty in the reward, which --kl_loss removes"),
     ("rollout_is_cap below 1", step3, [*S3, "--rollout_is_cap", "0.5"], None, 2, "--rollout_is_cap must be a finite number >= 1 (got 0.5)"),
+    # ---- issue 30, the data users have: columns nobody maps, a key naming no column, step-1 data in step 2, no template
+    ("columns nobody maps", step1, [*S1, "--data_path", "{data}"], write_data("train.jsonl", '{"question": "q", "answer": "a"}\n' * 20), 2, "{data} has columns question, answer, none of which this project reads; map them with --prompt_key COLUMN --chosen_key COLUMN"),
+    ("--prompt_key naming no column", step1, [*S1, "--data_path", "{data}", "--prompt_key", "question"], rows(20), 2, "{data}: --prompt_key 'question' names no column; its columns are prompt, chosen, rejected"),
+    ("prompt/completion data in step 2", step2, [*S1, "--data_path", "{data}"], write_data("train.jsonl", '{"prompt": "q", "completion": "a"}\n' * 20), 2, "{data} has no rejected answers (columns prompt, completion), and step 2 trains on chosen/rejected pairs; map the rejected column with --rejected_key COLUMN"),
+    ("messages without a chat template", step1, [*S1, "--data_path", "{data}"], write_data("train.jsonl", '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n' * 20), 2, "{data} holds conversations (lists of role/content messages), which are rendered with the tokenizer's chat template, and the tokenizer of "),
 ]  # fmt: skip
 
 

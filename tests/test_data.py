@@ -64,8 +64,10 @@ def test_malformed_json_and_missing_keys_name_the_file_and_column(tmp_path):
     with pytest.raises(UserError, match=r"rows.jsonl is not valid JSON \(line 2"):
         get_raw_dataset(str(tmp_path / "rows.jsonl"))
     write_rows(tmp_path / "missing", [{"prompt": "x", "chosen": "y", "answer": "z"}])
-    with pytest.raises(UserError, match=r"has columns prompt, chosen, answer but needs prompt, chosen, rejected"):
-        get_raw_dataset(str(tmp_path / "missing"))
+    assert not get_raw_dataset(str(tmp_path / "missing")).has_rejected  # step-1 data; step 2 refuses it (issue 30)
+    write_rows(tmp_path / "unread", [{"question": "x", "answer": "z"}])
+    with pytest.raises(UserError, match=r"has columns question, answer, none of which this project reads; map them"):
+        get_raw_dataset(str(tmp_path / "unread"))
     write_rows(tmp_path / "nulls", [ROWS[0], {"prompt": "x", "chosen": "y", "rejected": None}])
     with pytest.raises(UserError, match=r"row 1 has no string 'rejected' \(1 such rows\)"):
         get_raw_dataset(str(tmp_path / "nulls"))
@@ -428,3 +430,134 @@ def test_two_nodes_build_a_node_local_cache_each_share_a_shared_one_and_say_when
         rank1["unlabelled"].startswith("rank 1 cannot see the data cache ")
         and "LOCAL_RANK is unset" in rank1["unlabelled"]
     )
+
+
+# ---- the data users have: column flags, TRL's formats, step-1 data, any load_dataset name (issue 30) ----
+def chatml_tokenizer():
+    """The tiny tokenizer with a ChatML template whose turns end in the special <|im_end|>."""
+    from test_end_tokens import CHATML
+
+    tok = load_tokenizer("tiny-opt")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    return tok
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_column_flags_map_other_column_names(tmp_path, tokenizer):
+    from dschat_hal.args import column_keys, step1_parser
+
+    rows = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"], "id": 1} for r in ROWS]
+    write_table(tmp_path / "d" / "train.parquet", rows)
+    args = step1_parser().parse_args(["--prompt_key", "question", "--chosen_key", "good", "--rejected_key", "bad"])
+    keys = column_keys(args)
+    assert keys == {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    raw = get_raw_dataset(str(tmp_path / "d"), keys=keys)
+    row = raw.train[0]
+    assert (raw.prompt(row), raw.chosen(row), raw.rejected(row)) == (row["question"], row["good"], row["bad"])
+    pairs, _, _ = load_or_build(DataSpec([str(tmp_path / "d")], phase=2, column_keys=keys), tokenizer, None)
+    assert len(pairs) and pairs[0]["chosen"] != pairs[0]["rejected"]
+    spec = DataSpec([str(tmp_path / "d")], phase=2)
+    assert cache_key(DataSpec(**{**spec.__dict__, "column_keys": keys}), tokenizer) != cache_key(spec, tokenizer)
+    with pytest.raises(UserError, match=r"--prompt_key 'q' names no column; its columns are question, good, bad, id"):
+        get_raw_dataset(str(tmp_path / "d"), keys={"prompt": "q"})
+    with pytest.raises(UserError, match=r"has columns question, good, bad, id, none of which .* --prompt_key COLUMN"):
+        get_raw_dataset(str(tmp_path / "d"))
+
+
+def test_trl_conversational_preferences_render_with_the_chat_template(tmp_path):
+    tok = chatml_tokenizer()
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    user = [{"role": "user", "content": "Please help me."}]
+    explicit = [
+        {"prompt": user, "chosen": [{"role": "assistant", "content": f"Sure {i}."}],
+         "rejected": [{"role": "assistant", "content": "No."}]}
+        for i in range(20)
+    ]  # fmt: skip
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in explicit]
+    rendered = "<|im_start|>user\nPlease help me.<|im_end|>\n<|im_start|>assistant\nSure {}.<|im_end|>"
+    for name, rows in (("explicit", explicit), ("implicit", implicit)):
+        write_jsonl(tmp_path / name / "train.jsonl", rows)
+        raw = get_raw_dataset(str(tmp_path / name))
+        assert raw.conversational and raw.prompt(raw.train[0]) == user, name
+        spec = DataSpec([str(tmp_path / name)], data_split="0,1,0", phase=2, max_seq_len=128)  # plain format
+        pairs, _, _ = load_or_build(spec, tok, None)
+        decoded = {tok.decode(p["chosen"]) for p in pairs}
+        assert decoded <= {rendered.format(i) for i in range(20)} and len(decoded) == len(pairs), name
+        assert all(p["chosen"][-1] == p["rejected"][-1] == end for p in pairs), name
+        prompts, _, _ = load_or_build(DataSpec([str(tmp_path / name)], "0,0,1", 3), tok, None)
+        assert (
+            tok.decode(prompts[0]["prompt"]) == "<|im_start|>user\nPlease help me.<|im_end|>\n<|im_start|>assistant\n"
+        )
+
+
+def test_step1_data_without_rejected_answers(tmp_path, tokenizer):
+    """TRL's prompt/completion, messages and text rows train step 1 (as --data_path and
+    --sft_only_data_path), give step 3 prompts, and step 2 says what is missing in one line."""
+    tok = chatml_tokenizer()
+    completion = write_jsonl(
+        tmp_path / "pc" / "train.jsonl", [{"prompt": f"Q{i}?", "completion": f" A{i}."} for i in range(20)]
+    )
+    messages = write_jsonl(
+        tmp_path / "msg" / "train.jsonl",
+        [{"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}]} for i in range(20)],
+    )  # fmt: skip
+    text = write_jsonl(tmp_path / "text" / "train.jsonl", [{"text": f"Just text {i}."} for i in range(20)])
+    sft, _, _ = load_or_build(DataSpec([str(completion)], "1,0,0", 1), tok, None)
+    assert {tok.decode(s["input_ids"]) for s in sft} <= {f"Q{i}? A{i}.</s>" for i in range(20)}
+    sft, _, _ = load_or_build(DataSpec([str(messages)], "1,0,0", 1), tok, None)
+    chat = "<|im_start|>user\nQ{0}?<|im_end|>\n<|im_start|>assistant\nA{0}.<|im_end|>"
+    assert {tok.decode(s["input_ids"]) for s in sft} <= {chat.format(i) for i in range(20)}
+    sft, _, _ = load_or_build(DataSpec([str(text)], "1,0,0", 1), tok, None)
+    assert {tok.decode(s["input_ids"]) for s in sft} <= {f"Just text {i}.</s>" for i in range(20)}
+    with_extra, _, _ = load_or_build(
+        DataSpec(["local/jsonfile"], phase=1, sft_only_data_path=[str(completion)]), tok, None
+    )
+    alone, _, _ = load_or_build(DataSpec(["local/jsonfile"], phase=1), tok, None)
+    assert len(with_extra) == len(alone) + len(get_raw_dataset(str(completion)).train)
+    prompts, _, _ = load_or_build(DataSpec([str(completion)], "0,0,1", 3), tok, None)
+    assert tok.decode(prompts[0]["prompt"]).startswith("Q")
+    for data in (completion, messages):
+        with pytest.raises(UserError, match=r"has no rejected answers \(columns .*\).*--rejected_key COLUMN"):
+            load_or_build(DataSpec([str(data)], phase=2), tok, None)
+
+
+def test_conversations_need_a_chat_template(tmp_path, tokenizer):
+    data = write_jsonl(
+        tmp_path / "msg" / "train.jsonl",
+        [{"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}] * 20,
+    )
+    with pytest.raises(UserError, match=r"holds conversations .* has none; use a model whose tokenizer has one"):
+        load_or_build(DataSpec([str(data)], "1,0,0", 1), tokenizer, None)
+
+
+def test_any_name_load_dataset_resolves_is_read_by_its_columns(tmp_path, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, *args, **kwargs):
+        calls.append(name)
+        rows = [{"prompt": "p", "completion": " c"}] * 10
+        return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
+
+    with pytest.raises(UserError, match=r"'someone/new-prefs' is neither a known dataset nor an existing path, and "):
+        get_raw_dataset("someone/new-prefs")  # offline in tests: datasets says it cannot reach the hub
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    raw = get_raw_dataset("someone/new-prefs")
+    assert calls == ["someone/new-prefs"] and not raw.has_rejected and raw.chosen(raw.train[0]) == " c"
+    with pytest.raises(UserError, match="neither a known dataset nor an existing path; check the path"):
+        get_raw_dataset(str(tmp_path / "missing" / "train.json"))
+    assert calls == ["someone/new-prefs"]
+
+
+def test_ptx_text_from_prompt_completion_rows(tmp_path):
+    from dschat_hal.data.unsupervised import read_texts
+
+    data = write_jsonl(tmp_path / "u.jsonl", [{"prompt": "Q?", "completion": " A."}])
+    assert read_texts(str(data)) == ["Q? A."]

@@ -78,14 +78,17 @@ class ChatTemplate:
         """The conversation so far, ending in the template's generation prompt for the assistant."""
         return self._render(messages, True)
 
-    def prompt(self, text: str) -> str:
-        return self.messages_prompt(to_messages(text))
+    def prompt(self, text: str | list[dict[str, str]]) -> str:
+        """A `Human: ... Assistant:` text, or a list of messages (TRL's conversational data), rendered."""
+        return self.messages_prompt(text if isinstance(text, list) else to_messages(text))
 
-    def dialogue(self, prompt_text: str, answer: str) -> str:
-        """The rendered prompt followed by the assistant's answer, ending with the end-of-turn token."""
-        messages = to_messages(prompt_text)
+    def dialogue(self, prompt_text: str | list[dict[str, str]], answer: str | list[dict[str, str]]) -> str:
+        """The rendered prompt followed by the assistant's answer (a text, or the answer's messages),
+        ending with the end-of-turn token."""
+        messages = prompt_text if isinstance(prompt_text, list) else to_messages(prompt_text)
         prompt = self.messages_prompt(messages)
-        full = self._render([*messages, {"role": "assistant", "content": answer.strip()}], False)
+        turns = answer if isinstance(answer, list) else [{"role": "assistant", "content": answer.strip()}]
+        full = self._render([*messages, *turns], False)
         if not full.startswith(prompt):  # a template whose generation prompt is not a prefix (TRL warns alike)
             return full.rstrip()
         rest = full[len(prompt) :]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from dschat_hal.data.raw_datasets import RawDataset, get_raw_dataset, group_sources, source_files
+from dschat_hal.data.raw_datasets import RawDataset, as_text, get_raw_dataset, group_sources, source_files
 from dschat_hal.data.tokens import Encoder, special_affixes
 from dschat_hal.errors import UserError
 from dschat_hal.faults import disk_full_is_one_line, fault_point, remove_stale_temporaries, temp_prefix
@@ -48,6 +48,7 @@ class DataSpec:
     sft_only_data_path: list[str] = field(default_factory=list)
     end_token: str = ""  # ends training sequences instead of EOS (a registered special token)
     prompt_format: str = "plain"  # or "chat_template" (`chat_format`)
+    column_keys: dict[str, str] = field(default_factory=dict)  # role -> column (--prompt_key, ...)
 
 
 def split_fractions(data_split: str) -> list[float]:
@@ -135,12 +136,35 @@ class _Builder:
 
     def __init__(self, spec: DataSpec, tokenizer, workdir: Path | None, num_proc: int | None) -> None:
         self.spec, self.workdir, self.num_proc = spec, workdir, num_proc
+        self.tokenizer = tokenizer
         self.encoder = Encoder(tokenizer, spec.end_token, spec.prompt_format)
+        self.chat_encoder = self.encoder if spec.prompt_format == "chat_template" else None
         self.count = 0
+
+    def encoder_for(self, raw: RawDataset) -> Encoder:
+        """The encoder of `raw`'s rows: conversations are always rendered with the chat template (as TRL does)."""
+        if not raw.conversational:
+            return self.encoder
+        if self.chat_encoder is None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise UserError(
+                    f"{raw.name} holds conversations (lists of role/content messages), which are rendered with "
+                    f"the tokenizer's chat template, and the tokenizer of {self.tokenizer.name_or_path!r} has none; "
+                    "use a model whose tokenizer has one (chat_template in its tokenizer_config.json) or give the "
+                    "data as text columns (prompt/chosen/rejected)"
+                )
+            self.chat_encoder = Encoder(self.tokenizer, self.spec.end_token, "chat_template")
+        return self.chat_encoder
 
     def tokenize(self, raw: RawDataset, rows, drop: bool = True) -> tuple[Any, int]:
         """(step `spec.phase`'s token columns of `rows`, count of rows dropped: see `tokenize_batch`)."""
         self.count += 1
+        if self.spec.phase == 2 and not raw.has_rejected:
+            raise UserError(
+                f"{raw.name} has no rejected answers (columns {', '.join(rows.column_names)}), and step 2 "
+                "trains on chosen/rejected pairs; map the rejected column with --rejected_key COLUMN, or train "
+                "step 1 on this data (--sft_only_data_path, or --data_split 10,0,0)"
+            )
         if not len(rows):
             return empty_dataset(self.spec.phase), 0
         num_proc = self.num_proc if self.num_proc and self.num_proc > 1 and len(rows) >= 2 * self.num_proc else None
@@ -153,7 +177,7 @@ class _Builder:
             num_proc=num_proc,
             remove_columns=rows.column_names,
             features=features(self.spec.phase),
-            fn_kwargs={"raw": raw, "encoder": self.encoder, "spec": self.spec, "drop": drop},
+            fn_kwargs={"raw": raw, "encoder": self.encoder_for(raw), "spec": self.spec, "drop": drop},
             new_fingerprint=f"tok{self.count}",
             load_from_cache_file=False,
             desc=f"tokenising step {self.spec.phase} data",
@@ -187,7 +211,7 @@ def build_parts(
     train, evaluation, dropped = [], [], {"train": 0, "eval": 0}
     train_rows: list[tuple[RawDataset, Any]] = []
     for group in group_sources(spec.data_path):
-        raw = get_raw_dataset(group, raw_cache_dir)
+        raw = get_raw_dataset(group, raw_cache_dir, spec.column_keys)
         for rows, out, split in ((raw.train, train, "train"), (raw.eval, evaluation, "eval")):
             picked = rows.select(phase_indices(len(rows), spec.data_split, spec.phase, spec.seed))
             picked = picked if len(picked) or out is train else rows
@@ -200,7 +224,7 @@ def build_parts(
             dropped[split] += n_dropped
     if spec.phase == 1:
         for group in group_sources(spec.sft_only_data_path):
-            raw = get_raw_dataset(group, raw_cache_dir)
+            raw = get_raw_dataset(group, raw_cache_dir, spec.column_keys)
             train.append(builder.tokenize(raw, raw.train)[0])
             evaluation.append(builder.tokenize(raw, raw.eval)[0])
     if not sum(len(part) for part in train):
@@ -219,7 +243,7 @@ def _raise_for_empty_text(spec: DataSpec, train_rows: list[tuple[RawDataset, Any
     for raw, rows in train_rows:
         head = [rows[i] for i in range(min(len(rows), sample))]
         if spec.phase == 2:
-            texts = [raw.prompt_and_chosen(r) + raw.prompt_and_rejected(r) for r in head]
+            texts = [as_text(raw.prompt_and_chosen(r)) + as_text(raw.prompt_and_rejected(r)) for r in head]
             same = [raw.chosen(r) == raw.rejected(r) for r in head]
             if head and all(same):
                 kind = "empty" if not any(t.strip() for t in texts) else "the same text"
@@ -229,7 +253,7 @@ def _raise_for_empty_text(spec: DataSpec, train_rows: list[tuple[RawDataset, Any
                 )
             continue
         label, accessor = PHASE_TEXT[spec.phase]
-        texts = [getattr(raw, accessor)(r) for r in head]
+        texts = [as_text(getattr(raw, accessor)(r)) for r in head]
         checked += len(texts)
         empty += sum(not t.strip() for t in texts)
         where.append(raw.name)
@@ -255,7 +279,7 @@ def _raise_for_no_train_rows(spec: DataSpec, dropped: int) -> None:
             f"all {dropped} step-3 prompts are longer than --max_prompt_seq_len {spec.max_prompt_seq_len}; "
             "raise --max_prompt_seq_len or use shorter prompts"
         )
-    sizes = {name: len(get_raw_dataset(name).train) for name in spec.data_path}
+    sizes = {name: len(get_raw_dataset(name, keys=spec.column_keys).train) for name in spec.data_path}
     if sum(sizes.values()) < 10:
         shares = [len(phase_indices(sum(sizes.values()), spec.data_split, p, spec.seed)) for p in (1, 2, 3)]
         raise UserError(
@@ -286,7 +310,9 @@ def cache_key(spec: DataSpec, tokenizer) -> str:
     sources = [group for path in (spec.data_path, spec.sft_only_data_path) for group in group_sources(path)]
     payload = {
         "version": CACHE_VERSION,
-        "spec": {k: v for k, v in asdict(spec).items() if k != "prompt_format" or v != "plain"},
+        "spec": {
+            k: v for k, v in asdict(spec).items() if (k, v) not in (("prompt_format", "plain"), ("column_keys", {}))
+        },
         "files": [[_file_fingerprint(f) for f in source_files(group)] or group for group in sources],
         "tokenizer": [
             tokenizer.name_or_path,
@@ -297,7 +323,7 @@ def cache_key(spec: DataSpec, tokenizer) -> str:
             hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest(),
         ],
     }
-    if spec.prompt_format != "plain":
+    if spec.prompt_format != "plain" or getattr(tokenizer, "chat_template", None):  # conversations use it
         payload["chat_template"] = tokenizer.chat_template
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 

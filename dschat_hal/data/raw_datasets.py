@@ -6,6 +6,11 @@ is reachable), local data the way `load_dataset` resolves a directory: split nam
 `data/` folder) or from a dataset card's `configs:`, json/jsonl/parquet/csv/arrow files, and
 directories written by `save_to_disk`.
 `local/jsonfile` is the bundled set. Splits stay Arrow tables (memory-mapped), never Python lists.
+
+Unregistered data is read by its columns (renamed by `--prompt_key/--chosen_key/--rejected_key`):
+prompt/chosen/rejected, TRL's prompt/completion and `text` (step 1 only: no rejected answer), and
+TRL's conversational formats (`messages`, or prompt/chosen/rejected as message lists, rendered with
+the tokenizer's chat template).
 """
 
 from __future__ import annotations
@@ -42,24 +47,64 @@ class RawDataset:
     name = ""
     columns: tuple[str, ...] = REQUIRED_KEYS
     text_columns: tuple[str, ...] = REQUIRED_KEYS
+    conversational = False  # rows are message lists, rendered with the chat template
 
-    def __init__(self, train, eval, files: tuple[str, ...] = ()) -> None:
+    def __init__(self, train, eval, files: tuple[str, ...] = (), keys: dict[str, str] | None = None) -> None:
         self.train, self.eval, self.files = train, eval, files
+        self.keys = dict(zip(REQUIRED_KEYS, REQUIRED_KEYS, strict=True)) if keys is None else keys
+
+    @property
+    def has_rejected(self) -> bool:
+        """Whether rows hold a rejected answer (step-1 data such as prompt/completion does not)."""
+        return "rejected" in self.keys
 
     def prompt(self, row: Row) -> str:
-        return row["prompt"]
+        return row[self.keys["prompt"]] if "prompt" in self.keys else ""
 
     def chosen(self, row: Row) -> str:
-        return row["chosen"]
+        return row[self.keys["chosen"]]
 
     def rejected(self, row: Row) -> str:
-        return row["rejected"]
+        return row[self.keys["rejected"]]
 
     def prompt_and_chosen(self, row: Row) -> str:
         return self.prompt(row) + self.chosen(row)
 
     def prompt_and_rejected(self, row: Row) -> str:
         return self.prompt(row) + self.rejected(row)
+
+
+Messages = list[dict[str, str]]
+
+
+class Conversations(RawDataset):
+    """TRL's conversational formats: prompt and answers as lists of {role, content} messages; without
+    a prompt column the turns before the last are the prompt (a `messages` column, or chosen/rejected
+    conversations that share their first turns)."""
+
+    conversational = True
+
+    def prompt(self, row: Row) -> Messages:
+        if "prompt" in self.keys:
+            return row[self.keys["prompt"]]
+        return row[self.keys["chosen"]][:-1]
+
+    def chosen(self, row: Row) -> Messages:
+        return row[self.keys["chosen"]] if "prompt" in self.keys else row[self.keys["chosen"]][-1:]
+
+    def rejected(self, row: Row) -> Messages:
+        return row[self.keys["rejected"]] if "prompt" in self.keys else row[self.keys["rejected"]][-1:]
+
+
+def as_text(value: str | Messages) -> str:
+    """A text, or the contents of a message list joined (to see whether there is any text)."""
+    return value if isinstance(value, str) else "\n".join(m.get("content") or "" for m in value)
+
+
+def is_messages(feature: Any) -> bool:
+    """Whether an Arrow column feature is a list of {role, content} structs (a conversation)."""
+    inner = feature[0] if isinstance(feature, list) and feature else getattr(feature, "feature", None)
+    return isinstance(inner, dict) and {"role", "content"} <= set(inner)
 
 
 # ---- resolving local data the way `datasets.load_dataset` does -----------------------------------
@@ -194,11 +239,13 @@ def local_entries(source: str | list[str]) -> list[Path] | None:
     paths = [Path(e).expanduser() for e in entries]
     if all(p.exists() for p in paths):
         return paths
-    if len(entries) == 1 and entries[0] in HUB_DATASETS:
-        return None
+    if len(entries) == 1 and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", entries[0]) and paths[0].suffix not in BUILDERS:
+        return None  # a name for `datasets.load_dataset`: registered, on a hub, or in its cache
     missing = next(e for e, p in zip(entries, paths, strict=True) if not p.exists())
-    known = ", ".join(["local/jsonfile", *HUB_DATASETS])
-    raise UserError(f"--data_path {missing!r} is neither a known dataset ({known}) nor an existing path")
+    raise UserError(
+        f"--data_path {missing!r} is neither a known dataset nor an existing path; check the path "
+        "(a dataset name, owner/name, is given on its own)"
+    )
 
 
 def source_files(source: str | list[str]) -> tuple[str, ...]:
@@ -366,18 +413,28 @@ def train_and_eval(splits: dict[str, Any], where: str, saved: bool = False) -> t
     return train.select(range(cut, len(train))), train.select(range(cut))
 
 
-def check_columns(schema: type[RawDataset], dataset, where: str) -> None:
-    """One line naming what is missing: absent columns, non-string columns, or empty (null) values."""
+def check_columns(schema: type[RawDataset], dataset, where: str, keys: dict[str, str] | None = None) -> None:
+    """One line naming what is missing: absent columns, non-string columns, or empty (null) values.
+    `keys`: the columns read (a generic schema's role -> column), in place of `schema.columns`."""
     present = dataset.column_names
-    missing = [c for c in schema.columns if c not in present]
+    columns = tuple(keys.values()) if keys is not None else schema.columns
+    missing = [c for c in columns if c not in present]
     if missing:
         others = "; ".join(f"{', '.join(s.columns)}" for s in LOCAL_SCHEMAS if s is not schema)
         raise UserError(
-            f"{where} has columns {', '.join(present) or '(none)'} but needs {', '.join(schema.columns)} "
-            f"(other accepted schemas: {others}); rename the columns or convert the data"
+            f"{where} has columns {', '.join(present) or '(none)'} but needs {', '.join(columns)} "
+            f"(other accepted schemas: {others}); rename the columns, map them with {KEY_FLAGS}, "
+            "or convert the data"
         )
-    for column in schema.columns:
-        if column not in schema.text_columns:
+    for column in columns:
+        if keys is None and column not in schema.text_columns:
+            continue
+        if schema.conversational:
+            if not is_messages(dataset.features[column]):
+                raise UserError(
+                    f"{where}: column {column!r} holds {dataset.features[column]}, not a list of "
+                    "{role, content} messages as the other conversational columns; give every column as messages"
+                )
             continue
         dtype = getattr(dataset.features[column], "dtype", None)
         if dtype not in ("string", "large_string"):
@@ -389,7 +446,7 @@ def check_columns(schema: type[RawDataset], dataset, where: str) -> None:
             first = pc.index(pc.is_null(values), True).as_py()
             raise UserError(
                 f"{where}: row {first} has no string {column!r} ({values.null_count} such rows); "
-                f"every row needs {', '.join(schema.text_columns)}"
+                f"every row needs {', '.join(columns if keys is not None else schema.text_columns)}"
             )
 
 
@@ -464,6 +521,10 @@ HUB_DATASETS: dict[str, type[RawDataset]] = {
 LOCAL_SCHEMAS: tuple[type[RawDataset], ...] = (RawDataset, WebGptComparisons, StanfordSHP)
 
 
+KEY_FLAGS = "--prompt_key/--chosen_key/--rejected_key"
+ANSWER_COLUMNS = ("chosen", "completion", "response", "text")
+
+
 def schema_for(sources: list[Path], columns: list[str]) -> type[RawDataset]:
     text = "/".join(str(p.resolve()) for p in sources)
     for name, schema in HUB_DATASETS.items():
@@ -472,26 +533,77 @@ def schema_for(sources: list[Path], columns: list[str]) -> type[RawDataset]:
     return next((s for s in LOCAL_SCHEMAS if all(c in columns for c in s.columns)), RawDataset)
 
 
+def generic_schema(features: dict[str, Any], keys: dict[str, str], where: str) -> tuple[type[RawDataset], dict]:
+    """(schema, role -> column) of data read by its columns: `keys` (from the --*_key flags) first,
+    then prompt, chosen (or TRL's completion, response, text), rejected; a `messages` column is a
+    conversation whose last turn is the answer. One line naming the columns found otherwise."""
+    found = ", ".join(features) or "(none)"
+    for role, column in keys.items():
+        if column not in features:
+            raise UserError(
+                f"{where}: --{role}_key {column!r} names no column; its columns are {found}; "
+                "pass the name of one of them"
+            )
+    mapped = dict(keys)
+    if "chosen" not in mapped:
+        answer = next((c for c in ANSWER_COLUMNS if c in features), None)
+        if answer is None and "messages" in features and is_messages(features["messages"]):
+            answer = "messages"
+        if answer is not None:
+            mapped["chosen"] = answer
+    for role in ("prompt", "rejected"):
+        if role not in mapped and role in features and mapped.get("chosen") != "messages":
+            mapped[role] = role
+    if "chosen" not in mapped:
+        raise UserError(
+            f"{where} has columns {found}, none of which this project reads; map them with --prompt_key COLUMN "
+            "--chosen_key COLUMN (and --rejected_key COLUMN for step 2), or name them prompt/chosen/rejected, "
+            "prompt/completion, messages or text"
+        )
+    conversational = is_messages(features[mapped["chosen"]])
+    if conversational and "prompt" not in mapped and "rejected" not in mapped:
+        mapped = {"chosen": mapped["chosen"]}  # one conversation: its last turn is the answer
+    return (Conversations if conversational else RawDataset), {r: mapped[r] for r in REQUIRED_KEYS if r in mapped}
+
+
 def _from_splits(
-    schema: type[RawDataset], name: str, splits: dict, files: tuple[str, ...], saved: bool = False
+    schema: type[RawDataset] | None,
+    name: str,
+    splits: dict,
+    files: tuple[str, ...],
+    saved: bool = False,
+    keys: dict[str, str] | None = None,
 ) -> RawDataset:
+    """The raw dataset of loaded splits; `schema` None: read by columns (`generic_schema`)."""
+    columns = None
+    if schema is None:
+        first = splits["train"] if "train" in splits else next(iter(splits.values()), None)
+        features = dict(first.features) if first is not None else {}
+        schema, columns = generic_schema(features, keys or {}, name)
     for split, dataset in splits.items():
-        check_columns(schema, dataset, f"{name} ({split} split)")
+        check_columns(schema, dataset, f"{name} ({split} split)", columns)
     train, evaluation = train_and_eval(splits, name, saved)
-    raw = schema(train, evaluation, files)
+    raw = schema(train, evaluation, files, columns)
     raw.name = name
     return raw
 
 
 def _load_hub(name: str, cache_dir: str | None) -> dict:
+    """The splits `datasets.load_dataset(name)` gives: a registered name, any hub name, or whatever
+    else it resolves (a hub cache when offline)."""
     try:
         import datasets
 
         return dict(datasets.load_dataset(name, cache_dir=cache_dir))
     except Exception as err:  # offline, unknown name, or auth: one line either way
+        if name in HUB_DATASETS:
+            raise UserError(
+                f"cannot load dataset {name!r} from the hub ({_first_line(err)[:160]}); "
+                "use a local path or local/jsonfile when no hub is reachable"
+            ) from None
         raise UserError(
-            f"cannot load dataset {name!r} from the hub ({_first_line(err)[:160]}); "
-            "use a local path or local/jsonfile when no hub is reachable"
+            f"--data_path {name!r} is neither a known dataset nor an existing path, and datasets.load_dataset "
+            f"cannot load it ({_first_line(err)[:160]}); check the name, or pass a local path"
         ) from None
 
 
@@ -513,16 +625,23 @@ def group_sources(data_path: list[str]) -> list[list[str]]:
     return groups
 
 
-def get_raw_dataset(source: str | list[str], cache_dir: str | None = None) -> RawDataset:
-    """Resolve a registry name, `local/jsonfile`, a local directory, or data files of one dataset.
+def get_raw_dataset(
+    source: str | list[str], cache_dir: str | None = None, keys: dict[str, str] | None = None
+) -> RawDataset:
+    """Resolve a registry name, `local/jsonfile`, a local directory, data files of one dataset, or
+    any name `datasets.load_dataset` resolves.
 
     `cache_dir` holds `datasets`' Arrow conversion of the files (its default cache when None).
+    `keys` (role -> column, from --prompt_key/--chosen_key/--rejected_key) rename the columns read;
+    with them, data is read by its columns, never by a registered schema.
     """
     name = source if isinstance(source, str) else " ".join(source)
     paths = local_entries(source)
     if paths is None:
-        return _from_splits(HUB_DATASETS[name], name, _load_hub(name, cache_dir), ())
+        schema = None if keys or HUB_DATASETS.get(name, RawDataset) is RawDataset else HUB_DATASETS[name]
+        return _from_splits(schema, name, _load_hub(name, cache_dir), (), keys=keys)
     splits, files = load_splits(paths, cache_dir)
     columns = splits["train"].column_names if "train" in splits else []
     saved = len(paths) == 1 and _is_saved_dataset(paths[0])
-    return _from_splits(schema_for(paths, columns), name, splits, files, saved)
+    schema = None if keys else schema_for(paths, columns)
+    return _from_splits(None if schema is RawDataset else schema, name, splits, files, saved, keys)

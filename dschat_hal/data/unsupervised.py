@@ -13,7 +13,8 @@ from dschat_hal.errors import UserError
 
 
 def read_texts(name: str, config_name: str | None = None) -> list[str]:
-    """Texts of a local .txt / .json / .jsonl file (rows with a `text` key, or prompt+chosen rows) or a hub name."""
+    """Texts of a local .txt / .json / .jsonl file (rows with a `text` key, or prompt + chosen or TRL's
+    prompt + completion) or a hub name."""
     path = Path(name).expanduser()
     if path.is_file():
         text = read_text(path)
@@ -21,9 +22,16 @@ def read_texts(name: str, config_name: str | None = None) -> list[str]:
             return [line for line in text.splitlines() if line.strip()]
         rows = parse_json_rows(path, text)
         try:
-            return [row["text"] if "text" in row else row["prompt"] + row["chosen"] for row in rows]
+            return [
+                row["text"]
+                if "text" in row
+                else row["prompt"] + (row["chosen"] if "chosen" in row else row["completion"])
+                for row in rows
+            ]
         except (KeyError, TypeError):
-            raise UserError(f"{path}: every row needs a 'text' key (or 'prompt' and 'chosen')") from None
+            raise UserError(
+                f"{path}: every row needs a 'text' key (or 'prompt' and 'chosen', or 'prompt' and 'completion')"
+            ) from None
     try:
         import datasets
 

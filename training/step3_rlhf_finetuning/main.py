@@ -16,7 +16,7 @@ import dschat_hal  # noqa: F401  (first: the environment defaults precede torch,
 import torch
 
 from dschat_hal import memory_plan
-from dschat_hal.args import step3_parser, validate
+from dschat_hal.args import column_keys, step3_parser, validate
 from dschat_hal.data import Collator, DataSpec, cache_dir_for, load_or_build
 from dschat_hal.data.unsupervised import block_dataset, collate_blocks, read_texts
 from dschat_hal.errors import UserError, cli_entry
@@ -258,6 +258,7 @@ def main(argv: list[str]) -> dict:
         args.seed,
         max_prompt_seq_len=args.max_prompt_seq_len,
         prompt_format=args.prompt_format,
+        column_keys=column_keys(args),
     )
     prompts, eval_prompts, dropped = load_or_build(spec, tokenizer, cache_dir_for(args), args.preprocessing_num_workers)
     if dropped["train"]:
