@@ -7,18 +7,33 @@ as the process's current one (`accel.current()`), and DeepSpeed is told the same
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 from accel._hpu_env import may_use_hpu, set_hpu_env_defaults
 from accel._openmp import set_wait_defaults
 
-set_wait_defaults()  # before accel.base imports torch, which reads these once
+set_wait_defaults()  # before anything imports torch, which reads these once
 if may_use_hpu():
     set_hpu_env_defaults()  # before torch (which may autoload Habana's bridge): the bridge picks lazy/eager at import
 
 from accel._host_memory import release as release_host_memory  # noqa: E402
-from accel.base import DTYPE_NAMES, Accelerator, DeviceUnavailableError, UnsupportedDtypeError  # noqa: E402
+from accel.errors import DeviceUnavailableError, UnsupportedDtypeError  # noqa: E402
+
+if TYPE_CHECKING:
+    from accel.base import Accelerator
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "hpu")
+_FROM_BASE = ("Accelerator", "DTYPE_NAMES")  # they need torch: loaded on first use, so `--help` needs no torch
+
+
+def __getattr__(name: str) -> Any:
+    """`accel.Accelerator` and `accel.DTYPE_NAMES` import `accel.base` (and torch) on first use."""
+    if name in _FROM_BASE:
+        import accel.base
+
+        return getattr(accel.base, name)
+    raise AttributeError(f"module 'accel' has no attribute {name!r}")
+
 
 _current: Accelerator | None = None
 

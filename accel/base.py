@@ -15,15 +15,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from accel.errors import DeviceUnavailableError, UnsupportedDtypeError  # noqa: F401  (both were defined here)
+
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class DeviceUnavailableError(RuntimeError):
-    """An explicitly requested device is not present or not usable."""
-
-
-class UnsupportedDtypeError(ValueError):
-    """A dtype the device cannot train in, or an unknown dtype name."""
 
 
 class Accelerator(abc.ABC):

@@ -1,11 +1,17 @@
-"""One argument builder shared by the three steps: flag families added per step."""
+"""One argument builder shared by the three steps: flag families added per step.
+
+Nothing heavy is imported at module level (no torch, transformers or DeepSpeed): entry points
+answer `--help` from here before they import the rest (`answer_help`)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 
 from accel import DEVICE_CHOICES
 
+PROMPT_FORMATS = ("plain", "chat_template")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 ATTN_HELP = "attention kernels of every model loaded (transformers' attn_implementation; default: its own choice)"
 
@@ -26,6 +32,17 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         if action.nargs == 0 or action.default is argparse.SUPPRESS or "%(default)" in text or "(default: " in text:
             return text
         return f"{text} (default: %(default)s)".strip()
+
+
+def answer_help(make_parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None = None) -> None:
+    """Print the help and exit 0 when `argv` (default: the command line) asks for it; else return.
+
+    An entry point calls this before its heavy imports, so `--help` takes a blink instead of seconds.
+    The entry point's own parser parses the whole `argv`, as its `main` would first: the text, and any
+    usage error, are the ones `main` gives."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg == "-h" or (len(arg) > 2 and "--help".startswith(arg)) for arg in argv):
+        make_parser().parse_args(argv)
 
 
 def column_keys(args: argparse.Namespace) -> dict[str, str]:

@@ -7,6 +7,7 @@ closed stdin) leaves with exit code 0; empty lines are skipped. Output piped int
 (`| head -1`) ends chat quietly with exit code 141, as a tool killed by SIGPIPE. Pass
 `--prompt_format chat_template` for an actor trained with it.
 """
+# ruff: noqa: E402  (`--help` is answered before the heavy imports)
 
 from __future__ import annotations
 
@@ -15,18 +16,10 @@ import accel  # isort: skip  (first: it sets the OpenMP wait policy, which torch
 import argparse
 import sys
 
-import torch
-
-from dschat_hal.args import ATTN_HELP, ATTN_IMPLEMENTATIONS
-from dschat_hal.data.chat_format import PROMPT_FORMATS, ChatTemplate
-from dschat_hal.data.tokens import Encoder
-from dschat_hal.errors import UserError, cli_entry
-from dschat_hal.models import check_model_source, is_reward_checkpoint, load_tokenizer
-from dschat_hal.models.end_tokens import answer_end_ids
-from dschat_hal.models.lm import load_pretrained
+from dschat_hal.args import ATTN_HELP, ATTN_IMPLEMENTATIONS, PROMPT_FORMATS, answer_help
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--path", required=True, help="a directory written by save_pretrained (e.g. output/rlhf/actor)")
     p.add_argument("--device", default="auto", choices=accel.DEVICE_CHOICES)
@@ -40,7 +33,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--attn_implementation", default=None, choices=ATTN_IMPLEMENTATIONS, help=ATTN_HELP)
     p.add_argument("--debug", action="store_true")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The chat flags."""
+    return _parser().parse_args(argv)
+
+
+if __name__ == "__main__":
+    answer_help(_parser)  # before the imports below load torch and transformers (seconds)
+
+import torch
+
+from dschat_hal.data.chat_format import ChatTemplate
+from dschat_hal.data.tokens import Encoder
+from dschat_hal.errors import UserError, cli_entry
+from dschat_hal.models import check_model_source, is_reward_checkpoint, load_tokenizer
+from dschat_hal.models.end_tokens import answer_end_ids
+from dschat_hal.models.lm import load_pretrained
 
 
 def context_limit(model) -> int | None:

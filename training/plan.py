@@ -20,13 +20,17 @@ from dschat_hal.args import step1_parser, step2_parser, step3_parser
 from dschat_hal.errors import cli_entry
 
 PARSERS = {"1": step1_parser, "2": step2_parser, "3": step3_parser}
+USAGE = "usage: training/plan.py {1,2,3} [the step's flags]"
 
 
 @cli_entry
 def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"{USAGE}\n\n{__doc__.strip()}")
+        return 0
     if not argv or argv[0] not in PARSERS:
         print(__doc__.strip().splitlines()[0], file=sys.stderr)
-        print("usage: training/plan.py {1,2,3} [the step's flags]", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     args = PARSERS[argv[0]]().parse_args(argv[1:])
     plan = memory_plan.plan_for(args, int(argv[0]))

@@ -14,9 +14,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from dschat_hal.args import PROMPT_FORMATS  # noqa: F401  (defined with the flags: chat's `--help` needs no torch)
 from dschat_hal.errors import UserError
 
-PROMPT_FORMATS = ("plain", "chat_template")
 _MARKER = re.compile(r"\s*\b(Human|Assistant):\s*")
 
 

@@ -1,11 +1,16 @@
 """Step 1: supervised fine-tuning of a causal LM on prompt + chosen answers."""
+# ruff: noqa: E402  (`--help` is answered before the heavy imports)
 
 from __future__ import annotations
+
+from dschat_hal.args import answer_help, step1_parser, validate
+
+if __name__ == "__main__":
+    answer_help(step1_parser)  # before the imports below load torch, transformers and DeepSpeed (seconds)
 
 import math
 
 from dschat_hal import loop, memory_plan
-from dschat_hal.args import step1_parser, validate
 from dschat_hal.errors import cli_entry
 from dschat_hal.models import atomic_directory, check_positions, create_lm, load_tokenizer, model_family, write_lm
 from dschat_hal.models.checkpoint import adapter_base

@@ -1,12 +1,17 @@
 """Step 2 alternative: DPO. The step-1 actor learns the preference pairs directly against a frozen copy of
 itself (the reference), with no reward model and no step 3; its output is a causal LM, like step 1's."""
+# ruff: noqa: E402  (`--help` is answered before the heavy imports)
 
 from __future__ import annotations
+
+from dschat_hal.args import answer_help, dpo_parser, validate
+
+if __name__ == "__main__":
+    answer_help(dpo_parser)  # before the imports below load torch, transformers and DeepSpeed (seconds)
 
 import torch
 
 from dschat_hal import loop
-from dschat_hal.args import dpo_parser, validate
 from dschat_hal.dpo import dpo_loss, pair_label_mask, pair_logps, reference_placement
 from dschat_hal.errors import UserError, cli_entry
 from dschat_hal.models import atomic_directory, check_positions, create_lm, load_tokenizer, write_lm

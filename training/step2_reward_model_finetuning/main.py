@@ -1,9 +1,14 @@
 """Step 2: reward model fine-tuning on chosen/rejected pairs; reports accuracy and mean scores."""
+# ruff: noqa: E402  (`--help` is answered before the heavy imports)
 
 from __future__ import annotations
 
+from dschat_hal.args import answer_help, step2_parser, validate
+
+if __name__ == "__main__":
+    answer_help(step2_parser)  # before the imports below load torch, transformers and DeepSpeed (seconds)
+
 from dschat_hal import loop, memory_plan
-from dschat_hal.args import step2_parser, validate
 from dschat_hal.errors import cli_entry
 from dschat_hal.models import (
     atomic_directory,

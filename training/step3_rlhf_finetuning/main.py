@@ -1,5 +1,6 @@
 """Step 3: RLHF fine-tuning of the step-1 actor with PPO (or a critic-free estimator: GRPO, RLOO,
 REINFORCE++, ReMax) against the step-2 reward model."""
+# ruff: noqa: E402  (`--help` is answered before the heavy imports)
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import sys
 import time
 
 import dschat_hal  # noqa: F401  (first: the environment defaults precede torch, see dschat_hal/__init__.py)
+from dschat_hal.args import answer_help, column_keys, step3_parser, validate
+
+if __name__ == "__main__":
+    answer_help(step3_parser)  # before the imports below load torch, transformers and DeepSpeed (seconds)
 
 # isort: split
 import torch
 
 from dschat_hal import memory_plan
-from dschat_hal.args import column_keys, step3_parser, validate
 from dschat_hal.data import Collator, DataSpec, cache_dir_for, load_or_build
 from dschat_hal.data.unsupervised import block_dataset, collate_blocks, read_texts
 from dschat_hal.errors import UserError, cli_entry
