@@ -31,7 +31,9 @@ def inert_flag_notes(args: argparse.Namespace, backend: Accelerator, world_size:
         if not step3:
             notes.append("--disable_hpu_graphs does nothing in this step: only step 3's generation is captured")
         elif flags.get("enable_device_graphs"):
-            notes.append("--disable_hpu_graphs does nothing with --enable_device_graphs, which asks for graphs; drop one")
+            notes.append(
+                "--disable_hpu_graphs does nothing with --enable_device_graphs, which asks for graphs; drop one"
+            )
         elif not backend.graphs_by_default:
             notes.append(
                 f"--disable_hpu_graphs does nothing on {backend.name}: its generation is not captured in graphs by "

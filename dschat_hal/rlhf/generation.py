@@ -143,7 +143,9 @@ class PlainGenerator:
                     "device graphs; --enable_hybrid_engine captures its generation"
                 )
             else:
-                log.info("generation: device graphs capture the hybrid engine's decode step; add --enable_hybrid_engine")
+                log.info(
+                    "generation: device graphs capture the hybrid engine's decode step; add --enable_hybrid_engine"
+                )
         return self._forward
 
     @torch.no_grad()
