@@ -74,6 +74,12 @@ class Accelerator(abc.ABC):
         return False
 
     @property
+    def graphs_by_default(self) -> bool:
+        """Whether step-3 generation is captured in device graphs without being asked for (`use_graphs`
+        then starts on; `--enable_device_graphs` asks where it does not)."""
+        return False
+
+    @property
     def static_generation_shapes(self) -> bool:
         """Whether step-3 generation must see fixed shapes: graph-compiling devices, and any device
         capturing the decode step in a device graph (`use_graphs`): each new shape is a new capture."""

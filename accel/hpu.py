@@ -177,6 +177,12 @@ class HpuAccelerator(Accelerator):
 
         return call
 
+    @property
+    def graphs_by_default(self) -> bool:
+        """Lazy mode: step-3 generation runs in HPU graphs unless `--disable_hpu_graphs` (as HabanaAI's fork
+        with `--enable_hpu_graphs`); eager mode has no HPU graphs."""
+        return self.lazy_mode
+
     def _graphs_allowed(self) -> bool:
         """HPU graphs need lazy mode (optimum-habana refuses `hpu_graphs` without it too); said once."""
         if self.lazy_mode:

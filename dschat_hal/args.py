@@ -164,8 +164,16 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_bad_steps", type=int, default=0, help="non-finite/overflow steps tolerated before stopping")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--audit_shapes", action="store_true", help="record the distinct input shapes each model sees")
-    g.add_argument(
-        "--enable_hpu_graphs", action="store_true", help="HPU: capture the hybrid engine's decode step in HPU graphs"
+    hpu_graphs = g.add_mutually_exclusive_group()
+    hpu_graphs.add_argument(
+        "--enable_hpu_graphs",
+        action="store_true",
+        help="HPU: step-3 generation in HPU graphs (HabanaAI's fork's flag; the default on HPU in lazy mode)",
+    )
+    hpu_graphs.add_argument(
+        "--disable_hpu_graphs",
+        action="store_true",
+        help="HPU: step-3 generation without HPU graphs (they are on by default in lazy mode)",
     )
     g.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     g.add_argument("--verbose", action="store_true", help="keep DeepSpeed's own info log and memory reports")

@@ -27,6 +27,18 @@ def inert_flag_notes(args: argparse.Namespace, backend: Accelerator, world_size:
                 f"--enable_hpu_graphs on {backend.name}: the decode step is captured in {backend.graph_kind} "
                 "instead (the same as --enable_device_graphs)"
             )
+    if flags.get("disable_hpu_graphs"):
+        if not step3:
+            notes.append("--disable_hpu_graphs does nothing in this step: only step 3's generation is captured")
+        elif flags.get("enable_device_graphs"):
+            notes.append(
+                "--disable_hpu_graphs does nothing with --enable_device_graphs, which asks for graphs; drop one"
+            )
+        elif not backend.graphs_by_default:
+            notes.append(
+                f"--disable_hpu_graphs does nothing on {backend.name}: its generation is not captured in graphs by "
+                "default (HPU graphs are on by default in lazy mode only); drop the flag"
+            )
     if flags.get("release_inference_cache") and not hybrid:
         notes.append(
             "--release_inference_cache frees the hybrid engine's KV cache; without --enable_hybrid_engine it does "

@@ -38,7 +38,7 @@ def setup(args: argparse.Namespace) -> Accelerator:
 
         on_exit(accel.release_host_memory)
     backend.set_buckets(args.bucket_lengths)
-    backend.use_graphs = args.enable_hpu_graphs or getattr(args, "enable_device_graphs", False)
+    backend.use_graphs = generation_graphs(args, backend)
     backend.optimizer_choice = getattr(args, "optimizer", "auto")
     if args.audit_shapes:
         backend.enable_shape_audit()
@@ -61,6 +61,13 @@ def setup(args: argparse.Namespace) -> Accelerator:
     for note in inert_flag_notes(args, backend, world_size()):
         print_rank0(f"note: {note}")
     return backend
+
+
+def generation_graphs(args: argparse.Namespace, backend: Accelerator) -> bool:
+    """Whether step-3 generation is captured in device graphs: when asked for (`--enable_hpu_graphs`,
+    `--enable_device_graphs`), or by the backend's default (HPU lazy mode) unless `--disable_hpu_graphs`."""
+    asked = args.enable_hpu_graphs or getattr(args, "enable_device_graphs", False)
+    return bool(asked or (backend.graphs_by_default and not getattr(args, "disable_hpu_graphs", False)))
 
 
 class RankFilter(logging.Filter):

@@ -165,35 +165,41 @@ def test_validate_gaudi_has_a_row_for_optimum_habana(tmp_path, installed):
         assert "validation FAILED (1 checks)" in result.stdout
 
 
-# In the child: the hybrid engine with HPU graphs on optimum-habana's patched classes, four generation
-# phases over two shape buckets (9 and 12 prompt positions; a 2-row batch padded to 3 rows), a training
-# step between phases; the weights each phase generated with are saved for the parent's references.
+# In the child: step-3 generation on optimum-habana's patched classes, HPU graphs as step 3's flags decide
+# (`runtime.generation_graphs`), by the hybrid engine or the plain path: four generation phases over two
+# shape buckets (9 and 12 prompt positions; a 2-row batch, which the hybrid engine pads to 3 rows), a
+# training step between phases; the weights each phase generated with are saved for the parent's references.
 GRAPHS = """
 import deepspeed, logging
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 from test_gaudi_paths import GREEDY, engine_on
 from test_hybrid_engine import PAD, peaked_model, prompt_batch
-from dschat_hal.rlhf.generation import HybridEngine
-backend.use_graphs = True
+from dschat_hal.args import step3_parser
+from dschat_hal.rlhf.generation import HybridEngine, PlainGenerator
+from dschat_hal.runtime import generation_graphs
 weights = torch.load(sys.argv[1])
 prompts, mask = prompt_batch()
 wide = (torch.nn.functional.pad(prompts, (3, 0), value=PAD), torch.nn.functional.pad(mask, (3, 0)))
 phases = [(prompts, mask), wide, (prompts[:2], mask[:2]), wide]
 out = {}
-for family, stages in json.loads(sys.argv[2]).items():
-    for stage in stages:
+for flags, runs in json.loads(sys.argv[2]).items():
+    args = step3_parser().parse_args(["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", *flags.split()])
+    backend.use_graphs = generation_graphs(args, backend)
+    for family, generators in runs.items():
+      for name in generators:
+        kind, stage = name.split("_zero")
         model = peaked_model(family, lora=True)
         model.load_state_dict(weights[family])
-        engine = engine_on(backend, model, stage)
-        hybrid = HybridEngine(engine, backend, GREEDY, dtype=torch.float32)
+        engine = engine_on(backend, model, int(stage))
+        generator = HybridEngine(engine, backend, GREEDY, dtype=torch.float32) if kind == "hybrid" else PlainGenerator(engine, backend, GREEDY)
         ht.hpu.reset()
-        result = out[f"{family}_zero{stage}"] = {"phases": []}
+        result = out[f"{flags} {family} {name}"] = {"phases": [], "use_graphs": backend.use_graphs}
         for phase, (p, m) in enumerate(phases):
             with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
                 state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
-            path = sys.argv[3] + f"/{family}_zero{stage}_{phase}.pt"
+            path = sys.argv[3] + f"/{flags}_{family}_{name}_{phase}.pt"
             torch.save(state, path)
-            seq = hybrid.generate(p, m)
+            seq = generator.generate(p, m)
             result["phases"].append({"tokens": seq.tolist(), "weights": path, "captures": ht.hpu.captures(), "replays": ht.hpu.replays()})
             # a training step through the actor's own forward (never a graph's)
             loss = engine(input_ids=seq[:, -8:], attention_mask=torch.ones_like(seq[:, -8:]), use_cache=False).logits.float().pow(2).mean()
@@ -207,42 +213,58 @@ for family, stages in json.loads(sys.argv[2]).items():
 print(json.dumps(out))
 """
 
+# step 3's flags -> {family: generators}; no flag: HPU graphs by default in lazy mode
+GRAPH_RUNS = {
+    "": {
+        "opt": ["hybrid_zero0", "hybrid_zero3", "plain_zero0"],
+        "bloom": ["hybrid_zero3", "plain_zero0"],
+        "llama": ["hybrid_zero0", "plain_zero0"],
+    },
+    "--disable_hpu_graphs": {"opt": ["hybrid_zero0", "plain_zero0"]},
+}
+
 
 def test_hpu_graphs_capture_optimum_habanas_generation_once_per_shape(tmp_path):
-    """`--enable_hpu_graphs` with the hybrid engine on optimum-habana's patched OPT, BLOOM and Llama (which
-    decode in their own `generate`): one HPU graph per shape bucket, replayed by later phases across
-    training steps, training forwards outside any graph, and the tokens of plain transformers on the
-    weights of each phase (greedy, fp32; ZeRO 0 and 3, LoRA)."""
-    stages = {"opt": [0, 3], "bloom": [3], "llama": [0]}
-    weights = {}
-    for family in stages:
-        weights[family] = peaked_model(family, lora=True).state_dict()
+    """Step-3 generation on optimum-habana's patched OPT, BLOOM and Llama (which decode in their own
+    `generate`) runs in HPU graphs by default in lazy mode, with no `--enable_hpu_graphs`: by the hybrid
+    engine (ZeRO 0 and 3) and by the plain path (ZeRO 0), one HPU graph per shape bucket, replayed by
+    later phases across training steps, training forwards outside any graph, and the tokens of plain
+    transformers on the weights of each phase (greedy, fp32, LoRA). `--disable_hpu_graphs`: no graph."""
+    weights = {family: peaked_model(family, lora=True).state_dict() for family in GRAPH_RUNS[""]}
     path = tmp_path / "weights.pt"
     torch.save(weights, path)
-    out = run_real_gaudi(CHILD_PRELUDE + GRAPHS, str(path), json.dumps(stages), str(tmp_path))
+    out = run_real_gaudi(CHILD_PRELUDE + GRAPHS, str(path), json.dumps(GRAPH_RUNS), str(tmp_path))
     prompts, mask = prompt_batch()
     wide = (torch.nn.functional.pad(prompts, (3, 0), value=PAD), torch.nn.functional.pad(mask, (3, 0)))
     phases = [(prompts, mask), wide, (prompts[:2], mask[:2]), wide]
-    for family, family_stages in stages.items():
-        for stage in family_stages:
-            result = out[f"{family}_zero{stage}"]
-            counts = [(phase["captures"], phase["replays"]) for phase in result["phases"]]
-            # a capture for each new bucket (the prompt's forward bypasses the graph), replays afterwards
-            assert [c for c, _ in counts] == [1, 2, 2, 2], (family, stage, counts)
-            assert all(later[1] > earlier[1] for earlier, later in zip(counts, counts[1:], strict=False))
-            assert result["kinds"] == ["bypass", "capture", "replay"]
-            assert result["graph_calls_outside_generation"] == [] and result["forward_restored"]
-            assert result["counted"][0] == result["counted"][1]  # the backend counts as the bridge captures
-            seen = []
-            for phase, (p, m) in zip(result["phases"], phases, strict=True):
-                model = peaked_model(family, lora=True)
-                model.load_state_dict(torch.load(phase["weights"]))
-                seen.append(model.state_dict())
-                seq = torch.tensor(phase["tokens"])
-                assert seq.shape == (p.size(0), p.size(1) + GREEDY.max_answer_seq_len), (family, stage)
-                reference = reference_tokens(model, p, m, GREEDY)
-                assert answers_equal(seq, reference), (family, stage, seq, reference)
-            assert any(not torch.equal(seen[0][k], seen[-1][k]) for k in seen[0])  # the steps changed weights
+    for flags, runs in GRAPH_RUNS.items():
+        for family, generators in runs.items():
+            for name in generators:
+                where = (flags, family, name)
+                result = out[f"{flags} {family} {name}"]
+                counts = [(phase["captures"], phase["replays"]) for phase in result["phases"]]
+                assert result["use_graphs"] == (flags == ""), where
+                if flags:
+                    assert counts == [(0, 0)] * len(phases) and result["kinds"] == [], (where, counts)
+                else:
+                    # a capture for each new bucket (the prompt's forward bypasses the graph), replays afterwards;
+                    # the plain path pads no rows: the 2-row batch is a shape of its own
+                    buckets = [1, 2, 2, 2] if name.startswith("hybrid") else [1, 2, 3, 3]
+                    assert [c for c, _ in counts] == buckets, (where, counts)
+                    assert all(later[1] > earlier[1] for earlier, later in zip(counts, counts[1:], strict=False))
+                    assert result["kinds"] == ["bypass", "capture", "replay"], where
+                assert result["graph_calls_outside_generation"] == [] and result["forward_restored"], where
+                assert result["counted"][0] == result["counted"][1], where  # the backend counts as the bridge
+                seen = []
+                for phase, (p, m) in zip(result["phases"], phases, strict=True):
+                    model = peaked_model(family, lora=True)
+                    model.load_state_dict(torch.load(phase["weights"]))
+                    seen.append(model.state_dict())
+                    seq = torch.tensor(phase["tokens"])
+                    assert seq.shape == (p.size(0), p.size(1) + GREEDY.max_answer_seq_len), where
+                    reference = reference_tokens(model, p, m, GREEDY)
+                    assert answers_equal(seq, reference), (where, seq, reference)
+                assert any(not torch.equal(seen[0][k], seen[-1][k]) for k in seen[0])  # the steps changed weights
     assert "generation forward captured in HPU graphs" in out["stderr"]
 
 

@@ -165,22 +165,51 @@ def recorder_for(prompts: torch.Tensor, config: GenerationConfig) -> SampledLogp
 
 
 class PlainGenerator:
-    """The default path: HF `generate` on the training module (synced ranks under ZeRO-3, LoRA unfolded there)."""
+    """The default path: HF `generate` on the training module (synced ranks under ZeRO-3, LoRA unfolded there).
+
+    Not partitioned, the module's forward is the backend's captured one during generation where the backend
+    captures that way (`Accelerator.capture_generate_forward`: optimum-habana's models in HPU graphs), put
+    back after each phase and kept for the next, as HabanaAI's fork does on its plain path."""
 
     def __init__(self, actor, backend: Accelerator, config: GenerationConfig) -> None:
         self.actor, self.backend, self.config = actor, backend, config
         self.synced = is_partitioned(actor.module)
         self.rollout_logprobs: torch.Tensor | None = None  # the last `generate`'s, with `return_logprobs`
-        if backend.use_graphs:
-            log.info("generation: device graphs capture the hybrid engine's decode step; add --enable_hybrid_engine")
+        self._forward: Callable | None = None
+        self._captured = False  # whether the backend was asked for `_forward` yet (on the first phase)
+
+    def _graphed_forward(self, module: nn.Module) -> Callable | None:
+        """The captured forward (asked for once, kept across phases); None where generation runs uncaptured,
+        said once when device graphs are on."""
+        if self._captured:
+            return self._forward
+        self._captured = True
+        if not self.synced:
+            self._forward = self.backend.capture_generate_forward(module)
+        if self.backend.use_graphs and self._forward is None:
+            if self.synced:
+                log.info(
+                    "generation: the ZeRO-3 actor generates with synced ranks through DeepSpeed's hooks, not in "
+                    "device graphs; --enable_hybrid_engine captures its generation"
+                )
+            else:
+                log.info(
+                    "generation: device graphs capture the hybrid engine's decode step; add --enable_hybrid_engine"
+                )
+        return self._forward
 
     @torch.no_grad()
     def generate(self, prompts: torch.Tensor, mask: torch.Tensor, **generate_kwargs) -> torch.Tensor:
         module = self.actor.module
+        forward = self._graphed_forward(module)
         self.actor.eval()
         try:
-            with folded_lora(module, enabled=not self.synced), self.backend.generation_context(module) as model:
-                extra = self.backend.generate_kwargs() | generate_kwargs
+            with (
+                folded_lora(module, enabled=not self.synced),
+                self.backend.generation_context(module) as model,
+                forward_replaced(model, forward),
+            ):
+                extra = self.backend.generate_kwargs(graphs=forward is not None) | generate_kwargs
                 recorder = recorder_for(prompts, self.config)
                 seq = hf_generate(
                     model, prompts, mask, self.config, synced_gpus=self.synced, recorder=recorder, **extra
