@@ -1,6 +1,7 @@
 """The memory plan against measured peaks on the CPU: steps 1-3 at two model sizes.
 
     python benchmarks/bench_memory.py --work /tmp/bench_memory [--sizes small medium] [--steps 1 2 3]
+        [--estimators gae grpo remax] [--n_samples 2]
 
 Each step runs in its own process (one rank, `--device cpu`); its peak is the process's VmHWM
 (peak resident set, read at exit: on the CPU "device memory" is host memory). The plan of the
@@ -9,6 +10,12 @@ CPU process baseline (interpreter, torch, DeepSpeed, transformers, data), which 
 measures with the built-in 0.3M-parameter model. Models are random OPT shapes written to
 `--work` with the bundled tokenizer; the data are synthetic rows long enough to fill every batch
 to `--max_seq_len` (steps 1-2) and prompts just under `--max_prompt_seq_len` (step 3).
+
+`--estimators` runs step 3 once per `--advantage_estimator` (step 3 needs that size's step-1 and
+step-2 outputs in `--work`: run steps 1 and 2 first). Every estimator generates and trains on the same
+`--batch` answers per device: N = `--n_samples` answers per prompt for grpo/rloo, whose generation
+batch is then `--batch` / N prompts; one answer per prompt otherwise (remax adds its greedy answers
+in the same phase). A second table sets each critic-free peak beside PPO's (`gae`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from dschat_hal.rlhf.advantages import ESTIMATORS  # noqa: E402
 
 SIZES = {  # OPT shapes: hidden, layers, ffn, vocab
     "small": (512, 8, 2048, 8192),
@@ -104,10 +113,36 @@ def make_data(work: Path, prompt_tokens: int, rows: int = 96) -> Path:
     return out
 
 
-def step_argv(step: int, model: str, critic: str | None, data: Path, work: Path, size: str, args) -> list[str]:
+GROUP_ESTIMATORS = ("grpo", "rloo")  # N >= 2 answers per prompt
+
+
+def estimator_flags(estimator: str, batch: int, n_samples: int) -> list[str]:
+    """Step 3's flags for `estimator` at `batch` answers per device (prompts x N = `batch`);
+    none for `gae`, so PPO's flags (and its recorded peaks) are those of the steps-1-3 table."""
+    if estimator == "gae":
+        return []
+    flags = ["--advantage_estimator", estimator]
+    if estimator in GROUP_ESTIMATORS:
+        if n_samples < 2 or batch % n_samples:
+            raise SystemExit(
+                f"error: --estimators {estimator} needs --n_samples N >= 2 dividing --batch {batch} (got {n_samples}); "
+                "pick N among the divisors of --batch"
+            )
+        flags += [
+            "--n_samples_per_prompt",
+            str(n_samples),
+            "--per_device_generation_batch_size",
+            str(batch // n_samples),
+        ]
+    return flags
+
+
+def step_argv(
+    step: int, model: str, critic: str | None, data: Path, work: Path, size: str, args, estimator: str = "gae"
+) -> list[str]:
     common = ["--device", "cpu", "--dtype", args.dtype, "--data_path", str(data), "--data_split", "1,1,1"]
     common += ["--data_output_path", str(work / f"cache-{size}"), "--quiet"]
-    out = str(work / f"out-{size}-step{step}")
+    out = str(work / (f"out-{size}-step{step}" + ("" if estimator == "gae" else f"-{estimator}")))
     if step in (1, 2):
         return [
             *common,
@@ -125,6 +160,7 @@ def step_argv(step: int, model: str, critic: str | None, data: Path, work: Path,
         *("--enable_hybrid_engine", "--greedy_generation", "--num_warmup_steps", "0", "--output_dir", out),
         *("--enable_test_mode", "--test_stop_step", "3"),
         *(("--allow_random_critic",) if critic.startswith("tiny-") else ()),
+        *estimator_flags(estimator, args.batch, args.n_samples),  # the last generation batch size wins
     ]
 
 
@@ -159,14 +195,24 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--zero_stage", type=int, default=2)
     p.add_argument("--zero_stage3", type=int, default=2, help="ZeRO stage of step 3's actor and critic")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4, help="rows per device (step 3: answers generated and trained on)")
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--answer", type=int, default=64)
     p.add_argument(
+        "--estimators",
+        nargs="+",
+        default=["gae"],
+        choices=list(ESTIMATORS),
+        help="step 3's --advantage_estimator, one run each (default: gae, PPO)",
+    )
+    p.add_argument("--n_samples", type=int, default=2, help="answers per prompt of grpo/rloo (--batch / N prompts)")
+    p.add_argument(
         "--replan", action="store_true", help="re-plan the peaks measured before (WORK/measured.json), run nothing"
     )
     args = p.parse_args()
+    for estimator in args.estimators:  # refuse before running anything
+        estimator_flags(estimator, args.batch, args.n_samples)
     args.work.mkdir(parents=True, exist_ok=True)
     record = args.work / "measured.json"
     measured = json.loads(record.read_text()) if record.exists() else {}
@@ -178,6 +224,7 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs ({describe_cpu()})\n")
     print("| size | step | measured VmHWM MB | plan MB | plan/measured | measured - baseline MB | plan - baseline MB |")
     print("|---|---|---|---|---|---|---|")
+    step3: dict[tuple[str, str], tuple[int, float]] = {}  # (size, estimator) -> (measured, plan)
     for size in args.sizes:
         if size == "tiny":
             model = "tiny-opt"
@@ -189,20 +236,46 @@ def main() -> None:
                 critic = model if size == "tiny" else str(args.work / f"out-{size}-step2")
             else:
                 actor, critic = model, None
-            argv = step_argv(step, actor, critic, data, args.work, size, args)
-            key = " ".join([str(step), *argv])
-            if not args.replan:
-                measured[key] = measure(step, argv, args.work)
-                record.write_text(json.dumps(measured, indent=1))
-            if key not in measured:
-                continue
-            peak = measured[key]
-            plan, base = planned(step, argv)
-            print(
-                f"| {size} | {step} | {peak / MB:.0f} | {plan / MB:.0f} | {plan / peak:.2f} | "
-                f"{(peak - base) / MB:.0f} | {(plan - base) / MB:.0f} |",
-                flush=True,
-            )
+            for estimator in args.estimators if step == 3 else ["gae"]:
+                argv = step_argv(step, actor, critic, data, args.work, size, args, estimator)
+                key = " ".join([str(step), *argv])
+                if not args.replan:
+                    measured[key] = measure(step, argv, args.work)
+                    record.write_text(json.dumps(measured, indent=1))
+                if key not in measured:
+                    continue
+                peak = measured[key]
+                plan, base = planned(step, argv)
+                if step == 3:
+                    step3[size, estimator] = (peak, plan)
+                label = f"3 ({estimator})" if step == 3 and args.estimators != ["gae"] else str(step)
+                print(
+                    f"| {size} | {label} | {peak / MB:.0f} | {plan / MB:.0f} | {plan / peak:.2f} | "
+                    f"{(peak - base) / MB:.0f} | {(plan - base) / MB:.0f} |",
+                    flush=True,
+                )
+    if len({estimator for _, estimator in step3}) > 1:
+        print(estimator_table(step3, args.batch, args.n_samples))
+
+
+def estimator_table(step3: dict[tuple[str, str], tuple[int, float]], batch: int, n_samples: int) -> str:
+    """Step 3's peaks per estimator beside the plan's and PPO's (`gae`) of the same size."""
+    MB = 1024**2
+    lines = [
+        "",
+        "| size | estimator | answers per prompt x prompts | measured VmHWM MB | plan MB | plan/measured | "
+        "critic-free / PPO measured | critic-free / PPO plan |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (size, estimator), (peak, plan) in step3.items():
+        n = n_samples if estimator in GROUP_ESTIMATORS else 1
+        ppo = step3.get((size, "gae"))
+        ratios = ("-", "-") if ppo is None or estimator == "gae" else (f"{peak / ppo[0]:.2f}", f"{plan / ppo[1]:.2f}")
+        lines.append(
+            f"| {size} | {estimator} | {n} x {batch // n} | {peak / MB:.0f} | {plan / MB:.0f} | {plan / peak:.2f} | "
+            f"{ratios[0]} | {ratios[1]} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

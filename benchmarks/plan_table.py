@@ -1,11 +1,13 @@
-"""The README's memory-plan table: OPT-1.3B/13B/66B with DeepSpeed-Chat's published settings and
-Llama-2-7B/13B/70B with this project's Llama-2 recipe, planned from the configs in `model_configs/`.
+"""The README's memory-plan tables: OPT-1.3B/13B/66B with DeepSpeed-Chat's published settings and
+Llama-2-7B/13B/70B with this project's Llama-2 recipe, planned from the configs in `model_configs/`;
+then the Llama-2 recipes' step 3 with each critic-free estimator beside PPO's.
 
     python benchmarks/plan_table.py
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -54,6 +56,16 @@ RUNS = [
      "--per_device_generation_batch_size 4 --per_device_training_batch_size 4 --actor_dropout 0.0 "
      "--critic_dropout 0.0"),
 ]  # fmt: skip
+
+
+# Step 3 of the Llama-2 recipes per --advantage_estimator, at the same answers per device as PPO's
+# (--per_device_generation_batch_size 4): GRPO's N = 4 answers of 1 prompt, ReMax's 4 prompts (+ 4 greedy).
+ESTIMATOR_RUNS = ("Llama-2-7B", "Llama-2-13B", "Llama-2-70B")
+ESTIMATORS = [
+    ("PPO (gae)", ""),
+    ("GRPO N = 4", "--advantage_estimator grpo --n_samples_per_prompt 4 --per_device_generation_batch_size 1"),
+    ("ReMax", "--advantage_estimator remax"),
+]
 
 
 def plans(run: tuple) -> list:
@@ -109,6 +121,54 @@ def settings() -> list[str]:
     return [f"- {run[0]}: step 1 `{run[6]}`; step 2 `{run[7]}`; step 3 `{run[8]}`" for run in RUNS]
 
 
+def _step3_args(run: tuple, extra: str) -> argparse.Namespace:
+    """Step 3's parsed flags of `run` with `extra` appended, as the run decides them."""
+    from dschat_hal import memory_plan
+    from dschat_hal.args import step3_parser
+
+    _, actor, critic, _, ranks, memory, _, _, flags3 = run
+    argv = ["--actor_model_name_or_path", str(CONFIGS / actor), "--critic_model_name_or_path", str(CONFIGS / critic)]
+    args = step3_parser().parse_args([*argv, "--dtype", "fp16", *flags3.split(), *extra.split()])
+    memory_plan.decide_critic_graph(args, "gpu", ranks, memory_plan.parse_bytes(memory))
+    return args
+
+
+def estimator_rows() -> list[str]:
+    """One markdown row per Llama-2 recipe: step 3's peak per rank with each of ESTIMATORS (frozen
+    models placed as the run places them), and the critic-free peaks as a share of PPO's, as run and
+    with the reference and reward placed as PPO's run places them."""
+    from dschat_hal import memory_plan
+    from dschat_hal.memory_plan.phases import rlhf_plan
+    from dschat_hal.rlhf.placement import resolve_frozen_placement
+
+    out = []
+    for run in (r for r in RUNS if r[0] in ESTIMATOR_RUNS):
+        name, _, critic, hardware, ranks, memory, *_ = run
+        size = memory_plan.parse_bytes(memory)
+        argses = [_step3_args(run, extra) for _, extra in ESTIMATORS]
+        peaks = [memory_plan.build(args, 3, "gpu", ranks, size) for args in argses]
+        ppo_placement = resolve_frozen_placement(argses[0], "gpu", ranks, size)
+        pinned = [rlhf_plan(args, "gpu", ranks, size, ppo_placement) for args in argses[1:]]
+        ppo = peaks[0].peak.total
+        cells = [name, critic.upper().replace("LLAMA", "Llama"), hardware]
+        cells += [f"{p.peak.total / GIB:.1f} ({p.peak.name})" for p in peaks]
+        cells.append(" / ".join(f"{p.peak.total / ppo:.2f}" for p in peaks[1:]))
+        cells.append(" / ".join(f"{p.peak.total / ppo:.2f}" for p in pinned))
+        cells.append(f"{peaks[0].budget / GIB:.1f}")
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def estimator_header() -> list[str]:
+    names = [name for name, _ in ESTIMATORS]
+    return [
+        "| actor | reward | devices | "
+        + " | ".join(f"step 3 {name} GiB" for name in names)
+        + f" | {' / '.join(names[1:])} ÷ PPO | the same, frozen models placed as PPO's | usable GiB |",
+        "|---" * (len(names) + 6) + "|",
+    ]
+
+
 def main() -> None:
     print(
         "| actor | critic/reward | devices | step 1 GiB | step 2 GiB | step 3 GiB (peak phase) | usable GiB | fits as set |"
@@ -117,6 +177,10 @@ def main() -> None:
     print("\n".join(rows()))
     print()
     print("\n".join(settings()))
+    print()
+    print("\n".join(estimator_header() + estimator_rows()))
+    print()
+    print("\n".join(f"- {name}: `{extra}`" for name, extra in ESTIMATORS[1:]))
 
 
 if __name__ == "__main__":

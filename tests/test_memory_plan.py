@@ -11,6 +11,7 @@ import pytest
 
 from dschat_hal import memory_plan
 from dschat_hal.args import step1_parser, step3_parser
+from dschat_hal.rlhf.advantages import ESTIMATORS
 from tests.conftest import ROOT
 
 CONFIGS = ROOT / "benchmarks" / "model_configs"
@@ -323,11 +324,35 @@ def test_device_memory_sizes():
 
 def test_readme_table_is_the_plans_output():
     """The README's table rows are what benchmarks/plan_table.py prints today."""
-    from benchmarks.plan_table import rows
+    from benchmarks.plan_table import estimator_rows, rows
 
     readme = (ROOT / "README.md").read_text()
-    for row in rows():
+    for row in rows() + estimator_rows():
         assert row in readme, row
+
+
+def test_bench_memory_runs_every_estimator_on_the_same_answers_per_device(tmp_path):
+    """`bench_memory.py --estimators`: PPO's argv is the steps-1-3 table's; grpo generates batch / N
+    prompts x N answers, remax batch prompts; the plan of each has the same generation rows and no critic."""
+    import argparse
+
+    from benchmarks.bench_memory import estimator_flags, step_argv
+
+    bench = argparse.Namespace(dtype="bf16", zero_stage3=2, prompt=64, answer=64, batch=4, n_samples=2)
+    actor = config("opt-1.3b")
+    argvs = {e: step_argv(3, actor, config("opt-350m"), tmp_path, tmp_path, "small", bench, e) for e in ESTIMATORS}
+    assert argvs["gae"] == step_argv(3, actor, config("opt-350m"), tmp_path, tmp_path, "small", bench)
+    for estimator, argv in argvs.items():
+        args = step3_parser().parse_args(argv)
+        assert args.advantage_estimator == estimator
+        assert args.per_device_generation_batch_size * args.n_samples_per_prompt == 4
+        assert args.per_device_training_batch_size == 4
+        assert args.n_samples_per_prompt == (2 if estimator in ("grpo", "rloo") else 1)
+        notes = memory_plan.build(args, 3, "cpu", 1, None).notes[0]
+        assert "generation 4 x 128" in notes and ("no critic" in notes) == (estimator != "gae")
+    assert len({argv[argv.index("--output_dir") + 1] for argv in argvs.values()}) == len(argvs)
+    with pytest.raises(SystemExit, match="error: --estimators grpo needs --n_samples N >= 2 dividing --batch 4"):
+        estimator_flags("grpo", 4, 3)
 
 
 def test_json_summary_is_serialisable():
