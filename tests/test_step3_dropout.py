@@ -29,9 +29,9 @@ def record_first_epoch(monkeypatch) -> dict:
     seen: dict = {}
     actor_loss, critic_loss, init = ppo_math.actor_loss, ppo_math.critic_loss, rlhf_engine.RLHFEngine.__init__
 
-    def recording_actor_loss(log_probs, old_log_probs, advantages, mask, cliprange):
+    def recording_actor_loss(log_probs, old_log_probs, advantages, mask, cliprange, *rest, **kwargs):
         seen.setdefault("ratio", (torch.exp((log_probs - old_log_probs) * mask).detach(), mask.bool()))
-        return actor_loss(log_probs, old_log_probs, advantages, mask, cliprange)
+        return actor_loss(log_probs, old_log_probs, advantages, mask, cliprange, *rest, **kwargs)
 
     def recording_critic_loss(values, old_values, returns, mask, cliprange_value):
         seen.setdefault("values", (values.detach().float(), old_values, mask.bool()))
