@@ -109,6 +109,20 @@ def restore_rng(position: dict) -> None:
         set_rng_state(position.pop("rng"))
 
 
+def save_trained_lm(engine, tokenizer, args: argparse.Namespace, tag: str) -> None:
+    """Publish the trained causal LM at `args.output_dir` in one rename (rank 0 writes; collective under
+    ZeRO-3): the weights, PEFT adapters with `--only_optimize_lora`, and the run's record (`args.json`, `made_by.json`)."""
+    from dschat_hal.models import atomic_directory, write_lm
+    from dschat_hal.models.checkpoint import adapter_base
+    from dschat_hal.provenance import write_record
+    from dschat_hal.runtime import is_rank0
+
+    with atomic_directory(args.output_dir, enabled=is_rank0()) as tmp:
+        base = adapter_base(args.lora_dim, args.only_optimize_lora, args.model_name_or_path)
+        write_lm(engine.module, tokenizer, tmp, adapter_base=base)
+        write_record(tmp, args, tag)
+
+
 def checkpoint_dir(args: argparse.Namespace) -> str | None:
     """`--checkpoint_dir`, else a sibling of the output (the final save replaces the output directory)."""
     return args.checkpoint_dir or (f"{args.output_dir.rstrip('/')}_checkpoints" if args.output_dir else None)

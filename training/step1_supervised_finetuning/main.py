@@ -12,15 +12,12 @@ import math
 
 from dschat_hal import loop, memory_plan
 from dschat_hal.errors import cli_entry
-from dschat_hal.models import atomic_directory, check_positions, create_lm, load_tokenizer, model_family, write_lm
-from dschat_hal.models.checkpoint import adapter_base
+from dschat_hal.models import check_positions, create_lm, load_tokenizer, model_family
 from dschat_hal.models.lm import add_eot_token
-from dschat_hal.provenance import write_record
 from dschat_hal.runtime import (
     ScalarWriter,
     apply_lora,
     engine_from_flags,
-    is_rank0,
     print_rank0,
     setup,
     shape_counts,
@@ -92,10 +89,7 @@ def main(argv: list[str]) -> dict:
     writer.close()
     print_rank0(f"perplexity after training: {after:.2f}")
     if args.output_dir:
-        with atomic_directory(args.output_dir, enabled=is_rank0()) as tmp:  # the record is published with the model
-            base = adapter_base(args.lora_dim, args.only_optimize_lora, args.model_name_or_path)
-            write_lm(engine.module, tokenizer, tmp, adapter_base=base)
-            write_record(tmp, args, "step1")
+        loop.save_trained_lm(engine, tokenizer, args, "step1")
         print_rank0(f"saved the actor to {args.output_dir}")
     summary = {
         "shape_counts": shape_counts(backend),

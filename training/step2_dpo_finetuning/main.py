@@ -14,16 +14,13 @@ import torch
 from dschat_hal import loop
 from dschat_hal.dpo import dpo_loss, pair_label_mask, pair_logps, reference_placement
 from dschat_hal.errors import UserError, cli_entry
-from dschat_hal.models import atomic_directory, check_positions, create_lm, load_tokenizer, write_lm
-from dschat_hal.models.checkpoint import adapter_base
+from dschat_hal.models import check_positions, create_lm, load_tokenizer
 from dschat_hal.models.lm import add_eot_token
-from dschat_hal.provenance import write_record
 from dschat_hal.runtime import (
     ScalarWriter,
     apply_lora,
     engine_from_flags,
     inference_engine,
-    is_rank0,
     print_rank0,
     setup,
     shape_counts,
@@ -141,10 +138,7 @@ def main(argv: list[str]) -> dict:
     writer.add({f"step2_dpo/eval_{k}": v for k, v in after.items()}, engine.global_steps)
     writer.close()
     if args.output_dir:
-        with atomic_directory(args.output_dir, enabled=is_rank0()) as tmp:  # the record is published with the model
-            base = adapter_base(args.lora_dim, args.only_optimize_lora, args.model_name_or_path)
-            write_lm(engine.module, tokenizer, tmp, adapter_base=base)
-            write_record(tmp, args, "step2_dpo")
+        loop.save_trained_lm(engine, tokenizer, args, "step2_dpo")
         print_rank0(f"saved the DPO actor to {args.output_dir}")
     summary = {
         "shape_counts": shape_counts(backend),
