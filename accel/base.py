@@ -7,7 +7,9 @@ optimizers and precision, communication, RNG and memory, generation.
 from __future__ import annotations
 
 import abc
+import atexit
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -252,6 +254,7 @@ class Accelerator(abc.ABC):
                 rank=0,
                 world_size=1,
             )
+        _destroy_process_group_at_exit_once()
 
     def set_device(self) -> None:
         """Bind this process to its local device (no-op where there is one device)."""
@@ -344,3 +347,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@functools.cache
+def _destroy_process_group_at_exit_once() -> None:
+    """Destroy the process group while the interpreter is still whole: left to interpreter shutdown,
+    gloo's worker threads can still hold tensors and abort the process ("terminate called without an
+    active exception", SIGABRT) after a run that succeeded."""
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    with contextlib.suppress(Exception):  # best effort: the process is leaving either way
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -172,3 +172,24 @@ def test_shape_audit_records_distinct_shapes():
     cpu.audit_shape("actor", torch.ones(2, 3))
     cpu.audit_shape("actor", torch.ones(2, 4))
     assert len(audit["actor"]) == 2
+
+
+def test_the_process_group_is_destroyed_before_the_interpreter_shuts_down():
+    """Left to interpreter shutdown, gloo's threads can abort a finished rank (SIGABRT, seen in CI)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, accel, torch.distributed as dist\n"
+        "accel.get('cpu').init_distributed()\n"
+        "assert dist.is_initialized()\n"
+        "atexit._run_exitfuncs()\n"
+        "print('initialized after exit handlers:', dist.is_initialized())\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    for name in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(name, None)
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "initialized after exit handlers: False" in result.stdout
