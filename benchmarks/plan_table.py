@@ -1,4 +1,4 @@
-"""The README's memory-plan tables: OPT-1.3B/13B/66B with DeepSpeed-Chat's published settings and
+"""The memory-plan tables of docs/memory-plan.md: OPT-1.3B/13B/66B with DeepSpeed-Chat's published settings and
 Llama-2-7B/13B/70B with this project's Llama-2 recipe, planned from the configs in `model_configs/`;
 then the Llama-2 recipes' step 3 with each critic-free estimator beside PPO's.
 
