@@ -27,7 +27,7 @@ from accel.base import Accelerator
 
 log = logging.getLogger(__name__)
 
-# PT_HPU_RECIPE_CACHE_CONFIG (a compiled-graph cache path) is left to the user (README).
+# PT_HPU_RECIPE_CACHE_CONFIG (a compiled-graph cache path) is left to the user (docs/hardware.md).
 
 
 def _habana(submodule: str = "") -> Any:

@@ -328,7 +328,10 @@ def step3_parser() -> argparse.ArgumentParser:
         "copy, LoRA folded in, our decode loop over a static KV cache",
     )
     p.add_argument(
-        "--hybrid_engine", default="own", choices=["own", "deepspeed"], help="'deepspeed' is refused (see README)"
+        "--hybrid_engine",
+        default="own",
+        choices=["own", "deepspeed"],
+        help="'deepspeed' is refused (see docs/hybrid-engine.md)",
     )
     p.add_argument(
         "--release_inference_cache", action="store_true", help="hybrid engine: free the KV cache after each phase"
