@@ -14,7 +14,7 @@ For a real run, name step 1's and step 2's outputs in `RLHFModelConfig`.
 
 from __future__ import annotations
 
-import accel  # noqa: F401  # isort: skip  (first: the OpenMP defaults precede torch)
+import accel  # isort: skip  (first: the OpenMP defaults precede torch)
 
 import argparse
 import math
@@ -98,7 +98,7 @@ def train(trainer, loader, steps: int) -> list[dict[str, float]]:
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2, help="PPO steps")
-    parser.add_argument("--device", default="cpu", help="hardware backend (cpu, cuda, hpu, auto)")
+    parser.add_argument("--device", default="cpu", choices=accel.DEVICE_CHOICES, help="hardware backend")
     parser.add_argument("--cache_dir", default=None, help="Arrow cache of the tokenised prompts (default: none)")
     options = parser.parse_args(argv)
     trainer, loader = build(tiny_config(options.device), options.steps, options.cache_dir)

@@ -84,7 +84,8 @@ def test_step3_prefixed_parts_and_step_defaults():
     assert (config.actor.zero_stage, config.critic.zero_stage, config.critic.lora_dim) == (3, 0, 4)
     assert config.ppo.kl_ctl == 0.2 and config.models.actor_model_name_or_path == "a"
     plain = Step3Config(models=RLHFModelConfig("a", "c"))
-    assert (plain.actor.learning_rate, plain.critic.learning_rate, plain.schedule.num_warmup_steps) == (9.65e-6, 5e-6, 100)
+    rates = (plain.actor.learning_rate, plain.critic.learning_rate)
+    assert rates == (9.65e-6, 5e-6) and plain.schedule.num_warmup_steps == 100
     assert plain.logging.tensorboard_path == "step3_tensorboard" and plain.has_critic()
     assert Step1Config().optim.learning_rate == 1e-3 and Step2Config().optim.learning_rate == 5e-5
 
