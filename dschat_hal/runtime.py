@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,34 +20,25 @@ import accel
 from accel import Accelerator
 from dschat_hal.models.lora import convert_to_lora, only_optimize_lora
 
+if TYPE_CHECKING:
+    from dschat_hal.configs import HardwareConfig, LoggingConfig, OptimConfig, ScheduleConfig
+
 log = logging.getLogger("dschat_hal")
 
 NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight", "ln_")
 
 
 def setup(args: argparse.Namespace) -> Accelerator:
-    """Choose the backend, initialise distributed, seed; quiet third-party logs."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    silence_known_warnings()
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    backend = accel.get(args.device, local_rank=args.local_rank if args.local_rank >= 0 else None)
-    if backend.reuse_freed_host_memory() is not None:  # until the step's main returns
-        from dschat_hal.errors import on_exit
+    """Choose the backend, initialise distributed, seed; quiet third-party logs (`start_backend`), then
+    resolve the dtype into `args.dtype_resolved` and print the start-up lines."""
+    from dschat_hal.args import to_config
+    from dschat_hal.configs import HardwareConfig
 
-        on_exit(accel.release_host_memory)
-    backend.set_buckets(args.bucket_lengths)
-    backend.use_graphs = generation_graphs(args, backend)
-    backend.optimizer_choice = getattr(args, "optimizer", "auto")
-    if args.audit_shapes:
-        backend.enable_shape_audit()
-    init_distributed(backend)  # which first clears a stale op-build lock (accel/_op_builds.py)
-    log_from_rank0(rank())
-    _silence_deepspeed(getattr(args, "verbose", False))
-    _import_muon_uncompiled()
-    freeze_startup_objects()
-    backend.manual_seed(args.seed)
+    backend = start_backend(
+        to_config(args, HardwareConfig),
+        device_graphs=getattr(args, "enable_device_graphs", False),
+        verbose=getattr(args, "verbose", False),
+    )
     args.dtype_resolved = backend.resolve_dtype(args.dtype)
     chosen = str(args.dtype_resolved).removeprefix("torch.")
     why = f"--dtype auto: {backend.default_dtype_reason()}" if args.dtype in (None, "auto") else f"--dtype {args.dtype}"
@@ -63,11 +54,42 @@ def setup(args: argparse.Namespace) -> Accelerator:
     return backend
 
 
+def start_backend(hardware: HardwareConfig, *, device_graphs: bool = False, verbose: bool = False) -> Accelerator:
+    """The backend of `hardware.device`, distributed initialised and seeded; third-party logs quieted.
+    `device_graphs`: step 3's generation in device graphs (`--enable_device_graphs`)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    silence_known_warnings()
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    backend = accel.get(hardware.device, local_rank=hardware.local_rank if hardware.local_rank >= 0 else None)
+    if backend.reuse_freed_host_memory() is not None:  # until the step's main returns
+        from dschat_hal.errors import on_exit
+
+        on_exit(accel.release_host_memory)
+    backend.set_buckets(hardware.bucket_lengths)
+    backend.use_graphs = _graphs(backend, hardware.enable_hpu_graphs or device_graphs, hardware.disable_hpu_graphs)
+    backend.optimizer_choice = hardware.optimizer
+    if hardware.audit_shapes:
+        backend.enable_shape_audit()
+    init_distributed(backend)  # which first clears a stale op-build lock (accel/_op_builds.py)
+    log_from_rank0(rank())
+    _silence_deepspeed(verbose)
+    _import_muon_uncompiled()
+    freeze_startup_objects()
+    backend.manual_seed(hardware.seed)
+    return backend
+
+
 def generation_graphs(args: argparse.Namespace, backend: Accelerator) -> bool:
     """Whether step-3 generation is captured in device graphs: when asked for (`--enable_hpu_graphs`,
     `--enable_device_graphs`), or by the backend's default (HPU lazy mode) unless `--disable_hpu_graphs`."""
     asked = args.enable_hpu_graphs or getattr(args, "enable_device_graphs", False)
-    return bool(asked or (backend.graphs_by_default and not getattr(args, "disable_hpu_graphs", False)))
+    return _graphs(backend, asked, getattr(args, "disable_hpu_graphs", False))
+
+
+def _graphs(backend: Accelerator, asked: bool, disabled: bool) -> bool:
+    return bool(asked or (backend.graphs_by_default and not disabled))
 
 
 class RankFilter(logging.Filter):
@@ -310,10 +332,58 @@ def training_engine(
     grad_accum: int | None = None,
     zero_extra: dict[str, Any] | None = None,
 ):
-    """Wrap `model` in a DeepSpeed engine with the backend's optimizer and a warmup schedule.
+    """Wrap `model` in a DeepSpeed engine with the backend's optimizer and a warmup schedule, the shared
+    settings read from the flags `args` (`--dtype`'s resolved dtype, `--offload`, ...).
 
     `grad_accum` (default `--gradient_accumulation_steps`) is the micro-batches per optimizer step;
     `zero_extra` adds entries to the ZeRO section."""
+    return deepspeed_engine(
+        backend,
+        model,
+        dtype=args.dtype_resolved,
+        offload=args.offload,
+        fused=not args.no_fused_kernels,
+        zero_hpz=getattr(args, "zero_hpz_enabled", False),
+        scheduler=args.lr_scheduler_type,
+        warmup_steps=args.num_warmup_steps,
+        tensorboard_path=args.tensorboard_path if args.enable_tensorboard else None,
+        lr=lr,
+        weight_decay=weight_decay,
+        lora_lr=lora_lr,
+        stage=stage,
+        total_steps=total_steps,
+        micro_batch=micro_batch,
+        gradient_checkpointing=gradient_checkpointing,
+        job_name=job_name,
+        grad_accum=grad_accum or args.gradient_accumulation_steps,
+        zero_extra=zero_extra,
+    )
+
+
+def deepspeed_engine(
+    backend: Accelerator,
+    model: nn.Module,
+    *,
+    dtype: torch.dtype,
+    offload: bool,
+    fused: bool,
+    zero_hpz: bool,
+    scheduler: str,
+    warmup_steps: int,
+    tensorboard_path: str | None,
+    lr: float,
+    weight_decay: float,
+    lora_lr: float,
+    stage: int,
+    total_steps: int,
+    micro_batch: int,
+    gradient_checkpointing: bool,
+    job_name: str,
+    grad_accum: int,
+    zero_extra: dict[str, Any] | None = None,
+):
+    """A training DeepSpeed engine of `model`: the backend's optimizer, `scheduler` over `total_steps`
+    after `warmup_steps`, ZeRO `stage` (`zero_extra` adds entries to its section)."""
     import deepspeed
     from transformers import get_scheduler
 
@@ -326,32 +396,61 @@ def training_engine(
         elif hasattr(model, "rwtransformer"):
             model.rwtransformer.enable_input_require_grads()
     config = train_ds_config(
-        backend,
-        args.dtype_resolved,
-        stage,
-        args.offload,
-        micro_batch,
-        grad_accum or args.gradient_accumulation_steps,
-        world_size(),
-        args.tensorboard_path if args.enable_tensorboard else None,
-        job_name,
+        backend, dtype, stage, offload, micro_batch, grad_accum, world_size(), tensorboard_path, job_name
     )
     config["zero_optimization"].update(zero_extra or {})
-    if getattr(args, "zero_hpz_enabled", False):
+    if zero_hpz:
         config["zero_optimization"].update(hpz_entries(backend, stage, world_size()))
     model = backend.prepare_model(model)
-    optimizer_class = backend.optimizer_class(offload=args.offload, fused=not args.no_fused_kernels)
+    optimizer_class = backend.optimizer_class(offload=offload, fused=fused)
     optimizer = optimizer_class(
         param_groups(model, weight_decay, lora_lr), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay
     )
     scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer=optimizer,
-        num_warmup_steps=args.num_warmup_steps,
-        num_training_steps=max(total_steps, 1),
+        scheduler, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1)
     )
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return engine
+
+
+def engine_from_config(
+    backend: Accelerator,
+    model: nn.Module,
+    optim: OptimConfig,
+    schedule: ScheduleConfig,
+    hardware: HardwareConfig,
+    logging_config: LoggingConfig,
+    *,
+    dtype: torch.dtype,
+    total_steps: int,
+    micro_batch: int,
+    job_name: str,
+    grad_accum: int | None = None,
+    zero_extra: dict[str, Any] | None = None,
+):
+    """`deepspeed_engine` configured by one trained model's optimiser config and the step's shared parts
+    (`grad_accum` default: the schedule's gradient accumulation)."""
+    return deepspeed_engine(
+        backend,
+        model,
+        dtype=dtype,
+        offload=hardware.offload,
+        fused=not hardware.no_fused_kernels,
+        zero_hpz=hardware.zero_hpz_enabled,
+        scheduler=schedule.lr_scheduler_type,
+        warmup_steps=schedule.num_warmup_steps,
+        tensorboard_path=logging_config.tensorboard_path if logging_config.enable_tensorboard else None,
+        lr=optim.learning_rate,
+        weight_decay=optim.weight_decay,
+        lora_lr=optim.lora_learning_rate,
+        stage=optim.zero_stage,
+        total_steps=total_steps,
+        micro_batch=micro_batch,
+        gradient_checkpointing=optim.gradient_checkpointing,
+        job_name=job_name,
+        grad_accum=grad_accum or schedule.gradient_accumulation_steps,
+        zero_extra=zero_extra,
+    )
 
 
 def engine_from_flags(
@@ -390,24 +489,46 @@ def engine_from_flags(
 
 def zero3_load_config(backend: Accelerator, args: argparse.Namespace, stage: int, micro_batch: int) -> dict | None:
     """The config `from_pretrained` needs to partition weights while loading (ZeRO-3 only)."""
+    return partitioned_load_config(
+        backend,
+        dtype=args.dtype_resolved,
+        stage=stage,
+        offload=args.offload,
+        micro_batch=micro_batch,
+        grad_accum=args.gradient_accumulation_steps,
+    )
+
+
+def partitioned_load_config(
+    backend: Accelerator, *, dtype: torch.dtype, stage: int, offload: bool, micro_batch: int, grad_accum: int
+) -> dict | None:
+    """`zero3_load_config` from the values themselves: None below ZeRO-3."""
     from dschat_hal.ds_config import train_ds_config
 
     if stage != 3:
         return None
-    return train_ds_config(
-        backend, args.dtype_resolved, stage, args.offload, micro_batch, args.gradient_accumulation_steps, world_size()
-    )
+    return train_ds_config(backend, dtype, stage, offload, micro_batch, grad_accum, world_size())
 
 
 def inference_engine(
     backend: Accelerator, model: nn.Module, args: argparse.Namespace, *, stage: int, offload: bool, micro_batch: int
 ):
-    """A forward-only DeepSpeed engine (ZeRO-3 partitioned when the trained models are)."""
+    """A forward-only DeepSpeed engine (ZeRO-3 partitioned when the trained models are), in the flags'
+    resolved dtype."""
+    return frozen_engine(
+        backend, model, dtype=args.dtype_resolved, stage=stage, offload=offload, micro_batch=micro_batch
+    )
+
+
+def frozen_engine(
+    backend: Accelerator, model: nn.Module, *, dtype: torch.dtype, stage: int, offload: bool, micro_batch: int
+):
+    """A forward-only DeepSpeed engine of `model` in `dtype`, at ZeRO `stage`."""
     import deepspeed
 
     from dschat_hal.ds_config import eval_ds_config
 
-    config = eval_ds_config(backend, args.dtype_resolved, stage, offload, micro_batch, world_size())
+    config = eval_ds_config(backend, dtype, stage, offload, micro_batch, world_size())
     engine, *_ = deepspeed.initialize(model=backend.prepare_model(model), config=config)
     engine.eval()
     return engine

@@ -14,6 +14,7 @@ def offending_lines() -> list[str]:
         *(ROOT / "dschat_hal").rglob("*.py"),
         *(ROOT / "training").rglob("*.py"),
         *(ROOT / "example_scripts").glob("**/*.py"),
+        *(ROOT / "examples").glob("**/*.py"),
         *(ROOT / "benchmarks").glob("**/*.py"),
     ]
     hits = []

@@ -130,9 +130,9 @@ def test_an_eos_list_in_the_generation_config_ends_answers_at_any_of_its_ids(tmp
     tok = load_tokenizer(str(source))
     assert tok.convert_ids_to_tokens(eot) == "<|eot|>"
     assert answer_end_ids(tok) == [2, eot]
-    from dschat_hal.rlhf.trainer import PPOConfig, generation_config
+    from dschat_hal.rlhf.trainer import PPOSettings, generation_config
 
-    assert generation_config(PPOConfig(), tok).eos_token_id == [2, eot]
+    assert generation_config(PPOSettings(), tok).eos_token_id == [2, eot]
     model = create_lm(str(source), tok)
     assert model.generation_config.eos_token_id == [2, eot]
     save_lm(model, tok, tmp_path / "out")

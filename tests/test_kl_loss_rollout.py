@@ -15,7 +15,7 @@ from test_hybrid_engine import EOS, PAD, engine_for, peaked_model, prompt_batch
 
 from dschat_hal.rlhf import ppo_math
 from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine, PlainGenerator
-from dschat_hal.rlhf.trainer import PPOConfig, PPOTrainer, answer_logprobs
+from dschat_hal.rlhf.trainer import PPOSettings, PPOTrainer, answer_logprobs
 from training.step3_rlhf_finetuning.main import main as step3
 
 LP = torch.tensor([[-1.0, -0.5, -2.0, -0.1], [-0.3, -3.0, -1.2, -0.7]])
@@ -106,7 +106,7 @@ def test_the_trainers_policy_loss_applies_the_cap_and_the_kl_term_as_the_formula
     adv = torch.tensor([[1.0, -2.0, 0.5, 3.0], [-1.0, 0.7, 2.0, 1.0]])
 
     def loss_with(**config):
-        trainer = SimpleNamespace(config=PPOConfig(**config))
+        trainer = SimpleNamespace(config=PPOSettings(**config))
         return PPOTrainer.policy_loss(trainer, exp, log_probs, old, adv, start)
 
     plain, stats = loss_with()

@@ -218,30 +218,37 @@ def test_bloom_final_norm_is_reset_under_a_new_value_head():
 
 
 def test_offload_reward_model_reaches_the_reward_engine(monkeypatch):
+    from dschat_hal.configs import FrozenModelsConfig, OptimConfig, PPOConfig, RLHFModelConfig, Step3Config
+
     calls = []
-    monkeypatch.setattr(rlhf_engine, "inference_engine", lambda *a, **kw: calls.append(kw) or "engine")
+    monkeypatch.setattr(rlhf_engine, "frozen_engine", lambda *a, **kw: calls.append(kw) or "engine")
     for flag in (False, True):
-        engine = object.__new__(rlhf_engine.RLHFEngine)
-        engine.backend = None
-        engine.args = types.SimpleNamespace(
-            offload_reward_model=flag, critic_zero_stage=3, per_device_training_batch_size=2
+        config = Step3Config(
+            models=RLHFModelConfig("tiny-opt", "tiny-opt"),
+            critic=OptimConfig(zero_stage=3),
+            frozen=FrozenModelsConfig(offload_reward_model=flag),
+            ppo=PPOConfig(per_device_training_batch_size=2),
         )
+        engine = object.__new__(rlhf_engine.RLHFEngine)
+        engine.backend, engine.config, engine.dtype = None, config, torch.float32
+        engine.placements = rlhf_engine.unplanned_placements(config)
         engine._critic_model = lambda fp32_loss, stage=None: torch.nn.Linear(1, 1)
         assert engine._init_reward() == "engine"
-    assert [c["offload"] for c in calls] == [False, True]
+    assert [(c["stage"], c["offload"]) for c in calls] == [(3, False), (3, True)]
 
 
 def test_mixed_precision_lora_config_and_its_refusals():
+    from dschat_hal.configs import OptimConfig
     from dschat_hal.errors import UserError
 
-    args = types.SimpleNamespace(actor_lora_dim=8, actor_zero_stage=3)
+    actor = OptimConfig(lora_dim=8, zero_stage=3)
     gpu = types.SimpleNamespace(name="cuda", supports_quantized_weights=True, device_count=lambda: 8)
-    assert rlhf_engine.mixed_precision_lora_config(gpu, args) == {"zero_quantized_nontrainable_weights": True}
+    assert rlhf_engine.mixed_precision_lora_config(gpu, actor) == {"zero_quantized_nontrainable_weights": True}
     with pytest.raises(UserError, match="--actor_zero_stage 3"):
-        rlhf_engine.mixed_precision_lora_config(gpu, types.SimpleNamespace(actor_lora_dim=0, actor_zero_stage=3))
+        rlhf_engine.mixed_precision_lora_config(gpu, OptimConfig(lora_dim=0, zero_stage=3))
     cpu = types.SimpleNamespace(name="cpu", supports_quantized_weights=False, device_count=lambda: 1)
     with pytest.raises(UserError, match="cpu does not support"):
-        rlhf_engine.mixed_precision_lora_config(cpu, args)
+        rlhf_engine.mixed_precision_lora_config(cpu, actor)
 
 
 def test_hpz_partitions_within_a_node_only_for_multi_node_zero3():

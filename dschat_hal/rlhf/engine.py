@@ -3,17 +3,17 @@ critic-free advantage estimator, which builds no critic."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
+from collections.abc import Mapping
 
 import torch
 
 from accel import Accelerator
+from dschat_hal.configs import OptimConfig, Step3Config
 from dschat_hal.models import create_lm, create_reward_model, model_family
-from dschat_hal.rlhf.advantages import has_critic
-from dschat_hal.rlhf.placement import placement_of
-from dschat_hal.runtime import apply_lora, engine_from_flags, inference_engine, zero3_load_config
+from dschat_hal.rlhf.placement import Placement
+from dschat_hal.runtime import apply_lora, engine_from_config, frozen_engine, partitioned_load_config
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +27,14 @@ def ppo_dropout(flag: float | None) -> float:
     return 0.0 if flag is None else flag
 
 
-def mixed_precision_lora_config(backend: Accelerator, args: argparse.Namespace) -> dict:
+def mixed_precision_lora_config(backend: Accelerator, actor: OptimConfig) -> dict:
     """ZeRO++ entries of `--enable_mixed_precision_lora`: the actor's frozen (non-LoRA) weights are
     stored and gathered quantised; across nodes, a secondary partition per node (hpZ)."""
     from dschat_hal.ds_config import hpz_entries
     from dschat_hal.errors import UserError
     from dschat_hal.runtime import world_size
 
-    if args.actor_lora_dim <= 0 or args.actor_zero_stage != 3:
+    if actor.lora_dim <= 0 or actor.zero_stage != 3:
         raise UserError(
             "--enable_mixed_precision_lora quantises the actor's frozen weights under ZeRO-3: "
             "add --actor_lora_dim N (N > 0) and --actor_zero_stage 3, or drop the flag"
@@ -47,22 +47,53 @@ def mixed_precision_lora_config(backend: Accelerator, args: argparse.Namespace) 
     return {"zero_quantized_nontrainable_weights": True, **hpz_entries(backend, 3, world_size())}
 
 
-class RLHFEngine:
-    """Actor and critic (trained), reference and reward (frozen), and an optional actor EMA. The critic
-    is None when the advantage estimator uses none (`--advantage_estimator` other than gae)."""
+def unplanned_placements(config: Step3Config) -> dict[str, Placement]:
+    """Where the frozen models go without a memory plan (a pipeline built in Python that ran none): the
+    stage or offload their config asks for, else replicated unless the trained model they copy is
+    ZeRO-3 (then partitioned: upstream's rule). Step 3's main passes the plan's placement instead
+    (`memory_plan.frozen_placement`)."""
+    from dschat_hal.errors import UserError
 
-    def __init__(self, backend: Accelerator, args: argparse.Namespace, tokenizer, num_total_iters: int) -> None:
-        self.backend, self.args, self.tokenizer = backend, args, tokenizer
-        self.critic_family = model_family(args.critic_model_name_or_path)
+    found = {}
+    for name, trained, stage, offload in (
+        ("reference", config.actor, config.frozen.reference_zero_stage, config.frozen.offload_reference_model),
+        ("reward", config.critic, config.frozen.reward_zero_stage, config.frozen.offload_reward_model),
+    ):
+        if offload and stage == "0":
+            raise UserError(f"--offload_{name}_model offloads ZeRO-3 parameters but --{name}_zero_stage 0 "
+                            "replicates the model: drop one of the two flags")  # fmt: skip
+        chosen = 3 if offload else int(stage) if stage != "auto" else (3 if trained.zero_stage == 3 else 0)
+        found[name] = Placement(chosen, offload, f"ZeRO-{chosen}{' + offload' if offload else ''}: no memory plan")
+    return found
+
+
+class RLHFEngine:
+    """Actor and critic (trained), reference and reward (frozen), and an optional actor EMA, built from
+    step 3's config. The critic is None when the advantage estimator uses none (`ppo.advantage_estimator`
+    other than gae). `placements`: where the reference and reward models go (default:
+    `unplanned_placements`)."""
+
+    def __init__(
+        self,
+        backend: Accelerator,
+        config: Step3Config,
+        tokenizer,
+        num_total_iters: int,
+        placements: Mapping[str, Placement] | None = None,
+    ) -> None:
+        self.backend, self.config, self.tokenizer = backend, config, tokenizer
+        self.dtype = backend.resolve_dtype(config.hardware.dtype)
+        self.placements = dict(placements or unplanned_placements(config))
+        self.critic_family = model_family(config.models.critic_model_name_or_path)
         self.actor = self._timed("actor", self._init_actor, num_total_iters)
-        reference = placement_of(args, "reference")
+        reference = self.placements["reference"]
         self.ref = self._timed("reference", self._init_frozen_actor, reference.stage, reference.offload)
         self.actor_ema = (
-            self._timed("actor EMA", self._init_frozen_actor, args.actor_zero_stage, offload=True, lora=True)
-            if args.enable_ema
+            self._timed("actor EMA", self._init_frozen_actor, config.actor.zero_stage, offload=True, lora=True)
+            if config.models.enable_ema
             else None
         )
-        self.critic = self._timed("critic", self._init_critic, num_total_iters) if has_critic(args) else None
+        self.critic = self._timed("critic", self._init_critic, num_total_iters) if config.has_critic() else None
         self.reward = self._timed("reward", self._init_reward)
 
     @staticmethod
@@ -73,37 +104,65 @@ class RLHFEngine:
         log.info("step 3: %s ready (%.1fs)", name, time.time() - start)
         return engine
 
+    def _load_config(self, stage: int) -> dict | None:
+        """What `from_pretrained` needs to build weights partitioned at `stage` (3), else None."""
+        config = self.config
+        return partitioned_load_config(
+            self.backend,
+            dtype=self.dtype,
+            stage=stage,
+            offload=config.hardware.offload,
+            micro_batch=config.ppo.per_device_training_batch_size,
+            grad_accum=config.schedule.gradient_accumulation_steps,
+        )
+
     def _actor_model(self, lora: bool, stage: int | None = None) -> torch.nn.Module:
         """The actor's weights, built partitioned when `stage` (default: the actor's) is 3."""
-        args = self.args
-        stage = args.actor_zero_stage if stage is None else stage
-        config = zero3_load_config(self.backend, args, stage, args.per_device_training_batch_size)
+        config, actor = self.config, self.config.actor
+        stage = actor.zero_stage if stage is None else stage
         model = create_lm(
-            args.actor_model_name_or_path,
+            config.models.actor_model_name_or_path,
             self.tokenizer,
-            config,
-            dropout=ppo_dropout(args.actor_dropout),
-            seed=args.seed,
-            attn_implementation=args.attn_implementation,
+            self._load_config(stage),
+            dropout=ppo_dropout(actor.dropout),
+            seed=config.hardware.seed,
+            attn_implementation=config.hardware.attn_implementation,
         )
         if lora:
-            apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name, args.only_optimize_lora)
+            apply_lora(model, actor.lora_dim, actor.lora_module_name, config.schedule.only_optimize_lora)
         return model
 
+    def _trained_engine(self, model: torch.nn.Module, optim: OptimConfig, total_iters: int, job: str, **kwargs):
+        config = self.config
+        return engine_from_config(
+            self.backend,
+            model,
+            optim,
+            config.schedule,
+            config.hardware,
+            config.logging,
+            dtype=self.dtype,
+            total_steps=total_iters,
+            micro_batch=config.ppo.per_device_training_batch_size,
+            job_name=job,
+            **kwargs,
+        )
+
     def _init_actor(self, total_iters: int):
-        args = self.args
+        config = self.config
         # with the ptx loss, each PPO micro-batch is two actor backwards (PPO, then ptx) accumulated into
         # one step, as upstream does: twice the accumulation keeps the actor's steps on the planned schedule
-        accumulation = args.gradient_accumulation_steps * (2 if args.unsupervised_dataset_name else 1)
-        zero_extra = mixed_precision_lora_config(self.backend, args) if args.enable_mixed_precision_lora else None
-        engine = engine_from_flags(
-            self.backend,
+        accumulation = config.schedule.gradient_accumulation_steps * (2 if config.ptx.unsupervised_dataset_name else 1)
+        zero_extra = (
+            mixed_precision_lora_config(self.backend, config.actor)
+            if config.models.enable_mixed_precision_lora
+            else None
+        )
+        engine = self._trained_engine(
             self._actor_model(lora=True),
-            args,
-            "actor_",
-            total_steps=total_iters,
-            micro_batch=args.per_device_training_batch_size,
-            job_name="step3_actor",
+            config.actor,
+            total_iters,
+            "step3_actor",
             grad_accum=accumulation,
             zero_extra=zero_extra,
         )
@@ -111,58 +170,46 @@ class RLHFEngine:
             engine.optimizer.quantize_nontrainable_params()  # LoRA froze the base weights after partitioning
         return engine
 
-    def _init_frozen_actor(self, stage: int, offload: bool, lora: bool = False):
-        """The reference model (or the EMA copy): the actor's weights, forward only, at ZeRO `stage`."""
-        model = self._actor_model(lora=lora, stage=stage)
-        return inference_engine(
+    def _frozen_engine(self, model: torch.nn.Module, stage: int, offload: bool):
+        return frozen_engine(
             self.backend,
             model,
-            self.args,
+            dtype=self.dtype,
             stage=stage,
             offload=offload,
-            micro_batch=self.args.per_device_training_batch_size,
+            micro_batch=self.config.ppo.per_device_training_batch_size,
         )
+
+    def _init_frozen_actor(self, stage: int, offload: bool, lora: bool = False):
+        """The reference model (or the EMA copy): the actor's weights, forward only, at ZeRO `stage`."""
+        return self._frozen_engine(self._actor_model(lora=lora, stage=stage), stage, offload)
 
     def _critic_model(self, fp32_loss: bool, stage: int | None = None) -> torch.nn.Module:
         """The reward model's weights, built partitioned when `stage` (default: the critic's) is 3."""
-        args = self.args
-        stage = args.critic_zero_stage if stage is None else stage
-        config = zero3_load_config(self.backend, args, stage, args.per_device_training_batch_size)
+        config, critic = self.config, self.config.critic
+        stage = critic.zero_stage if stage is None else stage
         return create_reward_model(
-            args.critic_model_name_or_path,
+            config.models.critic_model_name_or_path,
             self.tokenizer,
-            config,
-            dropout=ppo_dropout(args.critic_dropout),
+            self._load_config(stage),
+            dropout=ppo_dropout(critic.dropout),
             compute_fp32_loss=fp32_loss,
-            seed=args.seed,
-            attn_implementation=args.attn_implementation,
+            seed=config.hardware.seed,
+            attn_implementation=config.hardware.attn_implementation,
         )
 
     def _init_critic(self, total_iters: int):
-        args = self.args
-        fp32 = self.backend.compute_fp32_loss(self.critic_family, args.compute_fp32_loss)
+        config, critic = self.config, self.config.critic
+        fp32 = self.backend.compute_fp32_loss(self.critic_family, config.hardware.compute_fp32_loss)
         model = apply_lora(
-            self._critic_model(fp32), args.critic_lora_dim, args.critic_lora_module_name, args.only_optimize_lora
+            self._critic_model(fp32), critic.lora_dim, critic.lora_module_name, config.schedule.only_optimize_lora
         )
-        return engine_from_flags(
-            self.backend,
-            model,
-            args,
-            "critic_",
-            total_steps=total_iters,
-            micro_batch=args.per_device_training_batch_size,
-            job_name="step3_critic",
-        )
+        return self._trained_engine(model, critic, total_iters, "step3_critic")
 
     def _init_reward(self):
-        placement = placement_of(self.args, "reward")
-        return inference_engine(
-            self.backend,
-            self._critic_model(fp32_loss=True, stage=placement.stage),
-            self.args,
-            stage=placement.stage,
-            offload=placement.offload,
-            micro_batch=self.args.per_device_training_batch_size,
+        placement = self.placements["reward"]
+        return self._frozen_engine(
+            self._critic_model(fp32_loss=True, stage=placement.stage), placement.stage, placement.offload
         )
 
     @torch.no_grad()

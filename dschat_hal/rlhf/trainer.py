@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from accel import Accelerator
+from dschat_hal.configs import KL_LOSS_DEFAULTS, Step3Config
 from dschat_hal.models.end_tokens import answer_end_ids
 from dschat_hal.models.reward_model import score
 from dschat_hal.rlhf import advantages as critic_free
@@ -28,8 +29,10 @@ from dschat_hal.rlhf.reward_shaping import RewardShaper, clipped_share, whiten
 
 
 @dataclass
-class PPOConfig:
-    """The PPO knobs, with DeepSpeed-Chat's defaults."""
+class PPOSettings:
+    """What the trainer runs with, resolved (DeepSpeed-Chat's defaults): PPO's knobs from step 3's
+    config (`from_config`), and what was decided from them and the models (the reward model's stored
+    mean score, which old log-probs and values come from the training forwards)."""
 
     max_answer_seq_len: int = 256
     kl_ctl: float = 0.1
@@ -62,6 +65,49 @@ class PPOConfig:
     # `rollout_is_cap` the policy loss is weighted by min(p_train / p_rollout, cap) (truncated IS)
     rollout_logprobs: bool = False
     rollout_is_cap: float | None = None
+    # fp16: both backwards before either optimizer step (upstream's order)
+    align_overflow: bool = False
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Step3Config,
+        *,
+        reward_center: float | None = None,
+        old_logprobs_from_training: bool = False,
+        old_values_from_training: bool = False,
+    ) -> PPOSettings:
+        """The settings of step 3's `config`. `reward_center` (the score to subtract, with
+        `ppo.center_reward`: `reward_model.stored_score_mean`) and the old log-probs' and values' source
+        are decided by the caller (step 3's main: `old_logprobs_from_training`, the memory plan); by
+        default every experience forward runs, as upstream's."""
+        ppo, engine = config.ppo, config.engine
+        return cls(
+            max_answer_seq_len=engine.max_answer_seq_len,
+            kl_ctl=ppo.kl_ctl,
+            clip_reward_value=ppo.clip_reward_value,
+            cliprange=ppo.cliprange,
+            cliprange_value=ppo.cliprange_value,
+            gamma=ppo.gamma,
+            lam=ppo.lam,
+            temperature=engine.temperature,
+            greedy=engine.greedy_generation,
+            target_kl=ppo.target_kl,
+            reward_center=reward_center,
+            normalize_reward=ppo.normalize_reward,
+            whiten_advantages=ppo.whiten_advantages,
+            old_logprobs_from_training=old_logprobs_from_training,
+            old_values_from_training=old_values_from_training,
+            advantage_estimator=ppo.advantage_estimator,
+            n_samples_per_prompt=ppo.n_samples_per_prompt,
+            dr_grpo=ppo.dr_grpo,
+            kl_loss=ppo.kl_loss,
+            kl_estimator=ppo.kl_estimator or KL_LOSS_DEFAULTS["kl_estimator"],
+            kl_loss_coef=KL_LOSS_DEFAULTS["kl_loss_coef"] if ppo.kl_loss_coef is None else ppo.kl_loss_coef,
+            rollout_logprobs=ppo.log_rollout_mismatch,
+            rollout_is_cap=ppo.rollout_is_cap,
+            align_overflow=ppo.align_overflow,
+        )
 
 
 def old_logprobs_from_training(args) -> str | None:
@@ -119,7 +165,7 @@ def greedy_decoding(generator) -> Iterator[None]:
         generator.config = config
 
 
-def generation_config(config: PPOConfig, tokenizer) -> GenerationConfig:
+def generation_config(config: PPOSettings, tokenizer) -> GenerationConfig:
     return GenerationConfig(
         max_answer_seq_len=config.max_answer_seq_len,
         pad_token_id=tokenizer.pad_token_id,
@@ -177,15 +223,20 @@ def answer_logprobs(model, module: torch.nn.Module, seq: torch.Tensor, mask: tor
 
 
 class PPOTrainer:
-    def __init__(self, engine: RLHFEngine, backend: Accelerator, tokenizer, config: PPOConfig, generator=None) -> None:
-        """`generator` makes the answers (`generation.PlainGenerator` when not given, or a `HybridEngine`)."""
+    """Step 3's loop body: `generate_experience` on a prompt batch, then `train_rlhf` (or `train_on`)."""
+
+    def __init__(
+        self, engine: RLHFEngine, backend: Accelerator, tokenizer, config: PPOSettings, generator=None
+    ) -> None:
+        """`config`: `PPOSettings.from_config(step3_config, ...)`. `generator` makes the answers
+        (`generation.PlainGenerator` when not given, or a `HybridEngine`)."""
         self.rlhf, self.backend, self.tokenizer, self.config = engine, backend, tokenizer, config
         self.actor, self.ref, self.critic, self.reward = engine.actor, engine.ref, engine.critic, engine.reward
         self.kl_controller = (
             ppo_math.AdaptiveKLController(config.kl_ctl, config.target_kl) if config.target_kl else None
         )
         self.generator = generator or PlainGenerator(engine.actor, backend, generation_config(config, tokenizer))
-        self.align_overflow = bool(getattr(engine.args, "align_overflow", False))
+        self.align_overflow = config.align_overflow
         self.shape_reward = RewardShaper(config.reward_center, config.normalize_reward)
         self.timings: dict[str, float] = {"generation": 0.0, "experience": 0.0, "training": 0.0}
         self._timings_at_last_step = dict(self.timings)

@@ -12,7 +12,8 @@ import sys
 import time
 
 import dschat_hal  # noqa: F401  (first: the environment defaults precede torch, see dschat_hal/__init__.py)
-from dschat_hal.args import answer_help, column_keys, step3_parser, validate
+from dschat_hal.args import answer_help, column_keys, step3_parser, to_config, validate
+from dschat_hal.configs import EngineConfig, Step3Config
 
 if __name__ == "__main__":
     answer_help(step3_parser)  # before the imports below load torch, transformers and DeepSpeed (seconds)
@@ -51,7 +52,7 @@ from dschat_hal.rlhf.reward_shaping import ClipWarning
 from dschat_hal.rlhf.schedule import step3_plan, warmup_warning
 from dschat_hal.rlhf.tensor_parallel import check_tp_args, make_hybrid_engine
 from dschat_hal.rlhf.trainer import (
-    PPOConfig,
+    PPOSettings,
     PPOTrainer,
     experience_rows,
     generation_config,
@@ -118,19 +119,22 @@ def speeds(record: dict[str, float], step_seconds: float, eta: float) -> dict[st
     }
 
 
-def make_generator(engine: RLHFEngine, backend, config: GenerationConfig, args) -> HybridEngine | None:
-    """The hybrid engine with --enable_hybrid_engine, else None (the trainer's plain `generate`)."""
-    if not args.enable_hybrid_engine:
+def make_generator(
+    engine: RLHFEngine, backend, config: GenerationConfig, settings: EngineConfig
+) -> HybridEngine | None:
+    """The hybrid engine with `settings.enable_hybrid_engine` (--enable_hybrid_engine), else None (the
+    trainer's plain `generate`)."""
+    if not settings.enable_hybrid_engine:
         return None
     return make_hybrid_engine(
         engine.actor,
         backend,
         config,
-        inference_tp_size=args.inference_tp_size,
-        dtype=args.dtype_resolved,
-        gather_group_layers=args.tp_gather_partition_size,
-        release_inference_cache=args.release_inference_cache,
-        unpin_actor_parameters=args.unpin_actor_parameters,
+        inference_tp_size=settings.inference_tp_size,
+        dtype=engine.dtype,
+        gather_group_layers=settings.tp_gather_partition_size,
+        release_inference_cache=settings.release_inference_cache,
+        unpin_actor_parameters=settings.unpin_actor_parameters,
     )
 
 
@@ -212,6 +216,7 @@ def check_last_update(pending: list[dict], flush, engine: RLHFEngine, step: int)
 @cli_entry
 def main(argv: list[str]) -> dict:
     args = validate(step3_parser().parse_args(argv))
+    config = to_config(args, Step3Config)  # what the library takes; the loop below still reads the flags
     if args.dry_run:  # before the checks of what is implemented: a plan may explore any setting
         return memory_plan.dry_run(args, 3)
     if args.hybrid_engine == "deepspeed":
@@ -287,34 +292,16 @@ def main(argv: list[str]) -> dict:
         unsup_loader = dataloader(blocks, collate_blocks, unsup_rows, args.seed)
 
     micro_batches, total_iters = step3_plan(args, loader, unsup_loader)
-    engine = RLHFEngine(backend, args, tokenizer, total_iters)
+    placements = {name: placement_of(args, name) for name in FROZEN}  # the memory plan's, stored above
+    engine = RLHFEngine(backend, config, tokenizer, total_iters, placements)
     reuse_reason = old_logprobs_from_training(args)
-    ppo_config = PPOConfig(
-        max_answer_seq_len=args.max_answer_seq_len,
-        kl_ctl=args.kl_ctl,
-        clip_reward_value=args.clip_reward_value,
-        cliprange=args.cliprange,
-        cliprange_value=args.cliprange_value,
-        gamma=args.gamma,
-        lam=args.lam,
-        temperature=args.temperature,
-        greedy=args.greedy_generation,
-        target_kl=args.target_kl,
+    ppo_config = PPOSettings.from_config(
+        config,
         reward_center=reward_center,
-        normalize_reward=args.normalize_reward,
-        whiten_advantages=args.whiten_advantages,
         old_logprobs_from_training=reuse_reason is not None,
         old_values_from_training=values_reason is not None,
-        advantage_estimator=args.advantage_estimator,
-        n_samples_per_prompt=args.n_samples_per_prompt,
-        dr_grpo=args.dr_grpo,
-        kl_loss=args.kl_loss,
-        kl_estimator=args.kl_estimator,
-        kl_loss_coef=args.kl_loss_coef,
-        rollout_logprobs=args.log_rollout_mismatch,
-        rollout_is_cap=args.rollout_is_cap,
     )
-    generator = make_generator(engine, backend, generation_config(ppo_config, tokenizer), args)
+    generator = make_generator(engine, backend, generation_config(ppo_config, tokenizer), config.engine)
     trainer = PPOTrainer(engine, backend, tokenizer, ppo_config, generator=generator)
     engines = {"actor": engine.actor} | ({"critic": engine.critic} if engine.critic is not None else {})
     if engine.actor_ema is not None:

@@ -1,0 +1,99 @@
+"""The typed step configs (`dschat_hal/configs.py`) and the command line built from them (issue #31):
+every flag keeps the name, default, choices and help it had, a config and its flags map both ways, and
+the configs load without torch (`--help` is answered before torch loads)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from dschat_hal import args as cli
+from dschat_hal.configs import DPOStepConfig, RLHFModelConfig, Step1Config, Step2Config, Step3Config
+
+# the four parsers' flags as the hand-written argparse code defined them before the configs (issue #31)
+SNAPSHOT = json.loads((Path(__file__).parent / "data" / "parser_flags.json").read_text())
+PARSERS = {
+    "step1_parser": Step1Config,
+    "step2_parser": Step2Config,
+    "dpo_parser": DPOStepConfig,
+    "step3_parser": Step3Config,
+}
+RENAMED_TYPES = {"_bool": "parse_bool"}  # args._bool moved to configs.parse_bool, the same function
+REQUIRED = {"step3_parser": ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c"]}
+
+
+def _flags(parser) -> dict:
+    return {
+        a.dest: {
+            "flags": a.option_strings,
+            "default": a.default,
+            "choices": list(a.choices) if a.choices else None,
+            "help": a.help,
+            "nargs": a.nargs,
+            "required": a.required,
+            "const": a.const,
+            "type": getattr(a.type, "__name__", None),
+            "metavar": a.metavar,
+            "action": type(a).__name__,
+        }
+        for a in parser._actions
+        if a.dest != "help"
+    }
+
+
+@pytest.mark.parametrize("name", PARSERS)
+def test_every_flag_keeps_its_name_default_choices_and_help(name):
+    parser, before = getattr(cli, name)(), SNAPSHOT[name]
+    now = json.loads(json.dumps(_flags(parser), default=str))
+    assert sorted(now) == sorted(before["actions"])
+    for dest, was in before["actions"].items():
+        was = {**was, "type": RENAMED_TYPES.get(was["type"], was["type"])}
+        assert now[dest] == was, dest
+    assert parser.description == before["description"]
+    assert [sorted(a.dest for a in g._group_actions) for g in parser._mutually_exclusive_groups] == before["exclusive"]
+    for dest, value in before["set_defaults"].items():  # the step's own defaults (lr, output name, ...)
+        assert parser.get_default(dest) == value, dest
+
+
+@pytest.mark.parametrize("name", PARSERS)
+def test_a_config_and_its_flags_map_both_ways(name):
+    """The parsed defaults are the config's defaults, and parsed flags give a config that gives them back."""
+    config_class, parser = PARSERS[name], getattr(cli, name)()
+    required = REQUIRED.get(name, [])
+    parsed = parser.parse_args(required)
+    made = Step3Config(models=RLHFModelConfig("a", "c")) if config_class is Step3Config else config_class()
+    flags = {k: v for k, v in vars(parsed).items() if k != "output_name"}
+    assert cli.to_flags(made) == flags
+    assert cli.to_config(parsed, config_class) == made
+    changed = parser.parse_args([*required, "--seed", "7", "--data_path", "x", "y", "--bucket_lengths", "8", "16"])
+    config = cli.to_config(changed, config_class)
+    assert (config.hardware.seed, config.data.data_path, config.hardware.bucket_lengths) == (7, ["x", "y"], [8, 16])
+    assert cli.to_flags(config) == {k: v for k, v in vars(changed).items() if k != "output_name"}
+
+
+def test_step3_prefixed_parts_and_step_defaults():
+    args = cli.step3_parser().parse_args(
+        [*REQUIRED["step3_parser"], "--actor_zero_stage", "3", "--critic_lora_dim", "4", "--kl_ctl", "0.2"]
+    )
+    config = cli.to_config(args, Step3Config)
+    assert (config.actor.zero_stage, config.critic.zero_stage, config.critic.lora_dim) == (3, 0, 4)
+    assert config.ppo.kl_ctl == 0.2 and config.models.actor_model_name_or_path == "a"
+    plain = Step3Config(models=RLHFModelConfig("a", "c"))
+    rates = (plain.actor.learning_rate, plain.critic.learning_rate)
+    assert rates == (9.65e-6, 5e-6) and plain.schedule.num_warmup_steps == 100
+    assert plain.logging.tensorboard_path == "step3_tensorboard" and plain.has_critic()
+    assert Step1Config().optim.learning_rate == 1e-3 and Step2Config().optim.learning_rate == 5e-5
+
+
+def test_the_configs_and_the_parsers_load_without_torch():
+    code = (
+        "import sys, dschat_hal.configs, dschat_hal.args as a; a.step3_parser(); "
+        "heavy = {'torch', 'transformers', 'deepspeed'} & set(sys.modules); assert not heavy, heavy"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
