@@ -595,7 +595,7 @@ def validate_numbers(args: argparse.Namespace) -> None:
     if "label_smoothing" in present and not 0.0 <= args.label_smoothing < 0.5:
         raise UserError(f"--label_smoothing must be in [0, 0.5) (got {args.label_smoothing}); 0 is plain DPO")
     if "reference_zero_stage" in present:
-        from dschat_hal.rlhf.placement import FROZEN, fixed_placement
+        from dschat_hal.decisions import FROZEN, fixed_placement
 
         for name in FROZEN:
             fixed_placement(args, name)  # ZeRO-0 with offload: one line naming both flags

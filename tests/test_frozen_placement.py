@@ -1,8 +1,10 @@
-"""Where step 3's frozen models live (dschat_hal/rlhf/placement.py): the rule, the memory plan that
-uses it, and a two-process ZeRO-3 run whose replicated reference/reward score as partitioned ones do."""
+"""Where step 3's frozen models live (one of the run's decisions, dschat_hal/decisions.py): the rule, the
+memory plan that measures for it and counts it, and a two-process ZeRO-3 run whose replicated
+reference/reward score as partitioned ones do."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,7 +16,6 @@ from conftest import ROOT
 from dschat_hal import memory_plan
 from dschat_hal.args import step3_parser, validate_numbers
 from dschat_hal.errors import UserError
-from dschat_hal.rlhf.placement import placement_of, resolve_frozen_placement, store_placement
 
 CONFIGS = ROOT / "benchmarks" / "model_configs"
 GiB = 1024**3
@@ -26,6 +27,11 @@ def _args(*flags: str, actor: str = "opt-1.3b", critic: str = "opt-350m"):
 
 
 ZERO3 = ("--actor_zero_stage", "3", "--critic_zero_stage", "3")
+
+
+def resolve_frozen_placement(args, device: str, ranks: int, memory: float | None) -> dict:
+    """The frozen models' placement the run decides for this device, ranks and memory."""
+    return memory_plan.decide_for(args, device, ranks, memory).placements
 
 
 def _stages(placement) -> dict:
@@ -100,12 +106,17 @@ def test_zero0_with_offload_is_refused_in_one_line():
     assert "\n" not in str(err.value)
 
 
-def test_a_stored_placement_is_what_plan_and_engine_use():
+def test_the_decisions_given_are_what_the_plan_counts():
     args = _args(*ZERO3)
-    store_placement(args, resolve_frozen_placement(args, "cuda", 8, None))
-    assert placement_of(args, "reference").stage == 3
-    plan = memory_plan.build(args, 3, "cuda", 8, 80 * GiB)  # a plan with more memory keeps the stored one
+    decisions = memory_plan.decide_for(args, "cuda", 8, None)
+    assert decisions.reference.stage == 3
+    plan = memory_plan.build(args, 3, "cuda", 8, 80 * GiB, decisions)  # more memory: the given decisions hold
     assert any(note.startswith("reference partitioned") for note in plan.notes)
+    assert any(
+        note.startswith("reference replicated") for note in memory_plan.build(args, 3, "cuda", 8, 80 * GiB).notes
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decisions.reference = decisions.reward
 
 
 def test_dry_run_shows_the_placement(capsys):

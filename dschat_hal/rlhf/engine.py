@@ -10,21 +10,13 @@ import time
 import torch
 
 from accel import Accelerator
+from dschat_hal.decisions import RunDecisions, ppo_dropout
 from dschat_hal.models import create_lm, create_reward_model, model_family
-from dschat_hal.rlhf.advantages import has_critic
-from dschat_hal.rlhf.placement import placement_of
 from dschat_hal.runtime import apply_lora, engine_from_flags, inference_engine, zero3_load_config
 
 log = logging.getLogger(__name__)
 
 EMA_BETA = 0.992
-
-
-def ppo_dropout(flag: float | None) -> float:
-    """Step 3's dropout rate: the flag's when given, else 0. The old log-probs and values come from
-    eval-mode forwards and the new ones from train mode, so any dropout moves the PPO ratio off 1
-    (and clips) on the first epoch with unchanged weights; TRL turns dropout off for the same reason."""
-    return 0.0 if flag is None else flag
 
 
 def mixed_precision_lora_config(backend: Accelerator, args: argparse.Namespace) -> dict:
@@ -48,21 +40,24 @@ def mixed_precision_lora_config(backend: Accelerator, args: argparse.Namespace) 
 
 
 class RLHFEngine:
-    """Actor and critic (trained), reference and reward (frozen), and an optional actor EMA. The critic
-    is None when the advantage estimator uses none (`--advantage_estimator` other than gae)."""
+    """Actor and critic (trained), reference and reward (frozen), and an optional actor EMA, built as
+    the run's `decisions` say: the frozen models where they place them, no critic when the advantage
+    estimator uses none (`--advantage_estimator` other than gae)."""
 
-    def __init__(self, backend: Accelerator, args: argparse.Namespace, tokenizer, num_total_iters: int) -> None:
-        self.backend, self.args, self.tokenizer = backend, args, tokenizer
+    def __init__(
+        self, backend: Accelerator, args: argparse.Namespace, tokenizer, num_total_iters: int, decisions: RunDecisions
+    ) -> None:
+        self.backend, self.args, self.tokenizer, self.decisions = backend, args, tokenizer, decisions
         self.critic_family = model_family(args.critic_model_name_or_path)
         self.actor = self._timed("actor", self._init_actor, num_total_iters)
-        reference = placement_of(args, "reference")
+        reference = decisions.reference
         self.ref = self._timed("reference", self._init_frozen_actor, reference.stage, reference.offload)
         self.actor_ema = (
             self._timed("actor EMA", self._init_frozen_actor, args.actor_zero_stage, offload=True, lora=True)
             if args.enable_ema
             else None
         )
-        self.critic = self._timed("critic", self._init_critic, num_total_iters) if has_critic(args) else None
+        self.critic = self._timed("critic", self._init_critic, num_total_iters) if decisions.critic else None
         self.reward = self._timed("reward", self._init_reward)
 
     @staticmethod
@@ -155,7 +150,7 @@ class RLHFEngine:
         )
 
     def _init_reward(self):
-        placement = placement_of(self.args, "reward")
+        placement = self.decisions.reward
         return inference_engine(
             self.backend,
             self._critic_model(fp32_loss=True, stage=placement.stage),

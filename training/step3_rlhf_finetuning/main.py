@@ -23,6 +23,7 @@ import torch
 from dschat_hal import memory_plan
 from dschat_hal.data import Collator, DataSpec, cache_dir_for, load_or_build
 from dschat_hal.data.unsupervised import block_dataset, collate_blocks, read_texts
+from dschat_hal.decisions import FROZEN, RunDecisions, experience_rows
 from dschat_hal.errors import UserError, cli_entry
 from dschat_hal.faults import fault_point
 from dschat_hal.loop import (
@@ -46,19 +47,10 @@ from dschat_hal.provenance import write_record
 from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.evaluation import mean_reward
 from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine
-from dschat_hal.rlhf.placement import FROZEN, placement_of, store_placement
 from dschat_hal.rlhf.reward_shaping import ClipWarning
 from dschat_hal.rlhf.schedule import step3_plan, warmup_warning
 from dschat_hal.rlhf.tensor_parallel import check_tp_args, make_hybrid_engine
-from dschat_hal.rlhf.trainer import (
-    PPOConfig,
-    PPOTrainer,
-    experience_rows,
-    generation_config,
-    materialize,
-    old_logprobs_from_training,
-    old_values_from_training,
-)
+from dschat_hal.rlhf.trainer import PPOConfig, PPOTrainer, generation_config, materialize
 from dschat_hal.runtime import (
     ScalarWriter,
     dataloader,
@@ -119,7 +111,8 @@ def speeds(record: dict[str, float], step_seconds: float, eta: float) -> dict[st
 
 
 def make_generator(engine: RLHFEngine, backend, config: GenerationConfig, args) -> HybridEngine | None:
-    """The hybrid engine with --enable_hybrid_engine, else None (the trainer's plain `generate`)."""
+    """The hybrid engine with --enable_hybrid_engine, else None (the trainer's plain `generate`); a
+    ZeRO-3 actor gathered in the layer groups the run's decisions name."""
     if not args.enable_hybrid_engine:
         return None
     return make_hybrid_engine(
@@ -128,16 +121,36 @@ def make_generator(engine: RLHFEngine, backend, config: GenerationConfig, args) 
         config,
         inference_tp_size=args.inference_tp_size,
         dtype=args.dtype_resolved,
-        gather_group_layers=args.tp_gather_partition_size,
+        gather_group_layers=engine.decisions.gather_group_layers,
         release_inference_cache=args.release_inference_cache,
         unpin_actor_parameters=args.unpin_actor_parameters,
     )
 
 
+def reuse_lines(decisions: RunDecisions) -> list[str]:
+    """The start-up lines saying where the old log-probs and values come from."""
+    reuse_reason, values_reason = decisions.old_logprobs_from_training, decisions.old_values_from_training
+    reused = [
+        what
+        for what, reason in (("actor's old log-probs", reuse_reason), ("critic's old values", values_reason))
+        if reason
+    ]
+    lines = []
+    if reused:
+        lines.append(
+            f"step 3: the {' and the '.join(reused)} come from the training forwards "
+            f"({reuse_reason or values_reason}: the same weights; --recompute_old_logprobs computes them apart)"
+        )
+    if decisions.critic_graph_refused:
+        lines.append("step 3: the critic's old values come from an experience forward: the memory plan does not fit "
+                     "with the critic's graph kept through the actor's update")  # fmt: skip
+    return lines
+
+
 def save_models(engine: RLHFEngine, tokenizer, output_dir: str, args=None) -> None:
     """Actor, critic (when there is one) and EMA written in full, then published together by one
-    rename: a kill never leaves a new actor beside an old critic; with them `args.json` and
-    `made_by.json` (when `args` is given). Collective under ZeRO-3."""
+    rename: a kill never leaves a new actor beside an old critic; with them `args.json` (the flags and
+    the run's decisions) and `made_by.json` (when `args` is given). Collective under ZeRO-3."""
     with atomic_directory(output_dir, enabled=is_rank0()) as tmp:
         base = (
             None
@@ -151,7 +164,7 @@ def save_models(engine: RLHFEngine, tokenizer, output_dir: str, args=None) -> No
         if engine.actor_ema is not None:
             write_lm(engine.actor_ema.module, tokenizer, tmp / "actor_ema" if tmp else None)
         if args is not None:
-            write_record(tmp, args, "step3")
+            write_record(tmp, {**vars(args), **engine.decisions.record()}, "step3")
 
 
 def at_optimizer_boundary(engines: dict) -> bool:
@@ -240,11 +253,10 @@ def main(argv: list[str]) -> dict:
     )
     claim_outputs(args)
     backend = setup(args)
-    store_placement(args, memory_plan.frozen_placement(args, backend))  # one decision for plan, engines and log
-    values_reason = memory_plan.keep_critic_graph(args, backend)  # likewise
-    memory_plan.check(args, 3, backend)  # before any weights are loaded
+    decisions = memory_plan.decide(args, backend)  # once, for the plan, the engines, the trainer and the log
+    memory_plan.check(args, 3, backend, decisions)  # before any weights are loaded
     for name in FROZEN:
-        print_rank0(placement_of(args, name).describe(name, world_size()))
+        print_rank0(decisions.placements[name].describe(name, world_size()))
     if args.align_overflow and args.dtype_resolved == torch.float16:
         raise UserError(
             "--align_overflow with fp16 needs DeepSpeed's external overflow check and skip_step, which "
@@ -287,8 +299,7 @@ def main(argv: list[str]) -> dict:
         unsup_loader = dataloader(blocks, collate_blocks, unsup_rows, args.seed)
 
     micro_batches, total_iters = step3_plan(args, loader, unsup_loader)
-    engine = RLHFEngine(backend, args, tokenizer, total_iters)
-    reuse_reason = old_logprobs_from_training(args)
+    engine = RLHFEngine(backend, args, tokenizer, total_iters, decisions)
     ppo_config = PPOConfig(
         max_answer_seq_len=args.max_answer_seq_len,
         kl_ctl=args.kl_ctl,
@@ -303,8 +314,8 @@ def main(argv: list[str]) -> dict:
         reward_center=reward_center,
         normalize_reward=args.normalize_reward,
         whiten_advantages=args.whiten_advantages,
-        old_logprobs_from_training=reuse_reason is not None,
-        old_values_from_training=values_reason is not None,
+        old_logprobs_from_training=decisions.old_logprobs_from_training is not None,
+        old_values_from_training=decisions.critic_graph_kept,
         advantage_estimator=args.advantage_estimator,
         n_samples_per_prompt=args.n_samples_per_prompt,
         dr_grpo=args.dr_grpo,
@@ -332,19 +343,8 @@ def main(argv: list[str]) -> dict:
     warning = warmup_warning(args.num_warmup_steps, total_iters, args.max_steps)
     if warning and is_rank0():
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    reused = [
-        what
-        for what, reason in (("actor's old log-probs", reuse_reason), ("critic's old values", values_reason))
-        if reason
-    ]
-    if reused:
-        print_rank0(
-            f"step 3: the {' and the '.join(reused)} come from the training forwards "
-            f"({reuse_reason or values_reason}: the same weights; --recompute_old_logprobs computes them apart)"
-        )
-    if values_reason is None and old_values_from_training(args):
-        print_rank0("step 3: the critic's old values come from an experience forward: the memory plan does not fit "
-                    "with the critic's graph kept through the actor's update")  # fmt: skip
+    for line in reuse_lines(decisions):
+        print_rank0(line)
     if reward_center is not None:
         print_rank0(f"rewards centred: the reward model's mean training score {reward_center:.3f} is subtracted")
 
