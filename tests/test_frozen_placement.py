@@ -169,3 +169,33 @@ def test_an_explicit_replica_that_does_not_fit_gets_the_fix_of_partitioning_it()
     plan = memory_plan.build(args, 3, "cuda", 8, 40 * GiB)
     assert plan.fits is False
     assert memory_plan.find_fix(args, plan) == ["--reference_zero_stage 3"]
+
+
+def test_the_dry_run_plans_what_the_run_decides():
+    """The frozen models are placed first (the critic's graph not kept), then the critic's graph is kept
+    where the plan still fits with it: planned alone (`--dry_run`, training/plan.py) as the run decides,
+    even where keeping the graph would fit only with both frozen models partitioned."""
+    from dschat_hal.decisions import Placement
+
+    args = _args(*ZERO3)
+    unknown = memory_plan.decide_for(args, "cuda", 8, None)
+    assert unknown.critic_graph_kept
+
+    def peak(reward_stage: int, kept: bool) -> float:
+        trial = dataclasses.replace(
+            unknown,
+            reference=Placement(3, False, "trial"),
+            reward=Placement(reward_stage, False, "trial"),
+            old_values_from_training=unknown.old_values_from_training if kept else None,
+        )
+        return memory_plan.build(args, 3, "cuda", 8, None, trial).peak.total
+
+    budget = (peak(3, kept=True) + peak(0, kept=True)) / 2  # the graph kept fits with both partitioned only
+    flags = ("--device", "cuda", "--num_devices", "8", "--device_memory", f"{budget / memory_plan.FIT_FRACTION:.0f}B")
+    args = _args(*ZERO3, *flags)
+    decided = memory_plan.decide(args)
+    assert _stages(decided.placements) == {"reference": (0, False), "reward": (0, False)}
+    assert not decided.critic_graph_kept and decided.critic_graph_refused
+    plan = memory_plan.plan_for(args, 3)
+    assert plan.fits and any(note.startswith("reference replicated") for note in plan.notes)
+    assert not any("kept through" in part for phase in plan.phases for part in phase.parts)
