@@ -85,9 +85,7 @@ def plans(run: tuple) -> list:
     out = []
     for step in (1, 2, 3):
         args = parsers[step]().parse_args(argvs[step])
-        if step == 3:  # as the run decides it
-            memory_plan.decide_critic_graph(args, "gpu", ranks, size)
-        plan = memory_plan.build(args, step, "gpu", ranks, size)
+        plan = memory_plan.build(args, step, "gpu", ranks, size)  # step 3: decided as the run decides
         if plan.fits is False:
             plan.fix = memory_plan.find_fix(args, plan)
         out.append(plan)
@@ -122,33 +120,41 @@ def settings() -> list[str]:
 
 
 def _step3_args(run: tuple, extra: str) -> argparse.Namespace:
-    """Step 3's parsed flags of `run` with `extra` appended, as the run decides them."""
-    from dschat_hal import memory_plan
+    """Step 3's parsed flags of `run` with `extra` appended."""
     from dschat_hal.args import step3_parser
 
-    _, actor, critic, _, ranks, memory, _, _, flags3 = run
+    _, actor, critic, _, _, _, _, _, flags3 = run
     argv = ["--actor_model_name_or_path", str(CONFIGS / actor), "--critic_model_name_or_path", str(CONFIGS / critic)]
-    args = step3_parser().parse_args([*argv, "--dtype", "fp16", *flags3.split(), *extra.split()])
-    memory_plan.decide_critic_graph(args, "gpu", ranks, memory_plan.parse_bytes(memory))
-    return args
+    return step3_parser().parse_args([*argv, "--dtype", "fp16", *flags3.split(), *extra.split()])
 
 
 def estimator_rows() -> list[str]:
     """One markdown row per Llama-2 recipe: step 3's peak per rank with each of ESTIMATORS (frozen
     models placed as the run places them), and the critic-free peaks as a share of PPO's, as run and
     with the reference and reward placed as PPO's run places them."""
+    import dataclasses
+
     from dschat_hal import memory_plan
-    from dschat_hal.memory_plan.phases import rlhf_plan
-    from dschat_hal.rlhf.placement import resolve_frozen_placement
 
     out = []
     for run in (r for r in RUNS if r[0] in ESTIMATOR_RUNS):
         name, _, critic, hardware, ranks, memory, *_ = run
         size = memory_plan.parse_bytes(memory)
         argses = [_step3_args(run, extra) for _, extra in ESTIMATORS]
-        peaks = [memory_plan.build(args, 3, "gpu", ranks, size) for args in argses]
-        ppo_placement = resolve_frozen_placement(argses[0], "gpu", ranks, size)
-        pinned = [rlhf_plan(args, "gpu", ranks, size, ppo_placement) for args in argses[1:]]
+        decided = [memory_plan.decide_for(args, "gpu", ranks, size) for args in argses]
+        peaks = [memory_plan.build(args, 3, "gpu", ranks, size, d) for args, d in zip(argses, decided, strict=True)]
+        ppo_decided = decided[0]  # the critic-free runs with the reference and reward where PPO's run places them
+        pinned = [
+            memory_plan.build(
+                args,
+                3,
+                "gpu",
+                ranks,
+                size,
+                dataclasses.replace(d, reference=ppo_decided.reference, reward=ppo_decided.reward),
+            )
+            for args, d in zip(argses[1:], decided[1:], strict=True)
+        ]
         ppo = peaks[0].peak.total
         cells = [name, critic.upper().replace("LLAMA", "Llama"), hardware]
         cells += [f"{p.peak.total / GIB:.1f} ({p.peak.name})" for p in peaks]

@@ -23,6 +23,7 @@ from dschat_hal.configs import (  # noqa: F401  (PROMPT_FORMATS, ATTN_*, NUM_PAD
     Step1Config,
     Step2Config,
     Step3Config,
+    to_flags,
 )
 
 C = TypeVar("C")
@@ -117,18 +118,6 @@ def _from_flags(flags: dict, cls: type[C], prefix: str) -> C:
         else:
             values[f.name] = flags[prefix + f.name]
     return cls(**values)
-
-
-def to_flags(config: object, prefix: str = "") -> dict:
-    """A config as the flags' values (dest -> value), as the command line would give them."""
-    flags = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if "config" in f.metadata:
-            flags.update(to_flags(value, prefix + f.metadata["prefix"]))
-        else:
-            flags[prefix + f.name] = value
-    return flags
 
 
 def step1_parser() -> argparse.ArgumentParser:
@@ -243,7 +232,7 @@ def validate_numbers(args: argparse.Namespace) -> None:
     if "label_smoothing" in present and not 0.0 <= args.label_smoothing < 0.5:
         raise UserError(f"--label_smoothing must be in [0, 0.5) (got {args.label_smoothing}); 0 is plain DPO")
     if "reference_zero_stage" in present:
-        from dschat_hal.rlhf.placement import FROZEN, fixed_placement
+        from dschat_hal.decisions import FROZEN, fixed_placement
 
         for name in FROZEN:
             fixed_placement(args, name)  # ZeRO-0 with offload: one line naming both flags

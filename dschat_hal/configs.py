@@ -379,7 +379,7 @@ class RLHFModelConfig:
 
 @dataclass
 class FrozenModelsConfig:
-    """Where step 3's frozen models (reference, reward) live (`dschat_hal/rlhf/placement.py`)."""
+    """Where step 3's frozen models (reference, reward) live (`dschat_hal/decisions.py`)."""
 
     offload_reference_model: bool = switch("ZeRO-Offload the reference model")
     offload_reward_model: bool = switch("ZeRO-Offload the reward model")
@@ -573,3 +573,15 @@ class Step3Config:
 
 
 STEP_CONFIGS = (Step1Config, Step2Config, DPOStepConfig, Step3Config)
+
+
+def to_flags(config: object, prefix: str = "") -> dict:
+    """A config as the flags' values (dest -> value), as the command line would give them."""
+    flags = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if "config" in f.metadata:
+            flags.update(to_flags(value, prefix + f.metadata["prefix"]))
+        else:
+            flags[prefix + f.name] = value
+    return flags

@@ -69,13 +69,13 @@ def pair_logps(logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.
 
 
 def reference_placement(args):
-    """Where the frozen reference lives, by step 3's rule for its reference (`dschat_hal.rlhf.placement`):
+    """Where the frozen reference lives, by step 3's rule for its reference (`dschat_hal.decisions`):
     replicated (ZeRO-0) unless the trained model is ZeRO-3, `--reference_zero_stage 3` or
     `--offload_reference_model` partition it (without a memory plan for DPO, a ZeRO-3 model's
     reference is partitioned, upstream's rule)."""
     import argparse
 
-    from dschat_hal.rlhf.placement import Placement, fixed_placement
+    from dschat_hal.decisions import Placement, fixed_placement
 
     view = argparse.Namespace(
         actor_zero_stage=args.zero_stage,

@@ -75,7 +75,7 @@ def eval_ds_config(
     accelerator: Accelerator, dtype: torch.dtype, stage: int, offload: bool, micro_batch: int, world_size: int
 ) -> dict[str, Any]:
     """Config for models that only run forward (reference, reward): ZeRO-3 (`offload`: parameters in
-    host memory) or plain replication; `dschat_hal.rlhf.placement` decides which."""
+    host memory) or plain replication; `dschat_hal.decisions` decides which."""
     return {
         "train_batch_size": micro_batch * world_size,
         "train_micro_batch_size_per_gpu": micro_batch,

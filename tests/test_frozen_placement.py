@@ -1,8 +1,10 @@
-"""Where step 3's frozen models live (dschat_hal/rlhf/placement.py): the rule, the memory plan that
-uses it, and a two-process ZeRO-3 run whose replicated reference/reward score as partitioned ones do."""
+"""Where step 3's frozen models live (one of the run's decisions, dschat_hal/decisions.py): the rule, the
+memory plan that measures for it and counts it, and a two-process ZeRO-3 run whose replicated
+reference/reward score as partitioned ones do."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,7 +16,6 @@ from conftest import ROOT
 from dschat_hal import memory_plan
 from dschat_hal.args import step3_parser, validate_numbers
 from dschat_hal.errors import UserError
-from dschat_hal.rlhf.placement import placement_of, resolve_frozen_placement, store_placement
 
 CONFIGS = ROOT / "benchmarks" / "model_configs"
 GiB = 1024**3
@@ -26,6 +27,11 @@ def _args(*flags: str, actor: str = "opt-1.3b", critic: str = "opt-350m"):
 
 
 ZERO3 = ("--actor_zero_stage", "3", "--critic_zero_stage", "3")
+
+
+def resolve_frozen_placement(args, device: str, ranks: int, memory: float | None) -> dict:
+    """The frozen models' placement the run decides for this device, ranks and memory."""
+    return memory_plan.decide_for(args, device, ranks, memory).placements
 
 
 def _stages(placement) -> dict:
@@ -100,12 +106,17 @@ def test_zero0_with_offload_is_refused_in_one_line():
     assert "\n" not in str(err.value)
 
 
-def test_a_stored_placement_is_what_plan_and_engine_use():
+def test_the_decisions_given_are_what_the_plan_counts():
     args = _args(*ZERO3)
-    store_placement(args, resolve_frozen_placement(args, "cuda", 8, None))
-    assert placement_of(args, "reference").stage == 3
-    plan = memory_plan.build(args, 3, "cuda", 8, 80 * GiB)  # a plan with more memory keeps the stored one
+    decisions = memory_plan.decide_for(args, "cuda", 8, None)
+    assert decisions.reference.stage == 3
+    plan = memory_plan.build(args, 3, "cuda", 8, 80 * GiB, decisions)  # more memory: the given decisions hold
     assert any(note.startswith("reference partitioned") for note in plan.notes)
+    assert any(
+        note.startswith("reference replicated") for note in memory_plan.build(args, 3, "cuda", 8, 80 * GiB).notes
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decisions.reference = decisions.reward
 
 
 def test_dry_run_shows_the_placement(capsys):
@@ -158,3 +169,33 @@ def test_an_explicit_replica_that_does_not_fit_gets_the_fix_of_partitioning_it()
     plan = memory_plan.build(args, 3, "cuda", 8, 40 * GiB)
     assert plan.fits is False
     assert memory_plan.find_fix(args, plan) == ["--reference_zero_stage 3"]
+
+
+def test_the_dry_run_plans_what_the_run_decides():
+    """The frozen models are placed first (the critic's graph not kept), then the critic's graph is kept
+    where the plan still fits with it: planned alone (`--dry_run`, training/plan.py) as the run decides,
+    even where keeping the graph would fit only with both frozen models partitioned."""
+    from dschat_hal.decisions import Placement
+
+    args = _args(*ZERO3)
+    unknown = memory_plan.decide_for(args, "cuda", 8, None)
+    assert unknown.critic_graph_kept
+
+    def peak(reward_stage: int, kept: bool) -> float:
+        trial = dataclasses.replace(
+            unknown,
+            reference=Placement(3, False, "trial"),
+            reward=Placement(reward_stage, False, "trial"),
+            old_values_from_training=unknown.old_values_from_training if kept else None,
+        )
+        return memory_plan.build(args, 3, "cuda", 8, None, trial).peak.total
+
+    budget = (peak(3, kept=True) + peak(0, kept=True)) / 2  # the graph kept fits with both partitioned only
+    flags = ("--device", "cuda", "--num_devices", "8", "--device_memory", f"{budget / memory_plan.FIT_FRACTION:.0f}B")
+    args = _args(*ZERO3, *flags)
+    decided = memory_plan.decide(args)
+    assert _stages(decided.placements) == {"reference": (0, False), "reward": (0, False)}
+    assert not decided.critic_graph_kept and decided.critic_graph_refused
+    plan = memory_plan.plan_for(args, 3)
+    assert plan.fits and any(note.startswith("reference replicated") for note in plan.notes)
+    assert not any("kept through" in part for phase in plan.phases for part in phase.parts)

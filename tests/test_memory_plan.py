@@ -194,9 +194,10 @@ def test_the_critic_graph_is_kept_through_the_actors_update_only_where_the_plan_
     flags, ranks, memory = PUBLISHED["OPT-13B on 8x A100-40G"]
     big = _step3(*flags, "--device", "cuda", "--dtype", "fp16", "--num_devices", str(ranks), "--device_memory", memory)
     small = _step3("opt-1.3b", "--device", "cuda", "--dtype", "fp16", "--num_devices", "8", "--device_memory", "80GiB")
-    assert memory_plan.keep_critic_graph(big) is None and big.critic_graph_kept is False
-    assert memory_plan.keep_critic_graph(small) is not None and small.critic_graph_kept is True
-    training = {p.name: p for p in memory_plan.plan_for(small, 3).phases}["training"]
+    big_decided, small_decided = memory_plan.decide(big), memory_plan.decide(small)
+    assert not big_decided.critic_graph_kept and big_decided.critic_graph_refused  # the flags allow it: it does not fit
+    assert small_decided.old_values_from_training is not None and small_decided.critic_graph_kept
+    training = {p.name: p for p in memory_plan.plan_for(small, 3, decisions=small_decided).phases}["training"]
     assert (
         "critic activations (kept through the actor's update)" in training.parts
         and "actor activations" in training.parts
@@ -204,7 +205,7 @@ def test_the_critic_graph_is_kept_through_the_actors_update_only_where_the_plan_
     forced = _step3(
         "opt-1.3b", "--device", "cuda", "--num_devices", "8", "--device_memory", "80GiB", "--recompute_old_logprobs"
     )
-    assert memory_plan.keep_critic_graph(forced) is None
+    assert not memory_plan.decide(forced).critic_graph_kept and not memory_plan.decide(forced).critic_graph_refused
     apart = {p.name: p for p in memory_plan.plan_for(forced, 3).phases}["training"]
     assert training.total > apart.total  # both models' activations at once cost memory
 

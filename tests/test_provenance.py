@@ -33,6 +33,7 @@ def test_each_step_output_of_the_demo_records_its_flags_and_versions(e2e_output)
     assert actor["output_dir"] == str(e2e_output / "actor") and "seed" in actor and "lora_dim" in actor
     assert reward["output_dir"] == str(e2e_output / "reward") and "per_device_train_batch_size" in reward
     assert rlhf["critic_model_name_or_path"] == str(e2e_output / "reward") and "actor_learning_rate" in rlhf
+    assert rlhf["reference_placement"].startswith("Placement(stage=") and rlhf["critic_graph_kept"] in (True, False)
     assert e2e["output_dir"] and e2e["step"] == [1, 2, 3]
 
 

@@ -219,6 +219,7 @@ def test_bloom_final_norm_is_reset_under_a_new_value_head():
 
 def test_offload_reward_model_reaches_the_reward_engine(monkeypatch):
     from dschat_hal.configs import FrozenModelsConfig, OptimConfig, PPOConfig, RLHFModelConfig, Step3Config
+    from dschat_hal.decisions import unplanned_decisions
 
     calls = []
     monkeypatch.setattr(rlhf_engine, "frozen_engine", lambda *a, **kw: calls.append(kw) or "engine")
@@ -231,7 +232,7 @@ def test_offload_reward_model_reaches_the_reward_engine(monkeypatch):
         )
         engine = object.__new__(rlhf_engine.RLHFEngine)
         engine.backend, engine.config, engine.dtype = None, config, torch.float32
-        engine.placements = rlhf_engine.unplanned_placements(config)
+        engine.decisions = unplanned_decisions(config)
         engine._critic_model = lambda fp32_loss, stage=None: torch.nn.Linear(1, 1)
         assert engine._init_reward() == "engine"
     assert [(c["stage"], c["offload"]) for c in calls] == [(3, False), (3, True)]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from dschat_hal.args import PROMPT_FORMATS  # noqa: F401  (defined with the flags: chat's `--help` needs no torch)
 from dschat_hal.errors import UserError
 
 _MARKER = re.compile(r"\s*\b(Human|Assistant):\s*")

@@ -7,7 +7,7 @@ No weights are read: parameter counts come from building each model on the meta 
   own estimators use the same accounting: `tests/test_memory_plan.py` holds them equal), with
   `--offload` moving the optimizer's part (ZeRO-3: the parameters too) to host memory;
 - frozen models (reference, reward, EMA): their weights in the training dtype (ZeRO-3: 1/N), the
-  reference and reward as `dschat_hal.rlhf.placement` places them (replicated where they fit);
+  reference and reward where the run's decisions (`dschat_hal.decisions`) place them (replicated where they fit);
 - activations kept for the backward pass (per layer and token: the inputs of every matmul, norm and
   activation function; with gradient checkpointing one hidden state per layer plus one layer
   recomputed), the logits and the loss's copies of them;
@@ -26,9 +26,10 @@ import argparse
 import os
 import re
 
+from dschat_hal.decisions import RunDecisions
 from dschat_hal.memory_plan.estimates import layer_bytes, training_activations, training_states
 from dschat_hal.memory_plan.fixes import find_fix
-from dschat_hal.memory_plan.phases import CPU_BASELINE_BYTES, FIT_FRACTION, GiB, MiB, Phase, Plan, build
+from dschat_hal.memory_plan.phases import CPU_BASELINE_BYTES, FIT_FRACTION, GiB, MiB, Phase, Plan, build, decide_for
 from dschat_hal.memory_plan.shapes import Shape, model_shape
 
 __all__ = [
@@ -39,9 +40,10 @@ __all__ = [
     "Shape",
     "build",
     "check",
+    "decide",
+    "decide_for",
     "dry_run",
     "find_fix",
-    "frozen_placement",
     "layer_bytes",
     "model_shape",
     "parse_bytes",
@@ -192,12 +194,11 @@ def _locate(args: argparse.Namespace, backend=None) -> tuple[str, int, float | N
     return device, ranks, device_memory(args, device, backend), 1 if given else ranks_sharing(args, backend)
 
 
-def plan_for(args: argparse.Namespace, step: int, backend=None) -> Plan:
-    """The plan of `args` for `step`, with the fix when it does not fit."""
-    if step == 3 and not hasattr(args, "critic_graph_kept"):
-        keep_critic_graph(args, backend)
+def plan_for(args: argparse.Namespace, step: int, backend=None, decisions: RunDecisions | None = None) -> Plan:
+    """The plan of `args` for `step`, with the fix when it does not fit; step 3 with `decisions`
+    (default: decided here, as `decide` would)."""
     device, ranks, memory, sharing = _locate(args, backend)
-    plan = build(args, step, device, ranks, memory)
+    plan = build(args, step, device, ranks, memory, decisions)
     if memory is not None and sharing > 1:
         plan.notes.append(f"host memory shared by the {sharing} ranks on this host: {_gib(memory)} each")
     if plan.fits is False:
@@ -205,35 +206,13 @@ def plan_for(args: argparse.Namespace, step: int, backend=None) -> Plan:
     return plan
 
 
-def frozen_placement(args: argparse.Namespace, backend=None) -> dict:
-    """Step 3's reference/reward placement for the device, ranks and memory the plan uses."""
-    from dschat_hal.rlhf.placement import resolve_frozen_placement
-
-    return resolve_frozen_placement(args, *_where(args, backend))
-
-
-def keep_critic_graph(args: argparse.Namespace, backend=None) -> str | None:
-    """Step 3: why the critic's old values come from its training forward, or None (`decide_critic_graph`
-    for this device, its ranks and memory). Rank 0's decision on every rank."""
+def decide(args: argparse.Namespace, backend=None) -> RunDecisions:
+    """Step 3's decisions (`dschat_hal.decisions`) for the device, ranks and memory the plan uses,
+    rank 0's on every rank (each rank measures its own free memory, and ranks that partitioned
+    differently would wait on each other's gathers for ever)."""
     from dschat_hal.runtime import rank0s
 
-    reason = rank0s(decide_critic_graph(args, *_where(args, backend)))
-    args.critic_graph_kept = reason is not None
-    return reason
-
-
-def decide_critic_graph(args: argparse.Namespace, device: str, ranks: int, memory: float | None) -> str | None:
-    """`old_values_from_training`'s reason when the plan still fits with the critic's graph kept through
-    the actor's update (unknown memory: it does), else None; kept on `args` (`critic_graph_kept`) for
-    the plan, the trainer and the log."""
-    from dschat_hal.rlhf.trainer import old_values_from_training
-
-    reason = old_values_from_training(args)
-    kept = argparse.Namespace(**{**vars(args), "critic_graph_kept": True})
-    if reason is not None and build(kept, 3, device, ranks, memory).fits is False:
-        reason = None
-    args.critic_graph_kept = reason is not None
-    return reason
+    return rank0s(decide_for(args, *_where(args, backend)))
 
 
 def _probe(device: str):
@@ -254,14 +233,14 @@ def dry_run(args: argparse.Namespace, step: int) -> dict:
     return summary(plan)
 
 
-def check(args: argparse.Namespace, step: int, backend) -> None:
-    """Before loading weights: refuse in one line (UserError) when the plan cannot fit, unless
-    `--skip_memory_check`; an unknown device memory never refuses."""
+def check(args: argparse.Namespace, step: int, backend, decisions: RunDecisions | None = None) -> None:
+    """Before loading weights: refuse in one line (UserError) when the plan (step 3: with the run's
+    `decisions`) cannot fit, unless `--skip_memory_check`; an unknown device memory never refuses."""
     from dschat_hal.errors import UserError
 
     if getattr(args, "skip_memory_check", False):
         return
-    plan = plan_for(args, step, backend)
+    plan = plan_for(args, step, backend, decisions)
     if plan.fits is False:
         raise UserError(refusal(plan))
 

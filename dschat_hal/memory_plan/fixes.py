@@ -7,7 +7,6 @@ import copy
 
 from dschat_hal.memory_plan.phases import Plan, build
 from dschat_hal.memory_plan.shapes import tp_fallback_reason
-from dschat_hal.rlhf.placement import clear_placement
 
 
 def _candidates(args, step: int, ranks: int) -> list[tuple[str, dict]]:
@@ -86,8 +85,7 @@ def find_fix(args: argparse.Namespace, plan: Plan, rounds: int = 6) -> list[str]
     for _ in range(rounds):
         trials = []
         for flag, changes in _candidates(current, plan.step, plan.ranks):
-            trial = copy.copy(current)
-            clear_placement(trial)  # other flags: the frozen models' placement is decided again
+            trial = copy.copy(current)  # other flags: step 3's decisions are made again (`build`)
             for key, value in changes.items():
                 setattr(trial, key, value)
             peak = build(trial, plan.step, plan.device, plan.ranks, plan.device_memory).peak.total

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from dschat_hal.decisions import RunDecisions, decide
 from dschat_hal.memory_plan.estimates import (
     States,
     frozen_states,
@@ -84,12 +85,6 @@ def _trained(shape: Shape, args, prefix: str, keep: int = 0) -> tuple[int, int]:
     return shape.params - lora_frozen + lora, lora_frozen
 
 
-def _critic_graph_kept(args: argparse.Namespace) -> bool:
-    """Whether the critic's old values come from its training forward (`memory_plan.keep_critic_graph`
-    decides; undecided: no)."""
-    return bool(getattr(args, "critic_graph_kept", False))
-
-
 def _dropout(args, prefix: str) -> bool:
     value = getattr(args, f"{prefix}dropout", None)
     return value is None or value > 0
@@ -140,22 +135,34 @@ def supervised_plan(args, step: int, device: str, ranks: int, memory: float | No
     return plan
 
 
-def rlhf_plan(args, device: str, ranks: int, memory: float | None, placement: dict | None = None) -> Plan:
-    """Step 3: resident actor/critic states and frozen reference/reward, then the three phases.
-    `placement`: where the frozen models live (default: the one stored on `args`, else resolved here).
-    A critic-free estimator (`--advantage_estimator`) has no critic: no critic states, gathers or
-    activations; its experience is prompts x `--n_samples_per_prompt` rows."""
-    from dschat_hal.rlhf.advantages import has_critic
-    from dschat_hal.rlhf.placement import resolve_frozen_placement, stored_placement
+def decide_for(args: argparse.Namespace, device: str, ranks: int, memory: float | None) -> RunDecisions:
+    """Step 3's decisions (`dschat_hal.decisions.decide`) with this plan's measurements: each frozen
+    model's weight bytes, and whether the plan of a trial fits `memory` (None: unknown)."""
+    if memory is None:
+        return decide(args, ranks)
+    width = _width(args, device)[0]
+    frozen_bytes = {
+        "reference": width * model_shape(args.actor_model_name_or_path, head=True).params,
+        "reward": width * model_shape(args.critic_model_name_or_path, head=False).params,
+    }
+    return decide(args, ranks, frozen_bytes, lambda trial: rlhf_plan(args, device, ranks, memory, trial).fits)
 
-    placement = placement or stored_placement(args) or resolve_frozen_placement(args, device, ranks, memory)
+
+def rlhf_plan(args, device: str, ranks: int, memory: float | None, decisions: RunDecisions | None = None) -> Plan:
+    """Step 3: resident actor/critic states and frozen reference/reward, then the three phases, as
+    `decisions` has them (default: `decide_for` these flags, device, ranks and memory): where the frozen
+    models live, whether a critic is built (a critic-free `--advantage_estimator` has none: no critic
+    states, gathers or activations; its experience is prompts x `--n_samples_per_prompt` rows), whether
+    its graph is kept through the actor's update, the gather group of a ZeRO-3 hybrid engine."""
+    decisions = decisions or decide_for(args, device, ranks, memory)
+    placement = decisions.placements
     width, dtype = _width(args, device)
     actor = model_shape(args.actor_model_name_or_path, head=True)
     critic = model_shape(args.critic_model_name_or_path, head=False)
     a_stage, c_stage = args.actor_zero_stage, args.critic_zero_stage
     a_train, a_frozen = _trained(actor, args, "actor_")
     c_train, c_frozen = _trained(critic, args, "critic_")
-    critic_used = has_critic(args)
+    critic_used = decisions.critic
     if not critic_used:
         c_train = c_frozen = 0
     actor_states = training_states(a_train, a_frozen, actor.largest_layer, a_stage, ranks, width, args.offload)
@@ -200,7 +207,7 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None, placement: di
     if hybrid and a_stage == 3:
         layers_part = actor.layer_params / tp
         copy_bytes = width * (actor.params - actor.layer_params + layers_part)
-        group = args.tp_gather_partition_size or actor.layers
+        group = decisions.gather_group_layers or actor.layers
         refill = width * actor.layer_params * min(group, actor.layers) / actor.layers
     cache = kv_cache_bytes(actor, gen_batch, seq, width, tp if hybrid else 1)
     keep_copy = copy_bytes if not args.unpin_actor_parameters else 0.0
@@ -248,7 +255,7 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None, placement: di
         zero3_gathered(actor.params, a_stage, width),
         zero3_gathered(critic.params, c_stage, width) if critic_used else 0.0,
     )
-    if _critic_graph_kept(args):  # its forward before the actor's update, its backward after
+    if decisions.critic_graph_kept:  # its forward before the actor's update, its backward after
         training["ZeRO-3 gathered weights"] = actor_gathered + critic_gathered
         training["actor activations"] = actor_act
         training["critic activations (kept through the actor's update)"] = critic_act
@@ -282,7 +289,15 @@ def rlhf_plan(args, device: str, ranks: int, memory: float | None, placement: di
     return plan
 
 
-def build(args: argparse.Namespace, step: int, device: str, ranks: int, memory: float | None) -> Plan:
+def build(
+    args: argparse.Namespace,
+    step: int,
+    device: str,
+    ranks: int,
+    memory: float | None,
+    decisions: RunDecisions | None = None,
+) -> Plan:
+    """The plan of `step` (step 3: with `decisions`, default: decided here for these flags and memory)."""
     if step == 3:
-        return rlhf_plan(args, device, ranks, memory)
+        return rlhf_plan(args, device, ranks, memory, decisions)
     return supervised_plan(args, step, device, ranks, memory)

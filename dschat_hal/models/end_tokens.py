@@ -43,7 +43,7 @@ def _read_json(name_or_path: str, filename: str) -> dict:
 
             found = try_to_load_from_cache(name_or_path, filename)
             if not isinstance(found, str):
-                from dschat_hal.models.lm import hub_reachable
+                from dschat_hal.models.basics import hub_reachable
 
                 if hub_reachable():
                     from transformers.utils import cached_file

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +13,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from dschat_hal.errors import UserError
 from dschat_hal.models import end_tokens
+from dschat_hal.models.basics import hub_reachable, set_dropout, unusable_attention
 from dschat_hal.models.tiny import TOKENIZER_DIR, is_tiny, tiny_model
 
 log = logging.getLogger(__name__)
-
-DROPOUT_KEYS = ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout", "attention_probs_dropout_prob")
-
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -72,25 +69,6 @@ def check_model_dir(path: Path, need_weights: bool = True) -> None:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-_hub_reachable: bool | None = None
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Can the model hub be reached (one quick TCP connect, remembered)? False when HF_HUB_OFFLINE is set."""
-    global _hub_reachable
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return False
-    if _hub_reachable is None:
-        import socket
-        from urllib.parse import urlparse
-
-        endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-        try:
-            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
-            _hub_reachable = True
-        except OSError:
-            _hub_reachable = False
-    return _hub_reachable
 
 
 def hub_model_available(name: str) -> bool:
@@ -197,14 +175,6 @@ def model_family(model_or_name: Any) -> str:
     return config.model_type
 
 
-def set_dropout(config: Any, dropout: float | None) -> None:
-    if dropout is None:
-        return
-    for key in DROPOUT_KEYS:
-        if hasattr(config, key):
-            setattr(config, key, dropout)
-
-
 class _DropInitWarning(logging.Filter):
     """Drops transformers' "Some weights of X were not initialized" warning: `require_loaded` turns
     missing weights into one error line instead (and an LM head a backbone load drops is no concern)."""
@@ -250,17 +220,6 @@ def from_pretrained_checked(
     finally:
         loading_log.removeFilter(quiet)
     return model, list(info["missing_keys"])
-
-
-def unusable_attention(attention: str | None, name_or_path: str, err: Exception) -> UserError | None:
-    """The one-line error for transformers refusing `--attn_implementation` (not installed, not
-    supported by the model or the device); None when `err` is about something else."""
-    if attention is None or not any(word in str(err).lower() for word in ("attention", "attn", "flash")):
-        return None
-    return UserError(
-        f"--attn_implementation {attention} cannot be used for {name_or_path!r} here "
-        f"({str(err).splitlines()[0][:160]}); choose another (eager always works) or leave it out"
-    )
 
 
 def _damaged(name_or_path: str, err: Exception) -> UserError:

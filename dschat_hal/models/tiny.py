@@ -73,7 +73,7 @@ def tiny_model(
     """Random-weight tiny model, seeded; `head=False` returns the backbone (for reward models)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from dschat_hal.models.lm import set_dropout, unusable_attention
+    from dschat_hal.models.basics import set_dropout, unusable_attention
 
     config = tiny_config(TINY_MODELS[name], vocab_size)
     set_dropout(config, dropout)  # before construction: modules copy their dropout rate from the config

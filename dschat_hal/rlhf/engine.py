@@ -5,26 +5,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 
 import torch
 
 from accel import Accelerator
 from dschat_hal.configs import OptimConfig, Step3Config
+from dschat_hal.decisions import RunDecisions, ppo_dropout, unplanned_decisions
 from dschat_hal.models import create_lm, create_reward_model, model_family
-from dschat_hal.rlhf.placement import Placement
 from dschat_hal.runtime import apply_lora, engine_from_config, frozen_engine, partitioned_load_config
 
 log = logging.getLogger(__name__)
 
 EMA_BETA = 0.992
-
-
-def ppo_dropout(flag: float | None) -> float:
-    """Step 3's dropout rate: the flag's when given, else 0. The old log-probs and values come from
-    eval-mode forwards and the new ones from train mode, so any dropout moves the PPO ratio off 1
-    (and clips) on the first epoch with unchanged weights; TRL turns dropout off for the same reason."""
-    return 0.0 if flag is None else flag
 
 
 def mixed_precision_lora_config(backend: Accelerator, actor: OptimConfig) -> dict:
@@ -47,31 +39,11 @@ def mixed_precision_lora_config(backend: Accelerator, actor: OptimConfig) -> dic
     return {"zero_quantized_nontrainable_weights": True, **hpz_entries(backend, 3, world_size())}
 
 
-def unplanned_placements(config: Step3Config) -> dict[str, Placement]:
-    """Where the frozen models go without a memory plan (a pipeline built in Python that ran none): the
-    stage or offload their config asks for, else replicated unless the trained model they copy is
-    ZeRO-3 (then partitioned: upstream's rule). Step 3's main passes the plan's placement instead
-    (`memory_plan.frozen_placement`)."""
-    from dschat_hal.errors import UserError
-
-    found = {}
-    for name, trained, stage, offload in (
-        ("reference", config.actor, config.frozen.reference_zero_stage, config.frozen.offload_reference_model),
-        ("reward", config.critic, config.frozen.reward_zero_stage, config.frozen.offload_reward_model),
-    ):
-        if offload and stage == "0":
-            raise UserError(f"--offload_{name}_model offloads ZeRO-3 parameters but --{name}_zero_stage 0 "
-                            "replicates the model: drop one of the two flags")  # fmt: skip
-        chosen = 3 if offload else int(stage) if stage != "auto" else (3 if trained.zero_stage == 3 else 0)
-        found[name] = Placement(chosen, offload, f"ZeRO-{chosen}{' + offload' if offload else ''}: no memory plan")
-    return found
-
-
 class RLHFEngine:
     """Actor and critic (trained), reference and reward (frozen), and an optional actor EMA, built from
-    step 3's config. The critic is None when the advantage estimator uses none (`ppo.advantage_estimator`
-    other than gae). `placements`: where the reference and reward models go (default:
-    `unplanned_placements`)."""
+    step 3's config as the run's `decisions` say: the frozen models where they place them, no critic when
+    the advantage estimator uses none (`ppo.advantage_estimator` other than gae). Without `decisions`
+    (a pipeline built in Python that ran no memory plan): `decisions.unplanned_decisions(config)`."""
 
     def __init__(
         self,
@@ -79,21 +51,21 @@ class RLHFEngine:
         config: Step3Config,
         tokenizer,
         num_total_iters: int,
-        placements: Mapping[str, Placement] | None = None,
+        decisions: RunDecisions | None = None,
     ) -> None:
         self.backend, self.config, self.tokenizer = backend, config, tokenizer
+        self.decisions = decisions or unplanned_decisions(config)
         self.dtype = backend.resolve_dtype(config.hardware.dtype)
-        self.placements = dict(placements or unplanned_placements(config))
         self.critic_family = model_family(config.models.critic_model_name_or_path)
         self.actor = self._timed("actor", self._init_actor, num_total_iters)
-        reference = self.placements["reference"]
+        reference = self.decisions.reference
         self.ref = self._timed("reference", self._init_frozen_actor, reference.stage, reference.offload)
         self.actor_ema = (
             self._timed("actor EMA", self._init_frozen_actor, config.actor.zero_stage, offload=True, lora=True)
             if config.models.enable_ema
             else None
         )
-        self.critic = self._timed("critic", self._init_critic, num_total_iters) if config.has_critic() else None
+        self.critic = self._timed("critic", self._init_critic, num_total_iters) if self.decisions.critic else None
         self.reward = self._timed("reward", self._init_reward)
 
     @staticmethod
@@ -207,7 +179,7 @@ class RLHFEngine:
         return self._trained_engine(model, critic, total_iters, "step3_critic")
 
     def _init_reward(self):
-        placement = self.placements["reward"]
+        placement = self.decisions.reward
         return self._frozen_engine(
             self._critic_model(fp32_loss=True, stage=placement.stage), placement.stage, placement.offload
         )

@@ -48,8 +48,8 @@ class PPOSettings:
     reward_center: float | None = None
     normalize_reward: bool = False
     whiten_advantages: bool = False
-    # the actor's old log-probs from its PPO training forward instead of an experience forward (see
-    # `old_logprobs_from_training`): exact when that forward sees the weights that generated
+    # the actor's old log-probs from its PPO training forward instead of an experience forward (the run's
+    # decision, `dschat_hal.decisions`): exact when that forward sees the weights that generated
     old_logprobs_from_training: bool = False
     # the critic's old values likewise from its training forward (`old_values_from_training`)
     old_values_from_training: bool = False
@@ -108,50 +108,6 @@ class PPOSettings:
             rollout_is_cap=ppo.rollout_is_cap,
             align_overflow=ppo.align_overflow,
         )
-
-
-def old_logprobs_from_training(args) -> str | None:
-    """Why the actor's experience forward can be skipped, or None when it cannot.
-
-    PPO's old log-probs are the actor's log-probs of the generated tokens under the weights that
-    generated them. With one PPO epoch over one training micro-batch per generation batch, the
-    training forward of that micro-batch is the first forward after generating, with the same weights
-    (the optimizer steps after it), and with dropout off train mode computes what eval mode does: its
-    log-probs, detached, are the old log-probs (the first ratio is exactly 1, as PPO's is). Upstream
-    DeepSpeed-Chat runs a separate forward for them; skipping it saves one actor forward (a ZeRO-3
-    gather) per step."""
-    return _first_training_forward_sees_generation(args, args.actor_dropout)
-
-
-def experience_rows(args) -> int:
-    """Rows of one generation batch's experience: its prompts x `--n_samples_per_prompt`."""
-    return args.per_device_generation_batch_size * getattr(args, "n_samples_per_prompt", 1)
-
-
-def old_values_from_training(args) -> str | None:
-    """Why the critic's experience forward can be skipped, or None when it cannot: as for the actor
-    (`old_logprobs_from_training`), the critic's training forward is its first forward after the
-    experience with the same weights. It runs before the actor's update, since the advantages the
-    actor's loss needs come from these values, and its graph is kept until the critic's backward
-    (the memory plan counts both models' activations then): one critic forward (a ZeRO-3 gather) less
-    per step, and under ZeRO-3 the critic's forwards and backwards keep one order from step to step."""
-    if not critic_free.has_critic(args):
-        return None
-    return _first_training_forward_sees_generation(args, args.critic_dropout)
-
-
-def _first_training_forward_sees_generation(args, dropout: float | None) -> str | None:
-    from dschat_hal.rlhf.engine import ppo_dropout
-
-    if getattr(args, "recompute_old_logprobs", False):
-        return None
-    if args.ppo_epochs != 1 or args.generation_batches != 1:
-        return None
-    if args.per_device_training_batch_size < experience_rows(args):
-        return None
-    if ppo_dropout(dropout) != 0:
-        return None
-    return "one PPO epoch over one micro-batch per generation batch, dropout off"
 
 
 @contextlib.contextmanager
@@ -546,7 +502,7 @@ class PPOTrainer:
         if deferred and (ppo_epochs != 1 or len(experiences) != 1 or experiences[0]["seq"].size(0) > batch_size):
             raise ValueError(
                 "the old log-probs or values were left to the training forwards, which give them only for one PPO "
-                "epoch over one micro-batch per generation batch (see old_logprobs_from_training)"
+                "epoch over one micro-batch per generation batch (see dschat_hal.decisions.old_logprobs_from_training)"
             )
         if critic_free and not deferred:  # the step's advantages, before any update (REINFORCE++ pools them)
             with torch.no_grad():

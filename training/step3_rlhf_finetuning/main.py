@@ -24,6 +24,7 @@ import torch
 from dschat_hal import memory_plan
 from dschat_hal.data import Collator, DataSpec, cache_dir_for, load_or_build
 from dschat_hal.data.unsupervised import block_dataset, collate_blocks, read_texts
+from dschat_hal.decisions import FROZEN, RunDecisions, experience_rows
 from dschat_hal.errors import UserError, cli_entry
 from dschat_hal.faults import fault_point
 from dschat_hal.loop import (
@@ -47,19 +48,10 @@ from dschat_hal.provenance import write_record
 from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.evaluation import mean_reward
 from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine
-from dschat_hal.rlhf.placement import FROZEN, placement_of, store_placement
 from dschat_hal.rlhf.reward_shaping import ClipWarning
 from dschat_hal.rlhf.schedule import step3_plan, warmup_warning
 from dschat_hal.rlhf.tensor_parallel import check_tp_args, make_hybrid_engine
-from dschat_hal.rlhf.trainer import (
-    PPOSettings,
-    PPOTrainer,
-    experience_rows,
-    generation_config,
-    materialize,
-    old_logprobs_from_training,
-    old_values_from_training,
-)
+from dschat_hal.rlhf.trainer import PPOSettings, PPOTrainer, generation_config, materialize
 from dschat_hal.runtime import (
     ScalarWriter,
     dataloader,
@@ -123,7 +115,7 @@ def make_generator(
     engine: RLHFEngine, backend, config: GenerationConfig, settings: EngineConfig
 ) -> HybridEngine | None:
     """The hybrid engine with `settings.enable_hybrid_engine` (--enable_hybrid_engine), else None (the
-    trainer's plain `generate`)."""
+    trainer's plain `generate`); a ZeRO-3 actor gathered in the layer groups the run's decisions name."""
     if not settings.enable_hybrid_engine:
         return None
     return make_hybrid_engine(
@@ -132,16 +124,36 @@ def make_generator(
         config,
         inference_tp_size=settings.inference_tp_size,
         dtype=engine.dtype,
-        gather_group_layers=settings.tp_gather_partition_size,
+        gather_group_layers=engine.decisions.gather_group_layers,
         release_inference_cache=settings.release_inference_cache,
         unpin_actor_parameters=settings.unpin_actor_parameters,
     )
 
 
+def reuse_lines(decisions: RunDecisions) -> list[str]:
+    """The start-up lines saying where the old log-probs and values come from."""
+    reuse_reason, values_reason = decisions.old_logprobs_from_training, decisions.old_values_from_training
+    reused = [
+        what
+        for what, reason in (("actor's old log-probs", reuse_reason), ("critic's old values", values_reason))
+        if reason
+    ]
+    lines = []
+    if reused:
+        lines.append(
+            f"step 3: the {' and the '.join(reused)} come from the training forwards "
+            f"({reuse_reason or values_reason}: the same weights; --recompute_old_logprobs computes them apart)"
+        )
+    if decisions.critic_graph_refused:
+        lines.append("step 3: the critic's old values come from an experience forward: the memory plan does not fit "
+                     "with the critic's graph kept through the actor's update")  # fmt: skip
+    return lines
+
+
 def save_models(engine: RLHFEngine, tokenizer, output_dir: str, args=None) -> None:
     """Actor, critic (when there is one) and EMA written in full, then published together by one
-    rename: a kill never leaves a new actor beside an old critic; with them `args.json` and
-    `made_by.json` (when `args` is given). Collective under ZeRO-3."""
+    rename: a kill never leaves a new actor beside an old critic; with them `args.json` (the flags and
+    the run's decisions) and `made_by.json` (when `args` is given). Collective under ZeRO-3."""
     with atomic_directory(output_dir, enabled=is_rank0()) as tmp:
         base = (
             None
@@ -155,7 +167,7 @@ def save_models(engine: RLHFEngine, tokenizer, output_dir: str, args=None) -> No
         if engine.actor_ema is not None:
             write_lm(engine.actor_ema.module, tokenizer, tmp / "actor_ema" if tmp else None)
         if args is not None:
-            write_record(tmp, args, "step3")
+            write_record(tmp, {**vars(args), **engine.decisions.record()}, "step3")
 
 
 def at_optimizer_boundary(engines: dict) -> bool:
@@ -245,11 +257,10 @@ def main(argv: list[str]) -> dict:
     )
     claim_outputs(args)
     backend = setup(args)
-    store_placement(args, memory_plan.frozen_placement(args, backend))  # one decision for plan, engines and log
-    values_reason = memory_plan.keep_critic_graph(args, backend)  # likewise
-    memory_plan.check(args, 3, backend)  # before any weights are loaded
+    decisions = memory_plan.decide(args, backend)  # once, for the plan, the engines, the trainer and the log
+    memory_plan.check(args, 3, backend, decisions)  # before any weights are loaded
     for name in FROZEN:
-        print_rank0(placement_of(args, name).describe(name, world_size()))
+        print_rank0(decisions.placements[name].describe(name, world_size()))
     if args.align_overflow and args.dtype_resolved == torch.float16:
         raise UserError(
             "--align_overflow with fp16 needs DeepSpeed's external overflow check and skip_step, which "
@@ -292,14 +303,12 @@ def main(argv: list[str]) -> dict:
         unsup_loader = dataloader(blocks, collate_blocks, unsup_rows, args.seed)
 
     micro_batches, total_iters = step3_plan(args, loader, unsup_loader)
-    placements = {name: placement_of(args, name) for name in FROZEN}  # the memory plan's, stored above
-    engine = RLHFEngine(backend, config, tokenizer, total_iters, placements)
-    reuse_reason = old_logprobs_from_training(args)
+    engine = RLHFEngine(backend, config, tokenizer, total_iters, decisions)
     ppo_config = PPOSettings.from_config(
         config,
         reward_center=reward_center,
-        old_logprobs_from_training=reuse_reason is not None,
-        old_values_from_training=values_reason is not None,
+        old_logprobs_from_training=decisions.old_logprobs_from_training is not None,
+        old_values_from_training=decisions.critic_graph_kept,
     )
     generator = make_generator(engine, backend, generation_config(ppo_config, tokenizer), config.engine)
     trainer = PPOTrainer(engine, backend, tokenizer, ppo_config, generator=generator)
@@ -319,19 +328,8 @@ def main(argv: list[str]) -> dict:
     warning = warmup_warning(args.num_warmup_steps, total_iters, args.max_steps)
     if warning and is_rank0():
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    reused = [
-        what
-        for what, reason in (("actor's old log-probs", reuse_reason), ("critic's old values", values_reason))
-        if reason
-    ]
-    if reused:
-        print_rank0(
-            f"step 3: the {' and the '.join(reused)} come from the training forwards "
-            f"({reuse_reason or values_reason}: the same weights; --recompute_old_logprobs computes them apart)"
-        )
-    if values_reason is None and old_values_from_training(args):
-        print_rank0("step 3: the critic's old values come from an experience forward: the memory plan does not fit "
-                    "with the critic's graph kept through the actor's update")  # fmt: skip
+    for line in reuse_lines(decisions):
+        print_rank0(line)
     if reward_center is not None:
         print_rank0(f"rewards centred: the reward model's mean training score {reward_center:.3f} is subtracted")
 
