@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Callable
-from typing import TypeVar
 
 from dschat_hal.configs import (  # noqa: F401  (PROMPT_FORMATS, ATTN_*, NUM_PADDING_HELP: also imported from here)
     ATTN_HELP,
@@ -23,10 +22,9 @@ from dschat_hal.configs import (  # noqa: F401  (PROMPT_FORMATS, ATTN_*, NUM_PAD
     Step1Config,
     Step2Config,
     Step3Config,
+    to_config,
     to_flags,
 )
-
-C = TypeVar("C")
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -103,21 +101,6 @@ def parser_for(config_class: type) -> argparse.ArgumentParser:
         _add_part(p, part_field, cls)
     p.set_defaults(output_name=config_class.OUTPUT_NAME)
     return p
-
-
-def to_config(args: argparse.Namespace, config_class: type[C]) -> C:
-    """The typed config of parsed (and validated) flags: `to_config(args, Step3Config)`."""
-    return _from_flags(vars(args), config_class, "")
-
-
-def _from_flags(flags: dict, cls: type[C], prefix: str) -> C:
-    values = {}
-    for f in dataclasses.fields(cls):
-        if "config" in f.metadata:
-            values[f.name] = _from_flags(flags, f.metadata["config"], prefix + f.metadata["prefix"])
-        else:
-            values[f.name] = flags[prefix + f.name]
-    return cls(**values)
 
 
 def step1_parser() -> argparse.ArgumentParser:

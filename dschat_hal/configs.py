@@ -20,7 +20,7 @@ import argparse
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from accel import DEVICE_CHOICES
 
@@ -31,6 +31,7 @@ NUM_PADDING_HELP = (
     "accepted for upstream compatibility, without effect: end scores and the pairwise loss find each "
     "sequence's tokens through the attention mask, so OPT's leading padding token needs no offset"
 )
+Config = TypeVar("Config")
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp", "remax")
 # what --kl_loss uses when its options are not given (an option without --kl_loss is refused)
 KL_LOSS_DEFAULTS = {"kl_estimator": "k3", "kl_loss_coef": 0.001}
@@ -585,3 +586,18 @@ def to_flags(config: object, prefix: str = "") -> dict:
         else:
             flags[prefix + f.name] = value
     return flags
+
+
+def to_config(args: Any, config_class: type[Config]) -> Config:
+    """The typed config of parsed (and validated) flags: `to_config(args, Step3Config)`."""
+    return _from_flags(vars(args), config_class, "")
+
+
+def _from_flags(flags: dict, cls: type[Config], prefix: str) -> Config:
+    values = {}
+    for f in dataclasses.fields(cls):
+        if "config" in f.metadata:
+            values[f.name] = _from_flags(flags, f.metadata["config"], prefix + f.metadata["prefix"])
+        else:
+            values[f.name] = flags[prefix + f.name]
+    return cls(**values)

@@ -31,8 +31,7 @@ NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_
 def setup(args: argparse.Namespace) -> Accelerator:
     """Choose the backend, initialise distributed, seed; quiet third-party logs (`start_backend`), then
     resolve the dtype into `args.dtype_resolved` and print the start-up lines."""
-    from dschat_hal.args import to_config
-    from dschat_hal.configs import HardwareConfig
+    from dschat_hal.configs import HardwareConfig, to_config
 
     backend = start_backend(
         to_config(args, HardwareConfig),
