@@ -209,3 +209,45 @@ def test_grpo_with_ptx_trains_on_a_smaller_last_ptx_batch(models, tmp_path):
     assert len(run["history"]) == STEPS
     assert all(math.isfinite(record["unsup_loss"]) for record in run["history"])
     assert run["optimizer_steps"]["actor"] == run["optimizer_steps"]["planned"] == 2 * STEPS
+
+
+def test_grpo_steps_on_the_hpu_backend(models, tmp_path, fake_hpu):
+    """GRPO (N = 2) on the HPU backend (the recording stand-in of habana_frameworks): static shapes for the
+    actor, reference and reward (no critic), mark_step around each phase, the reward placed as the reward."""
+    flags = [*ESTIMATORS["grpo"], "--save_interval", "0", "--device", "hpu", "--audit_shapes"]
+    run = step3([*argv(models, tmp_path, *flags), "--max_steps", "4", "--output_dir", ""])
+    assert len(run["history"]) == 2 and run["optimizer_steps"] == {"planned": 2 * STEPS, "actor": 4}
+    assert run["shape_counts"] == {"actor": 1, "ref": 1, "reward": 1, "actor_train": 1}
+    # per PPO step: 2 in generation, 5 in the experience phase (as PPO's: one stands for the absent critic),
+    # then the actor's backward and step in each of the 2 micro-batches (PPO also steps a critic there)
+    assert len(fake_hpu.core.calls) == len(run["history"]) * (2 + 5 + 2 * 2)
+
+
+def test_grpo_generates_tensor_parallel_on_two_ranks(models, tmp_path, monkeypatch):
+    """GRPO (N = 2) with --enable_hybrid_engine --inference_tp_size 2 on 2 CPU processes under torchrun: the
+    actor is sharded across both ranks for generation, each rank trains on its own prompts' groups, no critic."""
+    import socket
+    import sys
+
+    from conftest import ROOT, run_script
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    flags = [*ESTIMATORS["grpo"], "--save_interval", "0", "--actor_zero_stage", "2", "--enable_hybrid_engine"]
+    result = run_script(
+        *("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)),
+        str(ROOT / "training/step3_rlhf_finetuning/main.py"),
+        *argv(models, tmp_path, *flags),
+        *("--inference_tp_size", "2", "--max_steps", "2", "--output_dir", str(tmp_path / "out")),
+        env={"DS_ACCELERATOR": "cpu", "PATH": f"{sys.prefix}/bin:/usr/bin:/bin"},
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"hybrid engine: rank {rank}, TP group [0, 1] (index {rank} of 2): tensor-parallel copy" in output
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert len(summary["history"]) == 1 and summary["optimizer_steps"]["actor"] == 2
+    assert "critic" not in summary["optimizer_steps"] and not (tmp_path / "out" / "critic").exists()
