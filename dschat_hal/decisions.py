@@ -96,8 +96,16 @@ def _size(value: float) -> str:
     return f"{value / GiB:.2f} GiB" if value >= 0.1 * GiB else f"{value / MiB:.1f} MiB"
 
 
+def trained_model(args: argparse.Namespace, name: str) -> str:
+    """The trained model whose ZeRO stage `name`'s placement follows: the critic for the reward, but the
+    actor when a critic-free estimator builds no critic (its `--critic_zero_stage` is then unused)."""
+    trained = FROZEN[name][0]
+    return "actor" if trained == "critic" and not _has_critic(args) else trained
+
+
 def _flags(args: argparse.Namespace, name: str) -> tuple[str, int, str, bool]:
-    trained, stage_flag, offload_flag = FROZEN[name]
+    _, stage_flag, offload_flag = FROZEN[name]
+    trained = trained_model(args, name)
     asked = str(getattr(args, stage_flag, None) or "auto")
     return trained, int(getattr(args, f"{trained}_zero_stage", 0) or 0), asked, bool(getattr(args, offload_flag, False))
 
@@ -121,6 +129,9 @@ def fixed_placement(args: argparse.Namespace, name: str) -> Placement | None:
         stage = int(asked)
         return Placement(stage, False, f"ZeRO-{stage}: --{stage_flag} {stage}")
     if trained_stage != 3:
+        if trained != FROZEN[name][0]:  # no critic: the reward follows the actor, as the reference does
+            only = f"the only trained model with {args.advantage_estimator}"
+            return Placement(0, False, f"ZeRO-0: the {trained}, {only}, is ZeRO-{trained_stage}")
         return Placement(0, False, f"ZeRO-0: the {trained} is ZeRO-{trained_stage}, as upstream")
     return None
 

@@ -74,4 +74,40 @@ def inert_flag_notes(args: argparse.Namespace, backend: Accelerator, world_size:
                 else f"--optimizer deepspeed_fused does nothing on {backend.name}: DeepSpeed's FusedAdam is a CUDA "
                 f"optimizer ({chosen} is used); drop the flag"
             )
+    notes.extend(critic_free_notes(args))
     return notes
+
+
+# Step-3 flags that only the critic (or GAE, which needs it) reads.
+CRITIC_ONLY_FLAGS = (
+    "critic_learning_rate",
+    "critic_weight_decay",
+    "critic_zero_stage",
+    "critic_gradient_checkpointing",
+    "critic_dropout",
+    "critic_lora_dim",
+    "critic_lora_module_name",
+    "critic_lora_learning_rate",
+    "cliprange_value",
+    "lam",
+)
+
+
+def critic_free_notes(args: argparse.Namespace) -> list[str]:
+    """With a critic-free `--advantage_estimator`, one line naming the critic-only flags set away from their
+    defaults: no critic is built, so they do nothing (the reward model is placed as the reference)."""
+    from dschat_hal.rlhf.advantages import has_critic
+
+    if "advantage_estimator" not in vars(args) or has_critic(args):
+        return []
+    from dschat_hal.configs import RLHFModelConfig, Step3Config, to_flags
+
+    defaults = to_flags(Step3Config(models=RLHFModelConfig("", "")))
+    given = [name for name in CRITIC_ONLY_FLAGS if getattr(args, name, None) != defaults[name]]
+    if not given:
+        return []
+    flags = ", ".join(f"--{name}" for name in given)
+    return [
+        f"{flags} {'is' if len(given) == 1 else 'are'} unused with --advantage_estimator {args.advantage_estimator}, "
+        "which builds no critic (--critic_model_name_or_path is the reward model only)"
+    ]

@@ -291,7 +291,6 @@ CASES = [
     ("dpo beta 0", dpo, [*S1, "--beta", "0"], None, 2, "--beta must be a finite number > 0 (got 0.0)"),
     ("dpo label smoothing 0.5", dpo, [*S1, "--label_smoothing", "0.5"], None, 2, "--label_smoothing must be in [0, 0.5) (got 0.5)"),
     ("dpo reference ZeRO-0 with offload", dpo, [*S1, "--offload_reference_model", "--reference_zero_stage", "0"], None, 2, "--offload_reference_model offloads ZeRO-3 parameters but --reference_zero_stage 0"),
-    ("dpo dry_run", dpo, [*S1, "--dry_run"], None, 2, "--dry_run: the memory plan does not cover DPO yet"),
     ("e2e dpo with step 3", e2e, ["--output-dir", "{out}", "--dpo", "--step", "1", "2", "3"], None, 2, "--dpo replaces steps 2 and 3"),
     ("e2e dpo with step-3 flags", e2e, ["--output-dir", "{out}", "--dpo", "--advantage-estimator", "grpo"], None, 2, "--dpo runs no step 3"),
     ("e2e dpo unknown step-2 flag", e2e, ["--output-dir", "{out}", "--dpo", "--step2-args", "--center_reward --seed 3"], None, 2, "step 2 does not know --center_reward (from --step2-args); see python training/step2_dpo_finetuning/main.py --help"),

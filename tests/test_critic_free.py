@@ -6,6 +6,7 @@ learning the toy task: tests/test_ppo_learns.py."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,144 @@ def test_e2e_passes_the_estimator_to_step3(tmp_path):
     assert command[command.index("--n_samples_per_prompt") + 1] == "4"
     command = step3_flags("--advantage-estimator", "remax", "--n-samples-per-prompt", "2")
     assert command[command.index("--n_samples_per_prompt") + 1] == "2"
+
+
+# ---- loose ends of issue #29 -------------------------------------------------------------------
+def test_e2e_passes_the_policy_loss_flags_to_step3(tmp_path):
+    from training.e2e_rlhf import check_step_flags, parse_args, step_command
+
+    def e2e_args(*flags: str):
+        return parse_args(["--output-dir", str(tmp_path), *flags])
+
+    flags = ["--advantage-estimator", "grpo", "--n-samples-per-prompt", "2", "--dr-grpo", "--kl-loss"]
+    flags += ["--kl-estimator", "k2", "--kl-loss-coef", "0.01", "--log-rollout-mismatch", "--rollout-is-cap", "2"]
+    args = e2e_args(*flags)
+    command = step_command(3, args, tmp_path)
+    for flag, value in (("--kl_estimator", "k2"), ("--kl_loss_coef", "0.01"), ("--rollout_is_cap", "2.0")):
+        assert command[command.index(flag) + 1] == value, flag
+    assert {"--dr_grpo", "--kl_loss", "--log_rollout_mismatch"} <= set(command)
+    # no critic: none of the critic's defaults, which step 3 would note as unused
+    assert not [word for word in command if word.startswith("--critic_") and word != "--critic_model_name_or_path"]
+    assert check_step_flags(args, tmp_path) is None  # step 3's parser and checks accept the command
+    plain = step_command(3, e2e_args(), tmp_path)
+    assert "--kl_loss" not in plain and "--critic_zero_stage" in plain and "--critic_learning_rate" in plain
+    # step 3's own checks, before steps 1 and 2 run
+    refused = check_step_flags(e2e_args("--kl-estimator", "k1"), tmp_path)
+    assert (
+        refused
+        == "step 3 refuses its flags: --kl_estimator sets the KL loss term: add --kl_loss, or drop --kl_estimator"
+    )
+    refused = check_step_flags(e2e_args("--dr-grpo", "--advantage-estimator", "rloo"), tmp_path)
+    assert refused.startswith("step 3 refuses its flags: --dr_grpo modifies grpo")
+
+
+def test_the_reward_is_placed_as_the_reward_and_unused_critic_flags_get_one_note(models, tmp_path, capsys):
+    import accel
+    from dschat_hal.args import step3_parser
+    from dschat_hal.inert_flags import inert_flag_notes
+
+    grpo = ESTIMATORS["grpo"]
+    for extra in ([], ["--offload_reward_model"], ["--actor_zero_stage", "3"]):
+        step3([*argv(models, tmp_path, *grpo, *extra), "--dry_run", "--device_memory", "8GiB"])
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("reward ")]
+        assert len(lines) == 1 and "critic" not in lines[0], (extra, lines)
+    step3([*argv(models, tmp_path, *grpo, "--save_interval", "0"), "--max_steps", "1", "--output_dir", ""])
+    started = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 3: reward ")]
+    assert started == [
+        "step 3: reward replicated on every rank (ZeRO-0: the actor, the only trained model with grpo, is ZeRO-0)"
+    ]
+
+    def notes(*flags: str) -> list[str]:
+        args = step3_parser().parse_args([*argv(models, tmp_path, *flags)])
+        return inert_flag_notes(args, accel.get("cpu"), 1)
+
+    critic_flags = ["--critic_learning_rate", "1e-5", "--critic_zero_stage", "3", "--critic_lora_dim", "8"]
+    critic_flags += ["--critic_gradient_checkpointing", "--lam", "0.9"]
+    assert notes(*grpo, *critic_flags) == [
+        "--critic_learning_rate, --critic_zero_stage, --critic_gradient_checkpointing, --critic_lora_dim, --lam are "
+        "unused with --advantage_estimator grpo, which builds no critic (--critic_model_name_or_path is the reward "
+        "model only)"
+    ]
+    assert notes(*grpo) == [] and notes(*critic_flags) == []  # PPO's critic reads them all
+
+
+def test_split_rows_gives_every_micro_batch_a_row_of_a_small_last_ptx_batch():
+    import torch
+
+    from dschat_hal.rlhf.trainer import split_rows
+
+    batch = {"input_ids": torch.arange(3).view(3, 1), "labels": torch.arange(3).view(3, 1) + 10}
+    pieces = split_rows(batch, 5)  # 3 rows for 5 micro-batches: each gets one, reused in turn
+    assert [p["input_ids"].flatten().tolist() for p in pieces] == [[0], [1], [2], [0], [1]]
+    assert all(torch.equal(p["labels"], p["input_ids"] + 10) for p in pieces)
+    even = split_rows(batch, 2)
+    assert [p["input_ids"].flatten().tolist() for p in even] == [[0, 1], [2]]
+
+
+def test_grpo_with_ptx_trains_on_a_smaller_last_ptx_batch(models, tmp_path):
+    """GRPO (N = 2: 8 rows, 2 PPO micro-batches per step) with ptx batches of 2 rows over 5 blocks: the
+    third step's ptx batch holds 1 row for the 2 micro-batches."""
+    from dschat_hal.data.unsupervised import block_dataset
+    from dschat_hal.errors import UserError
+    from dschat_hal.models import load_tokenizer
+
+    tokenizer, lines = load_tokenizer(str(models / "actor")), []
+
+    def blocks() -> int:  # of --max_prompt_seq_len 48 + --max_answer_seq_len 8 tokens
+        try:
+            return len(block_dataset(lines, tokenizer, 56))
+        except UserError:  # not one block yet
+            return 0
+
+    while blocks() < 5:
+        lines.append("Keep a regular bedtime and a cool dark room.")
+    assert blocks() == 5
+    text = tmp_path / "ptx.txt"
+    text.write_text("\n".join(lines) + "\n")
+    ptx = ["--unsupervised_dataset_name", str(text), "--per_device_unsup_batch_size", "2", "--unsup_coef", "0.5"]
+    run = step3([*argv(models, tmp_path, *ESTIMATORS["grpo"], *ptx, "--save_interval", "0"), "--output_dir", ""])
+    assert len(run["history"]) == STEPS
+    assert all(math.isfinite(record["unsup_loss"]) for record in run["history"])
+    assert run["optimizer_steps"]["actor"] == run["optimizer_steps"]["planned"] == 2 * STEPS
+
+
+def test_grpo_steps_on_the_hpu_backend(models, tmp_path, fake_hpu):
+    """GRPO (N = 2) on the HPU backend (the recording stand-in of habana_frameworks): static shapes for the
+    actor, reference and reward (no critic), mark_step around each phase, the reward placed as the reward."""
+    flags = [*ESTIMATORS["grpo"], "--save_interval", "0", "--device", "hpu", "--audit_shapes"]
+    run = step3([*argv(models, tmp_path, *flags), "--max_steps", "4", "--output_dir", ""])
+    assert len(run["history"]) == 2 and run["optimizer_steps"] == {"planned": 2 * STEPS, "actor": 4}
+    assert run["shape_counts"] == {"actor": 1, "ref": 1, "reward": 1, "actor_train": 1}
+    # per PPO step: 2 in generation, 5 in the experience phase (as PPO's: one stands for the absent critic),
+    # then the actor's backward and step in each of the 2 micro-batches (PPO also steps a critic there)
+    assert len(fake_hpu.core.calls) == len(run["history"]) * (2 + 5 + 2 * 2)
+
+
+def test_grpo_generates_tensor_parallel_on_two_ranks(models, tmp_path, monkeypatch):
+    """GRPO (N = 2) with --enable_hybrid_engine --inference_tp_size 2 on 2 CPU processes under torchrun: the
+    actor is sharded across both ranks for generation, each rank trains on its own prompts' groups, no critic."""
+    import socket
+    import sys
+
+    from conftest import ROOT, run_script
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    flags = [*ESTIMATORS["grpo"], "--save_interval", "0", "--actor_zero_stage", "2", "--enable_hybrid_engine"]
+    result = run_script(
+        *("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)),
+        str(ROOT / "training/step3_rlhf_finetuning/main.py"),
+        *argv(models, tmp_path, *flags),
+        *("--inference_tp_size", "2", "--max_steps", "2", "--output_dir", str(tmp_path / "out")),
+        env={"DS_ACCELERATOR": "cpu", "PATH": f"{sys.prefix}/bin:/usr/bin:/bin"},
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"hybrid engine: rank {rank}, TP group [0, 1] (index {rank} of 2): tensor-parallel copy" in output
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert len(summary["history"]) == 1 and summary["optimizer_steps"]["actor"] == 2
+    assert "critic" not in summary["optimizer_steps"] and not (tmp_path / "out" / "critic").exists()

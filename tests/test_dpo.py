@@ -201,3 +201,58 @@ def test_zero3_partitions_the_reference_as_step3_does(tmp_path, capsys):
     assert "DPO: reference partitioned across 1 rank(s)" in capsys.readouterr().out
     assert result["reward_margin"] > result["before"]["reward_margin"]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "z3").num_parameters() > 0
+
+
+# ---- memory plan ----------------------------------------------------------------------------
+def test_dpo_dry_run_plans_the_policy_beside_the_reference_step3_would_place(tmp_path, capsys):
+    from conftest import ROOT
+
+    from dschat_hal import memory_plan
+    from dschat_hal.args import step3_parser
+    from training.step1_supervised_finetuning.main import main as step1
+
+    model = str(ROOT / "benchmarks" / "model_configs" / "opt-1.3b")
+    where = ["--device", "cuda", "--num_devices", "2", "--device_memory", "80GiB"]
+    base = ["--model_name_or_path", model, *where, "--per_device_train_batch_size", "4", "--max_seq_len", "512"]
+    plan = dpo([*base, "--dry_run", "--output_dir", str(tmp_path / "dpo")])
+    out = capsys.readouterr().out
+    assert "memory plan, step 2: 2 rank(s) on cuda" in out and "DPO, " in out and "(chosen + rejected)" in out
+    assert "reference replicated on every rank" in out and plan["fits"] is True
+    assert not (tmp_path / "dpo").exists()  # nothing loaded or written
+    training = plan["phases"]["training"]
+    # the reference weighs what step 3's reference of the same actor weighs
+    rlhf = step3_parser().parse_args(
+        ["--actor_model_name_or_path", model, "--critic_model_name_or_path", model, *where, "--actor_zero_stage", "0"]
+    )
+    assert (
+        training["reference"] == memory_plan.summary(memory_plan.plan_for(rlhf, 3))["phases"]["training"]["reference"]
+    )
+    # the policy's part is step 1's plan of the same rows (chosen + rejected), with its logits in fp32
+    rows = ["--per_device_train_batch_size", "8", "--max_seq_len", "512"]
+    sft = step1(["--model_name_or_path", model, *where, *rows, "--dry_run", "--compute_fp32_loss"])
+    sft = sft["phases"]["training"]
+    assert training["training states"] == sft["training states"] and training["activations"] == sft["activations"]
+    assert training["total"] > sft["total"] + training["reference"]  # + the reference's forward
+    capsys.readouterr()
+    zero3 = dpo([*base, "--dry_run", "--zero_stage", "3"])["phases"]["training"]
+    assert zero3["reference"] == training["reference"] / 2  # partitioned, as step 3 partitions it
+    assert "reference partitioned across 2 rank(s)" in capsys.readouterr().out
+    offloaded = dpo([*base, "--dry_run", "--offload_reference_model"])
+    assert offloaded["phases"]["training"]["reference"] == 0 and offloaded["host_bytes"] > 0
+
+
+def test_dpo_refuses_before_loading_weights_when_its_plan_does_not_fit(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        dpo([*dpo_argv(tmp_path), "--device_memory", "64MiB", "--output_dir", str(tmp_path / "dpo")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: the memory plan says DPO does not fit: its ") and "--dry_run shows" in error
+
+
+def test_e2e_dry_run_plans_step1_and_dpo(tmp_path, capsys):
+    from training.e2e_rlhf import main as e2e
+
+    assert e2e(["--dpo", "--dry-run", "--output-dir", str(tmp_path / "out"), "--device-memory", "8GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan, step 1" in out and "memory plan, step 2" in out and "DPO, tiny-opt" in out
+    assert not (tmp_path / "out").exists()

@@ -124,6 +124,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="step 3's --n_samples_per_prompt (default: 4 for grpo and rloo, else 1)",
     )
+    p.add_argument("--dr-grpo", action="store_true", help="step 3's --dr_grpo (with --advantage-estimator grpo)")
+    p.add_argument(
+        "--kl-loss",
+        action="store_true",
+        help="step 3's --kl_loss: the KL to the reference as a loss term instead of a penalty in the reward",
+    )
+    p.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default=None, help="step 3's --kl_estimator")
+    p.add_argument("--kl-loss-coef", type=float, default=None, help="step 3's --kl_loss_coef")
+    p.add_argument("--log-rollout-mismatch", action="store_true", help="step 3's --log_rollout_mismatch")
+    p.add_argument("--rollout-is-cap", type=float, default=None, help="step 3's --rollout_is_cap")
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -204,7 +214,7 @@ def _refuse(message: str):
 def check_step_flags(args: argparse.Namespace, out: Path) -> str | None:
     """The first step whose command line its own parser refuses (an unknown flag in --stepN-args, a
     bad value), as an error message naming the step: before any step runs."""
-    from dschat_hal.args import dpo_parser, step1_parser, step2_parser, step3_parser
+    from dschat_hal.args import dpo_parser, step1_parser, step2_parser, step3_parser, validate_estimator
 
     parsers = {1: step1_parser, 2: dpo_parser if args.dpo else step2_parser, 3: step3_parser}
     for step in sorted(args.step):
@@ -212,9 +222,13 @@ def check_step_flags(args: argparse.Namespace, out: Path) -> str | None:
         parser = parsers[step]()
         parser.error = _refuse  # an exception instead of usage + exit
         try:
-            _, unknown = parser.parse_known_args(cmd[cmd.index(str(script(step, args))) + 1 :])
+            parsed, unknown = parser.parse_known_args(cmd[cmd.index(str(script(step, args))) + 1 :])
+            if step == 3:  # the estimator's and KL loss's combinations, before steps 1 and 2 run for minutes
+                validate_estimator(parsed)
         except _StepArgsError as err:
             return f"step {step} refuses its flags ({err}); check --step{step}-args"
+        except UserError as err:
+            return f"step {step} refuses its flags: {err}"
         if unknown:
             return (
                 f"step {step} does not know {' '.join(unknown)} (from --step{step}-args); "
@@ -235,7 +249,36 @@ def estimator_flags(args: argparse.Namespace) -> list[str]:
     if samples is None:
         samples = 4 if estimator in ("grpo", "rloo") else 1
     flags = ["--advantage_estimator", estimator] if estimator != "gae" else []
-    return flags + (["--n_samples_per_prompt", str(samples)] if samples != 1 else [])
+    flags += ["--n_samples_per_prompt", str(samples)] if samples != 1 else []
+    for name in PASSED_SWITCHES:
+        if getattr(args, name, False):
+            flags.append(f"--{name}")
+    for name in PASSED_VALUES:
+        if getattr(args, name, None) is not None:
+            flags += [f"--{name}", str(getattr(args, name))]
+    return flags
+
+
+# step 3's policy-loss flags e2e passes on, under the same names with dashes
+PASSED_SWITCHES = ("dr_grpo", "kl_loss", "log_rollout_mismatch")
+PASSED_VALUES = ("kl_estimator", "kl_loss_coef", "rollout_is_cap")
+# flags of the defaults above that only the critic reads: left out when the estimator builds no critic
+CRITIC_DEFAULTS = ("--critic_learning_rate", "--critic_dropout", "--critic_weight_decay")
+
+
+def without_critic_flags(defaults: str) -> str:
+    """`defaults` less the critic's flags and their values (a critic-free step 3 notes them as unused)."""
+    words = shlex.split(defaults)
+    kept = [
+        w for i, w in enumerate(words) if w not in CRITIC_DEFAULTS and (i == 0 or words[i - 1] not in CRITIC_DEFAULTS)
+    ]
+    return shlex.join(kept)
+
+
+def step3_flags_given(args: argparse.Namespace) -> list[str]:
+    """The e2e flags that only step 3 reads, as typed, when given."""
+    given = [f"--{n.replace('_', '-')}" for n in PASSED_SWITCHES if getattr(args, n, False)]
+    return given + [f"--{n.replace('_', '-')}" for n in PASSED_VALUES if getattr(args, n, None) is not None]
 
 
 def step_command(step: int, args: argparse.Namespace, out: Path) -> list[str]:
@@ -245,6 +288,8 @@ def step_command(step: int, args: argparse.Namespace, out: Path) -> list[str]:
         defaults = TINY_DPO_DEFAULTS if tiny else MODEL_DPO_DEFAULTS
     else:
         defaults = (TINY_DEFAULTS if tiny else MODEL_DEFAULTS)[step] + (STEP3_EVAL if step == 3 else "")
+        if step == 3 and getattr(args, "advantage_estimator", "gae") != "gae":
+            defaults = without_critic_flags(defaults)
     dtype = args.dtype or ("fp32" if tiny and args.device == "cpu" else "auto")
     common = [
         "--device",
@@ -270,9 +315,9 @@ def step_command(step: int, args: argparse.Namespace, out: Path) -> list[str]:
             str(out / "reward"),
             "--actor_zero_stage",
             str(args.actor_zero_stage),
-            "--critic_zero_stage",
-            str(args.reward_zero_stage),
         ]
+        if getattr(args, "advantage_estimator", "gae") == "gae":  # a critic-free step 3 builds no critic
+            own += ["--critic_zero_stage", str(args.reward_zero_stage)]
         if args.enable_hybrid_engine:
             own.append("--enable_hybrid_engine")
         own += estimator_flags(args)
@@ -352,8 +397,13 @@ def check_dpo_steps(args: argparse.Namespace) -> str | None:
         return None
     if 3 in args.step:
         return "--dpo replaces steps 2 and 3 (DPO runs as step 2, with no step 3): pass --step 1 2, or drop --dpo"
-    if args.step3_args or args.advantage_estimator != "gae" or args.enable_hybrid_engine:
-        return "--dpo runs no step 3: drop --step3-args, --advantage-estimator and --enable-hybrid-engine, or --dpo"
+    given = step3_flags_given(args)
+    if args.step3_args or args.advantage_estimator != "gae" or args.enable_hybrid_engine or given:
+        return (
+            "--dpo runs no step 3: drop --step3-args, --advantage-estimator, --enable-hybrid-engine"
+            + "".join(f", {flag}" for flag in given)
+            + ", or --dpo"
+        )
     return None
 
 
@@ -372,22 +422,27 @@ def check_device_memory(args: argparse.Namespace) -> str | None:
 
 def dry_run(args: argparse.Namespace, out: Path) -> int:
     """Each step's memory plan, from the commands the run would start (step 3 on the base models,
-    which steps 1 and 2 would turn into its actor and critic); 1 when one does not fit."""
+    which steps 1 and 2 would turn into its actor and critic; DPO on the actor's base model); 1 when one
+    does not fit."""
     from dschat_hal import memory_plan
-    from dschat_hal.args import step1_parser, step2_parser, step3_parser
+    from dschat_hal.args import dpo_parser, step1_parser, step2_parser, step3_parser
+    from dschat_hal.memory_plan.dpo import dpo_plan_for
 
-    parsers = {1: step1_parser, 2: step2_parser, 3: step3_parser}
+    parsers = {1: step1_parser, 2: dpo_parser if args.dpo else step2_parser, 3: step3_parser}
     code = 0
     for step in sorted(args.step):
         argv = step_command(step, args, out)[len(launcher(args)) + 1 :]
         if step == 3:
             argv += ["--actor_model_name_or_path", args.actor_model, "--critic_model_name_or_path", args.reward_model]
+        if step == 2 and args.dpo:
+            argv += ["--model_name_or_path", args.actor_model]
         if args.num_devices:
             argv += ["--num_devices", str(args.num_devices)]
         if args.device_memory:
             argv += ["--device_memory", args.device_memory]
         try:
-            plan = memory_plan.plan_for(parsers[step]().parse_args(argv), step)
+            parsed = parsers[step]().parse_args(argv)
+            plan = dpo_plan_for(parsed) if step == 2 and args.dpo else memory_plan.plan_for(parsed, step)
         except UserError as err:
             print(f"error: step {step}: {err}", file=sys.stderr)
             return 2
@@ -409,9 +464,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     if problem:
         print(f"error: {problem}", file=sys.stderr)
-        return 2
-    if args.dpo and args.dry_run:
-        print("error: --dry-run: the memory plan does not cover DPO yet; drop --dry-run or --dpo", file=sys.stderr)
         return 2
     if args.dry_run:
         return dry_run(args, out)

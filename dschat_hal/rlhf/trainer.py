@@ -542,10 +542,14 @@ class PPOTrainer:
 
 
 def split_rows(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
-    """`batch` cut into `parts` row slices of near-equal size (each must get at least one row)."""
+    """`batch` cut into `parts` row slices of near-equal size. With fewer rows than parts (an epoch's last
+    ptx batch, smaller than the others) each slice is one row, the rows reused in turn: every PPO
+    micro-batch keeps its ptx backward, which the actor's doubled accumulation counts on."""
     rows = next(iter(batch.values())).size(0)
+    if rows == 0:
+        raise ValueError(f"an empty ptx batch cannot be split across {parts} PPO micro-batches")
     if rows < parts:
-        raise ValueError(f"a ptx batch of {rows} rows cannot be split across {parts} PPO micro-batches")
+        return [{key: value[i % rows : i % rows + 1] for key, value in batch.items()} for i in range(parts)]
     pieces = {key: torch.tensor_split(value, parts) for key, value in batch.items()}
     return [{key: pieces[key][i] for key in batch} for i in range(parts)]
 

@@ -13,7 +13,8 @@ import torch
 
 from dschat_hal import loop
 from dschat_hal.dpo import dpo_loss, pair_label_mask, pair_logps, reference_placement
-from dschat_hal.errors import UserError, cli_entry
+from dschat_hal.errors import cli_entry
+from dschat_hal.memory_plan.dpo import dpo_check, dpo_dry_run
 from dschat_hal.models import check_positions, create_lm, load_tokenizer
 from dschat_hal.models.lm import add_eot_token
 from dschat_hal.runtime import (
@@ -34,13 +35,11 @@ from dschat_hal.runtime import (
 def main(argv: list[str]) -> dict:
     args = validate(dpo_parser().parse_args(argv))
     if args.dry_run:
-        raise UserError(
-            "--dry_run: the memory plan does not cover DPO yet; drop --dry_run (step 1's plan of the same model "
-            "with twice the batch, plus one frozen copy of its weights, is a close estimate)"
-        )
+        return dpo_dry_run(args)
     check_positions(args.model_name_or_path, args.max_seq_len, "--max_seq_len", args.bucket_lengths)
     loop.claim_outputs(args)
     backend = setup(args)
+    dpo_check(args, backend)  # before any weights are loaded
     tokenizer = load_tokenizer(args.model_name_or_path)
     if args.add_eot_token:
         add_eot_token(tokenizer, args.eot_token)
