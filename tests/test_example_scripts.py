@@ -91,16 +91,15 @@ def git_clone_of_head(tmp_path) -> tuple[Path, str]:
     return clone, commit.stdout.strip()
 
 
-@pytest.mark.parametrize(
-    "script", ["bloom/step1_bloom_1b1.sh", "llama2/step1_llama2_7b.sh"], ids=lambda s: s.split("/")[0]
-)
-def test_a_script_runs_as_the_readme_writes_it_in_a_clean_clone(tmp_path, script):
+def test_a_script_runs_as_the_readme_writes_it_in_a_clean_clone(tmp_path):
     """A fresh `git clone`, its `.venv` as the README's setup leaves it (this interpreter's venv, linked
     in place of a second install), nothing activated, PATH and PYTHONPATH without the venv or the
     project, and the README's command: the script finds the venv's python, says so, and runs the
-    clone's code: not the checkout the venv's editable install points at (which ran before)."""
+    clone's code: not the checkout the venv's editable install points at (which ran before). One
+    script (the llama2 ones source the same common.sh; each run takes minutes on a loaded 2-core machine)."""
     if sys.prefix == sys.base_prefix:
         pytest.skip("needs the project's virtual environment (the README's setup)")
+    script = "bloom/step1_bloom_1b1.sh"
     clone, commit = git_clone_of_head(tmp_path)
     (clone / ".venv").symlink_to(sys.prefix, target_is_directory=True)
     env = without_the_venv()
