@@ -3,12 +3,17 @@ loads, CPU Adam, fused Adam, ...) holds a `lock` file in its build directory; a 
 leaves it behind, and every later load of that op waits on it forever, silently (torch's
 `FileBaton.wait`). `clear_stale_build_locks_once` runs before the layer loads an op, once per process
 and extensions directory, for every caller (the steps, the RLHF API, tests, benchmarks).
+
+One build per environment: before that, `prepare_op_builds` makes the environment's own cache
+(sys.prefix/torch_extensions when TORCH_EXTENSIONS_DIR is unset) and its own `ninja` the ones used, so
+that running through `.venv/bin/python` and with the venv activated no longer rebuild each other's op.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,6 +141,69 @@ def clear_stale_build_locks_once() -> list[Path]:
     return clear_stale_build_locks(root)
 
 
+# ---- one build per environment ------------------------------------------------------------------
+# Why an op rebuilt for minutes when one checkout ran once through `.venv/bin/python` and once with the
+# venv activated: not its flags (build.ninja came out byte for byte the same) but the `ninja` found on
+# PATH: the system's (1.11) without activation, the venv's (the `ninja` wheel DeepSpeed requires, 1.13)
+# with it. ninja records a hash of each command in the build directory's `.ninja_log`, and ninja 1.12
+# changed that hash function (MurmurHash2 to rapidhash): each ninja reads the other's entries as
+# "command line changed" (`ninja -d explain`) and recompiles everything. So the layer makes every
+# process of an environment build with that environment's ninja, in that environment's cache.
+
+
+def in_environment() -> bool:
+    """Whether this interpreter runs in a virtual or conda environment (not the system's Python)."""
+    return sys.prefix != sys.base_prefix or os.environ.get("CONDA_PREFIX") == sys.prefix
+
+
+def environment_ninja() -> Path | None:
+    """The environment's own `ninja` (sys.prefix/bin/ninja), when it runs in one that has it."""
+    ninja = Path(sys.prefix) / "bin" / "ninja"
+    return ninja if in_environment() and os.access(ninja, os.X_OK) else None
+
+
+def use_environment_ninja() -> str | None:
+    """Put the environment's bin folder first on PATH when its ninja is not the one PATH finds (what
+    activating it does), so that every process of the environment builds ops with one ninja whatever
+    PATH it was started with; returns that ninja (None: no environment ninja, PATH left as is)."""
+    import shutil
+
+    ninja = environment_ninja()
+    if ninja is None:
+        return None
+    found = shutil.which("ninja")
+    if found is None or os.path.realpath(found) != os.path.realpath(ninja):
+        os.environ["PATH"] = os.pathsep.join([str(ninja.parent), os.environ.get("PATH", "")]).rstrip(os.pathsep)
+    return str(ninja)
+
+
+def environment_extensions_dir() -> Path | None:
+    """The environment's own op cache, sys.prefix/torch_extensions (None: not in an environment, or
+    its folder is not writable)."""
+    prefix = Path(sys.prefix)
+    return prefix / "torch_extensions" if in_environment() and os.access(prefix, os.W_OK) else None
+
+
+def use_environment_extensions_dir() -> Path:
+    """TORCH_EXTENSIONS_DIR unset: set it to the environment's own cache (torch's default,
+    ~/.cache/torch_extensions/pyXY_cpu, is shared by every environment of that Python, whose torch and
+    paths differ: each would rebuild the others' ops). Returns the root ops are built under."""
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        own = environment_extensions_dir()
+        if own is not None:
+            os.environ["TORCH_EXTENSIONS_DIR"] = str(own)
+    return op_build_dir(SHM_COMM_OP).parent
+
+
+def prepare_op_builds() -> list[Path]:
+    """Before the layer loads a DeepSpeed op: the environment's cache and ninja (one build per
+    environment, `use_environment_extensions_dir`, `use_environment_ninja`), then no stale lock
+    (`clear_stale_build_locks_once`); returns the locks removed."""
+    use_environment_extensions_dir()
+    use_environment_ninja()
+    return clear_stale_build_locks_once()
+
+
 # ---- announcing a build ------------------------------------------------------------------------
 SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU communication op (`ShareMemCommBuilder.NAME`)
 NINJA_MARKER = ".dschat_hal_ninja"  # which ninja built the op last (written after a load)
@@ -146,8 +214,6 @@ def op_build_dir(name: str) -> Path:
     without creating it): TORCH_EXTENSIONS_DIR/name, else the default root's pyXY_<device> folder."""
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return Path(os.environ["TORCH_EXTENSIONS_DIR"]) / name
-    import sys
-
     import torch
     from torch.utils.cpp_extension import get_default_build_root
 
@@ -186,13 +252,14 @@ def build_reason(build_dir: Path, name: str = SHM_COMM_OP, ninja: str | None = N
 def announce_comm_op_build(name: str = SHM_COMM_OP, stream=None) -> str | None:
     """Before DeepSpeed loads its CPU communication op: print one line (first local rank) when the
     load will build it, which takes about a minute, silently otherwise; returns the line."""
-    import sys
-
     build_dir = op_build_dir(name)
     reason = build_reason(build_dir, name)
     if reason is None or os.environ.get("LOCAL_RANK", "0") != "0":
         return None
-    line = f"building DeepSpeed's CPU communication op once, ~1 min; cache: {build_dir.parent} ({reason})"
+    line = (
+        f"building DeepSpeed's CPU communication op once, ~1 min; cache: {build_dir.parent} "
+        f"({reason}; ninja: {_ninja()})"
+    )
     print(line, file=stream or sys.stderr, flush=True)
     return line
 

@@ -227,18 +227,19 @@ class Accelerator(abc.ABC):
     def init_distributed(self) -> None:
         """Initialise torch.distributed through DeepSpeed: under a launcher (torchrun, deepspeed)
         from its environment, or as a world of one without one — without exporting RANK or
-        MASTER_PORT, so that child processes never inherit this process's rendezvous. First, once per
-        process, a stale op-build lock (a killed build's) is removed, said in one line: DeepSpeed loads
+        MASTER_PORT, so that child processes never inherit this process's rendezvous. First, the
+        environment's op cache and ninja are chosen (`accel/_op_builds.py`: one build per environment) and,
+        once per process, a stale op-build lock (a killed build's) is removed, said in one line: DeepSpeed loads
         its communication op here, and torch would wait on that lock forever, silently. DeepSpeed is made
         to agree with this backend (`ds_name`) even when it was imported, and chose, before it."""
         import deepspeed
         import torch.distributed as dist
 
         from accel._deepspeed import ds_accelerator
-        from accel._op_builds import clear_stale_build_locks_once
+        from accel._op_builds import prepare_op_builds
 
         ds_accelerator(self.ds_name)
-        clear_stale_build_locks_once()
+        prepare_op_builds()
         if dist.is_available() and dist.is_initialized():
             return
         self.set_device()

@@ -115,6 +115,7 @@ class CpuAccelerator(Accelerator):
 
         loads_op = not dist.is_initialized() and deepspeed.ops.__compatible_ops__.get(_op_builds.SHM_COMM_OP, False)
         if loads_op:  # DeepSpeed builds it silently (minutes on a loaded machine): say so first
+            _op_builds.prepare_op_builds()  # the environment's cache and ninja, as the load will use
             _op_builds.announce_comm_op_build()
         super().init_distributed()
         if loads_op and os.environ.get("LOCAL_RANK", "0") == "0":

@@ -56,9 +56,9 @@ class CudaAccelerator(Accelerator):
         DeepSpeed's FusedAdam (the same update), whose CUDA op a pip-installed DeepSpeed builds with nvcc
         on first use (without a CUDA toolkit: `MissingCUDAException`). `--offload`: DeepSpeedCPUAdam;
         `--no_fused_kernels`: torch's single-tensor AdamW."""
-        from accel._op_builds import clear_stale_build_locks_once
+        from accel._op_builds import prepare_op_builds
 
-        clear_stale_build_locks_once()  # DeepSpeed's Adam ops are built and loaded by torch's JIT
+        prepare_op_builds()  # DeepSpeed's Adam ops are built and loaded by torch's JIT
         if offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 

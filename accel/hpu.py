@@ -235,9 +235,9 @@ class HpuAccelerator(Accelerator):
         return True
 
     def optimizer_class(self, offload: bool = False, fused: bool = True) -> type[torch.optim.Optimizer]:
-        from accel._op_builds import clear_stale_build_locks_once
+        from accel._op_builds import prepare_op_builds
 
-        clear_stale_build_locks_once()  # DeepSpeed's Adam ops are built and loaded by torch's JIT
+        prepare_op_builds()  # DeepSpeed's Adam ops are built and loaded by torch's JIT
         if offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 

@@ -78,26 +78,47 @@ def resolve_report_to(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+STEP_METRIC = "global_step"  # the x axis of every scalar in a wandb run
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
+
+
 class WandbWriter:
-    """Scalars to Weights & Biases; offline with WANDB_MODE=offline (wandb reads it), files under `dir`."""
+    """Scalars to Weights & Biases; offline with WANDB_MODE=offline (wandb reads it), files under
+    WANDB_DIR when set, else `directory`. Each row carries the optimizer step as `global_step`, every
+    scalar's x axis: wandb's own step must only grow, and would drop rows logged after a later step
+    (step 3 logs an evaluation before the per-step records of the steps up to it)."""
 
     def __init__(self, name: str, directory: str | None, config: dict[str, Any] | None = None) -> None:
         import wandb
 
+        directory = os.environ.get("WANDB_DIR") or directory
         if directory:
             os.makedirs(directory, exist_ok=True)
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "dschat-hal"),
-            name=name,
-            dir=directory,
-            config=config or {},
-        )
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "dschat-hal"),
+                name=name,
+                dir=directory,
+                config=config or {},
+            )
+        except Exception as err:  # no API key and no terminal to ask for one, no server reachable, ...
+            raise UserError(
+                f"--report_to wandb: wandb could not start a run ({type(err).__name__}: {_first_line(err)}); "
+                "log in (wandb login, or WANDB_API_KEY), set WANDB_MODE=offline to log without an account, "
+                "or use --report_to tensorboard"
+            ) from None
+        self.run.define_metric(STEP_METRIC)
+        self.run.define_metric("*", step_metric=STEP_METRIC)
 
     def add_scalar(self, key: str, value: float, step: int) -> None:
-        self.run.log({key: value}, step=step)
+        self.log({key: value}, step)
 
     def log(self, values: dict[str, float], step: int) -> None:
-        self.run.log(values, step=step)
+        self.run.log({**values, STEP_METRIC: step})
 
     def flush(self) -> None:
         pass

@@ -592,12 +592,14 @@ class ScalarWriter:
     """Pipeline-level scalars, written by rank 0 only (a no-op when disabled): TensorBoard event files
     under `path/name`, or with `report_to="wandb"` a Weights & Biases run (its files under `path`)."""
 
-    def __init__(self, path: str | None, name: str, report_to: str = "tensorboard") -> None:
+    def __init__(
+        self, path: str | None, name: str, report_to: str = "tensorboard", config: dict[str, Any] | None = None
+    ) -> None:
         self.writer = None
         if path and is_rank0() and report_to == "wandb":
             from dschat_hal.monitor import WandbWriter
 
-            self.writer = WandbWriter(name, path)
+            self.writer = WandbWriter(name, path, config)
         elif path and is_rank0() and report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -605,9 +607,11 @@ class ScalarWriter:
 
     @classmethod
     def for_run(cls, args: Any, name: str) -> ScalarWriter:
-        """The writer `--report_to` (or `--enable_tensorboard`) asks for, under `--tensorboard_path`."""
+        """The writer `--report_to` (or `--enable_tensorboard`) asks for, under `--tensorboard_path`; a
+        wandb run records the flags as its config."""
         report_to = getattr(args, "report_to", None) or ("tensorboard" if args.enable_tensorboard else "none")
-        return cls(args.tensorboard_path if report_to != "none" else None, name, report_to)
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+        return cls(args.tensorboard_path if report_to != "none" else None, name, report_to, config)
 
     def add(self, values: dict[str, float], step: int) -> None:
         if self.writer is None:

@@ -5,7 +5,8 @@
 #   --output DIR        where actor/, reward/ and rlhf/ go (default: output/<family>)
 #   --tiny              the same script with the bundled tiny model on the CPU, a few steps (CI)
 # Anything else is passed to the training script.
-# The interpreter: the project's .venv (the README's setup), else $PYTHON, else python3 from PATH.
+# The interpreter: the project's .venv (the README's setup), else $PYTHON, else python3 from PATH; the
+# library: this checkout's (first on PYTHONPATH).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ -x "$ROOT/.venv/bin/python" ]; then
@@ -16,6 +17,8 @@ else
   PYTHON="$(command -v python3 || echo python3)"; PYTHON_FROM="python3 from PATH; no $ROOT/.venv"
 fi
 echo "python: $PYTHON ($PYTHON_FROM)" >&2
+# The code beside the scripts runs, whichever checkout the interpreter's editable install (pip -e) points at.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 DEVICE=cuda
 NUM_DEVICES=""
 TINY=0

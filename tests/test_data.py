@@ -496,6 +496,60 @@ def test_trl_conversational_preferences_render_with_the_chat_template(tmp_path):
         )
 
 
+def test_trl_implicit_prompt_preferences_give_steps_2_and_3_their_prompt(tmp_path, tokenizer):
+    """TRL's preference data with an implicit prompt (chosen/rejected full texts or conversations, no
+    prompt column): the prompt is the start both share (TRL's `extract_prompt`), cut at the answer's
+    turn or, in plain text, at a word, not inside one; step 3 trains on those prompts (it found none:
+    every prompt was empty), step 2 / DPO on the whole texts."""
+    rows = [
+        {"chosen": f"Human: q{i}? Assistant: Sure, yes {i}.", "rejected": f"Human: q{i}? Assistant: Sure, no."}
+        for i in range(40)
+    ]
+    write_jsonl(tmp_path / "text" / "train.jsonl", rows)
+    raw = get_raw_dataset(str(tmp_path / "text"))
+    row = raw.train[0]
+    number = row["chosen"].split("q")[1].split("?")[0]
+    assert (raw.prompt(row), raw.chosen(row), raw.rejected(row)) == (
+        f"Human: q{number}? Assistant:",
+        f" Sure, yes {number}.",
+        " Sure, no.",
+    )
+    prompts, _, _ = load_or_build(DataSpec([str(tmp_path / "text")], "0,0,1", 3), tokenizer, None)
+    decoded = tokenizer.decode(prompts[0]["prompt"], skip_special_tokens=True)
+    assert decoded.startswith("Human: q") and decoded.endswith("? Assistant:"), decoded
+    pairs, _, _ = load_or_build(DataSpec([str(tmp_path / "text")], "0,1,0", 2), tokenizer, None)
+    texts = {tokenizer.decode(p["chosen"], skip_special_tokens=True) for p in pairs}
+    assert texts <= {r["chosen"] for r in rows} and len(texts) == len(pairs)
+    from dschat_hal.data.raw_datasets import split_implicit_prompt
+
+    # plain text: at the word where they part (TRL: "The sky is bl" / "ue." / "ack.")
+    assert split_implicit_prompt("The sky is blue.", "The sky is black.") == ("The sky is", " blue.", " black.")
+    # conversations parting at the first answer: the prompt is the first question, not all turns but the last
+    chosen = [
+        {"role": role, "content": text}
+        for role, text in zip(["user", "assistant"] * 2, "q1 a1 q2 a2".split(), strict=True)
+    ]
+    rejected = [
+        *chosen[:1],
+        {"role": "assistant", "content": "b1"},
+        *chosen[2:3],
+        {"role": "assistant", "content": "b2"},
+    ]
+    assert split_implicit_prompt(chosen, rejected) == (chosen[:1], chosen[1:], rejected[1:])
+    write_jsonl(tmp_path / "conv" / "train.jsonl", [{"chosen": chosen, "rejected": rejected}] * 4)
+    conv = get_raw_dataset(str(tmp_path / "conv"))
+    assert conv.conversational and (conv.prompt(conv.train[0]), conv.rejected(conv.train[0])) == (
+        chosen[:1],
+        rejected[1:],
+    )
+    # a format that cannot be read: one line naming the columns found and the flags that map them
+    write_jsonl(tmp_path / "odd" / "train.jsonl", [{"question": "q", "answer_a": "a", "answer_b": "b"}])
+    with pytest.raises(
+        UserError, match=r"has columns question, answer_a, answer_b, .*--prompt_key COLUMN --chosen_key"
+    ):
+        get_raw_dataset(str(tmp_path / "odd"))
+
+
 def test_step1_data_without_rejected_answers(tmp_path, tokenizer):
     """TRL's prompt/completion, messages and text rows train step 1 (as --data_path and
     --sft_only_data_path), give step 3 prompts, and step 2 says what is missing in one line."""

@@ -4,9 +4,11 @@ DeepSpeed compiles its CPU communication op."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import tiny_step1_argv
@@ -85,6 +87,8 @@ def _record(call, **kw):
     with open(LOG, "a") as f:
         f.write(json.dumps({"call": call, **kw}, default=str) + "\\n")
 class _Run:
+    def define_metric(self, name, step_metric=None):
+        _record("define_metric", name=name, step_metric=step_metric)
     def log(self, values, step=None):
         _record("log", values=values, step=step)
     def finish(self):
@@ -102,7 +106,9 @@ def test_report_to_wandb_logs_through_wandb(tmp_path, monkeypatch):
     log = tmp_path / "wandb.jsonl"
     monkeypatch.setenv("FAKE_WANDB_LOG", str(log))
     monkeypatch.syspath_prepend(str(stub))
-    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    fake = importlib.util.spec_from_file_location("wandb", stub / "wandb.py")
+    monkeypatch.setitem(sys.modules, "wandb", importlib.util.module_from_spec(fake))  # gone again after the test
+    fake.loader.exec_module(sys.modules["wandb"])
     argv = ["--max_steps", "1", "--report_to", "wandb", "--tensorboard_path", str(tmp_path / "runs")]
     step1(tiny_step1_argv(tmp_path, *argv, "--output_dir", ""))
     calls = [json.loads(line) for line in log.read_text().splitlines()]
@@ -110,6 +116,112 @@ def test_report_to_wandb_logs_through_wandb(tmp_path, monkeypatch):
     logged = {key for c in calls if c["call"] == "log" for key in c["values"]}
     assert {"step1/loss", "step1/eval_perplexity", *NEW_TAGS} <= logged
     assert not (tmp_path / "runs" / "step1").exists()  # no TensorBoard files beside
+
+
+def wandb_records(path: Path) -> list:
+    """The records of an offline wandb run file (`run-ID.wandb`): a 7-byte header, then LevelDB-log
+    records (32 KiB blocks; 7-byte record headers: checksum, length, type) of wandb's protobuf `Record`."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    position, block, payload, records = 7, 32768, b"", []
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
+        payload += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a full record, or the last fragment of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+            payload = b""
+    return records
+
+
+def offline_runs(root: Path) -> dict[str, dict]:
+    """Offline runs under `root` by name: their config and history rows."""
+    runs = {}
+    for path in root.glob("**/offline-run-*/run-*.wandb"):
+        name, config, rows = None, {}, []
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                name = record.run.display_name
+                items = record.run.config.update
+                config = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+            elif kind == "history":
+                items = record.history.item  # a key with "/" comes as nested_key
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
+        runs[name] = {"config": config, "rows": rows}
+    return runs
+
+
+REAL_WANDB_RUNS = """
+import sys
+from dschat_hal.monitor import WandbWriter
+from training.step1_supervised_finetuning.main import main as step1
+from training.step2_dpo_finetuning.main import main as dpo
+
+tmp = sys.argv[1]
+tiny = ["--device", "cpu", "--max_seq_len", "64", "--per_device_train_batch_size", "8",
+        "--per_device_eval_batch_size", "8", "--max_steps", "1", "--report_to", "wandb", "--output_dir", ""]
+step1([*tiny, "--data_output_path", tmp + "/cache1"])
+dpo([*tiny, "--data_output_path", tmp + "/cache2", "--dtype", "fp32", "--eval_iters", "2"])
+writer = WandbWriter("order", None)
+writer.log({"x/eval": 1.0}, 3)  # as step 3 does: an evaluation at step 3 before the records of steps 1-3
+for step in (1, 2, 3):
+    writer.log({"x/loss": float(step)}, step)
+writer.close()
+"""
+
+
+@pytest.mark.skipif(not monitor.installed("wandb"), reason="the wandb package is not importable (pip install wandb)")
+def test_report_to_wandb_with_the_real_package_writes_offline_runs(tmp_path):
+    """The real wandb, offline: step 1 and DPO (which logged nothing but TensorBoard) write a run each
+    with their scalars against `global_step` and the flags as config; rows logged after a later step
+    are kept (wandb's own step drops them); without an account or offline mode, one error line."""
+    import os
+    import subprocess
+
+    from conftest import ROOT
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"), "WANDB_SILENT": "true"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    run = subprocess.run(
+        [sys.executable, "-c", REAL_WANDB_RUNS, str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    runs = offline_runs(tmp_path / "wandb")
+    assert set(runs) == {"step1", "step2_dpo", "order"}, runs
+    logged = {key for row in runs["step1"]["rows"] for key in row}
+    assert {"step1/loss", "step1/eval_perplexity", *NEW_TAGS, "global_step"} <= logged
+    assert runs["step1"]["config"]["max_steps"] == 1 and runs["step1"]["config"]["report_to"] == "wandb"
+    dpo_keys = {key for row in runs["step2_dpo"]["rows"] for key in row}
+    assert {"step2_dpo/loss", "step2_dpo/eval_reward_margin"} <= dpo_keys, dpo_keys
+    losses = [(row["global_step"], row["x/loss"]) for row in runs["order"]["rows"] if "x/loss" in row]
+    assert losses == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    no_account = {k: v for k, v in env.items() if not k.startswith("WANDB_")} | {"HOME": str(tmp_path / "home")}
+    code = "from dschat_hal.errors import cli_entry; from dschat_hal.monitor import WandbWriter\n"
+    result = subprocess.run(
+        [sys.executable, "-c", code + "cli_entry(lambda argv: WandbWriter('x', None))()"],
+        cwd=tmp_path,
+        env=no_account | {"WANDB_DIR": str(tmp_path / "none")},
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and lines[-1].startswith("error: --report_to wandb: wandb could not start a run")
+    assert "Traceback" not in result.stderr and "WANDB_MODE=offline" in lines[-1]
 
 
 def test_comm_op_build_is_announced_only_when_a_build_is_due(tmp_path, monkeypatch):

@@ -10,7 +10,8 @@ directories written by `save_to_disk`.
 Unregistered data is read by its columns (renamed by `--prompt_key/--chosen_key/--rejected_key`):
 prompt/chosen/rejected, TRL's prompt/completion and `text` (step 1 only: no rejected answer), and
 TRL's conversational formats (`messages`, or prompt/chosen/rejected as message lists, rendered with
-the tokenizer's chat template).
+the tokenizer's chat template). Chosen/rejected without a prompt column (TRL's implicit prompt) hold
+the prompt as the start both share (`split_implicit_prompt`).
 """
 
 from __future__ import annotations
@@ -58,14 +59,24 @@ class RawDataset:
         """Whether rows hold a rejected answer (step-1 data such as prompt/completion does not)."""
         return "rejected" in self.keys
 
+    @property
+    def implicit_prompt(self) -> bool:
+        """Chosen and rejected without a prompt column: each holds the prompt (TRL's implicit prompt)."""
+        return "prompt" not in self.keys and "rejected" in self.keys
+
+    def _split(self, row: Row) -> tuple[Any, Any, Any]:
+        return split_implicit_prompt(row[self.keys["chosen"]], row[self.keys["rejected"]])
+
     def prompt(self, row: Row) -> str:
-        return row[self.keys["prompt"]] if "prompt" in self.keys else ""
+        if "prompt" in self.keys:
+            return row[self.keys["prompt"]]
+        return self._split(row)[0] if self.implicit_prompt else ""
 
     def chosen(self, row: Row) -> str:
-        return row[self.keys["chosen"]]
+        return self._split(row)[1] if self.implicit_prompt else row[self.keys["chosen"]]
 
     def rejected(self, row: Row) -> str:
-        return row[self.keys["rejected"]]
+        return self._split(row)[2] if self.implicit_prompt else row[self.keys["rejected"]]
 
     def prompt_and_chosen(self, row: Row) -> str:
         return self.prompt(row) + self.chosen(row)
@@ -79,21 +90,60 @@ Messages = list[dict[str, str]]
 
 class Conversations(RawDataset):
     """TRL's conversational formats: prompt and answers as lists of {role, content} messages; without
-    a prompt column the turns before the last are the prompt (a `messages` column, or chosen/rejected
-    conversations that share their first turns)."""
+    a prompt column, chosen/rejected conversations share their prompt's turns (`split_implicit_prompt`),
+    and a single `messages` conversation's turns before the last are its prompt."""
 
     conversational = True
 
     def prompt(self, row: Row) -> Messages:
-        if "prompt" in self.keys:
-            return row[self.keys["prompt"]]
+        if "prompt" in self.keys or self.implicit_prompt:
+            return super().prompt(row)
         return row[self.keys["chosen"]][:-1]
 
     def chosen(self, row: Row) -> Messages:
-        return row[self.keys["chosen"]] if "prompt" in self.keys else row[self.keys["chosen"]][-1:]
+        if "prompt" in self.keys or self.implicit_prompt:
+            return super().chosen(row)
+        return row[self.keys["chosen"]][-1:]
 
-    def rejected(self, row: Row) -> Messages:
-        return row[self.keys["rejected"]] if "prompt" in self.keys else row[self.keys["rejected"]][-1:]
+
+# Where an assistant's turn starts in text: DeepSpeed-Chat's marker, ChatML, Llama 3, Llama 2, Phi-3.
+ANSWER_STARTS = re.compile(
+    r"Assistant:|<\|im_start\|>assistant\n|<\|start_header_id\|>assistant<\|end_header_id\|>\n*|\[/INST\]|<\|assistant\|>\n?"
+)
+
+
+def _prompt_end(chosen: str, rejected: str) -> int:
+    """Where the prompt of two texts that share it ends: after the last answer marker (`ANSWER_STARTS`)
+    in their common prefix; without one, at the word where they part (TRL's `extract_prompt` cuts at the
+    first different character, mid-word), the whitespace before it going to the answers."""
+    end = len(os.path.commonprefix([chosen, rejected]))
+    markers = list(ANSWER_STARTS.finditer(chosen, 0, end))
+    if markers:
+        return markers[-1].end()
+    parted_mid_word = (
+        end > 0 and chosen[end - 1].isalnum() and any(end < len(t) and t[end].isalnum() for t in (chosen, rejected))
+    )
+    if parted_mid_word:
+        end = max((m.start() for m in re.finditer(r"\s", chosen[:end])), default=0)
+    while end > 0 and chosen[end - 1].isspace():
+        end -= 1
+    return end
+
+
+def split_implicit_prompt(chosen: str | Messages, rejected: str | Messages) -> tuple[Any, Any, Any]:
+    """(prompt, chosen answer, rejected answer) of a preference pair whose prompt is implicit, held by
+    both (TRL's "preference with implicit prompt" data, its `extract_prompt`): for conversations the
+    leading messages both share, up to their last turn that is not the assistant's, leaving each at
+    least one message of answer; for text the common start up to the answer's turn (`_prompt_end`)."""
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        end = _prompt_end(chosen, rejected)
+        return chosen[:end], chosen[end:], rejected[end:]
+    shared, limit = 0, min(len(chosen), len(rejected)) - 1
+    while shared < limit and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared > 0 and chosen[shared - 1].get("role") == "assistant":
+        shared -= 1
+    return list(chosen[:shared]), list(chosen[shared:]), list(rejected[shared:])
 
 
 def as_text(value: str | Messages) -> str:
@@ -563,6 +613,14 @@ def generic_schema(features: dict[str, Any], keys: dict[str, str], where: str) -
     conversational = is_messages(features[mapped["chosen"]])
     if conversational and "prompt" not in mapped and "rejected" not in mapped:
         mapped = {"chosen": mapped["chosen"]}  # one conversation: its last turn is the answer
+    if "prompt" not in mapped and "rejected" in mapped:
+        log.info(
+            "%s: no prompt column: the prompt is the start that %s and %s share (TRL's implicit prompt; "
+            "--prompt_key COLUMN names a prompt column)",
+            where,
+            mapped["chosen"],
+            mapped["rejected"],
+        )
     return (Conversations if conversational else RawDataset), {r: mapped[r] for r in REQUIRED_KEYS if r in mapped}
 
 

@@ -124,7 +124,7 @@ def main(argv: list[str]) -> dict:
         f"label smoothing {args.label_smoothing}"
     )
     before = report("before training")
-    writer = ScalarWriter(args.tensorboard_path if args.enable_tensorboard else None, "step2_dpo")
+    writer = ScalarWriter.for_run(args, "step2_dpo")
     evaluations: list[dict[str, float]] = []
 
     def periodic_eval(step: int) -> None:
