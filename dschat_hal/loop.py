@@ -218,6 +218,8 @@ def resume_setup(args: argparse.Namespace) -> dict:
     if getattr(args, "advantage_estimator", "gae") != "gae":  # absent from PPO's units, as before
         setup["advantage_estimator"] = args.advantage_estimator
         setup["n_samples_per_prompt"] = args.n_samples_per_prompt
+        for unused in ("critic_zero_stage", "critic_lora_dim"):  # no critic: its flags change nothing
+            setup.pop(unused, None)
     return setup
 
 

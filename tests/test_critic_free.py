@@ -251,3 +251,15 @@ def test_grpo_generates_tensor_parallel_on_two_ranks(models, tmp_path, monkeypat
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
     assert len(summary["history"]) == 1 and summary["optimizer_steps"]["actor"] == 2
     assert "critic" not in summary["optimizer_steps"] and not (tmp_path / "out" / "critic").exists()
+
+
+def test_a_critic_free_unit_ignores_the_unused_critic_flags_on_resume():
+    from dschat_hal.args import step3_parser
+    from dschat_hal.loop import resume_setup
+
+    base = ["--actor_model_name_or_path", "tiny-opt", "--critic_model_name_or_path", "tiny-opt"]
+    grpo = [*base, "--advantage_estimator", "grpo", "--n_samples_per_prompt", "2"]
+    critic_changed = ["--critic_zero_stage", "3", "--critic_lora_dim", "8"]
+    parse = step3_parser().parse_args
+    assert resume_setup(parse(grpo)) == resume_setup(parse([*grpo, *critic_changed]))
+    assert resume_setup(parse(base)) != resume_setup(parse([*base, *critic_changed]))  # PPO's critic counts
