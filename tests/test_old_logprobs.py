@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dschat_hal.models.reward_model import RewardModel
-from dschat_hal.rlhf.generation import HybridEngine
+from dschat_hal.rlhf.generation.engine import HybridEngine
 from dschat_hal.rlhf.trainer import PPOTrainer, lm_inputs, old_logprobs_from_training, old_values_from_training
 from training.step3_rlhf_finetuning.main import main as step3
 

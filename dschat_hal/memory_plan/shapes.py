@@ -76,7 +76,7 @@ def tp_fallback_reason(name_or_path: str, tp_size: int) -> str | None:
     it shards): the engine's own decision (`tensor_parallel.tp_unsupported_reason`) on the meta build."""
     if tp_size <= 1:
         return None
-    from dschat_hal.rlhf.tensor_parallel import tp_unsupported_reason
+    from dschat_hal.rlhf.generation.tensor_parallel import tp_unsupported_reason
 
     return tp_unsupported_reason(meta_model(name_or_path, head=True), tp_size)
 

@@ -23,7 +23,9 @@ from dschat_hal.models.reward_model import score
 from dschat_hal.rlhf import advantages as critic_free
 from dschat_hal.rlhf import ppo_math
 from dschat_hal.rlhf.engine import RLHFEngine
-from dschat_hal.rlhf.generation import GenerationConfig, PlainGenerator, contiguous_head_input
+from dschat_hal.rlhf.generation.decode import contiguous_head_input
+from dschat_hal.rlhf.generation.hf_generate import PlainGenerator
+from dschat_hal.rlhf.generation.sampling import GenerationConfig
 from dschat_hal.rlhf.reward_shaping import RewardShaper, clipped_share, whiten
 
 
@@ -178,7 +180,7 @@ def answer_logprobs(model, module: torch.nn.Module, seq: torch.Tensor, mask: tor
 
 class PPOTrainer:
     def __init__(self, engine: RLHFEngine, backend: Accelerator, tokenizer, config: PPOConfig, generator=None) -> None:
-        """`generator` makes the answers (`generation.PlainGenerator` when not given, or a `HybridEngine`)."""
+        """`generator` makes the answers (`hf_generate.PlainGenerator` when not given, or a `HybridEngine`)."""
         self.rlhf, self.backend, self.tokenizer, self.config = engine, backend, tokenizer, config
         self.actor, self.ref, self.critic, self.reward = engine.actor, engine.ref, engine.critic, engine.reward
         self.kl_controller = (

@@ -45,11 +45,13 @@ from dschat_hal.monitor import RunClock, current_lr, format_eta
 from dschat_hal.provenance import write_record
 from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.evaluation import mean_reward
-from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine
+from dschat_hal.rlhf.generation import make_hybrid_engine
+from dschat_hal.rlhf.generation.engine import HybridEngine
+from dschat_hal.rlhf.generation.sampling import GenerationConfig
+from dschat_hal.rlhf.generation.tensor_parallel import check_tp_args
 from dschat_hal.rlhf.placement import FROZEN, placement_of, store_placement
 from dschat_hal.rlhf.reward_shaping import ClipWarning
 from dschat_hal.rlhf.schedule import step3_plan, warmup_warning
-from dschat_hal.rlhf.tensor_parallel import check_tp_args, make_hybrid_engine
 from dschat_hal.rlhf.trainer import (
     PPOConfig,
     PPOTrainer,
