@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import accel
     from accel.cpu import CpuAccelerator, describe_cpu
-    from dschat_hal.rlhf import generation
+    from dschat_hal.rlhf.generation.engine import HybridEngine
     from training.step3_rlhf_finetuning.main import main as step3
 
     counter = CompileCounter()
@@ -57,13 +57,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.unpadded:
         accel.Accelerator.static_generation_shapes = property(lambda self: False)
     shapes: set[tuple[int, ...]] = set()
-    generate = generation.HybridEngine.generate
+    generate = HybridEngine.generate
 
     def recording_generate(self, prompts, mask):
         shapes.add(tuple(prompts.shape))
         return generate(self, prompts, mask)
 
-    generation.HybridEngine.generate = recording_generate
+    HybridEngine.generate = recording_generate
     warnings = Warnings()
     logging.getLogger("torch._dynamo").addHandler(warnings)
     buckets = ["--bucket_lengths", *map(str, args.bucket_lengths)] if args.bucket_lengths else []

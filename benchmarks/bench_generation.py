@@ -7,7 +7,7 @@
 Modes, each generating exactly `--answer` tokens per row (greedy, EOS ignored):
   (a) hf         HF `generate` on the DeepSpeed engine's module (synced ranks under ZeRO-3)
   (b) hf_static  the same with `cache_implementation="static"`
-  (c) engine     the project's hybrid engine (`dschat_hal.rlhf.generation.HybridEngine`)
+  (c) engine     the project's hybrid engine (`dschat_hal.rlhf.generation.engine.HybridEngine`)
   (d) engine_tpT  the hybrid engine generating tensor-parallel on groups of T ranks (`--inference_tp_size T`)
 Weights are random, built from a config of the named shape. The table gives seconds (median of
 `--repeats` after `--warmup` phases), tokens/s, speed-up over (a), whether the tokens equal (a)'s, and the
@@ -128,8 +128,9 @@ def _timed(fn, backend) -> tuple[float, torch.Tensor]:
 
 def run_generation(args: argparse.Namespace) -> list[dict]:
     """All modes for every ZeRO stage, in this process (one rank of a torchrun world, or alone)."""
-    from dschat_hal.rlhf.generation import GenerationConfig, PlainGenerator
-    from dschat_hal.rlhf.tensor_parallel import make_hybrid_engine
+    from dschat_hal.rlhf.generation import make_hybrid_engine
+    from dschat_hal.rlhf.generation.hf_generate import PlainGenerator
+    from dschat_hal.rlhf.generation.sampling import GenerationConfig
     from dschat_hal.runtime import rank
 
     backend = accel.get(args.device)
@@ -189,14 +190,15 @@ def _footprint(gen) -> dict:
     """Every rank's inference-copy and KV-cache megabytes of an engine (none for HF `generate`)."""
     import torch.distributed as dist
 
-    from dschat_hal.rlhf.generation import MB, _cache_tensors
+    from dschat_hal.rlhf.generation.decode import cache_tensors
+    from dschat_hal.rlhf.generation.engine import MB
 
     if gen is None:
         return {}
     copy = getattr(gen, "form", None) or gen.copy
     mine = [
         (copy.nbytes if copy is not None else 0) / MB,
-        sum(t.numel() * t.element_size() for t in _cache_tensors(gen._cache)) / MB if gen._cache is not None else 0,
+        sum(t.numel() * t.element_size() for t in cache_tensors(gen._cache)) / MB if gen._cache is not None else 0,
     ]
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)

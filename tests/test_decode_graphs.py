@@ -14,7 +14,8 @@ from test_hybrid_engine import EOS, PAD, VOCAB, engine_for, peaked_model
 from torch._dynamo.testing import CompileCounter
 
 from dschat_hal.data import Collator
-from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine
+from dschat_hal.rlhf.generation.engine import HybridEngine
+from dschat_hal.rlhf.generation.sampling import GenerationConfig
 from dschat_hal.runtime import dataloader
 
 MAX_PROMPT = 24

@@ -153,7 +153,8 @@ def test_the_decode_loop_and_hf_generate_stop_on_any_end_id():
     """The hybrid engine's loop stops a row at the first id of an end list, as HF `generate` does."""
     from test_hybrid_engine import EOS, PAD, engine_for, peaked_model, prompt_batch, reference_tokens
 
-    from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine
+    from dschat_hal.rlhf.generation.engine import HybridEngine
+    from dschat_hal.rlhf.generation.sampling import GenerationConfig
 
     model = peaked_model("llama", lora=False)
     prompts, mask = prompt_batch()

@@ -9,7 +9,9 @@ from test_hybrid_engine import CONFIGS, EOS, PAD, engine_for, peaked_model, prom
 from transformers import StaticCache
 
 from dschat_hal.errors import UserError
-from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine, _cache_tensors
+from dschat_hal.rlhf.generation.decode import cache_tensors
+from dschat_hal.rlhf.generation.engine import HybridEngine
+from dschat_hal.rlhf.generation.sampling import GenerationConfig
 from dschat_hal.rlhf.memory import PhaseMemory, kv_cache_bytes
 
 
@@ -19,7 +21,7 @@ def test_kv_cache_estimate_is_the_static_cache_transformers_allocates(family):
     if family == "llama":
         config.num_key_value_heads = 2  # grouped-query attention: the cache holds the KV heads only
     cache = StaticCache(config=config, max_batch_size=3, max_cache_len=17, device="cpu", dtype=torch.bfloat16)
-    allocated = sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
+    allocated = sum(t.numel() * t.element_size() for t in cache_tensors(cache))
     assert kv_cache_bytes(config, 3, 17, torch.bfloat16) == allocated > 0
 
 

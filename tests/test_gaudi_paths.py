@@ -17,7 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import OPTForCausalLM
 
 import accel
-from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine, last_logits
+from dschat_hal.rlhf.generation.decode import last_logits
+from dschat_hal.rlhf.generation.engine import HybridEngine
+from dschat_hal.rlhf.generation.sampling import GenerationConfig
 from dschat_hal.runtime import ADAM_EPS, engine_settings, training_engine
 
 GREEDY = GenerationConfig(max_answer_seq_len=12, pad_token_id=PAD, eos_token_id=EOS, do_sample=False)

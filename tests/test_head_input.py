@@ -11,7 +11,7 @@ from torch.profiler import profile
 from transformers import AutoModelForCausalLM, StaticCache
 
 from dschat_hal.models.tiny import tiny_config
-from dschat_hal.rlhf.generation import last_logits
+from dschat_hal.rlhf.generation.decode import last_logits
 from dschat_hal.rlhf.trainer import answer_logprobs
 
 VOCAB, BATCH, PROMPT, ANSWER = 96, 3, 7, 4

@@ -13,7 +13,8 @@ import torch
 import accel
 from dschat_hal.args import step1_parser, step3_parser
 from dschat_hal.inert_flags import inert_flag_notes
-from dschat_hal.rlhf.generation import GenerationConfig, PlainGenerator
+from dschat_hal.rlhf.generation.hf_generate import PlainGenerator
+from dschat_hal.rlhf.generation.sampling import GenerationConfig
 from dschat_hal.runtime import generation_graphs
 
 STEP3 = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c"]
@@ -75,7 +76,7 @@ def test_plain_path_takes_the_captured_forward_unless_zero3(partitioned, caplog)
         module.weight.ds_id = 0  # what ZeRO-3 gives its parameters
     backend = RecordingBackend(use_graphs=True, asked=[], captured=lambda *a, **k: None)
     generator = PlainGenerator(SimpleNamespace(module=module), backend, GenerationConfig(4, 0, 1))
-    with caplog.at_level(logging.INFO, logger="dschat_hal.rlhf.generation"):
+    with caplog.at_level(logging.INFO, logger="dschat_hal.rlhf.generation.hf_generate"):
         forwards = [generator._graphed_forward(module) for _ in range(3)]
     if partitioned:
         assert backend.asked == [] and forwards == [None] * 3

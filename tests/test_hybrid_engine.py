@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM, BloomConfig, GPT2Config, GPTNeoXC
 
 import accel
 from dschat_hal.models.lora import convert_to_lora, fuse_lora, lora_layers
-from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine, PlainGenerator, hf_generate
+from dschat_hal.rlhf.generation.engine import HybridEngine
+from dschat_hal.rlhf.generation.hf_generate import PlainGenerator, hf_generate
+from dschat_hal.rlhf.generation.sampling import GenerationConfig
 from dschat_hal.runtime import engine_settings, training_engine
 
 VOCAB, PAD, EOS = 96, 0, 2

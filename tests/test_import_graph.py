@@ -29,7 +29,7 @@ RUNTIME = ("dschat_hal.rlhf.engine", "dschat_hal.rlhf.trainer", "dschat_hal.rlhf
 LAYERS = [
     (
         "dschat_hal.decisions",
-        ("dschat_hal.memory_plan", "dschat_hal.runtime", "dschat_hal.rlhf.tensor_parallel", *RUNTIME),
+        ("dschat_hal.memory_plan", "dschat_hal.runtime", *RUNTIME),
         "the run's decisions sit below both the memory plan and the runtime",
     ),
     ("dschat_hal.memory_plan", RUNTIME, "the plan measures; it learns the run's decisions from dschat_hal.decisions"),

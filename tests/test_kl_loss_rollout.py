@@ -14,7 +14,9 @@ from test_critic_free import argv, models  # noqa: F401  (the module's saved tin
 from test_hybrid_engine import EOS, PAD, engine_for, peaked_model, prompt_batch
 
 from dschat_hal.rlhf import ppo_math
-from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine, PlainGenerator
+from dschat_hal.rlhf.generation.engine import HybridEngine
+from dschat_hal.rlhf.generation.hf_generate import PlainGenerator
+from dschat_hal.rlhf.generation.sampling import GenerationConfig
 from dschat_hal.rlhf.trainer import PPOSettings, PPOTrainer, answer_logprobs
 from training.step3_rlhf_finetuning.main import main as step3
 

@@ -431,7 +431,7 @@ def test_tensor_parallel_is_planned_as_the_engine_will_run_it(tmp_path, capsys):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from dschat_hal.memory_plan.fixes import _candidates
-    from dschat_hal.rlhf.tensor_parallel import tp_unsupported_reason
+    from dschat_hal.models.capabilities import tp_unsupported_reason
 
     def generation(actor: str, *flags: str) -> tuple[dict, memory_plan.Plan]:
         args = step3_parser().parse_args(

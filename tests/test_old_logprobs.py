@@ -13,7 +13,7 @@ import torch
 
 from dschat_hal.decisions import old_logprobs_from_training, old_values_from_training
 from dschat_hal.models.reward_model import RewardModel
-from dschat_hal.rlhf.generation import HybridEngine
+from dschat_hal.rlhf.generation.engine import HybridEngine
 from dschat_hal.rlhf.trainer import PPOTrainer, lm_inputs
 from training.step3_rlhf_finetuning.main import main as step3
 

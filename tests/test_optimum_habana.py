@@ -19,7 +19,7 @@ import torch
 from conftest import ROOT, real_gaudi_env, run_real_gaudi
 from test_hybrid_engine import EOS, PAD, answers_equal, peaked_model, prompt_batch, reference_tokens
 
-from dschat_hal.rlhf.generation import GenerationConfig
+from dschat_hal.rlhf.generation.sampling import GenerationConfig
 
 GREEDY = GenerationConfig(max_answer_seq_len=12, pad_token_id=PAD, eos_token_id=EOS, do_sample=False)
 
@@ -37,7 +37,8 @@ import habana_frameworks.torch as ht
 GENERATE = """
 from test_gaudi_paths import GREEDY, engine_on
 from test_hybrid_engine import peaked_model, prompt_batch
-from dschat_hal.rlhf.generation import HybridEngine, PlainGenerator
+from dschat_hal.rlhf.generation.engine import HybridEngine
+from dschat_hal.rlhf.generation.hf_generate import PlainGenerator
 weights = torch.load(sys.argv[1])
 out = {}
 for family, stages in json.loads(sys.argv[2]).items():
@@ -175,7 +176,8 @@ logging.basicConfig(level=logging.INFO, format="%(message)s")
 from test_gaudi_paths import GREEDY, engine_on
 from test_hybrid_engine import PAD, peaked_model, prompt_batch
 from dschat_hal.args import step3_parser
-from dschat_hal.rlhf.generation import HybridEngine, PlainGenerator
+from dschat_hal.rlhf.generation.engine import HybridEngine
+from dschat_hal.rlhf.generation.hf_generate import PlainGenerator
 from dschat_hal.runtime import generation_graphs
 weights = torch.load(sys.argv[1])
 prompts, mask = prompt_batch()

@@ -14,8 +14,10 @@ from test_hybrid_engine import EOS, PAD, answers_equal, engine_for, peaked_model
 from transformers import LlamaConfig
 
 from dschat_hal.errors import UserError
-from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine
-from dschat_hal.rlhf.tensor_parallel import TensorParallelEngine, check_tp_size, make_hybrid_engine
+from dschat_hal.rlhf.generation import make_hybrid_engine
+from dschat_hal.rlhf.generation.engine import HybridEngine
+from dschat_hal.rlhf.generation.sampling import GenerationConfig
+from dschat_hal.rlhf.generation.tensor_parallel import TensorParallelEngine, check_tp_size
 
 
 def test_tp2_tokens_equal_the_whole_model_engine_and_hf_generate(tmp_path, monkeypatch):
@@ -73,7 +75,7 @@ def test_a_model_autotp_cannot_shard_falls_back_to_one_rank(family, reason, capl
     config = GenerationConfig(max_answer_seq_len=4, pad_token_id=PAD, eos_token_id=EOS, do_sample=False)
     reference = reference_tokens(model, prompts, mask, config)
     backend, engine = engine_for(model, 0)
-    with caplog.at_level(logging.INFO, logger="dschat_hal.rlhf.tensor_parallel"):
+    with caplog.at_level(logging.INFO, logger="dschat_hal.rlhf.generation.tensor_parallel"):
         hybrid = make_hybrid_engine(engine, backend, config, inference_tp_size=2, dtype=torch.float32)
     lines = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
     assert lines == [f"hybrid engine: --inference_tp_size 2 falls back to 1: {reason}"]

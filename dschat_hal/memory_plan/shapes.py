@@ -73,10 +73,10 @@ def meta_model(name_or_path: str, head: bool = True):
 @functools.lru_cache(maxsize=32)
 def tp_fallback_reason(name_or_path: str, tp_size: int) -> str | None:
     """Why the hybrid engine generates at T = 1 for `--inference_tp_size tp_size` on this actor (None:
-    it shards): the engine's own decision (`tensor_parallel.tp_unsupported_reason`) on the meta build."""
+    it shards): the engine's own decision (`models.capabilities.tp_unsupported_reason`) on the meta build."""
     if tp_size <= 1:
         return None
-    from dschat_hal.rlhf.tensor_parallel import tp_unsupported_reason
+    from dschat_hal.models.capabilities import tp_unsupported_reason
 
     return tp_unsupported_reason(meta_model(name_or_path, head=True), tp_size)
 

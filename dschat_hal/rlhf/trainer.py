@@ -24,7 +24,9 @@ from dschat_hal.models.reward_model import score
 from dschat_hal.rlhf import advantages as critic_free
 from dschat_hal.rlhf import ppo_math
 from dschat_hal.rlhf.engine import RLHFEngine
-from dschat_hal.rlhf.generation import GenerationConfig, PlainGenerator, contiguous_head_input
+from dschat_hal.rlhf.generation.decode import contiguous_head_input
+from dschat_hal.rlhf.generation.hf_generate import PlainGenerator
+from dschat_hal.rlhf.generation.sampling import GenerationConfig
 from dschat_hal.rlhf.reward_shaping import RewardShaper, clipped_share, whiten
 
 
@@ -185,7 +187,7 @@ class PPOTrainer:
         self, engine: RLHFEngine, backend: Accelerator, tokenizer, config: PPOSettings, generator=None
     ) -> None:
         """`config`: `PPOSettings.from_config(step3_config, ...)`. `generator` makes the answers
-        (`generation.PlainGenerator` when not given, or a `HybridEngine`)."""
+        (`hf_generate.PlainGenerator` when not given, or a `HybridEngine`)."""
         self.rlhf, self.backend, self.tokenizer, self.config = engine, backend, tokenizer, config
         self.actor, self.ref, self.critic, self.reward = engine.actor, engine.ref, engine.critic, engine.reward
         self.kl_controller = (

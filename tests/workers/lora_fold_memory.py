@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import accel  # noqa: E402
 from dschat_hal.models.lora import convert_to_lora, lora_layers  # noqa: E402
-from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine  # noqa: E402
+from dschat_hal.rlhf.generation.engine import HybridEngine  # noqa: E402
+from dschat_hal.rlhf.generation.sampling import GenerationConfig  # noqa: E402
 
 
 class Actor:

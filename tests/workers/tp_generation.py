@@ -26,8 +26,11 @@ from transformers import AutoModelForCausalLM, BloomConfig, GPTNeoXConfig, Llama
 
 from accel.cpu import shm_buffer_path  # noqa: E402
 from dschat_hal.models.lora import convert_to_lora, lora_layers  # noqa: E402
-from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine, _cache_tensors  # noqa: E402
-from dschat_hal.rlhf.tensor_parallel import TensorParallelEngine, layer_bytes, make_hybrid_engine  # noqa: E402
+from dschat_hal.rlhf.generation import make_hybrid_engine  # noqa: E402
+from dschat_hal.rlhf.generation.decode import cache_tensors  # noqa: E402
+from dschat_hal.rlhf.generation.engine import HybridEngine  # noqa: E402
+from dschat_hal.rlhf.generation.sampling import GenerationConfig  # noqa: E402
+from dschat_hal.rlhf.generation.tensor_parallel import TensorParallelEngine, layer_bytes  # noqa: E402
 
 WIDTH = 128  # AutoTP cuts in grains of 64: every sharded dimension a multiple of 128 splits evenly
 CONFIGS = {
@@ -119,7 +122,7 @@ def sharded_bytes(form: torch.nn.Module, full_sizes: dict[str, int]) -> tuple[in
 
 
 def cache_bytes(engine: HybridEngine) -> int:
-    return sum(t.numel() * t.element_size() for t in _cache_tensors(engine._cache))
+    return sum(t.numel() * t.element_size() for t in cache_tensors(engine._cache))
 
 
 def main() -> None:

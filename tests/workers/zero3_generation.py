@@ -25,7 +25,9 @@ from test_hybrid_engine import (  # noqa: E402
     reference_tokens,
 )
 
-from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine, PlainGenerator  # noqa: E402
+from dschat_hal.rlhf.generation.engine import HybridEngine  # noqa: E402
+from dschat_hal.rlhf.generation.hf_generate import PlainGenerator  # noqa: E402
+from dschat_hal.rlhf.generation.sampling import GenerationConfig  # noqa: E402
 
 
 def count_gathers() -> dict[str, int]:

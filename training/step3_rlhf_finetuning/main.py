@@ -47,10 +47,9 @@ from dschat_hal.monitor import RunClock, current_lr, format_eta
 from dschat_hal.provenance import write_record
 from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.evaluation import mean_reward
-from dschat_hal.rlhf.generation import GenerationConfig, HybridEngine
+from dschat_hal.rlhf.generation import check_tp_args, make_hybrid_engine
 from dschat_hal.rlhf.reward_shaping import ClipWarning
 from dschat_hal.rlhf.schedule import step3_plan, warmup_warning
-from dschat_hal.rlhf.tensor_parallel import check_tp_args, make_hybrid_engine
 from dschat_hal.rlhf.trainer import PPOSettings, PPOTrainer, generation_config, materialize
 from dschat_hal.runtime import (
     ScalarWriter,
@@ -111,11 +110,10 @@ def speeds(record: dict[str, float], step_seconds: float, eta: float) -> dict[st
     }
 
 
-def make_generator(
-    engine: RLHFEngine, backend, config: GenerationConfig, settings: EngineConfig
-) -> HybridEngine | None:
-    """The hybrid engine with `settings.enable_hybrid_engine` (--enable_hybrid_engine), else None (the
-    trainer's plain `generate`); a ZeRO-3 actor gathered in the layer groups the run's decisions name."""
+def make_generator(engine: RLHFEngine, backend, config, settings: EngineConfig):
+    """The hybrid engine for `config` (the trainer's `generation_config`) with
+    `settings.enable_hybrid_engine` (--enable_hybrid_engine), else None (the trainer's plain `generate`);
+    a ZeRO-3 actor gathered in the layer groups the run's decisions name."""
     if not settings.enable_hybrid_engine:
         return None
     return make_hybrid_engine(

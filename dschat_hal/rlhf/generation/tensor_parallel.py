@@ -10,7 +10,9 @@ over groups of T ranks by DeepSpeed's AutoTP.
   tensor cut by its AutoTP layer's own partition rule;
 - decoding is the hybrid engine's loop over a static KV cache holding 1/T of the KV heads; the
   group's first rank broadcasts every chosen token, so the ranks of a group always agree and run the
-  same number of steps.
+  same number of steps;
+- `make_hybrid_engine` (the package's entry) chooses this engine where AutoTP can shard the actor,
+  else the whole-model `HybridEngine`.
 """
 
 from __future__ import annotations
@@ -28,16 +30,11 @@ from torch import nn
 
 from accel import Accelerator
 from dschat_hal.errors import UserError
-from dschat_hal.rlhf.generation import (
-    MB,
-    GenerationConfig,
-    HybridEngine,
-    InferenceCopy,
-    _cache_tensors,
-    is_partitioned,
-    pad_answers,
-    static_cache_reason,
-)
+from dschat_hal.models.capabilities import kv_heads, tp_unsupported_reason
+from dschat_hal.rlhf.generation.decode import cache_tensors, new_static_cache
+from dschat_hal.rlhf.generation.engine import MB, HybridEngine
+from dschat_hal.rlhf.generation.inference_copy import InferenceCopy, is_partitioned
+from dschat_hal.rlhf.generation.sampling import GenerationConfig, pad_answers
 
 log = logging.getLogger(__name__)
 
@@ -117,35 +114,6 @@ def make_tp_group(tp_size: int) -> TPGroup:
     assert mine is not None
     _GROUPS[tp_size] = mine
     return mine
-
-
-def kv_heads(config) -> int | None:
-    """Key/value heads of a model config (its attention heads without grouped-query attention)."""
-    for name in ("num_key_value_heads", "num_attention_heads", "n_head", "num_heads"):
-        value = getattr(config, name, None)
-        if value:
-            return int(value)
-    return None
-
-
-def tp_unsupported_reason(model: nn.Module, tp_size: int) -> str | None:
-    """Why AutoTP (or our cache) cannot shard `model` over `tp_size` ranks (None when it can)."""
-    reason = static_cache_reason(model)
-    if reason:
-        return reason
-    heads = kv_heads(model.config)
-    if heads is None or heads % tp_size:
-        return f"{type(model).__name__} has {heads} key/value heads, not a multiple of {tp_size}"
-    from deepspeed.module_inject.auto_tp import AutoTP
-
-    with torch.device("meta"):
-        probe = type(model)(model.config)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            supported = AutoTP.supported(probe) and bool(AutoTP.tp_parser(probe))
-    except (AssertionError, ValueError) as err:
-        return f"DeepSpeed's AutoTP cannot shard {type(model).__name__}: {err}"
-    return None if supported else f"DeepSpeed's AutoTP does not support {type(model).__name__}"
 
 
 def layer_bytes(model: nn.Module) -> int:
@@ -295,17 +263,7 @@ class TensorParallelEngine(HybridEngine):
 
     # ---- decoding hooks ------------------------------------------------------------------------
     def _new_cache(self, model: nn.Module, batch: int, length: int):
-        from transformers import StaticCache
-
-        param = next(model.parameters())
-        cache = StaticCache(
-            config=model.config,
-            max_batch_size=batch,
-            max_cache_len=length,
-            device=param.device,
-            dtype=param.dtype,
-            tp_size=self.tp.size,  # this rank's 1/T of the key/value heads
-        )
+        cache = new_static_cache(model, batch, length, tp_size=self.tp.size)  # this rank's 1/T of the KV heads
         log.info(
             "hybrid engine: rank %d, TP group %s: KV cache of %d of %d key/value heads for the group's %d rows: %.1f MB",
             dist.get_rank(),
@@ -313,7 +271,7 @@ class TensorParallelEngine(HybridEngine):
             kv_heads(model.config) // self.tp.size,
             kv_heads(model.config),
             batch,
-            sum(t.numel() * t.element_size() for t in _cache_tensors(cache)) / MB,
+            sum(t.numel() * t.element_size() for t in cache_tensors(cache)) / MB,
         )
         return cache
 
