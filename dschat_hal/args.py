@@ -322,6 +322,13 @@ def step3_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_answer_seq_len", type=int, default=256, help="generated tokens at most")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of generation")
     p.add_argument(
+        "--max_seconds",
+        type=float,
+        default=0.0,
+        help="stop at the first PPO step boundary after this many seconds of training (0: no limit; counted from "
+        "the loop's start, model loading excluded; a wall-time budget); the lr schedule still spans the epochs",
+    )
+    p.add_argument(
         "--enable_hybrid_engine",
         action="store_true",
         help="generate in the actor's generation form: ZeRO-3 weights gathered once per phase into a hook-free "
@@ -590,6 +597,8 @@ def validate_numbers(args: argparse.Namespace) -> None:
             f"--temperature must be > 0 (got {args.temperature}); for greedy decoding use step 3's greedy "
             "generation option instead of temperature 0"
         )
+    if "max_seconds" in present and not (math.isfinite(args.max_seconds) and args.max_seconds >= 0):
+        raise UserError(f"--max_seconds must be a finite number of seconds >= 0 (0: no limit; got {args.max_seconds})")
     if "beta" in present and not (math.isfinite(args.beta) and args.beta > 0):
         raise UserError(f"--beta must be a finite number > 0 (got {args.beta}); upstream's default is 0.1")
     if "label_smoothing" in present and not 0.0 <= args.label_smoothing < 0.5:
