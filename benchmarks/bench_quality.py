@@ -15,6 +15,16 @@ reward model's accuracy and score margin on held-out pairs; step 3 run once per 
 plain clip, `--center_reward`, `--normalize_reward`, `--whiten_advantages`): held-out reward and KL per step
 and the share of clipped rewards; each final actor's win rate against the step-1 actor on held-out
 prompts, judged by the reward model; sample answers side by side.
+
+    python benchmarks/bench_quality.py --budget_s 360     # PPO vs GRPO vs RLOO, 6 min of step 3 each
+
+With --budget_s, step 3 runs once per method of --methods (PPO with its critic, GRPO and RLOO with
+--group_size answers per prompt) from the same step-1 actor and reward model, one after another, each
+stopped at the first step boundary past the same wall-time budget (step 3's --max_seconds; constant
+learning rate, epochs enough not to run out). Measured per method: steps done, held-out greedy reward
+before -> after, win rate vs the step-1 actor, KL(actor || step-1 actor) on the held-out greedy answers,
+mean step time, the process's peak memory and CPU time, the load average at its start and end; the
+table goes to --results (default OUT/RESULTS_quality_methods.md).
 """
 
 from __future__ import annotations
@@ -39,6 +49,12 @@ STEP = {
     for n, name in ((1, "supervised_finetuning"), (2, "reward_model_finetuning"), (3, "rlhf_finetuning"))
 }
 ANSWER_TOKENS = 20  # step 3 and the win-rate answers
+METHODS = {  # --budget_s: step-3 flags of each method (n: --group_size)
+    "ppo": ("PPO (gae, critic)", lambda n: ["--advantage_estimator", "gae"]),
+    "grpo": ("GRPO (N = {n})", lambda n: ["--advantage_estimator", "grpo", "--n_samples_per_prompt", str(n)]),
+    "rloo": ("RLOO (N = {n})", lambda n: ["--advantage_estimator", "rloo", "--n_samples_per_prompt", str(n)]),
+}
+BUDGET_EPOCHS = 1000  # --budget_s: epochs enough that the budget, not the data, ends a run
 REMEDIES = {
     "upstream (plain clip)": [],
     "--center_reward": ["--center_reward"],
@@ -79,9 +95,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--step3_seed", type=int, default=1234, help="step 3's seed (steps 1-2 keep 1234: reused)")
     p.add_argument("--parallel", type=int, default=1, help="step-3 runs at a time (up to ~5 GB each)")
+    p.add_argument(
+        "--budget_s",
+        type=float,
+        default=0.0,
+        help="compare --methods instead of --remedies: step 3 once per method, one after another, each stopped at "
+        "the first step boundary past this many seconds of training (0: the remedies lane)",
+    )
+    p.add_argument(
+        "--methods",
+        default="ppo,grpo,rloo",
+        help=f"with --budget_s, comma-separated (pass as --methods=...), in run order, of: {', '.join(METHODS)}",
+    )
+    p.add_argument("--group_size", type=int, default=4, help="with --budget_s: GRPO's and RLOO's answers per prompt")
     args = p.parse_args(argv)
+    if not args.budget_s >= 0:
+        raise SystemExit(f"error: --budget_s must be seconds >= 0 (0: the remedies lane; got {args.budget_s})")
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"error: --methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if args.group_size < 2:
+        raise SystemExit(
+            f"error: --group_size must be at least 2 (GRPO and RLOO compare answers; got {args.group_size})"
+        )
     if args.results is None:
-        args.results = args.out / "RESULTS_quality.md" if args.model else ROOT / "benchmarks" / "RESULTS_quality.md"
+        if args.budget_s:
+            args.results = args.out / "RESULTS_quality_methods.md"
+        else:
+            default = ROOT / "benchmarks" / "RESULTS_quality.md"
+            args.results = args.out / "RESULTS_quality.md" if args.model else default
     return args
 
 
@@ -137,12 +179,14 @@ def reusable(output: Path, key: dict) -> bool:
 
 def run_steps(jobs: list[tuple[int, list[str], Path]], parallel: int = 1) -> list[dict]:
     """Steps in their own processes (all memory back afterwards), `parallel` at a time; their
-    training_summary.json. A step whose output holds one made by the same argv and inputs (its
-    bench_argv.json) is not run again; any other output there is removed before the step runs."""
+    training_summary.json, with what the bench measured of each process added: its wall `seconds`, its
+    `cpu_seconds` (user + system), its peak resident memory `peak_rss_mib` (the child's ru_maxrss) and the
+    1-minute `load` average at its start and end. A step whose output holds one made by the same argv and
+    inputs (its bench_argv.json) is not run again; any other output there is removed before the step runs."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     summaries: list[dict | None] = [None] * len(jobs)
     pending = list(enumerate(jobs))
-    running: list[tuple[int, subprocess.Popen, float, dict]] = []
+    running: list[tuple[int, subprocess.Popen, float, dict, float]] = []
     while pending or running:
         while pending and len(running) < parallel:
             index, (step, argv, log) = pending.pop(0)
@@ -161,18 +205,26 @@ def run_steps(jobs: list[tuple[int, list[str], Path]], parallel: int = 1) -> lis
             with log.open("w") as handle:
                 cmd = [sys.executable, str(STEP[step]), *argv]
                 process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
-            running.append((index, process, time.time(), key))
+            running.append((index, process, time.time(), key, os.getloadavg()[0]))
         for entry in list(running):
-            index, process, started, key = entry
-            if process.poll() is None:
+            index, process, started, key, load = entry
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)  # its own resource usage, unlike poll()
+            if pid == 0:
                 continue
+            process.returncode = os.waitstatus_to_exitcode(status)
             running.remove(entry)
             step, argv, log = jobs[index]
             if process.returncode:
                 raise SystemExit(f"error: step {step} failed (exit {process.returncode}); see {log}")
             output = Path(argv[argv.index("--output_dir") + 1])
             done = output / "training_summary.json"
-            summaries[index] = {**json.loads(done.read_text()), "seconds": time.time() - started}
+            summaries[index] = {
+                **json.loads(done.read_text()),
+                "seconds": time.time() - started,
+                "cpu_seconds": usage.ru_utime + usage.ru_stime,
+                "peak_rss_mib": usage.ru_maxrss / 1024,  # KiB on Linux
+                "load": [load, os.getloadavg()[0]],
+            }
             done.write_text(json.dumps(summaries[index]))
             (output / "bench_argv.json").write_text(json.dumps(key, indent=1))
             print(f"step {step} done in {summaries[index]['seconds']:.0f}s ({log})", flush=True)
@@ -261,12 +313,22 @@ def scores(model, tokenizer, prompts: list[str], answers: list[str], batch: int)
 
 def generate_answers(actor_dir: Path, prompts: list[str], batch: int, max_new_tokens: int) -> list[str]:
     """Greedy answers of an actor (plain transformers `generate`), decoded without special tokens."""
+    return greedy_answers_and_kl(actor_dir, prompts, batch, max_new_tokens)[0]
+
+
+def greedy_answers_and_kl(
+    actor_dir: Path, prompts: list[str], batch: int, max_new_tokens: int, reference: Path | None = None
+) -> tuple[list[str], float | None]:
+    """Greedy answers of an actor (decoded without special tokens) and, with a `reference` model, the
+    per-token KL(actor || reference) on them: the exact KL of the two next-token distributions (whole
+    vocabulary) at each answer token (up to and with the first eos), averaged over all answer tokens."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(actor_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(actor_dir, torch_dtype=torch.float32).eval()
-    answers = []
+    ref = None if reference is None else AutoModelForCausalLM.from_pretrained(reference, torch_dtype=torch.float32)
+    answers, kl_sum, kl_tokens = [], 0.0, 0
     with torch.no_grad():
         for i in range(0, len(prompts), batch):
             inputs = tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True)
@@ -277,8 +339,23 @@ def generate_answers(actor_dir: Path, prompts: list[str], batch: int, max_new_to
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )
-            answers += tokenizer.batch_decode(seq[:, inputs["input_ids"].size(1) :], skip_special_tokens=True)
-    return answers
+            width = inputs["input_ids"].size(1)
+            answers += tokenizer.batch_decode(seq[:, width:], skip_special_tokens=True)
+            if ref is None:
+                continue
+            is_eos = (seq[:, width:] == tokenizer.eos_token_id).long()
+            answer_mask = (is_eos.cumsum(1) - is_eos) == 0  # the answer's tokens and its first eos
+            mask = torch.cat([inputs["attention_mask"], answer_mask.long()], 1)
+            position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: positions start at each prompt
+
+            def logprobs(lm, seq=seq, mask=mask, position_ids=position_ids, width=width):
+                logits = lm(input_ids=seq, attention_mask=mask, position_ids=position_ids).logits
+                return logits[:, width - 1 : -1].float().log_softmax(-1)  # predicting each answer token
+
+            actor_lp, ref_lp = logprobs(model), logprobs(ref.eval())
+            kl = (actor_lp.exp() * (actor_lp - ref_lp)).sum(-1)
+            kl_sum, kl_tokens = kl_sum + float((kl * answer_mask).sum()), kl_tokens + int(answer_mask.sum())
+    return answers, (kl_sum / max(kl_tokens, 1) if ref is not None else None)
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -286,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     from accel.cpu import describe_cpu
 
     args = parse_args(argv)
+    args.argv = argv
     if args.quick:
         args.step1_rows = args.step2_rows = args.step3_prompts = 2 * args.batch
         args.eval_rows = min(args.eval_rows, args.batch)
@@ -311,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
 
     s1 = run_step(1, supervised(1, "1,0,0", "actor", "--weight_decay", "0.0"), out / "step1.log")
     s2 = run_step(2, supervised(2, "0,1,0", "reward", "--center_reward", "--eval_iters", "4"), out / "step2.log")
+    if args.budget_s:
+        return compare_methods(args, data, held_out, started, load_at_start)
     ppo_steps = args.step3_prompts // args.batch
     step3_common = [
         "--dtype", args.dtype, "--seed", str(args.step3_seed), "--quiet", "--log_interval", "1",
@@ -379,6 +459,82 @@ def main(argv: list[str] | None = None) -> int:
     plot(measured, out / "quality.png" if args.quick else args.results.with_suffix(".png"))
     write_results(measured, out / "RESULTS_quality.md" if args.quick else args.results, measured["argv"], args.quick)
     print(f"done in {measured['seconds']:.0f}s: {args.results if not args.quick else out}")
+    return 0
+
+
+def method_argv(args: argparse.Namespace, data: dict[int, Path], method: str) -> list[str]:
+    """Step 3's argv for one method of the --budget_s comparison: the same actor, reward model, prompts,
+    sizes and learning rate for all; stopped by --max_seconds; no in-training evaluation (the budget is
+    training alone)."""
+    out, batch = args.out, str(args.batch)
+    return [
+        "--dtype", args.dtype, "--seed", str(args.step3_seed), "--quiet", "--log_interval", "1",
+        "--actor_model_name_or_path", str(out / "actor"), "--critic_model_name_or_path", str(out / "reward"),
+        "--data_path", str(data[3]), "--data_split", "0,0,1", "--data_output_path", str(out / "cache"),
+        "--max_prompt_seq_len", "32", "--max_answer_seq_len", str(ANSWER_TOKENS),
+        "--per_device_generation_batch_size", batch, "--per_device_training_batch_size", batch,
+        "--actor_learning_rate", str(args.actor_learning_rate), "--critic_learning_rate", str(args.actor_learning_rate),
+        "--num_warmup_steps", "0", "--lr_scheduler_type", "constant", "--actor_dropout", "0.0", "--critic_dropout", "0.0",
+        "--num_train_epochs", str(BUDGET_EPOCHS), "--max_seconds", str(args.budget_s), "--eval_interval", "0",
+        *METHODS[method][1](args.group_size),
+        "--output_dir", str(out / f"method_{method}"),
+    ]  # fmt: skip
+
+
+def compare_methods(
+    args: argparse.Namespace, data: dict[int, Path], held_out: list[dict], started: float, load_at_start: float
+) -> int:
+    """--budget_s: step 3 once per method under the same wall-time budget, one after another, then each
+    final actor measured on the held-out prompts against the step-1 actor; the table to --results."""
+    from accel.cpu import describe_cpu
+
+    out, methods = args.out, args.methods.split(",")
+    jobs = [(3, method_argv(args, data, m), out / f"step3_method_{m}.log") for m in methods]
+    runs = {m: run_steps([job])[0] for m, job in zip(methods, jobs, strict=True)}  # one at a time
+    print("measuring ...", flush=True)
+    reward, tokenizer = load_reward(out / "reward")
+    prompts = [r["prompt"] for r in held_out]
+    answers = {"step 1 actor": generate_answers(out / "actor", prompts, args.batch, ANSWER_TOKENS)}
+    kl = {}
+    for m in methods:
+        actor = out / f"method_{m}" / "actor"
+        answers[m], kl[m] = greedy_answers_and_kl(actor, prompts, args.batch, ANSWER_TOKENS, out / "actor")
+    judged = {name: scores(reward, tokenizer, prompts, texts, args.batch) for name, texts in answers.items()}
+    measured = {
+        "model_name": "SmolLM2-135M-Instruct" if args.model is None else Path(args.model).name,
+        "argv": ["benchmarks/bench_quality.py", *(sys.argv[1:] if args.argv is None else args.argv)],
+        "budget_s": args.budget_s,
+        "quick": args.quick,
+        "group_size": args.group_size,
+        "answer_tokens": ANSWER_TOKENS,
+        "batch": args.batch,
+        "seconds": time.time() - started,
+        "load": [load_at_start, os.getloadavg()[0]],
+        "cpu": describe_cpu(),
+        "methods": {
+            m: {
+                "label": METHODS[m][0].format(n=args.group_size),
+                "steps": len(run["history"]),
+                "answers_trained": sum(h.get("samples", 0) for h in run["history"]),
+                "train_seconds": run.get("train_seconds"),
+                **{k: run.get(k) for k in ("seconds", "cpu_seconds", "peak_rss_mib", "load")},
+                "train_kl": [h["kl"] for h in run["history"]],
+                "held_out_kl": kl[m],
+            }
+            for m, run in runs.items()
+        },
+        "judged": judged,
+        "answers": answers,
+        "prompts": prompts,
+    }
+    (out / "methods.json").write_text(json.dumps(measured, indent=1))
+    from quality_report import methods_report
+
+    report = methods_report(measured)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(report)
+    print(report)
+    print(f"done in {measured['seconds']:.0f}s: {args.results}")
     return 0
 
 

@@ -245,6 +245,75 @@ def write_results(m: dict, path: Path, argv: list[str], quick: bool = False) -> 
     path.write_text("\n".join(lines) + "\n")
 
 
+def wins_ties_losses(candidate: list[float], baseline: list[float]) -> tuple[int, int, int]:
+    """Prompts where `candidate`'s answer scores higher, the same, lower than `baseline`'s."""
+    pairs = list(zip(candidate, baseline, strict=True))
+    return sum(c > b for c, b in pairs), sum(c == b for c, b in pairs), sum(c < b for c, b in pairs)
+
+
+def methods_report(m: dict) -> str:
+    """The --budget_s comparison (bench_quality.py `methods.json`) as markdown: setup, table, verdict."""
+    runs, judged = m["methods"], m["judged"]
+    baseline = judged["step 1 actor"]
+    before = statistics.mean(baseline)
+    n = len(m["prompts"])
+    rows = []
+    for name, run in runs.items():
+        rise, se = paired(judged[name], baseline)
+        w, t, lost = wins_ties_losses(judged[name], baseline)
+        step_s = run["train_seconds"] / run["steps"] if run["steps"] and run.get("train_seconds") else float("nan")
+        load = run.get("load") or [float("nan")] * 2
+        rows.append(
+            f"| {run['label']} | {run['steps']} ({run['answers_trained']:.0f} answers) | "
+            f"{before:.3f} -> {statistics.mean(judged[name]):.3f} ({rise:+.3f} ± {se:.3f}) | "
+            f"{100 * win_rate(judged[name], baseline):.0f}% ({w} / {t} / {lost}) | {run['held_out_kl']:.4f} | "
+            f"{statistics.mean(run['train_kl'][-5:]) if run['train_kl'] else float('nan'):.4f} | {step_s:.1f} s | "
+            f"{run['peak_rss_mib'] / 1024:.2f} GiB | {run['cpu_seconds'] / 60:.1f} min | "
+            f"{load[0]:.1f} -> {load[1]:.1f} |"
+        )
+    ranked = sorted(runs, key=lambda name: statistics.mean(judged[name]), reverse=True)
+    best = ranked[0]
+    verdict = (
+        f"Highest held-out greedy reward after {m['budget_s']:g} s of step 3: {runs[best]['label']}, "
+        f"{statistics.mean(judged[best]) - before:+.3f} over the step-1 actor"
+    )
+    for other in ranked[1:]:
+        diff, se = paired(judged[best], judged[other])
+        w, t, lost = wins_ties_losses(judged[best], judged[other])
+        verdict += (
+            f"; {diff:+.3f} ± {se:.3f} (s.e. of the per-prompt difference) above {runs[other]['label']}, "
+            f"whose answers it beats on {w} / ties {t} / loses {lost} of the {n} prompts"
+        )
+    lines = [
+        f"PPO vs critic-free step 3 at an equal wall-time budget ({m['model_name']}): "
+        f"`{shlex.join(['python', *m['argv']])}`",
+        "",
+        f"CPU: {m.get('cpu', 'not recorded')}; 1-minute load average {m['load'][0]:.1f} at the start, "
+        f"{m['load'][1]:.1f} at the end; {m['seconds'] / 60:.0f} min in all. Budget: {m['budget_s']:g} s of "
+        f"step-3 training per method (model loading excluded; each run stops at the first step past it), the methods "
+        f"one after another; {m['batch']} prompts per step for every method ({m['group_size']} answers each for "
+        f"GRPO and RLOO), micro-batches of {m['batch']} rows, constant learning rate.",
+        "",
+        "| method | steps done (answers trained on) | held-out greedy reward before -> after (rise ± s.e.) "
+        "| win rate vs step-1 actor (wins / ties / losses) | held-out KL to the reference, per token "
+        "| training KL (last 5 steps) | mean step time | peak RSS | CPU time | load start -> end |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"{verdict}.",
+        "",
+        f"Held-out: the same {n} held-out prompts for every method, greedy answers of at most "
+        f"{m['answer_tokens']} tokens, scored by the step-2 reward model (the one step 3 "
+        "trained against); win rate counts ties half. Held-out KL: the exact KL(actor || step-1 actor) of the "
+        "next-token distributions along the actor's greedy answers, averaged over their tokens. Training KL: "
+        "step 3's own per-token log-ratio on its sampled answers. Peak RSS and CPU time: the step-3 process's "
+        "ru_maxrss and user + system time (models loaded, the run, the save).",
+    ]
+    if m.get("quick"):
+        lines.insert(0, "**A --quick smoke run: not a measurement.**\n")
+    return "\n".join(lines) + "\n"
+
+
 def sampled(run: dict, mean: bool = False) -> str:
     """The sampled in-training held-out reward, first -> last evaluation (and the mean of those after step 0)."""
     rewards = [e["reward"] for e in run["evaluations"]]

@@ -210,6 +210,8 @@ def validate_numbers(args: argparse.Namespace) -> None:
             f"--temperature must be > 0 (got {args.temperature}); for greedy decoding use step 3's greedy "
             "generation option instead of temperature 0"
         )
+    if "max_seconds" in present and not (math.isfinite(args.max_seconds) and args.max_seconds >= 0):
+        raise UserError(f"--max_seconds must be a finite number of seconds >= 0 (0: no limit; got {args.max_seconds})")
     if "beta" in present and not (math.isfinite(args.beta) and args.beta > 0):
         raise UserError(f"--beta must be a finite number > 0 (got {args.beta}); upstream's default is 0.1")
     if "label_smoothing" in present and not 0.0 <= args.label_smoothing < 0.5:

@@ -528,6 +528,12 @@ class Step3ScheduleConfig(ScheduleConfig):
 
     enable_test_mode: bool = switch("stop after --test_stop_step PPO steps")
     test_stop_step: int = opt(0, "the PPO step --enable_test_mode stops at", type=int)
+    max_seconds: float = opt(
+        0.0,
+        "stop at the first PPO step boundary after this many seconds of training (0: no limit; counted from "
+        "the loop's start, model loading excluded; a wall-time budget); the lr schedule still spans the epochs",
+        type=float,
+    )
 
 
 @dataclass

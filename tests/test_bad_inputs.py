@@ -306,6 +306,9 @@ CASES = [
     ("--prompt_key naming no column", step1, [*S1, "--data_path", "{data}", "--prompt_key", "question"], rows(20), 2, "{data}: --prompt_key 'question' names no column; its columns are prompt, chosen, rejected"),
     ("prompt/completion data in step 2", step2, [*S1, "--data_path", "{data}"], write_data("train.jsonl", '{"prompt": "q", "completion": "a"}\n' * 20), 2, "{data} has no rejected answers (columns prompt, completion), and step 2 trains on chosen/rejected pairs; map the rejected column with --rejected_key COLUMN"),
     ("messages without a chat template", step1, [*S1, "--data_path", "{data}"], write_data("train.jsonl", '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n' * 20), 2, "{data} holds conversations (lists of role/content messages), which are rendered with the tokenizer's chat template, and the tokenizer of "),
+    # ---- issue 29, quality and cost: step 3's wall-time budget
+    ("negative max_seconds", step3, [*S3, "--max_seconds=-5"], None, 2, "--max_seconds must be a finite number of seconds >= 0 (0: no limit; got -5.0)"),
+    ("max_seconds nan", step3, [*S3, "--max_seconds", "nan"], None, 2, "--max_seconds must be a finite number of seconds >= 0"),
 ]  # fmt: skip
 
 

@@ -64,6 +64,8 @@ def test_steps_reused_only_when_made_by_the_same_argv_and_inputs(tmp_path, monke
 
     first = run()
     assert runs() == ["actor"] and "seconds" in first
+    # the process's own resource usage (its wait4 rusage) and the load around it
+    assert first["peak_rss_mib"] > 0 and first["cpu_seconds"] >= 0 and len(first["load"]) == 2
     made_by = json.loads((out / "actor" / "bench_argv.json").read_text())
     assert made_by["argv"][-1] == str(out / "actor") and str(data) in made_by["inputs"]
     assert run() == first and runs() == ["actor"]  # same argv and data: reused
@@ -123,3 +125,92 @@ def test_model_flag_runs_the_lane_on_that_model(tmp_path, monkeypatch):
     assert step == 1 and step_argv[step_argv.index("--model_name_or_path") + 1] == str(tmp_path / "lm")
     with pytest.raises(SystemExit, match="error: --model .* is not a model directory"):
         bench_quality.main(["--out", str(out), "--model", str(tmp_path / "nowhere")])
+
+
+# ---- --budget_s: PPO vs GRPO vs RLOO at an equal wall-time budget (issue #29) -------------------------
+def tiny_lm(path, seed):
+    from dschat_hal.models import create_lm, load_tokenizer, save_lm
+
+    tokenizer = load_tokenizer("tiny-opt")
+    save_lm(create_lm("tiny-opt", tokenizer, seed=seed), tokenizer, path)
+    return path
+
+
+def test_budget_flags_give_each_method_the_same_budget_and_data(tmp_path):
+    args = bench_quality.parse_args(["--out", str(tmp_path), "--budget_s", "90", "--group_size", "3"])
+    assert args.results == tmp_path / "RESULTS_quality_methods.md"  # never the remedies lane's report
+    data = {3: tmp_path / "data_step3"}
+    argvs = {m: bench_quality.method_argv(args, data, m) for m in args.methods.split(",")}
+    assert list(argvs) == ["ppo", "grpo", "rloo"]
+    for method, argv in argvs.items():
+        value = dict(zip(argv, argv[1:], strict=False))
+        assert value["--max_seconds"] == "90.0" and value["--data_path"] == str(data[3])
+        assert value["--lr_scheduler_type"] == "constant" and value["--eval_interval"] == "0"
+        assert value["--output_dir"] == str(tmp_path / f"method_{method}")
+        assert value["--advantage_estimator"] == {"ppo": "gae"}.get(method, method)
+        assert value.get("--n_samples_per_prompt") == (None if method == "ppo" else "3")
+    for bad, message in (
+        (["--budget_s=-1"], "--budget_s must be seconds >= 0"),
+        (["--budget_s", "9", "--methods=ppo,dpo"], "--methods: unknown dpo"),
+        (["--budget_s", "9", "--group_size", "1"], "--group_size must be at least 2"),
+    ):
+        with pytest.raises(SystemExit, match=f"^error: {message}"):
+            bench_quality.parse_args(["--out", str(tmp_path), *bad])
+
+
+def test_held_out_kl_is_zero_against_itself_and_positive_against_another_model(tmp_path):
+    actor, other = tiny_lm(tmp_path / "a", seed=1), tiny_lm(tmp_path / "b", seed=2)
+    prompts = ["Human: How do I boil an egg? Assistant:", "Human: Hi. Assistant:", "Human: Name a colour. Assistant:"]
+    answers, none = bench_quality.greedy_answers_and_kl(actor, prompts, 2, 6)
+    assert none is None and answers == bench_quality.generate_answers(actor, prompts, 2, 6) and len(answers) == 3
+    same, kl_self = bench_quality.greedy_answers_and_kl(actor, prompts, 2, 6, reference=actor)
+    assert same == answers and kl_self == pytest.approx(0.0, abs=1e-6)
+    _, kl_other = bench_quality.greedy_answers_and_kl(actor, prompts, 2, 6, reference=other)
+    assert kl_other > 1e-3
+
+
+def test_methods_report_names_the_winner_and_by_how_much():
+    from quality_report import methods_report
+
+    def run(label, steps):
+        return {"label": label, "steps": steps, "answers_trained": 4 * steps, "train_seconds": 2.0 * steps,
+                "seconds": 30.0, "cpu_seconds": 60.0, "peak_rss_mib": 2048.0, "load": [1.0, 2.0],
+                "train_kl": [0.01] * steps, "held_out_kl": 0.02}  # fmt: skip
+
+    measured = {
+        "model_name": "m", "argv": ["benchmarks/bench_quality.py", "--budget_s", "60"], "budget_s": 60.0,
+        "group_size": 4, "batch": 4, "answer_tokens": 20, "seconds": 200.0, "load": [1.0, 2.0], "cpu": "a CPU",
+        "methods": {"ppo": run("PPO", 30), "grpo": run("GRPO", 10)}, "prompts": ["p1", "p2", "p3", "p4"],
+        "answers": {}, "judged": {"step 1 actor": [1.0, 1.0, 1.0, 1.0], "ppo": [1.0, 1.5, 1.0, 2.0],
+                                  "grpo": [1.5, 2.0, 2.0, 2.5]},
+    }  # fmt: skip
+    report = methods_report(measured)
+    assert "| PPO | 30 (120 answers) | 1.000 -> 1.375 (+0.375 ± 0.239) | 75% (2 / 2 / 0) |" in report
+    assert "| GRPO | 10 (40 answers) | 1.000 -> 2.000 (+1.000 ± 0.204) | 100% (4 / 0 / 0) |" in report
+    assert "| 2.0 s | 2.00 GiB | 1.0 min | 1.0 -> 2.0 |" in report
+    assert (
+        "Highest held-out greedy reward after 60 s of step 3: GRPO, +1.000 over the step-1 actor; +0.625 ± " in report
+    )
+    assert "above PPO, whose answers it beats on 4 / ties 0 / loses 0 of the 4 prompts" in report
+    assert "CPU: a CPU; 1-minute load average 1.0 at the start, 2.0 at the end" in report
+
+
+def test_budget_lane_runs_the_methods_one_after_another_on_a_tiny_model(tmp_path):
+    """The whole --budget_s lane, end to end, on a tiny random model (about a minute on 2 busy cores)."""
+    out = tmp_path / "run"
+    argv = ["benchmarks/bench_quality.py", "--model", str(tiny_lm(tmp_path / "lm", seed=1)), "--quick"]
+    result = run_script(*argv, "--out", str(out), "--budget_s", "0.01", "--methods=rloo,ppo", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    measured = json.loads((out / "methods.json").read_text())
+    assert list(measured["methods"]) == ["rloo", "ppo"] and measured["budget_s"] == 0.01
+    for method, run in measured["methods"].items():
+        assert run["steps"] == 1, "the budget is spent in the first step"
+        assert run["answers_trained"] == (16 if method == "rloo" else 4)  # 4 prompts x N = 4 answers
+        assert run["held_out_kl"] >= 0 and run["peak_rss_mib"] > 0 and run["cpu_seconds"] > 0
+        assert (out / f"method_{method}" / "actor" / "config.json").exists()
+    assert len(measured["judged"]["rloo"]) == len(measured["prompts"]) == 4
+    report = (out / "RESULTS_quality_methods.md").read_text()
+    assert (
+        report.startswith("**A --quick smoke run: not a measurement.**")
+        and "| RLOO (N = 4) | 1 (16 answers) |" in report
+    )

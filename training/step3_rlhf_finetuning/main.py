@@ -346,8 +346,12 @@ def main(argv: list[str]) -> dict:
         print_rank0(f"[step3] step {step}: mean reward on held-out prompts {evaluations[-1]['reward']:.3f}")
 
     def limit_reached() -> bool:
-        """--enable_test_mode's stop step, or --max_steps optimizer steps taken."""
-        return bool(stop_at and step >= stop_at) or bool(args.max_steps and engine.actor.global_steps >= args.max_steps)
+        """--enable_test_mode's stop step, --max_steps optimizer steps taken, or --max_seconds of training spent."""
+        return (
+            bool(stop_at and step >= stop_at)
+            or bool(args.max_steps and engine.actor.global_steps >= args.max_steps)
+            or bool(args.max_seconds and step > position["step"] and time.time() - started >= args.max_seconds)
+        )
 
     def flush() -> float | None:
         """Read pending statistics back, check their health, log them; returns the reward EMA."""
@@ -425,6 +429,7 @@ def main(argv: list[str]) -> dict:
             break
     restore_rng(position)  # resumed at the run's end (no batch ran): the RNG as the run left it
     reward_ema = flush()
+    train_seconds = time.time() - started
     if args.eval_interval and (not evaluations or evaluations[-1]["step"] != step):  # and after the last step
         evaluate()
     writer.close()
@@ -445,6 +450,7 @@ def main(argv: list[str]) -> dict:
             **({"critic": engine.critic.global_steps} if engine.critic is not None else {}),
         },
         "timings": trainer.timings,
+        "train_seconds": train_seconds,
         "graph_counts": backend.graph_counts,
         "output_dir": args.output_dir,
     }
