@@ -181,9 +181,11 @@ def planned(step: int, argv: list[str]) -> tuple[float, float]:
     """(plan's peak with the CPU baseline, the baseline) in bytes."""
     from dschat_hal import memory_plan
     from dschat_hal.args import step1_parser, step2_parser, step3_parser
+    from dschat_hal.configs import Step1Config, Step2Config, Step3Config, to_config
 
     parser = {1: step1_parser, 2: step2_parser, 3: step3_parser}[step]()
-    plan = memory_plan.build(parser.parse_args(argv), step, "cpu", 1, None)
+    config = to_config(parser.parse_args(argv), {1: Step1Config, 2: Step2Config, 3: Step3Config}[step])
+    plan = memory_plan.build(config, step, "cpu", 1, None)
     return plan.peak.total, memory_plan.CPU_BASELINE_BYTES[step]
 
 

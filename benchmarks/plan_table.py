@@ -7,9 +7,12 @@ then the Llama-2 recipes' step 3 with each critic-free estimator beside PPO's.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dschat_hal.configs import Step3Config
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -71,6 +74,7 @@ ESTIMATORS = [
 def plans(run: tuple) -> list:
     from dschat_hal import memory_plan
     from dschat_hal.args import step1_parser, step2_parser, step3_parser
+    from dschat_hal.configs import Step1Config, Step2Config, Step3Config, to_config
 
     _, actor, critic, _, ranks, memory, flags1, flags2, flags3 = run
     common = ["--dtype", "fp16"]  # planned for a GPU of the named size (no device needed here)
@@ -81,13 +85,14 @@ def plans(run: tuple) -> list:
             *common, *flags3.split()],
     }  # fmt: skip
     parsers = {1: step1_parser, 2: step2_parser, 3: step3_parser}
+    configs = {1: Step1Config, 2: Step2Config, 3: Step3Config}
     size = memory_plan.parse_bytes(memory)
     out = []
     for step in (1, 2, 3):
-        args = parsers[step]().parse_args(argvs[step])
-        plan = memory_plan.build(args, step, "gpu", ranks, size)  # step 3: decided as the run decides
+        config = to_config(parsers[step]().parse_args(argvs[step]), configs[step])
+        plan = memory_plan.build(config, step, "gpu", ranks, size)  # step 3: decided as the run decides
         if plan.fits is False:
-            plan.fix = memory_plan.find_fix(args, plan)
+            plan.fix = memory_plan.find_fix(config, plan)
         out.append(plan)
     return out
 
@@ -119,13 +124,16 @@ def settings() -> list[str]:
     return [f"- {run[0]}: step 1 `{run[6]}`; step 2 `{run[7]}`; step 3 `{run[8]}`" for run in RUNS]
 
 
-def _step3_args(run: tuple, extra: str) -> argparse.Namespace:
-    """Step 3's parsed flags of `run` with `extra` appended."""
+def _step3_args(run: tuple, extra: str) -> Step3Config:
+    """Step 3's config of `run`'s flags with `extra` appended."""
     from dschat_hal.args import step3_parser
+    from dschat_hal.configs import Step3Config, to_config
 
     _, actor, critic, _, _, _, _, _, flags3 = run
     argv = ["--actor_model_name_or_path", str(CONFIGS / actor), "--critic_model_name_or_path", str(CONFIGS / critic)]
-    return step3_parser().parse_args([*argv, "--dtype", "fp16", *flags3.split(), *extra.split()])
+    return to_config(
+        step3_parser().parse_args([*argv, "--dtype", "fp16", *flags3.split(), *extra.split()]), Step3Config
+    )
 
 
 def estimator_rows() -> list[str]:

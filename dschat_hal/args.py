@@ -217,10 +217,11 @@ def validate_numbers(args: argparse.Namespace) -> None:
     if "label_smoothing" in present and not 0.0 <= args.label_smoothing < 0.5:
         raise UserError(f"--label_smoothing must be in [0, 0.5) (got {args.label_smoothing}); 0 is plain DPO")
     if "reference_zero_stage" in present:
-        from dschat_hal.decisions import FROZEN, fixed_placement
+        from dschat_hal.decisions import FROZEN, placement_by_flags
 
-        for name in FROZEN:
-            fixed_placement(args, name)  # ZeRO-0 with offload: one line naming both flags
+        for name, (trained, stage_flag, offload_flag) in FROZEN.items():
+            if stage_flag in present:  # ZeRO-0 with offload: one line naming both flags
+                placement_by_flags(name, trained, 0, present[stage_flag], present.get(offload_flag, False))
     if getattr(args, "offload", False):
         for name in ZERO_STAGES:
             if present.get(name) == 0:

@@ -607,3 +607,26 @@ def _from_flags(flags: dict, cls: type[Config], prefix: str) -> Config:
         else:
             values[f.name] = flags[prefix + f.name]
     return cls(**values)
+
+
+def with_flags(config: Config, values: dict[str, Any]) -> Config:
+    """`config` with some flags' values changed (dest -> value, as `to_flags` names them), each through
+    `dataclasses.replace` of the part that holds it: `with_flags(config, {"actor_zero_stage": 3})`."""
+    left = dict(values)
+    changed = _replace_flags(config, left, "")
+    if left:
+        raise KeyError(f"{type(config).__name__} has no flag {', '.join(sorted(left))}")
+    return changed
+
+
+def _replace_flags(config: Config, left: dict[str, Any], prefix: str) -> Config:
+    changes = {}
+    for f in dataclasses.fields(config):
+        if "config" in f.metadata:
+            part_ = getattr(config, f.name)
+            new = _replace_flags(part_, left, prefix + f.metadata["prefix"])
+            if new is not part_:
+                changes[f.name] = new
+        elif prefix + f.name in left:
+            changes[f.name] = left.pop(prefix + f.name)
+    return dataclasses.replace(config, **changes) if changes else config

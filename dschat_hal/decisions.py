@@ -16,11 +16,13 @@ whenever the plan still fits with it replicated, and partitioned only when it mu
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dschat_hal.configs import Step3Config
 
 GiB, MiB = 1024**3, 1024**2
 
@@ -96,27 +98,38 @@ def _size(value: float) -> str:
     return f"{value / GiB:.2f} GiB" if value >= 0.1 * GiB else f"{value / MiB:.1f} MiB"
 
 
-def trained_model(args: argparse.Namespace, name: str) -> str:
+def trained_model(config: Step3Config, name: str) -> str:
     """The trained model whose ZeRO stage `name`'s placement follows: the critic for the reward, but the
     actor when a critic-free estimator builds no critic (its `--critic_zero_stage` is then unused)."""
     trained = FROZEN[name][0]
-    return "actor" if trained == "critic" and not _has_critic(args) else trained
+    return "actor" if trained == "critic" and not config.has_critic() else trained
 
 
-def _flags(args: argparse.Namespace, name: str) -> tuple[str, int, str, bool]:
-    _, stage_flag, offload_flag = FROZEN[name]
-    trained = trained_model(args, name)
-    asked = str(getattr(args, stage_flag, None) or "auto")
-    return trained, int(getattr(args, f"{trained}_zero_stage", 0) or 0), asked, bool(getattr(args, offload_flag, False))
-
-
-def fixed_placement(args: argparse.Namespace, name: str) -> Placement | None:
+def fixed_placement(config: Step3Config, name: str) -> Placement | None:
     """The placement the flags alone decide, or None when it depends on the memory plan (auto,
     trained model ZeRO-3, no offload). Raises UserError for ZeRO-0 with offload."""
+    _, stage_flag, offload_flag = FROZEN[name]
+    trained = trained_model(config, name)
+    return placement_by_flags(
+        name,
+        trained,
+        getattr(config, trained).zero_stage,
+        getattr(config.frozen, stage_flag),
+        getattr(config.frozen, offload_flag),
+        config.ppo.advantage_estimator,
+    )
+
+
+def placement_by_flags(
+    name: str, trained: str, trained_stage: int, asked: str | None, offload: bool, estimator: str = "gae"
+) -> Placement | None:
+    """`fixed_placement` of frozen model `name` from its flags' values: the `trained` model it follows
+    and that model's ZeRO stage, its `--{name}_zero_stage` (`asked`) and `--offload_{name}_model`, and
+    the `--advantage_estimator` (named where no critic leaves the reward following the actor)."""
     from dschat_hal.errors import UserError
 
-    trained, trained_stage, asked, offload = _flags(args, name)
     _, stage_flag, offload_flag = FROZEN[name]
+    asked, trained_stage = str(asked or "auto"), int(trained_stage or 0)
     if offload:
         if asked == "0":
             raise UserError(
@@ -130,7 +143,7 @@ def fixed_placement(args: argparse.Namespace, name: str) -> Placement | None:
         return Placement(stage, False, f"ZeRO-{stage}: --{stage_flag} {stage}")
     if trained_stage != 3:
         if trained != FROZEN[name][0]:  # no critic: the reward follows the actor, as the reference does
-            only = f"the only trained model with {args.advantage_estimator}"
+            only = f"the only trained model with {estimator}"
             return Placement(0, False, f"ZeRO-0: the {trained}, {only}, is ZeRO-{trained_stage}")
         return Placement(0, False, f"ZeRO-0: the {trained} is ZeRO-{trained_stage}, as upstream")
     return None
@@ -143,19 +156,12 @@ def ppo_dropout(flag: float | None) -> float:
     return 0.0 if flag is None else flag
 
 
-def experience_rows(args: argparse.Namespace) -> int:
+def experience_rows(config: Step3Config) -> int:
     """Rows of one generation batch's experience: its prompts x `--n_samples_per_prompt`."""
-    return args.per_device_generation_batch_size * getattr(args, "n_samples_per_prompt", 1)
+    return config.engine.per_device_generation_batch_size * config.ppo.n_samples_per_prompt
 
 
-def _has_critic(args: argparse.Namespace) -> bool:
-    """Whether step 3 with these flags builds, trains and saves a critic (`advantages.uses_critic`)."""
-    from dschat_hal.rlhf.advantages import has_critic as estimator_has_critic
-
-    return estimator_has_critic(args)
-
-
-def old_logprobs_from_training(args: argparse.Namespace) -> str | None:
+def old_logprobs_from_training(config: Step3Config) -> str | None:
     """Why the actor's experience forward can be skipped, or None when it cannot.
 
     PPO's old log-probs are the actor's log-probs of the generated tokens under the weights that
@@ -165,10 +171,10 @@ def old_logprobs_from_training(args: argparse.Namespace) -> str | None:
     log-probs, detached, are the old log-probs (the first ratio is exactly 1, as PPO's is). Upstream
     DeepSpeed-Chat runs a separate forward for them; skipping it saves one actor forward (a ZeRO-3
     gather) per step."""
-    return _first_training_forward_sees_generation(args, args.actor_dropout)
+    return _first_training_forward_sees_generation(config, config.actor.dropout)
 
 
-def old_values_from_training(args: argparse.Namespace) -> str | None:
+def old_values_from_training(config: Step3Config) -> str | None:
     """Why the critic's experience forward can be skipped as far as the flags go, or None when it
     cannot: as for the actor (`old_logprobs_from_training`), the critic's training forward is its first
     forward after the experience with the same weights. It runs before the actor's update, since the
@@ -176,17 +182,18 @@ def old_values_from_training(args: argparse.Namespace) -> str | None:
     backward (the memory plan counts both models' activations then, and `decide` keeps it only where
     that fits): one critic forward (a ZeRO-3 gather) less per step, and under ZeRO-3 the critic's
     forwards and backwards keep one order from step to step."""
-    if not _has_critic(args):
+    if not config.has_critic():
         return None
-    return _first_training_forward_sees_generation(args, args.critic_dropout)
+    return _first_training_forward_sees_generation(config, config.critic.dropout)
 
 
-def _first_training_forward_sees_generation(args: argparse.Namespace, dropout: float | None) -> str | None:
-    if getattr(args, "recompute_old_logprobs", False):
+def _first_training_forward_sees_generation(config: Step3Config, dropout: float | None) -> str | None:
+    ppo = config.ppo
+    if ppo.recompute_old_logprobs:
         return None
-    if args.ppo_epochs != 1 or args.generation_batches != 1:
+    if ppo.ppo_epochs != 1 or ppo.generation_batches != 1:
         return None
-    if args.per_device_training_batch_size < experience_rows(args):
+    if ppo.per_device_training_batch_size < experience_rows(config):
         return None
     if ppo_dropout(dropout) != 0:
         return None
@@ -198,12 +205,12 @@ Fits = Callable[[RunDecisions], bool | None]
 
 
 def decide(
-    args: argparse.Namespace,
+    config: Step3Config,
     ranks: int,
     frozen_bytes: Mapping[str, float] | None = None,
     fits: Fits | None = None,
 ) -> RunDecisions:
-    """Step 3's decisions from its flags and the memory plan's measurements: `fits(trial)` says whether
+    """Step 3's decisions from its config and the memory plan's measurements: `fits(trial)` says whether
     the plan with `trial`'s decisions fits (None: the device memory is unknown), `frozen_bytes` each
     frozen model's weights (for the log). Without `fits` the memory is unknown.
 
@@ -214,14 +221,14 @@ def decide(
     base = RunDecisions(
         reference=UNKNOWN_MEMORY,
         reward=UNKNOWN_MEMORY,
-        critic=_has_critic(args),
-        old_logprobs_from_training=old_logprobs_from_training(args),
+        critic=config.has_critic(),
+        old_logprobs_from_training=old_logprobs_from_training(config),
         old_values_from_training=None,
         critic_graph_refused=False,
-        gather_group_layers=int(getattr(args, "tp_gather_partition_size", 0) or 0),
+        gather_group_layers=int(config.engine.tp_gather_partition_size or 0),
     )
-    placed = dataclasses.replace(base, **_place_frozen(args, ranks, base, frozen_bytes, fits))
-    values = old_values_from_training(args)
+    placed = dataclasses.replace(base, **_place_frozen(config, ranks, base, frozen_bytes, fits))
+    values = old_values_from_training(config)
     if values is None:
         return placed
     kept = dataclasses.replace(placed, old_values_from_training=values)
@@ -231,14 +238,14 @@ def decide(
 
 
 def _place_frozen(
-    args: argparse.Namespace,
+    config: Step3Config,
     ranks: int,
     base: RunDecisions,
     frozen_bytes: Mapping[str, float] | None,
     fits: Fits | None,
 ) -> dict[str, Placement]:
     """Placement of "reference" and "reward" (`decide`), tried with the critic's graph not kept."""
-    fixed = {name: fixed_placement(args, name) for name in FROZEN}
+    fixed = {name: fixed_placement(config, name) for name in FROZEN}
     pending = [name for name, placement in fixed.items() if placement is None]
     if not pending:
         return fixed
@@ -266,14 +273,12 @@ def _place_frozen(
     return trial(set(), "the plan does not fit even partitioned, its least")
 
 
-def unplanned_decisions(config: Any, ranks: int | None = None) -> RunDecisions:
+def unplanned_decisions(config: Step3Config, ranks: int | None = None) -> RunDecisions:
     """The decisions for a step-3 config (`configs.Step3Config`) of a pipeline built in Python that ran no
     memory plan: the flags' rules with the device memory unknown (frozen models of a ZeRO-3 run
     partitioned, as upstream), over `ranks` (default: the world size)."""
-    from dschat_hal.configs import to_flags
-
     if ranks is None:
         import torch.distributed as dist
 
         ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return decide(argparse.Namespace(**to_flags(config)), ranks)
+    return decide(config, ranks)

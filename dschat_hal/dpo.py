@@ -9,9 +9,14 @@ A pairwise batch holds the B chosen rows, then the B rejected rows (`dschat_hal.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from dschat_hal.configs import DPOStepConfig
+    from dschat_hal.decisions import Placement
 
 
 def pair_label_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -68,18 +73,15 @@ def pair_logps(logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.
     return logps[:half], logps[half:]
 
 
-def reference_placement(args):
+def reference_placement(config: DPOStepConfig) -> Placement:
     """Where the frozen reference lives, by step 3's rule for its reference (`dschat_hal.decisions`):
     replicated (ZeRO-0) unless the trained model is ZeRO-3, `--reference_zero_stage 3` or
     `--offload_reference_model` partition it (without a memory plan for DPO, a ZeRO-3 model's
     reference is partitioned, upstream's rule)."""
-    import argparse
+    from dschat_hal.decisions import Placement, placement_by_flags
 
-    from dschat_hal.decisions import Placement, fixed_placement
-
-    view = argparse.Namespace(
-        actor_zero_stage=args.zero_stage,
-        reference_zero_stage=args.reference_zero_stage,
-        offload_reference_model=args.offload_reference_model,
+    dpo = config.dpo
+    placement = placement_by_flags(
+        "reference", "actor", config.optim.zero_stage, dpo.reference_zero_stage, dpo.offload_reference_model
     )
-    return fixed_placement(view, "reference") or Placement(3, False, "ZeRO-3: the actor is ZeRO-3, as upstream")
+    return placement or Placement(3, False, "ZeRO-3: the actor is ZeRO-3, as upstream")

@@ -97,3 +97,33 @@ def test_the_configs_and_the_parsers_load_without_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_with_flags_changes_each_flag_in_the_part_that_holds_it():
+    """What `memory_plan.find_fix` tries: flags by their names, applied with `dataclasses.replace` per part."""
+    from dschat_hal.configs import to_flags, with_flags
+
+    config = Step3Config(models=RLHFModelConfig("tiny-opt", "tiny-opt"))
+    changes = {"actor_zero_stage": 3, "offload_reference_model": True, "only_optimize_lora": True}
+    changed = with_flags(config, changes)
+    assert changed.actor.zero_stage == 3 and changed.critic.zero_stage == 0
+    assert changed.frozen.offload_reference_model and changed.schedule.only_optimize_lora
+    assert to_flags(changed) == {**to_flags(config), **changes}
+    assert config.actor.zero_stage == 0 and not config.frozen.offload_reference_model  # the original is unchanged
+    assert changed.ppo is config.ppo  # parts without a change are shared
+    with pytest.raises(KeyError, match="Step3Config has no flag zero_stage"):
+        with_flags(config, {"zero_stage": 3})  # steps 1 and 2's flag: step 3 has actor_ and critic_ ones
+
+
+def test_the_memory_plan_and_the_decisions_take_the_step_config():
+    """No Namespace below the command line: the plan, its fix and the decisions read a step's config."""
+    from dschat_hal import memory_plan
+    from dschat_hal.decisions import decide, experience_rows
+
+    configs = ROOT / "benchmarks" / "model_configs"
+    step1 = Step1Config()
+    step1.model.model_name_or_path = str(configs / "opt-1.3b")
+    plan = memory_plan.build(step1, 1, "cuda", 8, 4 * 2**30)
+    assert plan.fits is False and memory_plan.find_fix(step1, plan)[0].startswith("--")
+    step3 = Step3Config(models=RLHFModelConfig("tiny-opt", "tiny-opt"))
+    assert experience_rows(step3) == 16 and decide(step3, 2).critic

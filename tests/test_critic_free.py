@@ -85,12 +85,13 @@ def test_a_ppo_checkpoint_is_not_resumed_as_grpo(models, tmp_path, capsys):
 def test_the_memory_plan_counts_no_critic(models, tmp_path):
     from dschat_hal import memory_plan
     from dschat_hal.args import step3_parser
+    from dschat_hal.configs import Step3Config, to_config
 
     def plan(*flags: str) -> dict:
         args = step3_parser().parse_args(
             [*argv(models, tmp_path, *flags), "--device_memory", "40GiB", "--actor_zero_stage", "2"]
         )
-        return memory_plan.summary(memory_plan.plan_for(args, 3))
+        return memory_plan.summary(memory_plan.plan_for(to_config(args, Step3Config), 3))
 
     ppo, grpo = plan(), plan("--advantage_estimator", "grpo", "--n_samples_per_prompt", "2")
     assert "critic states" in ppo["phases"]["training"] and "critic states" not in grpo["phases"]["training"]

@@ -186,13 +186,12 @@ def test_flags_and_defaults_are_upstreams_dpo_main():
 
 
 def test_zero3_partitions_the_reference_as_step3_does(tmp_path, capsys):
-    import argparse
-
+    from dschat_hal.configs import DPOStepConfig, with_flags
     from dschat_hal.dpo import reference_placement
 
     def placed(stage: int, asked: str = "auto", offload: bool = False):
-        flags = argparse.Namespace(zero_stage=stage, reference_zero_stage=asked, offload_reference_model=offload)
-        at = reference_placement(flags)
+        flags = {"zero_stage": stage, "reference_zero_stage": asked, "offload_reference_model": offload}
+        at = reference_placement(with_flags(DPOStepConfig(), flags))
         return at.stage, at.offload
 
     assert placed(2) == (0, False) and placed(3) == (3, False)
@@ -209,6 +208,7 @@ def test_dpo_dry_run_plans_the_policy_beside_the_reference_step3_would_place(tmp
 
     from dschat_hal import memory_plan
     from dschat_hal.args import step3_parser
+    from dschat_hal.configs import Step3Config, to_config
     from training.step1_supervised_finetuning.main import main as step1
 
     model = str(ROOT / "benchmarks" / "model_configs" / "opt-1.3b")
@@ -221,9 +221,8 @@ def test_dpo_dry_run_plans_the_policy_beside_the_reference_step3_would_place(tmp
     assert not (tmp_path / "dpo").exists()  # nothing loaded or written
     training = plan["phases"]["training"]
     # the reference weighs what step 3's reference of the same actor weighs
-    rlhf = step3_parser().parse_args(
-        ["--actor_model_name_or_path", model, "--critic_model_name_or_path", model, *where, "--actor_zero_stage", "0"]
-    )
+    models = ["--actor_model_name_or_path", model, "--critic_model_name_or_path", model]
+    rlhf = to_config(step3_parser().parse_args([*models, *where, "--actor_zero_stage", "0"]), Step3Config)
     assert (
         training["reference"] == memory_plan.summary(memory_plan.plan_for(rlhf, 3))["phases"]["training"]["reference"]
     )

@@ -15,15 +15,21 @@ from conftest import ROOT
 
 from dschat_hal import memory_plan
 from dschat_hal.args import step3_parser, validate_numbers
+from dschat_hal.configs import Step3Config, to_config
 from dschat_hal.errors import UserError
 
 CONFIGS = ROOT / "benchmarks" / "model_configs"
 GiB = 1024**3
 
 
-def _args(*flags: str, actor: str = "opt-1.3b", critic: str = "opt-350m"):
+def _flags(*flags: str, actor: str = "opt-1.3b", critic: str = "opt-350m"):
     argv = ["--actor_model_name_or_path", str(CONFIGS / actor), "--critic_model_name_or_path", str(CONFIGS / critic)]
     return step3_parser().parse_args([*argv, "--dtype", "fp16", *flags])
+
+
+def _args(*flags: str, actor: str = "opt-1.3b", critic: str = "opt-350m") -> Step3Config:
+    """Step 3's config of these flags, as the step builds it from its command line."""
+    return to_config(_flags(*flags, actor=actor, critic=critic), Step3Config)
 
 
 ZERO3 = ("--actor_zero_stage", "3", "--critic_zero_stage", "3")
@@ -100,7 +106,7 @@ def test_explicit_stages_are_honoured():
 
 
 def test_zero0_with_offload_is_refused_in_one_line():
-    args = _args("--reward_zero_stage", "0", "--offload_reward_model")
+    args = _flags("--reward_zero_stage", "0", "--offload_reward_model")
     with pytest.raises(UserError, match="--offload_reward_model .* --reward_zero_stage 0") as err:
         validate_numbers(args)
     assert "\n" not in str(err.value)

@@ -11,6 +11,7 @@ import pytest
 
 from dschat_hal import memory_plan
 from dschat_hal.args import step1_parser, step3_parser
+from dschat_hal.configs import Step1Config, Step3Config, to_config
 from dschat_hal.rlhf.advantages import ESTIMATORS
 from tests.conftest import ROOT
 
@@ -158,9 +159,19 @@ def test_layer_activations_equal_what_autograd_saves(family, tmp_path):
 
 
 # ---- DeepSpeed-Chat's published runs ------------------------------------------------------------
-def _step3(*flags: str):
-    return step3_parser().parse_args(
-        ["--actor_model_name_or_path", config(flags[0]), "--critic_model_name_or_path", config("opt-350m"), *flags[1:]]
+def _step1(*flags: str) -> Step1Config:
+    """Step 1's config of these flags, as the step builds it from its command line."""
+    return to_config(step1_parser().parse_args(list(flags)), Step1Config)
+
+
+def _step3_flags(*flags: str) -> Step3Config:
+    """Step 3's config of these flags, as the step builds it from its command line."""
+    return to_config(step3_parser().parse_args(list(flags)), Step3Config)
+
+
+def _step3(*flags: str) -> Step3Config:
+    return _step3_flags(
+        "--actor_model_name_or_path", config(flags[0]), "--critic_model_name_or_path", config("opt-350m"), *flags[1:]
     )
 
 
@@ -233,7 +244,7 @@ def test_tensor_parallel_generation_halves_the_layer_copy_and_the_cache():
 
 def test_checkpointing_lora_and_stages_lower_the_peak():
     def peak(*flags: str) -> float:
-        args = step1_parser().parse_args(["--model_name_or_path", config("opt-1.3b"), "--dtype", "bf16", *flags])
+        args = _step1("--model_name_or_path", config("opt-1.3b"), "--dtype", "bf16", *flags)
         return memory_plan.build(args, 1, "cuda", 8, None).peak.total
 
     plain = peak()
@@ -309,7 +320,7 @@ def test_step_refuses_before_loading_weights_and_the_override_goes_on(tmp_path, 
 
 
 def test_unknown_device_memory_never_refuses():
-    args = step1_parser().parse_args(["--model_name_or_path", config("opt-66b"), "--device", "cuda"])
+    args = _step1("--model_name_or_path", config("opt-66b"), "--device", "cuda")
     plan = memory_plan.build(args, 1, "cuda", 1, None)
     assert plan.fits is None and "unknown" in memory_plan.verdict(plan)
 
@@ -349,7 +360,7 @@ def test_bench_memory_runs_every_estimator_on_the_same_answers_per_device(tmp_pa
         assert args.per_device_generation_batch_size * args.n_samples_per_prompt == 4
         assert args.per_device_training_batch_size == 4
         assert args.n_samples_per_prompt == (2 if estimator in ("grpo", "rloo") else 1)
-        notes = memory_plan.build(args, 3, "cpu", 1, None).notes[0]
+        notes = memory_plan.build(to_config(args, Step3Config), 3, "cpu", 1, None).notes[0]
         assert "generation 4 x 128" in notes and ("no critic" in notes) == (estimator != "gae")
     assert len({argv[argv.index("--output_dir") + 1] for argv in argvs.values()}) == len(argvs)
     with pytest.raises(SystemExit, match="error: --estimators grpo needs --n_samples N >= 2 dividing --batch 4"):
@@ -357,7 +368,7 @@ def test_bench_memory_runs_every_estimator_on_the_same_answers_per_device(tmp_pa
 
 
 def test_json_summary_is_serialisable():
-    args = step1_parser().parse_args(["--model_name_or_path", config("opt-1.3b"), "--device", "cuda"])
+    args = _step1("--model_name_or_path", config("opt-1.3b"), "--device", "cuda")
     json.dumps(memory_plan.summary(memory_plan.build(args, 1, "cuda", 1, 48 * GB)))
 
 
@@ -372,10 +383,8 @@ def _host_of(monkeypatch, size: int) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-def _cpu_step1(*flags: str):
-    return step1_parser().parse_args(
-        ["--model_name_or_path", config("opt-1.3b"), "--device", "cpu", "--dtype", "bf16", *flags]
-    )
+def _cpu_step1(*flags: str) -> Step1Config:
+    return _step1("--model_name_or_path", config("opt-1.3b"), "--device", "cpu", "--dtype", "bf16", *flags)
 
 
 def test_cpu_ranks_on_one_host_each_plan_with_their_share_of_it(monkeypatch, capsys):
@@ -434,10 +443,10 @@ def test_tensor_parallel_is_planned_as_the_engine_will_run_it(tmp_path, capsys):
     from dschat_hal.models.capabilities import tp_unsupported_reason
 
     def generation(actor: str, *flags: str) -> tuple[dict, memory_plan.Plan]:
-        args = step3_parser().parse_args(
-            ["--actor_model_name_or_path", actor, "--critic_model_name_or_path", config("opt-350m"),
-             "--actor_zero_stage", "3", "--critic_zero_stage", "3", "--enable_hybrid_engine", "--dtype", "fp16",
-             *flags]
+        args = _step3_flags(
+            "--actor_model_name_or_path", actor, "--critic_model_name_or_path", config("opt-350m"),
+            "--actor_zero_stage", "3", "--critic_zero_stage", "3", "--enable_hybrid_engine", "--dtype", "fp16",
+            *flags,
         )  # fmt: skip
         plan = memory_plan.build(args, 3, "cuda", 2, None)
         return {p.name: p.parts for p in plan.phases}["generation"], plan
@@ -450,8 +459,8 @@ def test_tensor_parallel_is_planned_as_the_engine_will_run_it(tmp_path, capsys):
     assert two["inference copy"] == one["inference copy"] and two["KV cache"] == one["KV cache"]
     assert f"hybrid engine: --inference_tp_size 2 falls back to 1: {reason}" in plan.notes
     assert "TP 2" not in memory_plan.render(plan)
-    args = step3_parser().parse_args(["--actor_model_name_or_path", mqa, "--critic_model_name_or_path",
-                                      config("opt-350m"), "--enable_hybrid_engine", "--actor_zero_stage", "3"])  # fmt: skip
+    args = _step3_flags("--actor_model_name_or_path", mqa, "--critic_model_name_or_path",
+                        config("opt-350m"), "--enable_hybrid_engine", "--actor_zero_stage", "3")  # fmt: skip
     assert not any(flag.startswith("--inference_tp_size") for flag, _ in _candidates(args, 3, 8))
     # two key/value heads split: the cache halves, no note
     gqa = _llama_config(tmp_path, 2)

@@ -5,12 +5,12 @@ gives what the separate ZeRO forward gives."""
 
 from __future__ import annotations
 
-import argparse
 import types
 
 import pytest
 import torch
 
+from dschat_hal.configs import RLHFModelConfig, Step3Config, with_flags
 from dschat_hal.decisions import old_logprobs_from_training, old_values_from_training
 from dschat_hal.models.reward_model import RewardModel
 from dschat_hal.rlhf.generation.engine import HybridEngine
@@ -42,7 +42,8 @@ def count_experience_forwards(monkeypatch) -> list[int]:
     return calls
 
 
-def flags(**overrides) -> argparse.Namespace:
+def flags(**overrides) -> Step3Config:
+    """A step-3 config with these flags' values."""
     base = dict(
         ppo_epochs=1,
         generation_batches=1,
@@ -51,7 +52,7 @@ def flags(**overrides) -> argparse.Namespace:
         actor_dropout=None,
         critic_dropout=None,
     )
-    return argparse.Namespace(**{**base, **overrides})
+    return with_flags(Step3Config(models=RLHFModelConfig("tiny-opt", "tiny-opt")), {**base, **overrides})
 
 
 def test_the_training_forward_gives_the_old_logprobs_only_when_it_sees_the_generating_weights():

@@ -426,9 +426,11 @@ def dry_run(args: argparse.Namespace, out: Path) -> int:
     does not fit."""
     from dschat_hal import memory_plan
     from dschat_hal.args import dpo_parser, step1_parser, step2_parser, step3_parser
+    from dschat_hal.configs import DPOStepConfig, Step1Config, Step2Config, Step3Config, to_config
     from dschat_hal.memory_plan.dpo import dpo_plan_for
 
     parsers = {1: step1_parser, 2: dpo_parser if args.dpo else step2_parser, 3: step3_parser}
+    configs = {1: Step1Config, 2: DPOStepConfig if args.dpo else Step2Config, 3: Step3Config}
     code = 0
     for step in sorted(args.step):
         argv = step_command(step, args, out)[len(launcher(args)) + 1 :]
@@ -441,8 +443,8 @@ def dry_run(args: argparse.Namespace, out: Path) -> int:
         if args.device_memory:
             argv += ["--device_memory", args.device_memory]
         try:
-            parsed = parsers[step]().parse_args(argv)
-            plan = dpo_plan_for(parsed) if step == 2 and args.dpo else memory_plan.plan_for(parsed, step)
+            config = to_config(parsers[step]().parse_args(argv), configs[step])
+            plan = dpo_plan_for(config) if step == 2 and args.dpo else memory_plan.plan_for(config, step)
         except UserError as err:
             print(f"error: step {step}: {err}", file=sys.stderr)
             return 2

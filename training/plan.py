@@ -17,9 +17,11 @@ import sys
 
 from dschat_hal import memory_plan
 from dschat_hal.args import step1_parser, step2_parser, step3_parser
+from dschat_hal.configs import Step1Config, Step2Config, Step3Config, to_config
 from dschat_hal.errors import cli_entry
 
 PARSERS = {"1": step1_parser, "2": step2_parser, "3": step3_parser}
+CONFIGS = {"1": Step1Config, "2": Step2Config, "3": Step3Config}
 USAGE = "usage: training/plan.py {1,2,3} [the step's flags]"
 
 
@@ -32,8 +34,8 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip().splitlines()[0], file=sys.stderr)
         print(USAGE, file=sys.stderr)
         return 2
-    args = PARSERS[argv[0]]().parse_args(argv[1:])
-    plan = memory_plan.plan_for(args, int(argv[0]))
+    config = to_config(PARSERS[argv[0]]().parse_args(argv[1:]), CONFIGS[argv[0]])
+    plan = memory_plan.plan_for(config, int(argv[0]))
     print(memory_plan.render(plan))
     return 1 if plan.fits is False else 0
 

@@ -22,15 +22,22 @@ is added there. `benchmarks/bench_memory.py` compares the plan with measured pea
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
+from typing import TYPE_CHECKING
 
 from dschat_hal.decisions import RunDecisions
 from dschat_hal.memory_plan.estimates import layer_bytes, training_activations, training_states
 from dschat_hal.memory_plan.fixes import find_fix
 from dschat_hal.memory_plan.phases import CPU_BASELINE_BYTES, FIT_FRACTION, GiB, MiB, Phase, Plan, build, decide_for
 from dschat_hal.memory_plan.shapes import Shape, model_shape
+
+if TYPE_CHECKING:
+    import torch
+
+    from dschat_hal.configs import DPOStepConfig, HardwareConfig, PlanConfig, Step1Config, Step2Config, Step3Config
+
+    StepConfig = Step1Config | Step2Config | DPOStepConfig | Step3Config
 
 __all__ = [
     "CPU_BASELINE_BYTES",
@@ -79,40 +86,38 @@ def parse_bytes(text: str, flag: str = "--device_memory") -> float:
     return value * base ** ("KMGT".index(unit.upper()) + 1)
 
 
-def resolve_device(args: argparse.Namespace) -> str:
+def resolve_device(hardware: HardwareConfig) -> str:
     import accel
 
-    name = (args.device or "auto").lower()
+    name = (hardware.device or "auto").lower()
     return accel.detect() if name == "auto" else name
 
 
-def ranks_of(args: argparse.Namespace) -> int:
-    given = getattr(args, "num_devices", None)
-    if given:
-        return int(given)
+def ranks_of(plan: PlanConfig) -> int:
+    if plan.num_devices:
+        return int(plan.num_devices)
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def ranks_sharing(args: argparse.Namespace, backend) -> int:
+def ranks_sharing(plan: PlanConfig, backend) -> int:
     """How many ranks share the memory `backend` reports: where it is host memory, the ranks planned
     for (`--num_devices`, all on this host) or else this job's processes on this host; 1 elsewhere."""
     from accel.base import local_process_count
 
     if backend is None or not backend.memory_is_host_memory:
         return 1
-    return max(1, int(getattr(args, "num_devices", None) or local_process_count()))
+    return max(1, int(plan.num_devices or local_process_count()))
 
 
-def device_memory(args: argparse.Namespace, device: str, backend=None) -> float | None:
+def device_memory(plan: PlanConfig, device: str, backend=None) -> float | None:
     """`--device_memory`, else what one rank gets of what the backend reports free (host memory: its
     share of what is available, with what this job's processes hold now), else unknown (None: the plan
     is printed but never refuses)."""
-    given = getattr(args, "device_memory", None)
-    if given is not None:
-        return parse_bytes(given)
+    if plan.device_memory is not None:
+        return parse_bytes(plan.device_memory)
     if backend is None:
         return None
-    sharing = ranks_sharing(args, backend)
+    sharing = ranks_sharing(plan, backend)
     free = backend.rank_memory(sharing)
     if free is None:
         return None
@@ -176,43 +181,55 @@ def refusal(plan: Plan) -> str:
     )
 
 
-def _where(args: argparse.Namespace, backend=None) -> tuple[str, int, float | None]:
+def _where(config: StepConfig, backend=None) -> tuple[str, int, float | None]:
     """(device, ranks, device memory per rank) the plan is made for."""
-    return _locate(args, backend)[:3]
+    return _locate(config, backend)[:3]
 
 
-def _locate(args: argparse.Namespace, backend=None) -> tuple[str, int, float | None, int]:
+def _locate(config: StepConfig, backend=None) -> tuple[str, int, float | None, int]:
     """`_where`, and how many ranks share the memory reported free (1: not shared, or given)."""
     if backend is not None:
         from dschat_hal.runtime import world_size
 
-        device, ranks = backend.name, getattr(args, "num_devices", None) or world_size()
+        device, ranks = backend.name, config.plan.num_devices or world_size()
     else:
-        device, ranks = resolve_device(args), ranks_of(args)
+        device, ranks = resolve_device(config.hardware), ranks_of(config.plan)
         backend = _probe(device)
-    given = getattr(args, "device_memory", None) is not None
-    return device, ranks, device_memory(args, device, backend), 1 if given else ranks_sharing(args, backend)
+    given = config.plan.device_memory is not None
+    return (
+        device,
+        ranks,
+        device_memory(config.plan, device, backend),
+        1 if given else ranks_sharing(config.plan, backend),
+    )
 
 
-def plan_for(args: argparse.Namespace, step: int, backend=None, decisions: RunDecisions | None = None) -> Plan:
-    """The plan of `args` for `step`, with the fix when it does not fit; step 3 with `decisions`
+def run_dtype(config: StepConfig, backend=None) -> torch.dtype | None:
+    """The dtype the run trains in: the backend's resolution of `--dtype` (None without a backend: the
+    plan resolves `--dtype` itself)."""
+    return None if backend is None else backend.resolve_dtype(config.hardware.dtype)
+
+
+def plan_for(config: StepConfig, step: int, backend=None, decisions: RunDecisions | None = None) -> Plan:
+    """The plan of `config` for `step`, with the fix when it does not fit; step 3 with `decisions`
     (default: decided here, as `decide` would)."""
-    device, ranks, memory, sharing = _locate(args, backend)
-    plan = build(args, step, device, ranks, memory, decisions)
+    device, ranks, memory, sharing = _locate(config, backend)
+    dtype = run_dtype(config, backend)
+    plan = build(config, step, device, ranks, memory, decisions, dtype)
     if memory is not None and sharing > 1:
         plan.notes.append(f"host memory shared by the {sharing} ranks on this host: {_gib(memory)} each")
     if plan.fits is False:
-        plan.fix = find_fix(args, plan)
+        plan.fix = find_fix(config, plan, dtype=dtype)
     return plan
 
 
-def decide(args: argparse.Namespace, backend=None) -> RunDecisions:
+def decide(config: Step3Config, backend=None) -> RunDecisions:
     """Step 3's decisions (`dschat_hal.decisions`) for the device, ranks and memory the plan uses,
     rank 0's on every rank (each rank measures its own free memory, and ranks that partitioned
     differently would wait on each other's gathers for ever)."""
     from dschat_hal.runtime import rank0s
 
-    return rank0s(decide_for(args, *_where(args, backend)))
+    return rank0s(decide_for(config, *_where(config, backend), run_dtype(config, backend)))
 
 
 def _probe(device: str):
@@ -225,22 +242,22 @@ def _probe(device: str):
         return None
 
 
-def dry_run(args: argparse.Namespace, step: int) -> dict:
+def dry_run(config: StepConfig, step: int) -> dict:
     """`--dry_run`: print the plan (rank 0) and return its numbers; nothing is loaded or written."""
-    plan = plan_for(args, step)
+    plan = plan_for(config, step)
     if int(os.environ.get("RANK", "0")) == 0:
         print(render(plan), flush=True)
     return summary(plan)
 
 
-def check(args: argparse.Namespace, step: int, backend, decisions: RunDecisions | None = None) -> None:
+def check(config: StepConfig, step: int, backend, decisions: RunDecisions | None = None) -> None:
     """Before loading weights: refuse in one line (UserError) when the plan (step 3: with the run's
     `decisions`) cannot fit, unless `--skip_memory_check`; an unknown device memory never refuses."""
     from dschat_hal.errors import UserError
 
-    if getattr(args, "skip_memory_check", False):
+    if config.plan.skip_memory_check:
         return
-    plan = plan_for(args, step, backend, decisions)
+    plan = plan_for(config, step, backend, decisions)
     if plan.fits is False:
         raise UserError(refusal(plan))
 

@@ -10,6 +10,10 @@ batches are trained; a group may span two epochs.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dschat_hal.configs import Step3Config
 
 
 def batch_sizes(rows: int, batch_size: int, drop_last: bool) -> list[int]:
@@ -38,16 +42,17 @@ def planned_optimizer_steps(micro_batches: int, gradient_accumulation_steps: int
     return micro_batches // gradient_accumulation_steps
 
 
-def step3_plan(args, prompt_loader, unsup_loader=None) -> tuple[int, int]:
+def step3_plan(config: Step3Config, prompt_loader, unsup_loader=None) -> tuple[int, int]:
     """(PPO micro-batches, planned optimizer steps) of a step-3 run with these loaders."""
+    ppo, schedule = config.ppo, config.schedule
     sizes = batch_sizes(len(prompt_loader.sampler), prompt_loader.batch_size, prompt_loader.drop_last)
     if unsup_loader is not None:  # generation batches are zipped with ptx batches: the shorter ends the epoch
         sizes = sizes[: len(unsup_loader)]
-    sizes = [size * getattr(args, "n_samples_per_prompt", 1) for size in sizes]  # N answers per prompt
+    sizes = [size * ppo.n_samples_per_prompt for size in sizes]  # N answers per prompt
     micro = ppo_micro_batches(
-        sizes, args.per_device_training_batch_size, args.num_train_epochs, args.generation_batches, args.ppo_epochs
+        sizes, ppo.per_device_training_batch_size, schedule.num_train_epochs, ppo.generation_batches, ppo.ppo_epochs
     )
-    return micro, planned_optimizer_steps(micro, args.gradient_accumulation_steps)
+    return micro, planned_optimizer_steps(micro, schedule.gradient_accumulation_steps)
 
 
 def warmup_warning(warmup_steps: int, planned_steps: int, max_steps: int = 0) -> str | None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dschat_hal.args import answer_help, step1_parser, validate
+from dschat_hal.configs import Step1Config, to_config
 
 if __name__ == "__main__":
     answer_help(step1_parser)  # before the imports below load torch, transformers and DeepSpeed (seconds)
@@ -30,11 +31,11 @@ from dschat_hal.runtime import (
 def main(argv: list[str]) -> dict:
     args = validate(step1_parser().parse_args(argv))
     if args.dry_run:
-        return memory_plan.dry_run(args, 1)
+        return memory_plan.dry_run(to_config(args, Step1Config), 1)
     check_positions(args.model_name_or_path, args.max_seq_len, "--max_seq_len", args.bucket_lengths)
     loop.claim_outputs(args)
     backend = setup(args)
-    memory_plan.check(args, 1, backend)  # before any weights are loaded
+    memory_plan.check(to_config(args, Step1Config), 1, backend)  # before any weights are loaded
     tokenizer = load_tokenizer(args.model_name_or_path)
     if args.add_eot_token:
         add_eot_token(tokenizer, args.eot_token)

@@ -5,6 +5,7 @@ itself (the reference), with no reward model and no step 3; its output is a caus
 from __future__ import annotations
 
 from dschat_hal.args import answer_help, dpo_parser, validate
+from dschat_hal.configs import DPOStepConfig, to_config
 
 if __name__ == "__main__":
     answer_help(dpo_parser)  # before the imports below load torch, transformers and DeepSpeed (seconds)
@@ -35,11 +36,11 @@ from dschat_hal.runtime import (
 def main(argv: list[str]) -> dict:
     args = validate(dpo_parser().parse_args(argv))
     if args.dry_run:
-        return dpo_dry_run(args)
+        return dpo_dry_run(to_config(args, DPOStepConfig))
     check_positions(args.model_name_or_path, args.max_seq_len, "--max_seq_len", args.bucket_lengths)
     loop.claim_outputs(args)
     backend = setup(args)
-    dpo_check(args, backend)  # before any weights are loaded
+    dpo_check(to_config(args, DPOStepConfig), backend)  # before any weights are loaded
     tokenizer = load_tokenizer(args.model_name_or_path)
     if args.add_eot_token:
         add_eot_token(tokenizer, args.eot_token)
@@ -67,7 +68,7 @@ def main(argv: list[str]) -> dict:
         micro_batch=args.per_device_train_batch_size,
         job_name="step2_dpo_model",
     )
-    placement = reference_placement(args)
+    placement = reference_placement(to_config(args, DPOStepConfig))
     print_rank0(placement.describe("reference", world_size()).replace("step 3:", "DPO:"))
     reference = inference_engine(
         backend,

@@ -228,7 +228,7 @@ def main(argv: list[str]) -> dict:
     args = validate(step3_parser().parse_args(argv))
     config = to_config(args, Step3Config)  # what the library takes; the loop below still reads the flags
     if args.dry_run:  # before the checks of what is implemented: a plan may explore any setting
-        return memory_plan.dry_run(args, 3)
+        return memory_plan.dry_run(config, 3)
     if args.hybrid_engine == "deepspeed":
         raise UserError(
             "--hybrid_engine deepspeed is not supported: DeepSpeed's Hybrid Engine crashes or silently "
@@ -255,8 +255,8 @@ def main(argv: list[str]) -> dict:
     )
     claim_outputs(args)
     backend = setup(args)
-    decisions = memory_plan.decide(args, backend)  # once, for the plan, the engines, the trainer and the log
-    memory_plan.check(args, 3, backend, decisions)  # before any weights are loaded
+    decisions = memory_plan.decide(config, backend)  # once, for the plan, the engines, the trainer and the log
+    memory_plan.check(config, 3, backend, decisions)  # before any weights are loaded
     for name in FROZEN:
         print_rank0(decisions.placements[name].describe(name, world_size()))
     if args.align_overflow and args.dtype_resolved == torch.float16:
@@ -291,8 +291,8 @@ def main(argv: list[str]) -> dict:
     if args.unsupervised_dataset_name:
         texts = read_texts(args.unsupervised_dataset_name, args.unsupervised_dataset_config_name)
         blocks = block_dataset(texts, tokenizer, args.max_prompt_seq_len + args.max_answer_seq_len)
-        unsup_rows = args.per_device_unsup_batch_size or experience_rows(args)
-        micro_batches = -(-experience_rows(args) // args.per_device_training_batch_size)
+        unsup_rows = args.per_device_unsup_batch_size or experience_rows(config)
+        micro_batches = -(-experience_rows(config) // args.per_device_training_batch_size)
         if unsup_rows < micro_batches:
             raise UserError(
                 f"--per_device_unsup_batch_size {unsup_rows} cannot give each of the {micro_batches} PPO "
@@ -300,7 +300,7 @@ def main(argv: list[str]) -> dict:
             )
         unsup_loader = dataloader(blocks, collate_blocks, unsup_rows, args.seed)
 
-    micro_batches, total_iters = step3_plan(args, loader, unsup_loader)
+    micro_batches, total_iters = step3_plan(config, loader, unsup_loader)
     engine = RLHFEngine(backend, config, tokenizer, total_iters, decisions)
     ppo_config = PPOSettings.from_config(
         config,
