@@ -57,6 +57,10 @@ def test_the_comm_op_builds_once_whichever_ninja_path_finds_first(tmp_path):
     (fake / "c++").write_text(FAKE_CXX.format(real=real_cxx))
     (fake / "c++").chmod(stat.S_IRWXU)
     code = "import accel; accel.get('cpu').init_distributed(); print('initialised')"
+    # the copy as the other ninja leaves it (its build log, and the marker naming it), as a run without the fix did
+    fake_env = {**os.environ, "PATH": os.pathsep.join([str(fake), plain_path]), "CXX_CALLS": str(tmp_path / "o")}
+    subprocess.run([other, "-C", str(op)], env=fake_env, capture_output=True, check=True, timeout=120)
+    (op / _op_builds.NINJA_MARKER).write_text(os.path.realpath(other))
 
     def run(path: str, calls: Path) -> subprocess.CompletedProcess:
         env = {
@@ -80,9 +84,9 @@ def test_the_comm_op_builds_once_whichever_ninja_path_finds_first(tmp_path):
     again = run(os.pathsep.join([venv_bin, str(fake), plain_path]), tmp_path / "again.calls")
     assert not (tmp_path / "again.calls").exists() and "building DeepSpeed" not in again.stderr
     assert (op / _op_builds.NINJA_MARKER).read_text().strip() == os.path.realpath(env_ninja)
-    if (tmp_path / "activated.calls").exists():  # the copy was last built by the other ninja: rebuilt once, said so
-        said = [line for line in activated.stderr.splitlines() if "building DeepSpeed's CPU communication op" in line]
-        assert len(said) == 1 and f"cache: {op.parent}" in said[0] and str(env_ninja) in said[0], activated.stderr
+    assert (tmp_path / "activated.calls").exists()  # last built by the other ninja: rebuilt once, said so
+    said = [line for line in activated.stderr.splitlines() if "building DeepSpeed's CPU communication op" in line]
+    assert len(said) == 1 and f"cache: {op.parent}" in said[0] and str(env_ninja) in said[0], activated.stderr
 
 
 def _fake_environment(monkeypatch, tmp_path: Path, venv: bool = True) -> Path:
