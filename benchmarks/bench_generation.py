@@ -105,12 +105,13 @@ def _opt_125m_config():
 
 
 def _engine(model: torch.nn.Module, stage: int, args: argparse.Namespace, backend):
-    from dschat_hal.runtime import engine_settings, training_engine
+    from dschat_hal.configs import HardwareConfig, LoggingConfig, OptimConfig, ScheduleConfig
+    from dschat_hal.runtime import engine_from_config
 
-    flags = engine_settings(backend.resolve_dtype(args.dtype), fused=False)
-    return training_engine(
-        backend, model, flags, lr=1e-5, weight_decay=0.0, lora_lr=1e-5, stage=stage, total_steps=1,
-        micro_batch=args.batch,
+    return engine_from_config(
+        backend, model, OptimConfig(learning_rate=1e-5, lora_learning_rate=1e-5, zero_stage=stage),
+        ScheduleConfig(lr_scheduler_type="constant"), HardwareConfig(no_fused_kernels=True), LoggingConfig(),
+        dtype=backend.resolve_dtype(args.dtype), total_steps=1, micro_batch=args.batch, job_name="train",
     )  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from dschat_hal.configs import (  # noqa: F401  (PROMPT_FORMATS, ATTN_*, NUM_PAD
     NUM_PADDING_HELP,
     PROMPT_FORMATS,
     DPOStepConfig,
+    LoggingConfig,
     Step1Config,
     Step2Config,
     Step3Config,
@@ -339,5 +340,6 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     validate_paths(args)
     from dschat_hal.monitor import resolve_report_to
 
-    resolve_report_to(args)
+    logging_config = resolve_report_to(to_config(args, LoggingConfig))
+    args.report_to, args.enable_tensorboard = logging_config.report_to, logging_config.enable_tensorboard
     return args

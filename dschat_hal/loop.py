@@ -7,14 +7,14 @@ skips are counted at each report, and training stops past `--max_bad_steps`.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,18 @@ from dschat_hal.errors import UserError
 from dschat_hal.monitor import RunClock, current_lr, format_eta, throughput
 from dschat_hal.runtime import ScalarWriter, all_reduce_mean, is_rank0, print_rank0, world_size
 
+if TYPE_CHECKING:
+    from dschat_hal.configs import (
+        CheckpointConfig,
+        DPOStepConfig,
+        LoggingConfig,
+        ScheduleConfig,
+        Step1Config,
+        Step2Config,
+    )
+
+    SupervisedConfig = Step1Config | Step2Config | DPOStepConfig
+
 LossFn = Callable[[object, dict[str, torch.Tensor]], torch.Tensor]
 
 
@@ -31,25 +43,26 @@ class TrainingHealthError(UserError):
     """Training produced garbage (NaN/inf losses, repeated overflow) and was stopped."""
 
 
-def supervised_loaders(args: argparse.Namespace, phase: int, tokenizer, backend: Accelerator):
-    """Step 1 or 2's (train_set, eval_set, train_loader, eval_loader) from the shared flags."""
-    from dschat_hal.args import column_keys
+def supervised_loaders(config: SupervisedConfig, phase: int, tokenizer, backend: Accelerator):
+    """Step 1 or 2's (train_set, eval_set, train_loader, eval_loader) from the step's config."""
     from dschat_hal.data import Collator, DataSpec, cache_dir_for, load_or_build
     from dschat_hal.runtime import dataloader
 
+    data, model, seed = config.data, config.model, config.hardware.seed
     spec = DataSpec(
-        args.data_path,
-        args.data_split,
+        data.data_path,
+        data.data_split,
         phase,
-        args.seed,
-        args.max_seq_len,
-        sft_only_data_path=args.sft_only_data_path if phase == 1 else [],
+        seed,
+        model.max_seq_len,
+        sft_only_data_path=data.sft_only_data_path if phase == 1 else [],
         # DeepSpeed-Chat ends step 2's sequences with its end-of-conversation token (step 1's with EOS)
-        end_token=args.eot_token if phase == 2 and args.add_eot_token else "",
-        prompt_format=args.prompt_format,
-        column_keys=column_keys(args),
+        end_token=data.eot_token if phase == 2 and data.add_eot_token else "",
+        prompt_format=data.prompt_format,
+        column_keys=data.column_keys(),
     )
-    train_set, eval_set, dropped = load_or_build(spec, tokenizer, cache_dir_for(args), args.preprocessing_num_workers)
+    cache_dir = cache_dir_for(data, config.checkpoint.output_dir)
+    train_set, eval_set, dropped = load_or_build(spec, tokenizer, cache_dir, data.preprocessing_num_workers)
     if phase == 1 and any(dropped.values()):
         print_rank0(
             f"warning: dropped {' and '.join(f'{n} {split}' for split, n in dropped.items() if n)} rows whose "
@@ -60,22 +73,37 @@ def supervised_loaders(args: argparse.Namespace, phase: int, tokenizer, backend:
         counts = " and ".join(f"{n} of {n + sizes[split]} {split}" for split, n in dropped.items() if n)
         print_rank0(
             f"warning: {counts} pairs have identical chosen and rejected tokens after truncation to "
-            f"--max_seq_len {args.max_seq_len}; dropped them (raise --max_seq_len to keep them)"
+            f"--max_seq_len {model.max_seq_len}; dropped them (raise --max_seq_len to keep them)"
         )
-    collate = Collator(phase, tokenizer.pad_token_id, backend, args.max_seq_len)
-    train_loader = dataloader(train_set, collate, args.per_device_train_batch_size, args.seed)
-    eval_loader = dataloader(eval_set, collate, args.per_device_eval_batch_size, args.seed, shuffle=False)
+    collate = Collator(phase, tokenizer.pad_token_id, backend, model.max_seq_len)
+    train_loader = dataloader(train_set, collate, model.per_device_train_batch_size, seed)
+    eval_loader = dataloader(eval_set, collate, model.per_device_eval_batch_size, seed, shuffle=False)
     return train_set, eval_set, train_loader, eval_loader
 
 
-def total_optimizer_steps(loader, args: argparse.Namespace) -> int:
+def partitioned_load(backend: Accelerator, config: SupervisedConfig, dtype: torch.dtype, stage: int) -> dict | None:
+    """The DeepSpeed config `from_pretrained` needs to partition the step's model at ZeRO `stage` while
+    loading it (None below ZeRO-3)."""
+    from dschat_hal.runtime import partitioned_load_config
+
+    return partitioned_load_config(
+        backend,
+        dtype=dtype,
+        stage=stage,
+        offload=config.hardware.offload,
+        micro_batch=config.model.per_device_train_batch_size,
+        grad_accum=config.schedule.gradient_accumulation_steps,
+    )
+
+
+def total_optimizer_steps(loader, schedule: ScheduleConfig) -> int:
     """Optimizer steps in the planned epochs: the length of the learning-rate schedule."""
-    return args.num_train_epochs * math.ceil(len(loader) / args.gradient_accumulation_steps)
+    return schedule.num_train_epochs * math.ceil(len(loader) / schedule.gradient_accumulation_steps)
 
 
-def progress(iterable, total: int, description: str, args: argparse.Namespace):
+def progress(iterable, total: int, description: str, logging_config: LoggingConfig):
     """A tqdm bar on rank 0 when stderr is a terminal and --quiet is off; the iterable otherwise."""
-    if getattr(args, "quiet", False) or not is_rank0() or not sys.stderr.isatty():
+    if logging_config.quiet or not is_rank0() or not sys.stderr.isatty():
         return iterable
     from tqdm import tqdm
 
@@ -109,48 +137,53 @@ def restore_rng(position: dict) -> None:
         set_rng_state(position.pop("rng"))
 
 
-def save_trained_lm(engine, tokenizer, args: argparse.Namespace, tag: str) -> None:
-    """Publish the trained causal LM at `args.output_dir` in one rename (rank 0 writes; collective under
-    ZeRO-3): the weights, PEFT adapters with `--only_optimize_lora`, and the run's record (`args.json`, `made_by.json`)."""
+def save_trained_lm(engine, tokenizer, config: SupervisedConfig, tag: str, flags: Mapping[str, Any]) -> None:
+    """Publish the trained causal LM at the config's output directory in one rename (rank 0 writes;
+    collective under ZeRO-3): the weights, PEFT adapters with `--only_optimize_lora`, and the run's
+    record (`args.json`: the resolved `flags`, `made_by.json`)."""
     from dschat_hal.models import atomic_directory, write_lm
     from dschat_hal.models.checkpoint import adapter_base
     from dschat_hal.provenance import write_record
     from dschat_hal.runtime import is_rank0
 
-    with atomic_directory(args.output_dir, enabled=is_rank0()) as tmp:
-        base = adapter_base(args.lora_dim, args.only_optimize_lora, args.model_name_or_path)
+    with atomic_directory(config.checkpoint.output_dir, enabled=is_rank0()) as tmp:
+        lora_only = config.schedule.only_optimize_lora
+        base = adapter_base(config.optim.lora_dim, lora_only, config.model.model_name_or_path)
         write_lm(engine.module, tokenizer, tmp, adapter_base=base)
-        write_record(tmp, args, tag)
+        write_record(tmp, flags, tag)
 
 
-def checkpoint_dir(args: argparse.Namespace) -> str | None:
+def checkpoint_dir(checkpoint: CheckpointConfig) -> str | None:
     """`--checkpoint_dir`, else a sibling of the output (the final save replaces the output directory)."""
-    return args.checkpoint_dir or (f"{args.output_dir.rstrip('/')}_checkpoints" if args.output_dir else None)
+    output_dir = checkpoint.output_dir
+    return checkpoint.checkpoint_dir or (f"{output_dir.rstrip('/')}_checkpoints" if output_dir else None)
 
 
-def save_checkpoint(engines: dict, args: argparse.Namespace, position: dict, step: int) -> None:
+def save_checkpoint(engines: dict, checkpoint: CheckpointConfig, setup: dict, position: dict, step: int) -> None:
     """One resumable checkpoint of all `engines` (model, optimizer, scheduler) plus RNG and data
-    position, published as one unit (see `dschat_hal.checkpoints`). Collective: every rank calls it."""
+    position, published as one unit (see `dschat_hal.checkpoints`); `setup` is the run's
+    `resume_setup`. Collective: every rank calls it."""
     from dschat_hal.checkpoints import save_unit
 
-    save_unit(checkpoint_dir(args), step, engines, {"position": position, "rng": rng_state()}, resume_setup(args))
-    if args.save_total_limit:
+    save_unit(checkpoint_dir(checkpoint), step, engines, {"position": position, "rng": rng_state()}, setup)
+    if checkpoint.save_total_limit:
         from dschat_hal.checkpoints import prune
 
         if is_rank0():
-            prune(checkpoint_dir(args), args.save_total_limit)
+            prune(checkpoint_dir(checkpoint), checkpoint.save_total_limit)
 
 
-def load_checkpoint(engines: dict, args: argparse.Namespace) -> dict | None:
-    """Resume every engine from the latest checkpoint unit; returns the saved data position and RNG
-    state (None: fresh start). The caller restores the RNG at the first resumed batch, after the data
-    loader's iterator has drawn its own seed, as it did in the uninterrupted run."""
+def load_checkpoint(engines: dict, checkpoint: CheckpointConfig, setup: dict) -> dict | None:
+    """With `--resume`, resume every engine from the latest checkpoint unit, which must agree with
+    `setup` (the run's `resume_setup`); returns the saved data position and RNG state (None: fresh
+    start). The caller restores the RNG at the first resumed batch, after the data loader's iterator
+    has drawn its own seed, as it did in the uninterrupted run."""
     from dschat_hal.checkpoints import load_unit
 
-    root = checkpoint_dir(args)
-    if not args.resume:
+    root = checkpoint_dir(checkpoint)
+    if not checkpoint.resume:
         return None
-    client = load_unit(root, engines, resume_setup(args))
+    client = load_unit(root, engines, setup)
     if client is None:
         print_rank0(f"--resume: no checkpoint under {root}; starting from scratch")
         return None
@@ -158,7 +191,7 @@ def load_checkpoint(engines: dict, args: argparse.Namespace) -> dict | None:
     return {**client["position"], "rng": client["rng"]}
 
 
-def claim_outputs(args: argparse.Namespace) -> None:
+def claim_outputs(checkpoint: CheckpointConfig) -> None:
     """At start (rank 0): lock the output and checkpoint directories for this run, and remove the
     leftovers of interrupted saves (temporary directories, incomplete checkpoints)."""
     from dschat_hal.checkpoints import clean_root
@@ -166,18 +199,19 @@ def claim_outputs(args: argparse.Namespace) -> None:
 
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    root = checkpoint_dir(args)
-    lock_output(args.output_dir)
-    if root and (args.save_interval or args.resume):
-        if args.checkpoint_dir and lock_path(root) != (lock_path(args.output_dir) if args.output_dir else None):
+    root = checkpoint_dir(checkpoint)
+    output_dir = checkpoint.output_dir
+    lock_output(output_dir)
+    if root and (checkpoint.save_interval or checkpoint.resume):
+        if checkpoint.checkpoint_dir and lock_path(root) != (lock_path(output_dir) if output_dir else None):
             lock_output(root)
         clean_root(root)
-        if args.resume and os.path.isdir(root):
+        if checkpoint.resume and os.path.isdir(root):
             from dschat_hal.checkpoints import choose_unit
 
             choose_unit(Path(root))  # no unit verifies: said now, before models load (load_unit says which it uses)
-    if args.output_dir:
-        out = os.path.abspath(os.path.expanduser(args.output_dir))
+    if output_dir:
+        out = os.path.abspath(os.path.expanduser(output_dir))
         remove_stale_temporaries(os.path.dirname(out), os.path.basename(out))
 
 
@@ -201,23 +235,26 @@ RESUME_KEYS = (
 )
 
 
-def resume_setup(args: argparse.Namespace) -> dict:
+def resume_setup(config: object, dtype: torch.dtype | str) -> dict:
     """What a checkpoint must agree with to resume exactly: models, batch sizes, ZeRO stages, LoRA,
-    world size and dtype."""
+    world size and the run's `dtype` (resolved). `config`: a step's config; the keys are its flags'
+    names (`RESUME_KEYS`), as checkpoints have always stored them."""
+    from dschat_hal.configs import to_flags
     from dschat_hal.runtime import world_size
 
+    flags = to_flags(config)
     setup = {}
     for key in RESUME_KEYS:
-        if hasattr(args, key):
-            value = getattr(args, key)
+        if key in flags:
+            value = flags[key]
             if key.endswith("model_name_or_path") and os.path.exists(os.path.expanduser(value)):
                 value = os.path.realpath(os.path.expanduser(value))
             setup[key] = value
     setup["world_size"] = world_size()
-    setup["dtype"] = str(getattr(args, "dtype_resolved", args.dtype))
-    if getattr(args, "advantage_estimator", "gae") != "gae":  # absent from PPO's units, as before
-        setup["advantage_estimator"] = args.advantage_estimator
-        setup["n_samples_per_prompt"] = args.n_samples_per_prompt
+    setup["dtype"] = str(dtype)
+    if flags.get("advantage_estimator", "gae") != "gae":  # absent from PPO's units, as before
+        setup["advantage_estimator"] = flags["advantage_estimator"]
+        setup["n_samples_per_prompt"] = flags["n_samples_per_prompt"]
         for unused in ("critic_zero_stage", "critic_lora_dim"):  # no critic: its flags change nothing
             setup.pop(unused, None)
     return setup
@@ -266,20 +303,25 @@ def train(
     loader,
     loss_fn: LossFn,
     backend: Accelerator,
-    args: argparse.Namespace,
+    config: SupervisedConfig,
     writer: ScalarWriter,
     tag: str,
     on_step: Callable[[int], None] | None = None,
     rows_per_sample: int = 1,
+    *,
+    dtype: torch.dtype,
 ) -> list[float]:
-    """Run the epochs (or stop after `--max_steps`); returns the reported mean losses.
+    """Run the epochs (or stop after `--max_steps`) in the run's resolved `dtype` (which checkpoints
+    record); returns the reported mean losses.
     `on_step(global_step)` runs after every optimizer step (e.g. a periodic evaluation).
     Each report also gives samples/s and tokens/s (all ranks; a sample is `rows_per_sample` batch
     rows: step 2's chosen and rejected), the learning rate and the run's ETA."""
-    planned = total_optimizer_steps(loader, args)
-    limit = min(planned, args.max_steps) if args.max_steps else planned
-    saved = load_checkpoint({tag: engine}, args) or {"epoch": 0, "batch": 0}
-    guard = HealthGuard(args.max_bad_steps)
+    schedule, logging_config, checkpoint = config.schedule, config.logging, config.checkpoint
+    setup = resume_setup(config, dtype)
+    planned = total_optimizer_steps(loader, schedule)
+    limit = min(planned, schedule.max_steps) if schedule.max_steps else planned
+    saved = load_checkpoint({tag: engine}, checkpoint, setup) or {"epoch": 0, "batch": 0}
+    guard = HealthGuard(schedule.max_bad_steps)
     reported: list[float] = []
     pending: list[torch.Tensor] = []
     start = time.time()
@@ -291,12 +333,12 @@ def train(
         restore_rng(saved)
         return reported
     position = resume_position(saved, len(loader))
-    for epoch in range(position["epoch"], args.num_train_epochs):
+    for epoch in range(position["epoch"], schedule.num_train_epochs):
         loader.sampler.set_epoch(epoch)
         skip = position["batch"] if epoch == position["epoch"] else 0
         if not skip:  # an epoch start: before the iterator below draws its seed
             restore_rng(position)
-        for index, batch in enumerate(progress(loader, len(loader), f"{tag} epoch {epoch + 1}", args)):
+        for index, batch in enumerate(progress(loader, len(loader), f"{tag} epoch {epoch + 1}", logging_config)):
             if index < skip:
                 continue
             restore_rng(position)  # mid-epoch: after the iterator drew its seed, as in the uninterrupted run
@@ -312,7 +354,7 @@ def train(
             if on_step is not None and engine.global_steps != steps_before:
                 on_step(engine.global_steps)
             done = engine.global_steps >= limit
-            if len(pending) >= args.log_interval or done or args.print_loss:
+            if len(pending) >= logging_config.log_interval or done or logging_config.print_loss:
                 losses = torch.stack(pending).float()
                 guard.check(losses, engine.global_steps - len(pending) + 1, engine)
                 mean = all_reduce_mean(losses.mean()).item()
@@ -335,9 +377,11 @@ def train(
                 )
             # only between optimizer steps: a checkpoint inside an accumulation window would lose the
             # window's gradients (DeepSpeed counts micro-steps from 0 again after a resume)
-            at_boundary = engine.micro_steps % args.gradient_accumulation_steps == 0
-            if args.save_interval and at_boundary and engine.global_steps % args.save_interval == 0:
-                save_checkpoint({tag: engine}, args, {"epoch": epoch, "batch": index + 1}, engine.global_steps)
+            at_boundary = engine.micro_steps % schedule.gradient_accumulation_steps == 0
+            interval = checkpoint.save_interval
+            if interval and at_boundary and engine.global_steps % interval == 0:
+                at = {"epoch": epoch, "batch": index + 1}
+                save_checkpoint({tag: engine}, checkpoint, setup, at, engine.global_steps)
             if done:
                 return reported
     return reported

@@ -7,13 +7,15 @@ mean time per step of this run (a resumed run counts from its resume) over the s
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dschat_hal.errors import UserError
+
+if TYPE_CHECKING:
+    from dschat_hal.configs import LoggingConfig
 
 REPORT_TO = ("tensorboard", "wandb", "none")
 
@@ -61,21 +63,21 @@ def installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def resolve_report_to(args: argparse.Namespace) -> argparse.Namespace:
-    """`--report_to` from the flags: `--enable_tensorboard` (upstream's flag) means tensorboard when
+def resolve_report_to(logging_config: LoggingConfig) -> LoggingConfig:
+    """`--report_to` resolved, in place: `--enable_tensorboard` (upstream's flag) means tensorboard when
     `--report_to` is not given, and `--report_to tensorboard` sets `--enable_tensorboard` (DeepSpeed's
     own monitor writes beside it). wandb asked for but not installed: one error line."""
-    report_to = getattr(args, "report_to", None)
+    report_to = logging_config.report_to
     if report_to is None:
-        report_to = "tensorboard" if getattr(args, "enable_tensorboard", False) else "none"
-    args.report_to = report_to
-    args.enable_tensorboard = report_to == "tensorboard"
+        report_to = "tensorboard" if logging_config.enable_tensorboard else "none"
+    logging_config.report_to = report_to
+    logging_config.enable_tensorboard = report_to == "tensorboard"
     if report_to == "wandb" and not installed("wandb"):
         raise UserError(
             "--report_to wandb: the wandb package is not installed; pip install wandb "
             "(WANDB_MODE=offline logs without an account), or use --report_to tensorboard"
         )
-    return args
+    return logging_config
 
 
 STEP_METRIC = "global_step"  # the x axis of every scalar in a wandb run

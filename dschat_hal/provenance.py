@@ -4,13 +4,13 @@ the record is published with the output by the same rename (`checkpoint.atomic_d
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -62,14 +62,13 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def resolved_flags(args: argparse.Namespace | dict[str, Any]) -> dict[str, Any]:
+def resolved_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
     """Every flag after parsing and validation, as JSON (values JSON cannot hold, e.g. a dtype, as text)."""
-    items = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    return json.loads(json.dumps(items, default=str))
+    return json.loads(json.dumps(dict(flags), default=str))
 
 
-def record(args: argparse.Namespace | dict[str, Any], program: str) -> dict[str, dict[str, Any]]:
-    """The two files' contents for an output of `program` (e.g. "step1") run with `args`."""
+def record(flags: Mapping[str, Any], program: str) -> dict[str, dict[str, Any]]:
+    """The two files' contents for an output of `program` (e.g. "step1") run with `flags`."""
     made_by = {
         "program": program,
         "command": [sys.executable, *sys.argv],
@@ -77,15 +76,16 @@ def record(args: argparse.Namespace | dict[str, Any], program: str) -> dict[str,
         "source": source_revision(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    return {ARGS_FILE: resolved_flags(args), MADE_BY_FILE: made_by}
+    return {ARGS_FILE: resolved_flags(flags), MADE_BY_FILE: made_by}
 
 
-def write_record(directory: str | os.PathLike | None, args: argparse.Namespace | dict[str, Any], program: str) -> None:
-    """Write `args.json` and `made_by.json` into `directory` (a save's temporary directory; None:
-    a rank that does not write), each file whole or not at all."""
+def write_record(directory: str | os.PathLike | None, flags: Mapping[str, Any], program: str) -> None:
+    """Write `args.json` (the run's resolved `flags`: every flag's value after parsing and validation,
+    as the command line gave them, e.g. `vars(args)`) and `made_by.json` into `directory` (a save's
+    temporary directory; None: a rank that does not write), each file whole or not at all."""
     if directory is None:
         return
-    for name, content in record(args, program).items():
+    for name, content in record(flags, program).items():
         path = Path(directory, name)
         partial = path.with_name(f".{name}.tmp-{os.getpid()}")
         try:

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -300,65 +301,6 @@ ADAM_BETAS = (0.9, 0.95)  # upstream DeepSpeed-Chat's
 ADAM_EPS = 1e-8  # torch's and DeepSpeed's default
 
 
-def engine_settings(dtype: torch.dtype, fused: bool = True) -> argparse.Namespace:
-    """The flags `training_engine` reads, at their plain values (constant lr, no offload, no
-    accumulation, no TensorBoard): for engines built outside a step's parser (tests, benchmarks)."""
-    return argparse.Namespace(
-        dtype_resolved=dtype,
-        offload=False,
-        gradient_accumulation_steps=1,
-        enable_tensorboard=False,
-        tensorboard_path=None,
-        no_fused_kernels=not fused,
-        lr_scheduler_type="constant",
-        num_warmup_steps=0,
-    )
-
-
-def training_engine(
-    backend: Accelerator,
-    model: nn.Module,
-    args: argparse.Namespace,
-    *,
-    lr: float,
-    weight_decay: float,
-    lora_lr: float,
-    stage: int,
-    total_steps: int,
-    micro_batch: int,
-    gradient_checkpointing: bool = False,
-    job_name: str = "train",
-    grad_accum: int | None = None,
-    zero_extra: dict[str, Any] | None = None,
-):
-    """Wrap `model` in a DeepSpeed engine with the backend's optimizer and a warmup schedule, the shared
-    settings read from the flags `args` (`--dtype`'s resolved dtype, `--offload`, ...).
-
-    `grad_accum` (default `--gradient_accumulation_steps`) is the micro-batches per optimizer step;
-    `zero_extra` adds entries to the ZeRO section."""
-    return deepspeed_engine(
-        backend,
-        model,
-        dtype=args.dtype_resolved,
-        offload=args.offload,
-        fused=not args.no_fused_kernels,
-        zero_hpz=getattr(args, "zero_hpz_enabled", False),
-        scheduler=args.lr_scheduler_type,
-        warmup_steps=args.num_warmup_steps,
-        tensorboard_path=args.tensorboard_path if args.enable_tensorboard else None,
-        lr=lr,
-        weight_decay=weight_decay,
-        lora_lr=lora_lr,
-        stage=stage,
-        total_steps=total_steps,
-        micro_batch=micro_batch,
-        gradient_checkpointing=gradient_checkpointing,
-        job_name=job_name,
-        grad_accum=grad_accum or args.gradient_accumulation_steps,
-        zero_extra=zero_extra,
-    )
-
-
 def deepspeed_engine(
     backend: Accelerator,
     model: nn.Module,
@@ -452,71 +394,15 @@ def engine_from_config(
     )
 
 
-def engine_from_flags(
-    backend: Accelerator,
-    model: nn.Module,
-    args: argparse.Namespace,
-    prefix: str,
-    *,
-    total_steps: int,
-    micro_batch: int,
-    job_name: str,
-    grad_accum: int | None = None,
-    zero_extra: dict[str, Any] | None = None,
-):
-    """`training_engine` configured by one model's flag family (`--{prefix}learning_rate`, ...)."""
-
-    def flag(name: str):
-        return getattr(args, f"{prefix}{name}")
-
-    return training_engine(
-        backend,
-        model,
-        args,
-        lr=flag("learning_rate"),
-        weight_decay=flag("weight_decay"),
-        lora_lr=flag("lora_learning_rate"),
-        stage=flag("zero_stage"),
-        total_steps=total_steps,
-        micro_batch=micro_batch,
-        gradient_checkpointing=flag("gradient_checkpointing"),
-        job_name=job_name,
-        grad_accum=grad_accum,
-        zero_extra=zero_extra,
-    )
-
-
-def zero3_load_config(backend: Accelerator, args: argparse.Namespace, stage: int, micro_batch: int) -> dict | None:
-    """The config `from_pretrained` needs to partition weights while loading (ZeRO-3 only)."""
-    return partitioned_load_config(
-        backend,
-        dtype=args.dtype_resolved,
-        stage=stage,
-        offload=args.offload,
-        micro_batch=micro_batch,
-        grad_accum=args.gradient_accumulation_steps,
-    )
-
-
 def partitioned_load_config(
     backend: Accelerator, *, dtype: torch.dtype, stage: int, offload: bool, micro_batch: int, grad_accum: int
 ) -> dict | None:
-    """`zero3_load_config` from the values themselves: None below ZeRO-3."""
+    """The DeepSpeed config `from_pretrained` needs to partition weights while loading: None below ZeRO-3."""
     from dschat_hal.ds_config import train_ds_config
 
     if stage != 3:
         return None
     return train_ds_config(backend, dtype, stage, offload, micro_batch, grad_accum, world_size())
-
-
-def inference_engine(
-    backend: Accelerator, model: nn.Module, args: argparse.Namespace, *, stage: int, offload: bool, micro_batch: int
-):
-    """A forward-only DeepSpeed engine (ZeRO-3 partitioned when the trained models are), in the flags'
-    resolved dtype."""
-    return frozen_engine(
-        backend, model, dtype=args.dtype_resolved, stage=stage, offload=offload, micro_batch=micro_batch
-    )
 
 
 def frozen_engine(
@@ -606,12 +492,12 @@ class ScalarWriter:
             self.writer = SummaryWriter(os.path.join(path, name))
 
     @classmethod
-    def for_run(cls, args: Any, name: str) -> ScalarWriter:
-        """The writer `--report_to` (or `--enable_tensorboard`) asks for, under `--tensorboard_path`; a
-        wandb run records the flags as its config."""
-        report_to = getattr(args, "report_to", None) or ("tensorboard" if args.enable_tensorboard else "none")
-        config = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
-        return cls(args.tensorboard_path if report_to != "none" else None, name, report_to, config)
+    def for_run(cls, logging_config: LoggingConfig, name: str, flags: Mapping[str, Any]) -> ScalarWriter:
+        """The writer `--report_to` (resolved: `resolve_report_to`) asks for, under `--tensorboard_path`;
+        a wandb run records the run's resolved `flags` (those of plain values) as its config."""
+        report_to = logging_config.report_to or ("tensorboard" if logging_config.enable_tensorboard else "none")
+        config = {k: v for k, v in flags.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+        return cls(logging_config.tensorboard_path if report_to != "none" else None, name, report_to, config)
 
     def add(self, values: dict[str, float], step: int) -> None:
         if self.writer is None:

@@ -127,3 +127,45 @@ def test_the_memory_plan_and_the_decisions_take_the_step_config():
     assert plan.fits is False and memory_plan.find_fix(step1, plan)[0].startswith("--")
     step3 = Step3Config(models=RLHFModelConfig("tiny-opt", "tiny-opt"))
     assert experience_rows(step3) == 16 and decide(step3, 2).critic
+
+
+# ---- steps 1, 2 and DPO: the library takes configs (issue #31 item 3) ------------------------------------
+CONFIG_TAKING_MODULES = ("dschat_hal/loop.py", "dschat_hal/provenance.py", "dschat_hal/monitor.py")
+SUPERVISED_MAINS = {
+    "training/step1_supervised_finetuning/main.py": "Step1Config",
+    "training/step2_reward_model_finetuning/main.py": "Step2Config",
+    "training/step2_dpo_finetuning/main.py": "DPOStepConfig",
+}
+
+
+def test_the_supervised_steps_convert_their_flags_once_and_their_library_takes_no_namespace():
+    for module in CONFIG_TAKING_MODULES:
+        assert "argparse" not in (ROOT / module).read_text(), f"{module} still reads a Namespace"
+    for main, config_class in SUPERVISED_MAINS.items():
+        text = (ROOT / main).read_text()
+        assert text.count("to_config(") == 1 and f"to_config(args, {config_class})" in text, main
+        # past the conversion the flags only reach the edge: start-up lines, the record, the memory plan
+        assert "args, writer" not in text and "(args, 1, tokenizer" not in text and "(args, 2, tokenizer" not in text
+
+
+def test_resume_setup_from_a_config_keeps_the_keys_older_checkpoints_hold():
+    """The setup a checkpoint unit stores, as units saved before the configs hold it: a run resumes them."""
+    import torch
+
+    from dschat_hal.loop import resume_setup
+
+    saved_before = {
+        "model_name_or_path": "tiny-opt",
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "zero_stage": 0,
+        "lora_dim": 0,
+        "offload": False,
+        "world_size": 1,
+        "dtype": "torch.float32",
+    }
+    args = cli.validate(cli.step1_parser().parse_args(["--per_device_train_batch_size", "8", "--output_dir", ""]))
+    assert resume_setup(cli.to_config(args, Step1Config), torch.float32) == saved_before
+    step3 = cli.to_config(cli.step3_parser().parse_args(REQUIRED["step3_parser"]), Step3Config)
+    keys = set(resume_setup(step3, torch.bfloat16))
+    assert keys >= {"actor_model_name_or_path", "critic_zero_stage", "actor_lora_dim", "enable_ema", "dtype"}

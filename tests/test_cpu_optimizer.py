@@ -7,8 +7,9 @@ import torch
 
 import accel
 from accel.cpu import FusedAdamW
+from dschat_hal.configs import HardwareConfig, LoggingConfig, OptimConfig, ScheduleConfig
 from dschat_hal.models import create_lm, load_tokenizer
-from dschat_hal.runtime import engine_settings, training_engine
+from dschat_hal.runtime import engine_from_config
 
 
 def _param_groups(seed: int) -> list[dict]:
@@ -57,9 +58,11 @@ def test_deepspeed_engine_with_fused_cpu_adamw_trains_like_plain_adamw(stage):
     weights = []
     for fused in (True, False):
         backend.manual_seed(0)
-        engine = training_engine(
-            backend, create_lm("tiny-opt", tokenizer), engine_settings(torch.float32, fused=fused),
-            lr=1e-2, weight_decay=0.1, lora_lr=1e-3, stage=stage, total_steps=3, micro_batch=2,
+        engine = engine_from_config(
+            backend, create_lm("tiny-opt", tokenizer),
+            OptimConfig(learning_rate=1e-2, weight_decay=0.1, lora_learning_rate=1e-3, zero_stage=stage),
+            ScheduleConfig(lr_scheduler_type="constant"), HardwareConfig(no_fused_kernels=not fused), LoggingConfig(),
+            dtype=torch.float32, total_steps=3, micro_batch=2, job_name="train",
         )  # fmt: skip
         assert isinstance(engine.basic_optimizer, FusedAdamW) is fused
         for _ in range(3):

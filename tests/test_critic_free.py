@@ -255,12 +255,21 @@ def test_grpo_generates_tensor_parallel_on_two_ranks(models, tmp_path, monkeypat
 
 
 def test_a_critic_free_unit_ignores_the_unused_critic_flags_on_resume():
-    from dschat_hal.args import step3_parser
-    from dschat_hal.loop import resume_setup
+    import torch
+
+    from dschat_hal.args import step3_parser, to_config
+    from dschat_hal.configs import Step3Config
+    from dschat_hal.loop import resume_setup as setup_of
 
     base = ["--actor_model_name_or_path", "tiny-opt", "--critic_model_name_or_path", "tiny-opt"]
     grpo = [*base, "--advantage_estimator", "grpo", "--n_samples_per_prompt", "2"]
     critic_changed = ["--critic_zero_stage", "3", "--critic_lora_dim", "8"]
-    parse = step3_parser().parse_args
+
+    def parse(argv: list[str]) -> Step3Config:
+        return to_config(step3_parser().parse_args(argv), Step3Config)
+
+    def resume_setup(config: Step3Config) -> dict:
+        return setup_of(config, torch.float32)
+
     assert resume_setup(parse(grpo)) == resume_setup(parse([*grpo, *critic_changed]))
     assert resume_setup(parse(base)) != resume_setup(parse([*base, *critic_changed]))  # PPO's critic counts

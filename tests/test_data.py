@@ -146,14 +146,14 @@ def test_cache_is_reused_and_rebuilt_when_inputs_change(tmp_path, tokenizer):
 
 
 def test_cache_directory_default_sits_beside_the_output(tmp_path, monkeypatch):
-    from argparse import Namespace
+    from dschat_hal.configs import DataConfig
 
-    assert cache_dir_for(Namespace(data_output_path="", output_dir=None)) is None
-    assert cache_dir_for(Namespace(data_output_path="/x/c", output_dir="/y")) == "/x/c"
+    assert cache_dir_for(DataConfig(data_output_path=""), None) is None
+    assert cache_dir_for(DataConfig(data_output_path="/x/c"), "/y") == "/x/c"
     out = tmp_path / "run" / "actor"
-    assert cache_dir_for(Namespace(data_output_path=None, output_dir=str(out))) == str(tmp_path / "run" / "data_cache")
+    assert cache_dir_for(DataConfig(data_output_path=None), str(out)) == str(tmp_path / "run" / "data_cache")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_dir_for(Namespace(data_output_path=None, output_dir=None)) == str(tmp_path / "xdg/dschat_hal/data")
+    assert cache_dir_for(DataConfig(data_output_path=None), None) == str(tmp_path / "xdg/dschat_hal/data")
 
 
 def test_pad_sequences_left_and_right():

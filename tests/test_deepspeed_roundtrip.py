@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import accel
+from dschat_hal.configs import HardwareConfig, LoggingConfig, OptimConfig, ScheduleConfig
 from dschat_hal.models import create_lm, load_tokenizer
-from dschat_hal.runtime import engine_settings, training_engine
+from dschat_hal.runtime import engine_from_config
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
@@ -18,17 +19,17 @@ def test_tiny_model_trains_three_steps(stage):
     backend.init_distributed()
     backend.manual_seed(0)
     tokenizer = load_tokenizer("tiny-opt")
-    args = engine_settings(torch.bfloat16)
-    engine = training_engine(
+    engine = engine_from_config(
         backend,
         create_lm("tiny-opt", tokenizer),
-        args,
-        lr=1e-2,
-        weight_decay=0.0,
-        lora_lr=1e-3,
-        stage=stage,
+        OptimConfig(learning_rate=1e-2, lora_learning_rate=1e-3, zero_stage=stage),
+        ScheduleConfig(lr_scheduler_type="constant"),
+        HardwareConfig(),
+        LoggingConfig(),
+        dtype=torch.bfloat16,
         total_steps=3,
         micro_batch=2,
+        job_name="train",
     )
     assert engine.zero_optimization_stage() == stage
     ids = torch.randint(4, 200, (2, 16))

@@ -17,26 +17,28 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import OPTForCausalLM
 
 import accel
+from dschat_hal.configs import HardwareConfig, LoggingConfig, OptimConfig, ScheduleConfig
 from dschat_hal.rlhf.generation.decode import last_logits
 from dschat_hal.rlhf.generation.engine import HybridEngine
 from dschat_hal.rlhf.generation.sampling import GenerationConfig
-from dschat_hal.runtime import ADAM_EPS, engine_settings, training_engine
+from dschat_hal.runtime import ADAM_EPS, engine_from_config
 
 GREEDY = GenerationConfig(max_answer_seq_len=12, pad_token_id=PAD, eos_token_id=EOS, do_sample=False)
 
 
 def engine_on(backend, model, stage: int = 0, weight_decay: float = 0.0):
     backend.init_distributed()
-    return training_engine(
+    return engine_from_config(
         backend,
         model,
-        engine_settings(torch.float32),
-        lr=1e-3,
-        weight_decay=weight_decay,
-        lora_lr=1e-3,
-        stage=stage,
+        OptimConfig(learning_rate=1e-3, weight_decay=weight_decay, lora_learning_rate=1e-3, zero_stage=stage),
+        ScheduleConfig(lr_scheduler_type="constant"),
+        HardwareConfig(),
+        LoggingConfig(),
+        dtype=torch.float32,
         total_steps=4,
         micro_batch=3,
+        job_name="train",
     )
 
 

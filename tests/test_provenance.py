@@ -38,8 +38,8 @@ def test_each_step_output_of_the_demo_records_its_flags_and_versions(e2e_output)
 
 
 def test_values_json_cannot_hold_are_written_as_text(tmp_path):
-    args = argparse.Namespace(dtype_resolved=torch.bfloat16, path=tmp_path, steps=[1, 2], flag=None)
-    write_record(tmp_path, args, "step1")
+    flags = vars(argparse.Namespace(dtype_resolved=torch.bfloat16, path=tmp_path, steps=[1, 2], flag=None))
+    write_record(tmp_path, flags, "step1")
     flags = check_record(tmp_path, "step1")
     assert flags == {"dtype_resolved": "torch.bfloat16", "path": str(tmp_path), "steps": [1, 2], "flag": None}
     assert sorted(p.name for p in tmp_path.iterdir()) == [ARGS_FILE, MADE_BY_FILE]  # no temporaries left

@@ -160,14 +160,14 @@ def test_step2_lora_only_trains_the_value_head_with_eval_interval_and_eot_token(
     import training.step2_reward_model_finetuning.main as step2_main
 
     seen = {}
-    original = step2_main.engine_from_flags
+    original = step2_main.engine_from_config
 
     def spy(backend, model, *args, **kwargs):
         seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
         seen["head"] = model.v_head.weight.detach().clone()
         return original(backend, model, *args, **kwargs)
 
-    monkeypatch.setattr(step2_main, "engine_from_flags", spy)
+    monkeypatch.setattr(step2_main, "engine_from_config", spy)
     out = tmp_path / "reward"
     result = step2_main.main(
         [

@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((step, elapsed, summary_line(step, result), result["output_dir"]))
     from dschat_hal.provenance import write_record
 
-    write_record(out, args, "e2e")  # beside the steps' outputs, each with its own record
+    write_record(out, vars(args), "e2e")  # beside the steps' outputs, each with its own record
     print("\n| step | time (s) | result | output |\n|---|---|---|---|")
     for step, elapsed, line, output in rows:
         print(f"| {step} | {elapsed:.0f} | {line} | {output} |")

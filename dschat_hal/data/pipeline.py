@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import Dataset
@@ -29,6 +29,9 @@ from dschat_hal.data.raw_datasets import RawDataset, as_text, get_raw_dataset, g
 from dschat_hal.data.tokens import Encoder, special_affixes
 from dschat_hal.errors import UserError
 from dschat_hal.faults import disk_full_is_one_line, fault_point, remove_stale_temporaries, temp_prefix
+
+if TYPE_CHECKING:
+    from dschat_hal.configs import DataConfig
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 5
@@ -337,11 +340,12 @@ def default_cache_dir(output_dir: str | None) -> str:
     return str(Path(base) / "dschat_hal" / "data")
 
 
-def cache_dir_for(args) -> str | None:
-    """`--data_output_path` resolved: '' disables the cache, unset means `default_cache_dir`."""
-    if args.data_output_path == "":
+def cache_dir_for(data: DataConfig, output_dir: str | None) -> str | None:
+    """`--data_output_path` resolved: '' disables the cache, unset means `default_cache_dir` (beside
+    the run's `output_dir`)."""
+    if data.data_output_path == "":
         return None
-    return args.data_output_path or default_cache_dir(getattr(args, "output_dir", None))
+    return data.data_output_path or default_cache_dir(output_dir)
 
 
 def _ranks() -> tuple[int, int]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import accel  # noqa: E402
 from dschat_hal.ds_config import eval_ds_config  # noqa: E402
 from dschat_hal.models import create_lm, create_reward_model, load_tokenizer, save_lm  # noqa: E402
-from dschat_hal.runtime import inference_engine, world_size  # noqa: E402
+from dschat_hal.runtime import frozen_engine, world_size  # noqa: E402
 
 
 def status_kb(key: str) -> int:
@@ -38,8 +37,7 @@ def save_measured(backend, tokenizer, kind: str, directory: Path, rank: int) -> 
     config = eval_ds_config(backend, torch.float32, 3, False, 1, world_size())
     create = create_lm if kind == "lm" else create_reward_model
     model = create(str(directory / "source"), tokenizer, config)
-    settings = types.SimpleNamespace(dtype_resolved=torch.float32)
-    module = inference_engine(backend, model, settings, stage=3, offload=False, micro_batch=1).module
+    module = frozen_engine(backend, model, dtype=torch.float32, stage=3, offload=False, micro_batch=1).module
     params = list(module.parameters())
     sizes = [p.ds_numel * p.element_size() for p in params]
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS

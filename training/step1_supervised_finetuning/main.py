@@ -18,49 +18,53 @@ from dschat_hal.models.lm import add_eot_token
 from dschat_hal.runtime import (
     ScalarWriter,
     apply_lora,
-    engine_from_flags,
+    engine_from_config,
     print_rank0,
     setup,
     shape_counts,
     write_summary,
-    zero3_load_config,
 )
 
 
 @cli_entry
 def main(argv: list[str]) -> dict:
     args = validate(step1_parser().parse_args(argv))
+    config = to_config(args, Step1Config)  # what the library takes from here on
     if args.dry_run:
-        return memory_plan.dry_run(to_config(args, Step1Config), 1)
-    check_positions(args.model_name_or_path, args.max_seq_len, "--max_seq_len", args.bucket_lengths)
-    loop.claim_outputs(args)
-    backend = setup(args)
-    memory_plan.check(to_config(args, Step1Config), 1, backend)  # before any weights are loaded
-    tokenizer = load_tokenizer(args.model_name_or_path)
-    if args.add_eot_token:
-        add_eot_token(tokenizer, args.eot_token)
-    train_set, eval_set, train_loader, eval_loader = loop.supervised_loaders(args, 1, tokenizer, backend)
+        return memory_plan.dry_run(config, 1)
+    model_config, optim, hardware = config.model, config.optim, config.hardware
+    check_positions(model_config.model_name_or_path, model_config.max_seq_len, "--max_seq_len", hardware.bucket_lengths)
+    loop.claim_outputs(config.checkpoint)
+    backend = setup(args)  # the start-up lines, which name the flags
+    dtype = backend.resolve_dtype(hardware.dtype)
+    memory_plan.check(config, 1, backend)  # before any weights are loaded
+    tokenizer = load_tokenizer(model_config.model_name_or_path)
+    if config.data.add_eot_token:
+        add_eot_token(tokenizer, config.data.eot_token)
+    train_set, eval_set, train_loader, eval_loader = loop.supervised_loaders(config, 1, tokenizer, backend)
 
-    load_config = zero3_load_config(backend, args, args.zero_stage, args.per_device_train_batch_size)
     model = create_lm(
-        args.model_name_or_path,
+        model_config.model_name_or_path,
         tokenizer,
-        load_config,
-        dropout=args.dropout,
-        seed=args.seed,
-        attn_implementation=args.attn_implementation,
+        loop.partitioned_load(backend, config, dtype, optim.zero_stage),
+        dropout=optim.dropout,
+        seed=hardware.seed,
+        attn_implementation=hardware.attn_implementation,
     )
-    apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora)
-    engine = engine_from_flags(
+    apply_lora(model, optim.lora_dim, optim.lora_module_name, config.schedule.only_optimize_lora)
+    engine = engine_from_config(
         backend,
         model,
-        args,
-        "",
-        total_steps=loop.total_optimizer_steps(train_loader, args),
-        micro_batch=args.per_device_train_batch_size,
+        optim,
+        config.schedule,
+        hardware,
+        config.logging,
+        dtype=dtype,
+        total_steps=loop.total_optimizer_steps(train_loader, config.schedule),
+        micro_batch=model_config.per_device_train_batch_size,
         job_name="step1_model",
     )
-    fp32_loss = backend.compute_fp32_loss(model_family(model), args.compute_fp32_loss)
+    fp32_loss = backend.compute_fp32_loss(model_family(model), hardware.compute_fp32_loss)
 
     def lm_loss(engine, batch):
         backend.audit_shape("actor", batch["input_ids"])
@@ -83,23 +87,24 @@ def main(argv: list[str]) -> dict:
     )
     before = perplexity()
     print_rank0(f"perplexity before training: {before:.2f}")
-    writer = ScalarWriter.for_run(args, "step1")
-    losses = loop.train(engine, train_loader, lm_loss, backend, args, writer, "step1")
+    writer = ScalarWriter.for_run(config.logging, "step1", vars(args))
+    losses = loop.train(engine, train_loader, lm_loss, backend, config, writer, "step1", dtype=dtype)
     after = perplexity()
     writer.add({"step1/eval_perplexity": after}, engine.global_steps)
     writer.close()
     print_rank0(f"perplexity after training: {after:.2f}")
-    if args.output_dir:
-        loop.save_trained_lm(engine, tokenizer, args, "step1")
-        print_rank0(f"saved the actor to {args.output_dir}")
+    output_dir = config.checkpoint.output_dir
+    if output_dir:
+        loop.save_trained_lm(engine, tokenizer, config, "step1", vars(args))  # args.json: the resolved flags
+        print_rank0(f"saved the actor to {output_dir}")
     summary = {
         "shape_counts": shape_counts(backend),
         "losses": losses,
         "perplexity_before": before,
         "perplexity": after,
-        "output_dir": args.output_dir,
+        "output_dir": output_dir,
     }
-    write_summary(args.output_dir, summary)
+    write_summary(output_dir, summary)
     return summary
 
 

@@ -21,63 +21,69 @@ from dschat_hal.models.lm import add_eot_token
 from dschat_hal.runtime import (
     ScalarWriter,
     apply_lora,
-    engine_from_flags,
-    inference_engine,
+    engine_from_config,
+    frozen_engine,
     print_rank0,
     setup,
     shape_counts,
     world_size,
     write_summary,
-    zero3_load_config,
 )
 
 
 @cli_entry
 def main(argv: list[str]) -> dict:
     args = validate(dpo_parser().parse_args(argv))
+    config = to_config(args, DPOStepConfig)  # what the library takes from here on
     if args.dry_run:
-        return dpo_dry_run(to_config(args, DPOStepConfig))
-    check_positions(args.model_name_or_path, args.max_seq_len, "--max_seq_len", args.bucket_lengths)
-    loop.claim_outputs(args)
-    backend = setup(args)
-    dpo_check(to_config(args, DPOStepConfig), backend)  # before any weights are loaded
-    tokenizer = load_tokenizer(args.model_name_or_path)
-    if args.add_eot_token:
-        add_eot_token(tokenizer, args.eot_token)
+        return dpo_dry_run(config)
+    model_config, optim, hardware, dpo = config.model, config.optim, config.hardware, config.dpo
+    check_positions(model_config.model_name_or_path, model_config.max_seq_len, "--max_seq_len", hardware.bucket_lengths)
+    loop.claim_outputs(config.checkpoint)
+    backend = setup(args)  # the start-up lines, which name the flags
+    dtype = backend.resolve_dtype(hardware.dtype)
+    dpo_check(config, backend)  # before any weights are loaded
+    tokenizer = load_tokenizer(model_config.model_name_or_path)
+    if config.data.add_eot_token:
+        add_eot_token(tokenizer, config.data.eot_token)
     # the pairs of step 2's share of the data, padded as step 2 pads them (chosen rows, then rejected)
-    train_set, eval_set, train_loader, eval_loader = loop.supervised_loaders(args, 2, tokenizer, backend)
+    train_set, eval_set, train_loader, eval_loader = loop.supervised_loaders(config, 2, tokenizer, backend)
 
     def build_lm(stage: int):
-        config = zero3_load_config(backend, args, stage, args.per_device_train_batch_size)
         return create_lm(
-            args.model_name_or_path,
+            model_config.model_name_or_path,
             tokenizer,
-            config,
-            dropout=args.dropout,
-            seed=args.seed,
-            attn_implementation=args.attn_implementation,
+            loop.partitioned_load(backend, config, dtype, stage),
+            dropout=optim.dropout,
+            seed=hardware.seed,
+            attn_implementation=hardware.attn_implementation,
         )
 
-    model = apply_lora(build_lm(args.zero_stage), args.lora_dim, args.lora_module_name, args.only_optimize_lora)
-    engine = engine_from_flags(
+    only_lora = config.schedule.only_optimize_lora
+    model = apply_lora(build_lm(optim.zero_stage), optim.lora_dim, optim.lora_module_name, only_lora)
+    engine = engine_from_config(
         backend,
         model,
-        args,
-        "",
-        total_steps=loop.total_optimizer_steps(train_loader, args),
-        micro_batch=args.per_device_train_batch_size,
+        optim,
+        config.schedule,
+        hardware,
+        config.logging,
+        dtype=dtype,
+        total_steps=loop.total_optimizer_steps(train_loader, config.schedule),
+        micro_batch=model_config.per_device_train_batch_size,
         job_name="step2_dpo_model",
     )
-    placement = reference_placement(to_config(args, DPOStepConfig))
+    placement = reference_placement(config)  # the memory plan's rule (dschat_hal.decisions)
     print_rank0(placement.describe("reference", world_size()).replace("step 3:", "DPO:"))
-    reference = inference_engine(
+    reference = frozen_engine(
         backend,
         build_lm(placement.stage),
-        args,
+        dtype=dtype,
         stage=placement.stage,
         offload=placement.offload,
-        micro_batch=args.per_device_train_batch_size,
+        micro_batch=model_config.per_device_train_batch_size,
     )
+    eval_config = config.eval
 
     def forward(engine, batch):
         """The DPO terms of a pairwise batch: the policy's forward (with its graph), the reference's without."""
@@ -88,7 +94,7 @@ def main(argv: list[str]) -> dict:
         with torch.no_grad():
             ref = reference(input_ids=ids, attention_mask=mask, use_cache=False).logits
             ref_chosen, ref_rejected = pair_logps(ref, ids, labels)
-        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.label_smoothing)
+        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, dpo.beta, dpo.label_smoothing)
 
     def train_loss(engine, batch):
         return forward(engine, batch).loss
@@ -105,7 +111,7 @@ def main(argv: list[str]) -> dict:
         }
 
     def report(when: str) -> dict[str, float]:
-        totals = loop.evaluate(engine, eval_loader, pair_metrics, backend, max_batches=args.eval_iters)
+        totals = loop.evaluate(engine, eval_loader, pair_metrics, backend, max_batches=eval_config.eval_iters)
         n = max(totals["n"], 1.0)
         result = {
             "loss": totals["loss"] / n,
@@ -121,34 +127,37 @@ def main(argv: list[str]) -> dict:
         return result
 
     print_rank0(
-        f"DPO on {backend.describe()}: {len(train_set)} train / {len(eval_set)} eval pairs, beta {args.beta}, "
-        f"label smoothing {args.label_smoothing}"
+        f"DPO on {backend.describe()}: {len(train_set)} train / {len(eval_set)} eval pairs, beta {dpo.beta}, "
+        f"label smoothing {dpo.label_smoothing}"
     )
     before = report("before training")
-    writer = ScalarWriter.for_run(args, "step2_dpo")
+    writer = ScalarWriter.for_run(config.logging, "step2_dpo", vars(args))
     evaluations: list[dict[str, float]] = []
 
     def periodic_eval(step: int) -> None:
-        if args.eval_interval and step % args.eval_interval == 0:
+        if eval_config.eval_interval and step % eval_config.eval_interval == 0:
             evaluations.append({"step": step, **report(f"step {step}")})
             writer.add({f"step2_dpo/eval_{k}": v for k, v in evaluations[-1].items() if k != "step"}, step)
 
-    losses = loop.train(engine, train_loader, train_loss, backend, args, writer, "step2_dpo", on_step=periodic_eval)
+    losses = loop.train(
+        engine, train_loader, train_loss, backend, config, writer, "step2_dpo", on_step=periodic_eval, dtype=dtype
+    )
     after = report("after training")
     writer.add({f"step2_dpo/eval_{k}": v for k, v in after.items()}, engine.global_steps)
     writer.close()
-    if args.output_dir:
-        loop.save_trained_lm(engine, tokenizer, args, "step2_dpo")
-        print_rank0(f"saved the DPO actor to {args.output_dir}")
+    output_dir = config.checkpoint.output_dir
+    if output_dir:
+        loop.save_trained_lm(engine, tokenizer, config, "step2_dpo", vars(args))  # args.json: the resolved flags
+        print_rank0(f"saved the DPO actor to {output_dir}")
     summary = {
         "shape_counts": shape_counts(backend),
         "losses": losses,
         "before": before,
         "evaluations": evaluations,
         **after,
-        "output_dir": args.output_dir,
+        "output_dir": output_dir,
     }
-    write_summary(args.output_dir, summary)
+    write_summary(output_dir, summary)
     return summary
 
 

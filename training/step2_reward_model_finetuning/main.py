@@ -25,54 +25,61 @@ from dschat_hal.provenance import write_record
 from dschat_hal.runtime import (
     ScalarWriter,
     apply_lora,
-    engine_from_flags,
+    engine_from_config,
     is_rank0,
     print_rank0,
     setup,
     shape_counts,
     write_summary,
-    zero3_load_config,
 )
 
 
 @cli_entry
 def main(argv: list[str]) -> dict:
     args = validate(step2_parser().parse_args(argv))
+    config = to_config(args, Step2Config)  # what the library takes from here on
     if args.dry_run:
-        return memory_plan.dry_run(to_config(args, Step2Config), 2)
-    check_positions(args.model_name_or_path, args.max_seq_len, "--max_seq_len", args.bucket_lengths)
-    loop.claim_outputs(args)
-    backend = setup(args)
-    memory_plan.check(to_config(args, Step2Config), 2, backend)  # before any weights are loaded
-    tokenizer = load_tokenizer(args.model_name_or_path)
-    if args.add_eot_token:
-        add_eot_token(tokenizer, args.eot_token)
-    train_set, eval_set, train_loader, eval_loader = loop.supervised_loaders(args, 2, tokenizer, backend)
+        return memory_plan.dry_run(config, 2)
+    model_config, optim, hardware = config.model, config.optim, config.hardware
+    name = model_config.model_name_or_path
+    check_positions(name, model_config.max_seq_len, "--max_seq_len", hardware.bucket_lengths)
+    loop.claim_outputs(config.checkpoint)
+    backend = setup(args)  # the start-up lines, which name the flags
+    dtype = backend.resolve_dtype(hardware.dtype)
+    memory_plan.check(config, 2, backend)  # before any weights are loaded
+    tokenizer = load_tokenizer(name)
+    if config.data.add_eot_token:
+        add_eot_token(tokenizer, config.data.eot_token)
+    train_set, eval_set, train_loader, eval_loader = loop.supervised_loaders(config, 2, tokenizer, backend)
 
-    fp32_loss = backend.compute_fp32_loss(model_family(args.model_name_or_path), args.compute_fp32_loss)
-    load_config = zero3_load_config(backend, args, args.zero_stage, args.per_device_train_batch_size)
+    fp32_loss = backend.compute_fp32_loss(model_family(name), hardware.compute_fp32_loss)
     model = create_reward_model(
-        args.model_name_or_path,
+        name,
         tokenizer,
-        load_config,
-        dropout=args.dropout,
+        loop.partitioned_load(backend, config, dtype, optim.zero_stage),
+        dropout=optim.dropout,
         compute_fp32_loss=fp32_loss,
-        seed=args.seed,
-        attn_implementation=args.attn_implementation,
+        seed=hardware.seed,
+        attn_implementation=hardware.attn_implementation,
     )
     # a new value head: reset bloom's final norm under it; the head (and that norm) stay trainable
     # under --only_optimize_lora, or the reward model would keep a random head
-    reset = () if is_reward_checkpoint(args.model_name_or_path) else reset_final_norm(model)
-    apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora, ("v_head.", *reset))
-    engine = engine_from_flags(
+    reset = () if is_reward_checkpoint(name) else reset_final_norm(model)
+    only_lora = config.schedule.only_optimize_lora
+    apply_lora(model, optim.lora_dim, optim.lora_module_name, only_lora, ("v_head.", *reset))
+    engine = engine_from_config(
         backend,
         model,
-        args,
-        "",
-        total_steps=loop.total_optimizer_steps(train_loader, args),
-        micro_batch=args.per_device_train_batch_size,
+        optim,
+        config.schedule,
+        hardware,
+        config.logging,
+        dtype=dtype,
+        total_steps=loop.total_optimizer_steps(train_loader, config.schedule),
+        micro_batch=model_config.per_device_train_batch_size,
         job_name="step2_model",
     )
+    eval_config = config.eval
 
     def pair_loss(engine, batch):
         backend.audit_shape("reward", batch["input_ids"])
@@ -89,7 +96,7 @@ def main(argv: list[str]) -> dict:
         }
 
     def report(when: str) -> dict[str, float]:
-        totals = loop.evaluate(engine, eval_loader, pair_metrics, backend, max_batches=args.eval_iters)
+        totals = loop.evaluate(engine, eval_loader, pair_metrics, backend, max_batches=eval_config.eval_iters)
         n = max(totals["n"], 1.0)
         result = {
             "accuracy": totals["correct"] / n,
@@ -104,39 +111,49 @@ def main(argv: list[str]) -> dict:
 
     print_rank0(f"step 2 on {backend.describe()}: {len(train_set)} train / {len(eval_set)} eval pairs")
     before = report("before training")
-    writer = ScalarWriter.for_run(args, "step2")
+    writer = ScalarWriter.for_run(config.logging, "step2", vars(args))
     evaluations: list[dict[str, float]] = []
 
     def periodic_eval(step: int) -> None:
-        if args.eval_interval and step % args.eval_interval == 0:
+        if eval_config.eval_interval and step % eval_config.eval_interval == 0:
             evaluations.append({"step": step, **report(f"step {step}")})
             writer.add({f"step2/eval_{k}": v for k, v in evaluations[-1].items() if k != "step"}, step)
 
     losses = loop.train(
-        engine, train_loader, pair_loss, backend, args, writer, "step2", on_step=periodic_eval, rows_per_sample=2
+        engine,
+        train_loader,
+        pair_loss,
+        backend,
+        config,
+        writer,
+        "step2",
+        on_step=periodic_eval,
+        rows_per_sample=2,
+        dtype=dtype,
     )
     after = report("after training")
-    if args.center_reward:  # step 3 --center_reward subtracts it
-        totals = loop.evaluate(engine, train_loader, pair_metrics, backend, max_batches=args.eval_iters)
+    if config.reward.center_reward:  # step 3 --center_reward subtracts it
+        totals = loop.evaluate(engine, train_loader, pair_metrics, backend, max_batches=eval_config.eval_iters)
         engine.module.score_mean = (totals["chosen"] + totals["rejected"]) / max(2 * totals["n"], 1.0)
         print_rank0(f"mean score on the training pairs: {engine.module.score_mean:.3f} (stored for --center_reward)")
         after["score_mean"] = engine.module.score_mean
     writer.add({f"step2/eval_{k}": v for k, v in after.items()}, engine.global_steps)
     writer.close()
-    if args.output_dir:
-        with atomic_directory(args.output_dir, enabled=is_rank0()) as tmp:  # the record is published with the model
+    output_dir = config.checkpoint.output_dir
+    if output_dir:
+        with atomic_directory(output_dir, enabled=is_rank0()) as tmp:  # the record is published with the model
             engine.module.write(tmp, tokenizer)
-            write_record(tmp, args, "step2")
-        print_rank0(f"saved the reward model to {args.output_dir}")
+            write_record(tmp, vars(args), "step2")  # args.json: the resolved flags
+        print_rank0(f"saved the reward model to {output_dir}")
     summary = {
         "shape_counts": shape_counts(backend),
         "losses": losses,
         "before": before,
         "evaluations": evaluations,
         **after,
-        "output_dir": args.output_dir,
+        "output_dir": output_dir,
     }
-    write_summary(args.output_dir, summary)
+    write_summary(output_dir, summary)
     return summary
 
 

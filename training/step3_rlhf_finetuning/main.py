@@ -10,9 +10,11 @@ import itertools
 import math
 import sys
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import dschat_hal  # noqa: F401  (first: the environment defaults precede torch, see dschat_hal/__init__.py)
-from dschat_hal.args import answer_help, column_keys, step3_parser, to_config, validate
+from dschat_hal.args import answer_help, step3_parser, to_config, validate
 from dschat_hal.configs import EngineConfig, Step3Config
 
 if __name__ == "__main__":
@@ -36,6 +38,7 @@ from dschat_hal.loop import (
     progress,
     restore_rng,
     resume_position,
+    resume_setup,
     save_checkpoint,
 )
 from dschat_hal.models import atomic_directory, check_positions, load_tokenizer, require_reward_checkpoint, write_lm
@@ -148,15 +151,24 @@ def reuse_lines(decisions: RunDecisions) -> list[str]:
     return lines
 
 
-def save_models(engine: RLHFEngine, tokenizer, output_dir: str, args=None) -> None:
+def save_models(
+    engine: RLHFEngine,
+    tokenizer,
+    output_dir: str,
+    config: Step3Config | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> None:
     """Actor, critic (when there is one) and EMA written in full, then published together by one
-    rename: a kill never leaves a new actor beside an old critic; with them `args.json` (the flags and
-    the run's decisions) and `made_by.json` (when `args` is given). Collective under ZeRO-3."""
+    rename: a kill never leaves a new actor beside an old critic; with them `args.json` (the resolved
+    `flags` and the run's decisions) and `made_by.json` (when `flags` are given). `config`: the run's,
+    for the actor's PEFT adapter (`--only_optimize_lora`). Collective under ZeRO-3."""
     with atomic_directory(output_dir, enabled=is_rank0()) as tmp:
         base = (
             None
-            if args is None
-            else adapter_base(args.actor_lora_dim, args.only_optimize_lora, args.actor_model_name_or_path)
+            if config is None
+            else adapter_base(
+                config.actor.lora_dim, config.schedule.only_optimize_lora, config.models.actor_model_name_or_path
+            )
         )
         write_lm(engine.actor.module, tokenizer, tmp / "actor" if tmp else None, adapter_base=base)
         fault_point("step3_actor_written")
@@ -164,8 +176,8 @@ def save_models(engine: RLHFEngine, tokenizer, output_dir: str, args=None) -> No
             engine.critic.module.write(tmp / "critic" if tmp else None, tokenizer)
         if engine.actor_ema is not None:
             write_lm(engine.actor_ema.module, tokenizer, tmp / "actor_ema" if tmp else None)
-        if args is not None:
-            write_record(tmp, {**vars(args), **engine.decisions.record()}, "step3")
+        if flags is not None:
+            write_record(tmp, {**flags, **engine.decisions.record()}, "step3")
 
 
 def at_optimizer_boundary(engines: dict) -> bool:
@@ -226,7 +238,7 @@ def check_last_update(pending: list[dict], flush, engine: RLHFEngine, step: int)
 @cli_entry
 def main(argv: list[str]) -> dict:
     args = validate(step3_parser().parse_args(argv))
-    config = to_config(args, Step3Config)  # what the library takes; the loop below still reads the flags
+    config = to_config(args, Step3Config)  # what the library takes; the loop below still reads some flags
     if args.dry_run:  # before the checks of what is implemented: a plan may explore any setting
         return memory_plan.dry_run(config, 3)
     if args.hybrid_engine == "deepspeed":
@@ -253,13 +265,14 @@ def main(argv: list[str]) -> dict:
         "prompt + answer length",
         args.bucket_lengths,
     )
-    claim_outputs(args)
-    backend = setup(args)
+    claim_outputs(config.checkpoint)
+    backend = setup(args)  # the start-up lines, which name the flags
+    dtype = backend.resolve_dtype(config.hardware.dtype)
     decisions = memory_plan.decide(config, backend)  # once, for the plan, the engines, the trainer and the log
     memory_plan.check(config, 3, backend, decisions)  # before any weights are loaded
     for name in FROZEN:
         print_rank0(decisions.placements[name].describe(name, world_size()))
-    if args.align_overflow and args.dtype_resolved == torch.float16:
+    if args.align_overflow and dtype == torch.float16:
         raise UserError(
             "--align_overflow with fp16 needs DeepSpeed's external overflow check and skip_step, which "
             "DeepSpeed 0.19 no longer has; use --dtype bf16 (no loss scaling, nothing to align) or drop the flag"
@@ -276,9 +289,10 @@ def main(argv: list[str]) -> dict:
         args.seed,
         max_prompt_seq_len=args.max_prompt_seq_len,
         prompt_format=args.prompt_format,
-        column_keys=column_keys(args),
+        column_keys=config.data.column_keys(),
     )
-    prompts, eval_prompts, dropped = load_or_build(spec, tokenizer, cache_dir_for(args), args.preprocessing_num_workers)
+    cache_dir = cache_dir_for(config.data, config.checkpoint.output_dir)
+    prompts, eval_prompts, dropped = load_or_build(spec, tokenizer, cache_dir, config.data.preprocessing_num_workers)
     if dropped["train"]:
         print_rank0(
             f"dropped {dropped['train']} prompts that are empty or longer than --max_prompt_seq_len "
@@ -313,10 +327,16 @@ def main(argv: list[str]) -> dict:
     engines = {"actor": engine.actor} | ({"critic": engine.critic} if engine.critic is not None else {})
     if engine.actor_ema is not None:
         engines["actor_ema"] = engine.actor_ema
-    position = load_checkpoint(engines, args) or {"epoch": 0, "batch": 0, "step": 0, "reward_ema": None}
+    unit_setup = resume_setup(config, dtype)  # what a checkpoint must agree with
+    position = load_checkpoint(engines, config.checkpoint, unit_setup) or {
+        "epoch": 0,
+        "batch": 0,
+        "step": 0,
+        "reward_ema": None,
+    }
     saved_epoch = position["epoch"]  # an epoch is as long as the shorter of the zipped prompt and ptx loaders
     position = resume_position(position, min(len(loader), len(unsup_loader)) if unsup_loader else len(loader))
-    writer = ScalarWriter.for_run(args, "step3")
+    writer = ScalarWriter.for_run(config.logging, "step3", vars(args))
     guard = HealthGuard(args.max_bad_steps)
     print_rank0(
         f"step 3 on {backend.describe()}: {len(prompts)} prompts, {micro_batches} PPO micro-batches, "
@@ -387,7 +407,9 @@ def main(argv: list[str]) -> dict:
         if not skip:  # an epoch start: before the iterators below draw their seeds
             restore_rng(position)
         unsup_iter = iter(unsup_loader) if unsup_loader else itertools.repeat(None)
-        batches = progress(zip(loader, unsup_iter, strict=False), len(loader), f"step3 epoch {epoch + 1}", args)
+        batches = progress(
+            zip(loader, unsup_iter, strict=False), len(loader), f"step3 epoch {epoch + 1}", config.logging
+        )
         for index, (batch, unsup) in enumerate(batches):
             if index < skip:
                 continue
@@ -419,9 +441,8 @@ def main(argv: list[str]) -> dict:
             save_due = save_due or bool(args.save_interval and step % args.save_interval == 0)
             if save_due and at_optimizer_boundary(engines):  # never inside an accumulation window
                 reward_ema = flush()
-                save_checkpoint(
-                    engines, args, {"epoch": epoch, "batch": index + 1, "step": step, "reward_ema": reward_ema}, step
-                )
+                at = {"epoch": epoch, "batch": index + 1, "step": step, "reward_ema": reward_ema}
+                save_checkpoint(engines, config.checkpoint, unit_setup, at, step)
                 save_due = False
             if limit_reached():
                 break
@@ -438,7 +459,7 @@ def main(argv: list[str]) -> dict:
         counts = backend.graph_counts
         print_rank0(f"generation {backend.graph_kind}: {counts['captures']} captured, {counts['replays']} replays")
     if args.output_dir:
-        save_models(engine, tokenizer, args.output_dir, args)
+        save_models(engine, tokenizer, args.output_dir, config, vars(args))
         print_rank0(f"saved actor{' and critic' if engine.critic is not None else ''} under {args.output_dir}")
     summary = {
         "shape_counts": shape_counts(backend),
