@@ -49,15 +49,6 @@ def answer_help(make_parser: Callable[[], argparse.ArgumentParser], argv: list[s
         make_parser().parse_args(argv)
 
 
-def column_keys(args: argparse.Namespace) -> dict[str, str]:
-    """--prompt_key/--chosen_key/--rejected_key as role -> column (only those given)."""
-    return {
-        role: getattr(args, f"{role}_key")
-        for role in ("prompt", "chosen", "rejected")
-        if getattr(args, f"{role}_key", None)
-    }
-
-
 # ---- flags <-> configs: each config field is the flag `--{prefix}{name}` -------------------------------
 def _parts(cls: type) -> list[tuple[dataclasses.Field, type]]:
     return [(f, f.metadata["config"]) for f in dataclasses.fields(cls) if "config" in f.metadata]

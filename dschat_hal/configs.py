@@ -531,7 +531,8 @@ class Step3ScheduleConfig(ScheduleConfig):
     max_seconds: float = opt(
         0.0,
         "stop at the first PPO step boundary after this many seconds of training (0: no limit; counted from "
-        "the loop's start, model loading excluded; a wall-time budget); the lr schedule still spans the epochs",
+        "the loop's start, model loading and held-out evaluations excluded; a wall-time budget of this "
+        "process: a resumed run starts a new one); the lr schedule still spans the epochs",
         type=float,
     )
 
@@ -577,9 +578,6 @@ class Step3Config:
     def has_critic(self) -> bool:
         """Whether this run builds, trains and saves a critic (gae only)."""
         return self.ppo.advantage_estimator == "gae"
-
-
-STEP_CONFIGS = (Step1Config, Step2Config, DPOStepConfig, Step3Config)
 
 
 def to_flags(config: object, prefix: str = "") -> dict:

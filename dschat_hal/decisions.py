@@ -31,7 +31,6 @@ FROZEN = {
     "reference": ("actor", "reference_zero_stage", "offload_reference_model"),
     "reward": ("critic", "reward_zero_stage", "offload_reward_model"),
 }
-STAGE_CHOICES = ("auto", "0", "3")
 
 
 @dataclass(frozen=True)

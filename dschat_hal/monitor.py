@@ -17,8 +17,6 @@ from dschat_hal.errors import UserError
 if TYPE_CHECKING:
     from dschat_hal.configs import LoggingConfig
 
-REPORT_TO = ("tensorboard", "wandb", "none")
-
 
 def format_eta(seconds: float) -> str:
     """`seconds` as a short duration: 45s, 3m05s, 2h07m."""

@@ -371,6 +371,13 @@ def engine_from_config(
 ):
     """`deepspeed_engine` configured by one trained model's optimiser config and the step's shared parts
     (`grad_accum` default: the schedule's gradient accumulation)."""
+    if optim.learning_rate is None:  # a part built in Python without the step's default
+        from dschat_hal.errors import UserError
+
+        raise UserError(
+            f"{job_name}: the optimiser config has no learning_rate: set one (OptimConfig(learning_rate=...)), or "
+            "start from the step config's own part (dataclasses.replace(Step3Config(...).actor, ...))"
+        )
     return deepspeed_engine(
         backend,
         model,

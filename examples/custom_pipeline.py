@@ -74,7 +74,7 @@ def build(config: Step3Config, total_steps: int, cache_dir: str | None = None):
     collate = Collator(3, tokenizer.pad_token_id, backend, engine_config.max_prompt_seq_len)
     loader = dataloader(prompts, collate, engine_config.per_device_generation_batch_size, config.hardware.seed)
     engine = RLHFEngine(backend, config, tokenizer, num_total_iters=total_steps)  # actor, reference, critic, reward
-    return PPOTrainer(engine, backend, tokenizer, PPOSettings.from_config(config)), loader
+    return PPOTrainer(engine, backend, tokenizer, PPOSettings.from_config(config, decisions=engine.decisions)), loader
 
 
 def train(trainer, loader, steps: int) -> list[dict[str, float]]:

@@ -169,3 +169,16 @@ def test_resume_setup_from_a_config_keeps_the_keys_older_checkpoints_hold():
     step3 = cli.to_config(cli.step3_parser().parse_args(REQUIRED["step3_parser"]), Step3Config)
     keys = set(resume_setup(step3, torch.bfloat16))
     assert keys >= {"actor_model_name_or_path", "critic_zero_stage", "actor_lora_dim", "enable_ema", "dtype"}
+
+
+def test_an_optimiser_part_without_a_learning_rate_is_one_line():
+    """A part built in Python misses the step's default learning rate (it lives in the step config)."""
+    from dschat_hal.configs import HardwareConfig, LoggingConfig, OptimConfig, ScheduleConfig
+    from dschat_hal.errors import UserError
+    from dschat_hal.runtime import engine_from_config
+
+    assert OptimConfig().learning_rate is None and Step3Config(RLHFModelConfig("a", "b")).actor.learning_rate
+    with pytest.raises(UserError, match="step3_actor: the optimiser config has no learning_rate") as err:
+        engine_from_config(None, None, OptimConfig(), ScheduleConfig(), HardwareConfig(), LoggingConfig(),
+                           dtype=None, total_steps=1, micro_batch=1, job_name="step3_actor")  # fmt: skip
+    assert "\n" not in str(err.value)

@@ -450,12 +450,13 @@ def write_jsonl(path, rows):
 
 
 def test_column_flags_map_other_column_names(tmp_path, tokenizer):
-    from dschat_hal.args import column_keys, step1_parser
+    from dschat_hal.args import step1_parser
+    from dschat_hal.configs import Step1Config, to_config
 
     rows = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"], "id": 1} for r in ROWS]
     write_table(tmp_path / "d" / "train.parquet", rows)
     args = step1_parser().parse_args(["--prompt_key", "question", "--chosen_key", "good", "--rejected_key", "bad"])
-    keys = column_keys(args)
+    keys = to_config(args, Step1Config).data.column_keys()
     assert keys == {"prompt": "question", "chosen": "good", "rejected": "bad"}
     raw = get_raw_dataset(str(tmp_path / "d"), keys=keys)
     row = raw.train[0]

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from dschat_hal.configs import DataConfig
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 COLUMNS = {1: ("input_ids",), 2: ("chosen", "rejected"), 3: ("prompt",)}
 
 

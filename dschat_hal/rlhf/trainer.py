@@ -19,6 +19,7 @@ import torch
 
 from accel import Accelerator
 from dschat_hal.configs import KL_LOSS_DEFAULTS, Step3Config
+from dschat_hal.decisions import RunDecisions
 from dschat_hal.models.end_tokens import answer_end_ids
 from dschat_hal.models.reward_model import score
 from dschat_hal.rlhf import advantages as critic_free
@@ -76,14 +77,15 @@ class PPOSettings:
         config: Step3Config,
         *,
         reward_center: float | None = None,
-        old_logprobs_from_training: bool = False,
-        old_values_from_training: bool = False,
+        decisions: RunDecisions | None = None,
     ) -> PPOSettings:
-        """The settings of step 3's `config`. `reward_center` (the score to subtract, with
-        `ppo.center_reward`: `reward_model.stored_score_mean`) and the old log-probs' and values' source
-        are decided by the caller (step 3's main: `old_logprobs_from_training`, the memory plan); by
-        default every experience forward runs, as upstream's."""
+        """The settings of step 3's `config`. `reward_center`: the score to subtract, with
+        `ppo.center_reward` (`reward_model.stored_score_mean`). `decisions` (the engine's, `RLHFEngine.decisions`)
+        say where the old log-probs and values come from; without them every experience forward runs, as
+        upstream's."""
         ppo, engine = config.ppo, config.engine
+        old_logprobs_from_training = decisions is not None and decisions.old_logprobs_from_training is not None
+        old_values_from_training = decisions is not None and decisions.critic_graph_kept
         return cls(
             max_answer_seq_len=engine.max_answer_seq_len,
             kl_ctl=ppo.kl_ctl,

@@ -316,12 +316,7 @@ def main(argv: list[str]) -> dict:
 
     micro_batches, total_iters = step3_plan(config, loader, unsup_loader)
     engine = RLHFEngine(backend, config, tokenizer, total_iters, decisions)
-    ppo_config = PPOSettings.from_config(
-        config,
-        reward_center=reward_center,
-        old_logprobs_from_training=decisions.old_logprobs_from_training is not None,
-        old_values_from_training=decisions.critic_graph_kept,
-    )
+    ppo_config = PPOSettings.from_config(config, reward_center=reward_center, decisions=decisions)
     generator = make_generator(engine, backend, generation_config(ppo_config, tokenizer), config.engine)
     trainer = PPOTrainer(engine, backend, tokenizer, ppo_config, generator=generator)
     engines = {"actor": engine.actor} | ({"critic": engine.critic} if engine.critic is not None else {})
@@ -359,18 +354,26 @@ def main(argv: list[str]) -> dict:
     clock = RunClock(step, planned_ppo_steps(args, epoch_batches, total_iters))
     clip_warning = ClipWarning(args.clip_reward_value)
 
+    evaluating = [0.0]  # seconds spent in held-out evaluations: not training, not in --max_seconds' budget
+
     def evaluate() -> None:
         """Mean reward of answers to held-out prompts (--eval_interval), logged and kept."""
+        began = time.time()
         evaluations.append({"step": step, "reward": mean_reward(trainer, eval_loader, args.eval_iters)})
+        evaluating[0] += time.time() - began
         writer.add({"step3/eval_reward": evaluations[-1]["reward"]}, step)
         print_rank0(f"[step3] step {step}: mean reward on held-out prompts {evaluations[-1]['reward']:.3f}")
+
+    def training_seconds() -> float:
+        """Seconds of this process's training loop so far, held-out evaluations excluded."""
+        return time.time() - started - evaluating[0]
 
     def limit_reached() -> bool:
         """--enable_test_mode's stop step, --max_steps optimizer steps taken, or --max_seconds of training spent."""
         return (
             bool(stop_at and step >= stop_at)
             or bool(args.max_steps and engine.actor.global_steps >= args.max_steps)
-            or bool(args.max_seconds and step > position["step"] and time.time() - started >= args.max_seconds)
+            or bool(args.max_seconds and step > position["step"] and training_seconds() >= args.max_seconds)
         )
 
     def flush() -> float | None:
@@ -450,7 +453,7 @@ def main(argv: list[str]) -> dict:
             break
     restore_rng(position)  # resumed at the run's end (no batch ran): the RNG as the run left it
     reward_ema = flush()
-    train_seconds = time.time() - started
+    train_seconds = training_seconds()
     if args.eval_interval and (not evaluations or evaluations[-1]["step"] != step):  # and after the last step
         evaluate()
     writer.close()

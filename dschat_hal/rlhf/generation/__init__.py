@@ -21,7 +21,8 @@ One concern per module, each importing only those listed before it:
 - `tensor_parallel`: the engine sharded over a TP group by AutoTP, and `make_hybrid_engine`.
 
 The package's door is `make_hybrid_engine` and its flag check `check_tp_args` (run before anything loads);
-step 3 imports nothing else from it.
+step 3's main imports nothing else from it (the trainer, its neighbour, uses `sampling`,
+`decode` and `hf_generate` directly).
 """
 
 from dschat_hal.rlhf.generation.tensor_parallel import check_tp_args, make_hybrid_engine
