@@ -58,7 +58,7 @@ def build(config: Step3Config, total_steps: int, cache_dir: str | None = None):
     from dschat_hal.rlhf.trainer import PPOSettings, PPOTrainer
     from dschat_hal.runtime import dataloader, start_backend
 
-    backend = start_backend(config.hardware)
+    backend = start_backend(config.hardware, device_graphs=config.engine.enable_device_graphs)
     tokenizer = load_tokenizer(config.models.actor_model_name_or_path)
     data, engine_config = config.data, config.engine
     spec = DataSpec(
