@@ -33,6 +33,13 @@ NUM_PADDING_HELP = (
 )
 Config = TypeVar("Config")
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp", "remax")
+
+
+def uses_critic(estimator: str) -> bool:
+    """Whether advantage estimator `estimator` needs a value model, the critic (only PPO's GAE does)."""
+    return estimator == "gae"
+
+
 # what --kl_loss uses when its options are not given (an option without --kl_loss is refused)
 KL_LOSS_DEFAULTS = {"kl_estimator": "k3", "kl_loss_coef": 0.001}
 
@@ -577,7 +584,7 @@ class Step3Config:
 
     def has_critic(self) -> bool:
         """Whether this run builds, trains and saves a critic (gae only)."""
-        return self.ppo.advantage_estimator == "gae"
+        return uses_critic(self.ppo.advantage_estimator)
 
 
 def to_flags(config: object, prefix: str = "") -> dict:

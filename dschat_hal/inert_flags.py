@@ -96,9 +96,9 @@ CRITIC_ONLY_FLAGS = (
 def critic_free_notes(args: argparse.Namespace) -> list[str]:
     """With a critic-free `--advantage_estimator`, one line naming the critic-only flags set away from their
     defaults: no critic is built, so they do nothing (the reward model is placed as the reference)."""
-    from dschat_hal.rlhf.advantages import has_critic
+    from dschat_hal.configs import uses_critic
 
-    if "advantage_estimator" not in vars(args) or has_critic(args):
+    if "advantage_estimator" not in vars(args) or uses_critic(args.advantage_estimator):
         return []
     from dschat_hal.configs import RLHFModelConfig, Step3Config, to_flags
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from accel import Accelerator
+from dschat_hal.configs import uses_critic
 from dschat_hal.errors import UserError
 from dschat_hal.monitor import RunClock, current_lr, format_eta, throughput
 from dschat_hal.runtime import ScalarWriter, all_reduce_mean, is_rank0, print_rank0, world_size
@@ -252,7 +253,7 @@ def resume_setup(config: object, dtype: torch.dtype | str) -> dict:
             setup[key] = value
     setup["world_size"] = world_size()
     setup["dtype"] = str(dtype)
-    if flags.get("advantage_estimator", "gae") != "gae":  # absent from PPO's units, as before
+    if not uses_critic(flags.get("advantage_estimator", "gae")):  # absent from PPO's units, as before
         setup["advantage_estimator"] = flags["advantage_estimator"]
         setup["n_samples_per_prompt"] = flags["n_samples_per_prompt"]
         for unused in ("critic_zero_stage", "critic_lora_dim"):  # no critic: its flags change nothing

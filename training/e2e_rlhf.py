@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from accel import DEVICE_CHOICES
+from dschat_hal.configs import ADVANTAGE_ESTIMATORS, uses_critic
 from dschat_hal.errors import UserError
 
 ROOT = Path(__file__).resolve().parent
@@ -115,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--advantage-estimator",
         default="gae",
-        choices=["gae", "grpo", "rloo", "reinforce_pp", "remax"],
+        choices=list(ADVANTAGE_ESTIMATORS),
         help="step 3's --advantage_estimator (gae: PPO with a critic; the others train no critic)",
     )
     p.add_argument(
@@ -288,7 +289,7 @@ def step_command(step: int, args: argparse.Namespace, out: Path) -> list[str]:
         defaults = TINY_DPO_DEFAULTS if tiny else MODEL_DPO_DEFAULTS
     else:
         defaults = (TINY_DEFAULTS if tiny else MODEL_DEFAULTS)[step] + (STEP3_EVAL if step == 3 else "")
-        if step == 3 and getattr(args, "advantage_estimator", "gae") != "gae":
+        if step == 3 and not uses_critic(getattr(args, "advantage_estimator", "gae")):
             defaults = without_critic_flags(defaults)
     dtype = args.dtype or ("fp32" if tiny and args.device == "cpu" else "auto")
     common = [
@@ -316,7 +317,7 @@ def step_command(step: int, args: argparse.Namespace, out: Path) -> list[str]:
             "--actor_zero_stage",
             str(args.actor_zero_stage),
         ]
-        if getattr(args, "advantage_estimator", "gae") == "gae":  # a critic-free step 3 builds no critic
+        if uses_critic(getattr(args, "advantage_estimator", "gae")):  # a critic-free step 3 builds no critic
             own += ["--critic_zero_stage", str(args.reward_zero_stage)]
         if args.enable_hybrid_engine:
             own.append("--enable_hybrid_engine")

@@ -25,21 +25,12 @@ from collections.abc import Callable
 
 import torch
 
+from dschat_hal.configs import ADVANTAGE_ESTIMATORS as ESTIMATORS  # noqa: F401  (the estimators, by name)
+from dschat_hal.configs import uses_critic  # noqa: F401  (which of them need a critic)
 from dschat_hal.rlhf import ppo_math
 
-ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp", "remax")
 GROUP_ESTIMATORS = ("grpo", "rloo")  # need n >= 2 answers per prompt
 GRPO_EPS = 1e-6
-
-
-def uses_critic(estimator: str) -> bool:
-    """Whether `estimator` needs a value model (only PPO's GAE does)."""
-    return estimator == "gae"
-
-
-def has_critic(args) -> bool:
-    """Whether step 3 with these flags builds, trains and saves a critic."""
-    return uses_critic(getattr(args, "advantage_estimator", "gae"))
 
 
 def sequence_scores(
