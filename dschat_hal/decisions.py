@@ -41,8 +41,9 @@ class Placement:
     offload: bool  # ZeRO-3 parameters in host memory
     reason: str
 
-    def describe(self, name: str, ranks: int) -> str:
-        """The start-up line, e.g. 'step 3: reference replicated on every rank (ZeRO-0: ...)'."""
+    def describe(self, name: str, ranks: int, step: str = "step 3") -> str:
+        """The start-up line, e.g. 'step 3: reference replicated on every rank (ZeRO-0: ...)' (`step` ''
+        for the plan's note: no prefix)."""
         where = (
             "offloaded to host memory"
             if self.offload
@@ -50,7 +51,7 @@ class Placement:
             if self.stage == 3
             else "replicated on every rank"
         )
-        return f"step 3: {name} {where} ({self.reason})"
+        return f"{step + ': ' if step else ''}{name} {where} ({self.reason})"
 
 
 UNKNOWN_MEMORY = Placement(3, False, "ZeRO-3: device memory unknown, so upstream's rule for a ZeRO-3 model")

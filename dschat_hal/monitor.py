@@ -62,14 +62,18 @@ def installed(package: str) -> bool:
 
 
 def resolve_report_to(logging_config: LoggingConfig) -> LoggingConfig:
-    """`--report_to` resolved, in place: `--enable_tensorboard` (upstream's flag) means tensorboard when
-    `--report_to` is not given, and `--report_to tensorboard` sets `--enable_tensorboard` (DeepSpeed's
-    own monitor writes beside it). wandb asked for but not installed: one error line."""
+    """`--report_to` resolved (a new config; the same for one already resolved): `--enable_tensorboard`
+    (upstream's flag) means tensorboard when `--report_to` is not given, and `--report_to tensorboard` sets
+    `--enable_tensorboard` (DeepSpeed's own monitor writes beside it). wandb asked for but not installed:
+    one error line."""
+    import dataclasses
+
     report_to = logging_config.report_to
     if report_to is None:
         report_to = "tensorboard" if logging_config.enable_tensorboard else "none"
-    logging_config.report_to = report_to
-    logging_config.enable_tensorboard = report_to == "tensorboard"
+    logging_config = dataclasses.replace(
+        logging_config, report_to=report_to, enable_tensorboard=report_to == "tensorboard"
+    )
     if report_to == "wandb" and not installed("wandb"):
         raise UserError(
             "--report_to wandb: the wandb package is not installed; pip install wandb "

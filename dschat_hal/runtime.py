@@ -387,7 +387,7 @@ def engine_from_config(
         zero_hpz=hardware.zero_hpz_enabled,
         scheduler=schedule.lr_scheduler_type,
         warmup_steps=schedule.num_warmup_steps,
-        tensorboard_path=logging_config.tensorboard_path if logging_config.enable_tensorboard else None,
+        tensorboard_path=logging_config.tensorboard_path if _tensorboard(logging_config) else None,
         lr=optim.learning_rate,
         weight_decay=optim.weight_decay,
         lora_lr=optim.lora_learning_rate,
@@ -502,7 +502,9 @@ class ScalarWriter:
     def for_run(cls, logging_config: LoggingConfig, name: str, flags: Mapping[str, Any]) -> ScalarWriter:
         """The writer `--report_to` (resolved: `resolve_report_to`) asks for, under `--tensorboard_path`;
         a wandb run records the run's resolved `flags` (those of plain values) as its config."""
-        report_to = logging_config.report_to or ("tensorboard" if logging_config.enable_tensorboard else "none")
+        from dschat_hal.monitor import resolve_report_to
+
+        report_to = resolve_report_to(logging_config).report_to  # as the command line resolves it
         config = {k: v for k, v in flags.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
         return cls(logging_config.tensorboard_path if report_to != "none" else None, name, report_to, config)
 
@@ -519,3 +521,10 @@ class ScalarWriter:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+def _tensorboard(logging_config: LoggingConfig) -> bool:
+    """Whether DeepSpeed's own monitor writes TensorBoard files: `--report_to` resolved says tensorboard."""
+    from dschat_hal.monitor import resolve_report_to
+
+    return resolve_report_to(logging_config).enable_tensorboard

@@ -242,3 +242,20 @@ def test_comm_op_build_is_announced_only_when_a_build_is_due(tmp_path, monkeypat
     assert _op_builds.build_reason(build) is None  # the same ninja
     reason = _op_builds.build_reason(build, ninja="/elsewhere/bin/ninja")
     assert reason and "now /elsewhere/bin/ninja is on PATH" in reason
+
+
+def test_a_logging_config_built_in_python_reports_as_the_command_line_resolves_it(tmp_path):
+    """`LoggingConfig(report_to="tensorboard")` without `enable_tensorboard` (which only the command line's
+    validation used to set): DeepSpeed's monitor and the scalar writer both write TensorBoard files."""
+    from dschat_hal.configs import LoggingConfig
+    from dschat_hal.monitor import resolve_report_to
+    from dschat_hal.runtime import ScalarWriter, _tensorboard
+
+    config = LoggingConfig(report_to="tensorboard", tensorboard_path=str(tmp_path / "tb"))
+    assert _tensorboard(config) and not config.enable_tensorboard  # resolved, the config left as given
+    assert resolve_report_to(resolve_report_to(config)) == resolve_report_to(config)
+    writer = ScalarWriter.for_run(config, "step1", {})
+    writer.add({"loss": 1.0}, 1)
+    writer.close()
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert not _tensorboard(LoggingConfig()) and _tensorboard(LoggingConfig(enable_tensorboard=True))

@@ -75,7 +75,7 @@ def dpo_plan(
         f"ZeRO {stage}{' + offload' if offload else ''}, micro-batch {rows} rows x {seq} "
         "(chosen + rejected)"
     )
-    plan.notes.append(placement.describe("reference", ranks).removeprefix("step 3: "))
+    plan.notes.append(placement.describe("reference", ranks, step=""))
     return plan
 
 

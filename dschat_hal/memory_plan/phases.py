@@ -317,7 +317,7 @@ def rlhf_plan(
     )
     if fallback:
         plan.notes.append(f"hybrid engine: --inference_tp_size {engine.inference_tp_size} falls back to 1: {fallback}")
-    plan.notes.extend(at.describe(name, ranks).removeprefix("step 3: ") for name, at in placement.items())
+    plan.notes.extend(at.describe(name, ranks, step="") for name, at in placement.items())
     return plan
 
 

@@ -74,7 +74,7 @@ def main(argv: list[str]) -> dict:
         job_name="step2_dpo_model",
     )
     placement = reference_placement(config)  # the memory plan's rule (dschat_hal.decisions)
-    print_rank0(placement.describe("reference", world_size()).replace("step 3:", "DPO:"))
+    print_rank0(placement.describe("reference", world_size(), step="DPO"))
     reference = frozen_engine(
         backend,
         build_lm(placement.stage),
