@@ -255,3 +255,16 @@ def test_e2e_dry_run_plans_step1_and_dpo(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "memory plan, step 1" in out and "memory plan, step 2" in out and "DPO, tiny-opt" in out
     assert not (tmp_path / "out").exists()
+
+
+def test_training_plan_takes_dpo_as_a_step(capsys):
+    """`training/plan.py dpo FLAGS`: DPO's plan from the flags alone, as `--dry_run` prints it."""
+    from conftest import ROOT
+
+    from training.plan import main as plan
+
+    model = str(ROOT / "benchmarks" / "model_configs" / "opt-1.3b")
+    flags = ["--model_name_or_path", model, "--device", "cuda", "--num_devices", "1", "--device_memory", "80GiB"]
+    assert plan(["dpo", *flags]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan, step 2:" in out and "DPO, " in out and "reference" in out

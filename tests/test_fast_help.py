@@ -31,7 +31,7 @@ CASES = {
     "training/step3_rlhf_finetuning/main.py": (step3_parser, "--actor_zero_stage"),
     "training/chat.py": (_chat_parser, "--max_new_tokens"),
     "training/e2e_rlhf.py": (None, "default: 1 2 3 (with --dpo: 1 2)"),
-    "training/plan.py": (None, "usage: training/plan.py {1,2,3} [the step's flags]"),
+    "training/plan.py": (None, "usage: training/plan.py {1,2,dpo,3} [the step's flags]"),
     "training/plan.py 3": (step3_parser, "--actor_zero_stage"),
 }
 

@@ -22,7 +22,8 @@ STEP_PARSERS = {
     "training/step2_dpo_finetuning/main.py": dpo_parser,
     "training/step3_rlhf_finetuning/main.py": step3_parser,
 }
-PLAN_PARSERS = {"1": step1_parser, "2": step2_parser, "3": step3_parser}  # training/plan.py STEP ...
+from training.plan import PARSERS as PLAN_PARSERS  # noqa: E402  (training/plan.py STEP ...)
+
 INTERPRETERS = ("python", "python3")
 LAUNCHERS = ("deepspeed", "torchrun")
 SEPARATORS = {"&&", "||", ";", "|"}
