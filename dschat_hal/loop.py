@@ -23,7 +23,7 @@ from accel import Accelerator
 from dschat_hal.configs import uses_critic
 from dschat_hal.errors import UserError
 from dschat_hal.monitor import RunClock, current_lr, format_eta, throughput
-from dschat_hal.runtime import ScalarWriter, all_reduce_mean, is_rank0, print_rank0, world_size
+from dschat_hal.runtime import ScalarWriter, all_reduce_mean, engine_from_config, is_rank0, print_rank0, world_size
 
 if TYPE_CHECKING:
     from dschat_hal.configs import (
@@ -100,6 +100,29 @@ def partitioned_load(backend: Accelerator, config: SupervisedConfig, dtype: torc
 def total_optimizer_steps(loader, schedule: ScheduleConfig) -> int:
     """Optimizer steps in the planned epochs: the length of the learning-rate schedule."""
     return schedule.num_train_epochs * math.ceil(len(loader) / schedule.gradient_accumulation_steps)
+
+
+def supervised_engine(
+    backend: Accelerator,
+    model: torch.nn.Module,
+    config: Step1Config | Step2Config | DPOStepConfig,
+    train_loader,
+    dtype: torch.dtype,
+    job_name: str,
+):
+    """The DeepSpeed engine of the model steps 1, 2 and DPO train, its schedule over `train_loader`'s epochs."""
+    return engine_from_config(
+        backend,
+        model,
+        config.optim,
+        config.schedule,
+        config.hardware,
+        config.logging,
+        dtype=dtype,
+        total_steps=total_optimizer_steps(train_loader, config.schedule),
+        micro_batch=config.model.per_device_train_batch_size,
+        job_name=job_name,
+    )
 
 
 def progress(iterable, total: int, description: str, logging_config: LoggingConfig):

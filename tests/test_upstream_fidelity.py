@@ -158,16 +158,17 @@ def test_step3_rejects_a_ptx_batch_smaller_than_its_micro_batches(e2e_output, tm
 
 def test_step2_lora_only_trains_the_value_head_with_eval_interval_and_eot_token(tmp_path, monkeypatch):
     import training.step2_reward_model_finetuning.main as step2_main
+    from dschat_hal import loop
 
     seen = {}
-    original = step2_main.engine_from_config
+    original = loop.engine_from_config
 
     def spy(backend, model, *args, **kwargs):
         seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
         seen["head"] = model.v_head.weight.detach().clone()
         return original(backend, model, *args, **kwargs)
 
-    monkeypatch.setattr(step2_main, "engine_from_config", spy)
+    monkeypatch.setattr(loop, "engine_from_config", spy)
     out = tmp_path / "reward"
     result = step2_main.main(
         [

@@ -18,7 +18,6 @@ from dschat_hal.models.lm import add_eot_token
 from dschat_hal.runtime import (
     ScalarWriter,
     apply_lora,
-    engine_from_config,
     print_rank0,
     setup,
     shape_counts,
@@ -52,18 +51,7 @@ def main(argv: list[str]) -> dict:
         attn_implementation=hardware.attn_implementation,
     )
     apply_lora(model, optim.lora_dim, optim.lora_module_name, config.schedule.only_optimize_lora)
-    engine = engine_from_config(
-        backend,
-        model,
-        optim,
-        config.schedule,
-        hardware,
-        config.logging,
-        dtype=dtype,
-        total_steps=loop.total_optimizer_steps(train_loader, config.schedule),
-        micro_batch=model_config.per_device_train_batch_size,
-        job_name="step1_model",
-    )
+    engine = loop.supervised_engine(backend, model, config, train_loader, dtype, "step1_model")
     fp32_loss = backend.compute_fp32_loss(model_family(model), hardware.compute_fp32_loss)
 
     def lm_loss(engine, batch):

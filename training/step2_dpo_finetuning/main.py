@@ -21,7 +21,6 @@ from dschat_hal.models.lm import add_eot_token
 from dschat_hal.runtime import (
     ScalarWriter,
     apply_lora,
-    engine_from_config,
     frozen_engine,
     print_rank0,
     setup,
@@ -61,18 +60,7 @@ def main(argv: list[str]) -> dict:
 
     only_lora = config.schedule.only_optimize_lora
     model = apply_lora(build_lm(optim.zero_stage), optim.lora_dim, optim.lora_module_name, only_lora)
-    engine = engine_from_config(
-        backend,
-        model,
-        optim,
-        config.schedule,
-        hardware,
-        config.logging,
-        dtype=dtype,
-        total_steps=loop.total_optimizer_steps(train_loader, config.schedule),
-        micro_batch=model_config.per_device_train_batch_size,
-        job_name="step2_dpo_model",
-    )
+    engine = loop.supervised_engine(backend, model, config, train_loader, dtype, "step2_dpo_model")
     placement = reference_placement(config)  # the memory plan's rule (dschat_hal.decisions)
     print_rank0(placement.describe("reference", world_size(), step="DPO"))
     reference = frozen_engine(

@@ -25,7 +25,6 @@ from dschat_hal.provenance import write_record
 from dschat_hal.runtime import (
     ScalarWriter,
     apply_lora,
-    engine_from_config,
     is_rank0,
     print_rank0,
     setup,
@@ -67,18 +66,7 @@ def main(argv: list[str]) -> dict:
     reset = () if is_reward_checkpoint(name) else reset_final_norm(model)
     only_lora = config.schedule.only_optimize_lora
     apply_lora(model, optim.lora_dim, optim.lora_module_name, only_lora, ("v_head.", *reset))
-    engine = engine_from_config(
-        backend,
-        model,
-        optim,
-        config.schedule,
-        hardware,
-        config.logging,
-        dtype=dtype,
-        total_steps=loop.total_optimizer_steps(train_loader, config.schedule),
-        micro_batch=model_config.per_device_train_batch_size,
-        job_name="step2_model",
-    )
+    engine = loop.supervised_engine(backend, model, config, train_loader, dtype, "step2_model")
     eval_config = config.eval
 
     def pair_loss(engine, batch):
