@@ -1,6 +1,6 @@
 """The generation package's shape: one concern per module, imports in one direction (a module imports
-only those before it in ORDER, never the trainer or the RLHF engine above it), one door (`make_hybrid_engine`
-and its flag check), the only one step 3 uses."""
+only those before it in ORDER, never the trainer or the RLHF engine above it), one door, `make_hybrid_engine`,
+the only name step 3 imports."""
 
 from __future__ import annotations
 
@@ -38,10 +38,10 @@ def test_each_module_imports_only_those_before_it():
         assert not imported & ABOVE, (name, imported & ABOVE)
 
 
-DOOR = ["check_tp_args", "make_hybrid_engine"]  # the engine and the check of its flags
+DOOR = ["make_hybrid_engine"]
 
 
-def test_the_door_is_make_hybrid_engine_and_its_flag_check():
+def test_the_door_is_make_hybrid_engine_alone():
     tree = ast.parse((PACKAGE / "__init__.py").read_text())
     exported = [
         ast.literal_eval(node.value)

@@ -13,11 +13,12 @@ from conftest import run_script
 from test_hybrid_engine import EOS, PAD, answers_equal, engine_for, peaked_model, prompt_batch, reference_tokens
 from transformers import LlamaConfig
 
+from dschat_hal.args import check_tp_size
 from dschat_hal.errors import UserError
 from dschat_hal.rlhf.generation import make_hybrid_engine
 from dschat_hal.rlhf.generation.engine import HybridEngine
 from dschat_hal.rlhf.generation.sampling import GenerationConfig
-from dschat_hal.rlhf.generation.tensor_parallel import TensorParallelEngine, check_tp_size
+from dschat_hal.rlhf.generation.tensor_parallel import TensorParallelEngine
 
 
 def test_tp2_tokens_equal_the_whole_model_engine_and_hf_generate(tmp_path, monkeypatch):

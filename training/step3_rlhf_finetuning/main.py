@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import dschat_hal  # noqa: F401  (first: the environment defaults precede torch, see dschat_hal/__init__.py)
-from dschat_hal.args import answer_help, step3_parser, to_config, validate
+from dschat_hal.args import answer_help, check_tp_args, step3_parser, to_config, validate
 from dschat_hal.configs import EngineConfig, Step3Config
 
 if __name__ == "__main__":
@@ -50,7 +50,7 @@ from dschat_hal.monitor import RunClock, current_lr, format_eta
 from dschat_hal.provenance import write_record
 from dschat_hal.rlhf.engine import RLHFEngine
 from dschat_hal.rlhf.evaluation import mean_reward
-from dschat_hal.rlhf.generation import check_tp_args, make_hybrid_engine
+from dschat_hal.rlhf.generation import make_hybrid_engine
 from dschat_hal.rlhf.reward_shaping import ClipWarning
 from dschat_hal.rlhf.schedule import step3_plan, warmup_warning
 from dschat_hal.rlhf.trainer import PPOSettings, PPOTrainer, generation_config, materialize

@@ -20,11 +20,11 @@ One concern per module, each importing only those listed before it:
 - `engine`: `HybridEngine`, which chooses the decode loop or HF `generate` and holds the form;
 - `tensor_parallel`: the engine sharded over a TP group by AutoTP, and `make_hybrid_engine`.
 
-The package's door is `make_hybrid_engine` and its flag check `check_tp_args` (run before anything loads);
-step 3's main imports nothing else from it (the trainer, its neighbour, uses `sampling`,
-`decode` and `hf_generate` directly).
+The package's door is `make_hybrid_engine`; step 3's main imports nothing else from it (the trainer, its
+neighbour, uses `sampling`, `decode` and `hf_generate` directly). Its flags are checked with the others'
+(`dschat_hal.args.check_tp_args`).
 """
 
-from dschat_hal.rlhf.generation.tensor_parallel import check_tp_args, make_hybrid_engine
+from dschat_hal.rlhf.generation.tensor_parallel import make_hybrid_engine
 
-__all__ = ["check_tp_args", "make_hybrid_engine"]
+__all__ = ["make_hybrid_engine"]

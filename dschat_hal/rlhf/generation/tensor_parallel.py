@@ -29,7 +29,6 @@ import torch.distributed as dist
 from torch import nn
 
 from accel import Accelerator
-from dschat_hal.errors import UserError
 from dschat_hal.models.capabilities import kv_heads, tp_unsupported_reason
 from dschat_hal.rlhf.generation.decode import cache_tensors, new_static_cache
 from dschat_hal.rlhf.generation.engine import MB, HybridEngine
@@ -37,41 +36,6 @@ from dschat_hal.rlhf.generation.inference_copy import InferenceCopy, is_partitio
 from dschat_hal.rlhf.generation.sampling import GenerationConfig, pad_answers
 
 log = logging.getLogger(__name__)
-
-
-def check_tp_size(tp_size: int, world_size: int, node_limit: int, hybrid_engine: bool) -> None:
-    """Refuse an `--inference_tp_size` that cannot form groups (one line naming the fix)."""
-    if tp_size == 1:
-        return
-    if not hybrid_engine:
-        raise UserError(
-            f"--inference_tp_size {tp_size} shards the hybrid engine's generation: add --enable_hybrid_engine"
-        )
-    if world_size % tp_size:
-        raise UserError(
-            f"--inference_tp_size {tp_size} must divide the number of ranks ({world_size}): "
-            f"use a divisor of {world_size}, or launch a multiple of {tp_size} processes"
-        )
-    if tp_size > node_limit:
-        raise UserError(
-            f"--inference_tp_size {tp_size} is more than the {node_limit} device(s) of one node: a tensor-parallel "
-            f"group must live on one node; use at most {node_limit}"
-        )
-
-
-def check_tp_args(args) -> None:
-    """`check_tp_size` for a step's arguments, before anything is loaded or written: the ranks from the
-    launcher's environment, the node's limit from the backend."""
-    if args.inference_tp_size == 1:
-        return
-    import os
-
-    import accel
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    check_tp_size(
-        args.inference_tp_size, world, accel.get(args.device).tensor_parallel_limit(), args.enable_hybrid_engine
-    )
 
 
 @dataclass
