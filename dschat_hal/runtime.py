@@ -68,7 +68,7 @@ def start_backend(hardware: HardwareConfig, *, device_graphs: bool = False, verb
 
         on_exit(accel.release_host_memory)
     backend.set_buckets(hardware.bucket_lengths)
-    backend.use_graphs = _graphs(backend, hardware.enable_hpu_graphs or device_graphs, hardware.disable_hpu_graphs)
+    backend.use_graphs = generation_graphs(backend, hardware, device_graphs)
     backend.optimizer_choice = hardware.optimizer
     if hardware.audit_shapes:
         backend.enable_shape_audit()
@@ -81,15 +81,12 @@ def start_backend(hardware: HardwareConfig, *, device_graphs: bool = False, verb
     return backend
 
 
-def generation_graphs(args: argparse.Namespace, backend: Accelerator) -> bool:
+def generation_graphs(backend: Accelerator, hardware: HardwareConfig, device_graphs: bool = False) -> bool:
     """Whether step-3 generation is captured in device graphs: when asked for (`--enable_hpu_graphs`,
-    `--enable_device_graphs`), or by the backend's default (HPU lazy mode) unless `--disable_hpu_graphs`."""
-    asked = args.enable_hpu_graphs or getattr(args, "enable_device_graphs", False)
-    return _graphs(backend, asked, getattr(args, "disable_hpu_graphs", False))
-
-
-def _graphs(backend: Accelerator, asked: bool, disabled: bool) -> bool:
-    return bool(asked or (backend.graphs_by_default and not disabled))
+    `device_graphs`: `--enable_device_graphs`), or by the backend's default (HPU lazy mode) unless
+    `--disable_hpu_graphs`."""
+    asked = hardware.enable_hpu_graphs or device_graphs
+    return bool(asked or (backend.graphs_by_default and not hardware.disable_hpu_graphs))
 
 
 class RankFilter(logging.Filter):

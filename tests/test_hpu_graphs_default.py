@@ -15,9 +15,16 @@ from dschat_hal.args import step1_parser, step3_parser
 from dschat_hal.inert_flags import inert_flag_notes
 from dschat_hal.rlhf.generation.hf_generate import PlainGenerator
 from dschat_hal.rlhf.generation.sampling import GenerationConfig
-from dschat_hal.runtime import generation_graphs
 
 STEP3 = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c"]
+
+
+def generation_graphs(args, backend) -> bool:
+    """The backend's rule (`runtime.generation_graphs`, what `start_backend` sets) for these flags."""
+    from dschat_hal.configs import HardwareConfig, to_config
+    from dschat_hal.runtime import generation_graphs as rule
+
+    return rule(backend, to_config(args, HardwareConfig), getattr(args, "enable_device_graphs", False))
 
 
 def step3_args(*flags: str):

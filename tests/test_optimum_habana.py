@@ -167,7 +167,7 @@ def test_validate_gaudi_has_a_row_for_optimum_habana(tmp_path, installed):
 
 
 # In the child: step-3 generation on optimum-habana's patched classes, HPU graphs as step 3's flags decide
-# (`runtime.generation_graphs`), by the hybrid engine or the plain path: four generation phases over two
+# (`runtime.generation_graphs`, as `start_backend` sets it), by the hybrid engine or the plain path: four generation phases over two
 # shape buckets (9 and 12 prompt positions; a 2-row batch, which the hybrid engine pads to 3 rows), a
 # training step between phases; the weights each phase generated with are saved for the parent's references.
 GRAPHS = """
@@ -178,6 +178,7 @@ from test_hybrid_engine import PAD, peaked_model, prompt_batch
 from dschat_hal.args import step3_parser
 from dschat_hal.rlhf.generation.engine import HybridEngine
 from dschat_hal.rlhf.generation.hf_generate import PlainGenerator
+from dschat_hal.configs import HardwareConfig, to_config
 from dschat_hal.runtime import generation_graphs
 weights = torch.load(sys.argv[1])
 prompts, mask = prompt_batch()
@@ -186,7 +187,7 @@ phases = [(prompts, mask), wide, (prompts[:2], mask[:2]), wide]
 out = {}
 for flags, runs in json.loads(sys.argv[2]).items():
     args = step3_parser().parse_args(["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", *flags.split()])
-    backend.use_graphs = generation_graphs(args, backend)
+    backend.use_graphs = generation_graphs(backend, to_config(args, HardwareConfig), args.enable_device_graphs)
     for family, generators in runs.items():
       for name in generators:
         kind, stage = name.split("_zero")
