@@ -1,4 +1,4 @@
-"""The memory plan against measured peaks on the CPU: steps 1-3 at two model sizes.
+"""The memory plan against measured peaks on the CPU: steps 1-3 at three model sizes.
 
     python benchmarks/bench_memory.py --work /tmp/bench_memory [--sizes small medium] [--steps 1 2 3]
         [--estimators gae grpo remax] [--n_samples 2]
@@ -36,6 +36,7 @@ from dschat_hal.rlhf.advantages import ESTIMATORS  # noqa: E402
 SIZES = {  # OPT shapes: hidden, layers, ffn, vocab
     "small": (512, 8, 2048, 8192),
     "medium": (768, 12, 3072, 8192),
+    "large": (1024, 16, 4096, 8192),  # ~0.2B: the critic's share of the peak, with the baseline small beside it
 }
 SCRIPTS = {
     1: ROOT / "training/step1_supervised_finetuning/main.py",
