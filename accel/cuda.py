@@ -115,8 +115,13 @@ class CudaAccelerator(Accelerator):
         options: dict[str, Any] = {"triton.cudagraphs": True}  # what mode="reduce-overhead" sets
         if hasattr(inductor_config.triton, "cudagraph_or_error"):  # not in every torch release
             options["triton.cudagraph_or_error"] = True
-        compiled = torch.compile(step, fullgraph=True, dynamic=False, options=options)
+        compiled = self.graph_compile(step, fullgraph=True, dynamic=False, options=options)
         return _GuardedCapture(self, step, compiled)
+
+    def graph_compile(self, step: torch.nn.Module, **kwargs: Any) -> Callable[..., Any]:
+        """`torch.compile(step, **kwargs)`: the one call of `capture_decode_step` that needs the GPU (inductor's
+        CUDA graphs); the CPU test double (`tests/fakes/cuda_on_cpu.py`) compiles for the CPU here instead."""
+        return torch.compile(step, **kwargs)
 
 
 class _GuardedCapture:

@@ -180,3 +180,18 @@ def default_output_root(tmp_path_factory, monkeypatch):
     import dschat_hal.args
 
     monkeypatch.setattr(dschat_hal.args, "DEFAULT_OUTPUT_ROOT", str(tmp_path_factory.mktemp("default_output")))
+
+
+@pytest.fixture
+def cuda_on_cpu(monkeypatch):
+    """`--device cuda` (`accel.get("cuda")`) builds the CUDA backend's CPU double (`tests/fakes/cuda_on_cpu.py`);
+    yields its class. The CPU backend is current again afterwards."""
+    import torch
+    from fakes.cuda_on_cpu import CudaOnCpu
+
+    real = accel._backend_class
+    monkeypatch.setattr(accel, "_backend_class", lambda name: CudaOnCpu if name == "cuda" else real(name))
+    torch._dynamo.reset()  # the double's compiles are counted from none
+    yield CudaOnCpu
+    torch._dynamo.reset()
+    accel.get("cpu")
