@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import io
+import re
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,28 @@ from accel._deepspeed import ds_accelerator
 from accel.base import Accelerator
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 flags, Arm's "Features" entry
+
+
+# DeepSpeed's print whenever a process loads its CPU communication op, built now or long ago
+# (`deepspeed.comm.torch.build_shm_op`): once per rank, ahead of a step's own first line.
+_OP_LOAD_NOTE = re.compile(r"DeepSpeed \S+ built successfully")
+
+
+@contextlib.contextmanager
+def _without_op_load_note() -> Iterator[None]:
+    """Standard output of the block, less DeepSpeed's op-load note (a real build is announced by
+    `accel._op_builds.announce_comm_op_build`); the other lines are written after the block."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        kept = [
+            line for line in captured.getvalue().splitlines(keepends=True) if not _OP_LOAD_NOTE.fullmatch(line.strip())
+        ]
+        if kept:
+            sys.stdout.write("".join(kept))
+            sys.stdout.flush()
 
 
 @functools.cache
@@ -117,7 +143,8 @@ class CpuAccelerator(Accelerator):
         if loads_op:  # DeepSpeed builds it silently (minutes on a loaded machine): say so first
             _op_builds.prepare_op_builds()  # the environment's cache and ninja, as the load will use
             _op_builds.announce_comm_op_build()
-        super().init_distributed()
+        with _without_op_load_note():
+            super().init_distributed()
         if loads_op and os.environ.get("LOCAL_RANK", "0") == "0":
             _op_builds.record_comm_op_build()
         unlink_shared_memory_buffer()

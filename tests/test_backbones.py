@@ -140,19 +140,29 @@ def test_zero3_partitions_the_backbone_at_load_time(causal_lms, tokenizer):
     assert_backbone_is_the_checkpoint(model, causal_lms["gemma3_text"], "model.")
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "opt"])
+# family: backbone tensors taken out of its causal-LM checkpoint
+DROPPED = {
+    "gemma3_text": ("model.layers.1.mlp.up_proj.weight", "model.norm.weight"),
+    "llama": ("model.layers.1.mlp.up_proj.weight", "model.norm.weight"),
+    "opt": ("model.decoder.layers.1.fc1.weight",),
+    "bloom": ("transformer.h.1.mlp.dense_h_to_4h.weight",),
+    "gpt_neox": ("gpt_neox.layers.1.mlp.dense_h_to_4h.weight",),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_causal_lm_missing_backbone_tensors_is_one_error_line(family, causal_lms, tokenizer, tmp_path):
     directory = tmp_path / "m"
     shutil.copytree(causal_lms[family], directory)
     weights = load_file(str(directory / "model.safetensors"))
-    for key in ("model.layers.1.mlp.up_proj.weight", "model.decoder.layers.1.fc1.weight", "model.norm.weight"):
-        weights.pop(key, None)
+    for key in DROPPED[family]:
+        del weights[key]
     save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(UserError) as error:
         create_reward_model(str(directory), tokenizer)
     message = str(error.value)
     assert "\n" not in message
-    count = {"gemma3_text": 2, "opt": 1}[family]
+    count = len(DROPPED[family])
     assert f"{count} backbone tensor(s) of {str(directory)!r} are not in its checkpoint" in message
     assert "pass a complete model directory" in message
 

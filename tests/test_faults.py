@@ -142,6 +142,23 @@ def test_under_several_processes_only_rank_0_logs_and_errors_name_their_rank(mon
     assert capsys.readouterr().err == "error: rank 1: --data_path x does not exist\n"
 
 
+def test_deepspeeds_op_load_note_is_not_printed_by_every_rank(tmp_path):
+    """DeepSpeed prints "DeepSpeed ... built successfully" each time a rank loads its CPU communication
+    op (built now or long ago): once per rank under a launcher, before a step's own first line. Dropped;
+    a real build is announced by the layer's own line (`announce_comm_op_build`)."""
+    import sys
+
+    from conftest import ROOT
+
+    code = "import accel; print('before'); accel.get('cpu').init_distributed(); print('initialised')"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["before", "initialised"], result.stdout
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_saved_models_follow_the_umask(tmp_path, umask):
     from dschat_hal.models import create_lm, load_tokenizer, save_lm
