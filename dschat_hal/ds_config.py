@@ -17,6 +17,45 @@ def _precision(dtype: torch.dtype) -> dict[str, Any]:
     return {}
 
 
+# ZeRO 1-2 step one optimizer group at a time (DeepSpeed's `stage_1_and_2.step`): the group's gradients
+# flattened, then copied to fp32 (6 bytes per parameter in 16 bits), stepped and freed. With one large group
+# that copy is the whole model's: split in STEP_CHUNKS, it is a quarter (measured on the CPU: the step's
+# peak above the resident states 8.7 -> 1.4-1.9 bytes per parameter for a 92M OPT, benchmarks/RESULTS_memory.md).
+STEP_CHUNKS = 4
+STEP_CHUNK_MIN_ELEMENTS = 10_000_000  # smaller groups stay whole
+
+
+def split_for_step(
+    groups: list[dict[str, Any]], parts: int = STEP_CHUNKS, min_elements: int = STEP_CHUNK_MIN_ELEMENTS
+) -> list[dict[str, Any]]:
+    """Each optimizer group of more than `min_elements` elements as up to `parts` groups of consecutive
+    parameters with its settings. The update is the same: AdamW is per element, and DeepSpeed clips by
+    the norm over all groups."""
+    split = []
+    for group in groups:
+        total = sum(p.numel() for p in group["params"])
+        if total <= min_elements or parts < 2:
+            split.append(group)
+            continue
+        chunks: list[list] = [[]]
+        done = 0
+        for param in group["params"]:
+            if chunks[-1] and len(chunks) < parts and done >= total * len(chunks) / parts:
+                chunks.append([])
+            chunks[-1].append(param)
+            done += param.numel()
+        split.extend({**group, "params": chunk} for chunk in chunks)
+    return split
+
+
+def step_chunk(trainable: float, stage: int, offload: bool) -> float:
+    """Elements of the largest group a ZeRO 1-2 step copies at once (`split_for_step`'s largest chunk,
+    as the memory plan counts it)."""
+    if stage in (1, 2) and not offload and trainable > STEP_CHUNK_MIN_ELEMENTS:
+        return trainable / STEP_CHUNKS
+    return trainable
+
+
 def train_ds_config(
     accelerator: Accelerator,
     dtype: torch.dtype,

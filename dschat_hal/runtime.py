@@ -325,7 +325,7 @@ def deepspeed_engine(
     import deepspeed
     from transformers import get_scheduler
 
-    from dschat_hal.ds_config import hpz_entries, train_ds_config
+    from dschat_hal.ds_config import hpz_entries, split_for_step, train_ds_config
 
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -341,9 +341,10 @@ def deepspeed_engine(
         config["zero_optimization"].update(hpz_entries(backend, stage, world_size()))
     model = backend.prepare_model(model)
     optimizer_class = backend.optimizer_class(offload=offload, fused=fused)
-    optimizer = optimizer_class(
-        param_groups(model, weight_decay, lora_lr), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay
-    )
+    groups = param_groups(model, weight_decay, lora_lr)
+    if stage in (1, 2) and not offload:  # offload keeps the fp32 gradients on the host: nothing to split
+        groups = split_for_step(groups)
+    optimizer = optimizer_class(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay)
     scheduler = get_scheduler(
         scheduler, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1)
     )
