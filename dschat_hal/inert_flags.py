@@ -8,6 +8,13 @@ import argparse
 from accel import Accelerator
 from dschat_hal.ds_config import hpz_entries
 
+# Where each graph flag acts: HPU graphs capture step 3's generation on either path (the hybrid engine's
+# decode step, optimum-habana's patched forward on the plain path too); other device graphs only the engine's.
+ONLY_STEP3_CAPTURES = {
+    "enable_hpu_graphs": "only step 3's generation runs in HPU graphs (by default in HPU lazy mode)",
+    "enable_device_graphs": "only step 3's hybrid engine captures its decode step",
+}
+
 
 def inert_flag_notes(args: argparse.Namespace, backend: Accelerator, world_size: int) -> list[str]:
     """One line per flag given that has no effect here, naming why and what would make it act."""
@@ -19,7 +26,7 @@ def inert_flag_notes(args: argparse.Namespace, backend: Accelerator, world_size:
         if not flags.get(flag):
             continue
         if not step3:
-            notes.append(f"--{flag} does nothing in this step: only step 3's hybrid engine captures its decode step")
+            notes.append(f"--{flag} does nothing in this step: {ONLY_STEP3_CAPTURES[flag]}")
         elif backend.graph_kind is None:
             notes.append(f"--{flag} does nothing on {backend.name}: it has no device graphs; drop the flag")
         elif flag == "enable_hpu_graphs" and backend.graph_kind != "HPU graphs":

@@ -550,7 +550,8 @@ def test_flags_that_would_do_nothing_say_so(models, tmp_path, capsys):
     assert notes("--enable_hpu_graphs", "--enable_hybrid_engine", backend=hpu_like) == ""
     step1_notes = inert_flag_notes(step1_parser().parse_args(["--enable_hpu_graphs"]), accel.get("cpu"), 1)
     assert step1_notes == [
-        "--enable_hpu_graphs does nothing in this step: only step 3's hybrid engine captures its decode step"
+        "--enable_hpu_graphs does nothing in this step: only step 3's generation runs in HPU graphs (by default in "
+        "HPU lazy mode)"
     ]
     argv = [a.format(cache=tmp_path / "c", out=tmp_path / "o") for a in S1]
     step1([*argv, "--enable_hpu_graphs", "--max_steps", "1"])

@@ -166,6 +166,41 @@ def test_validate_gaudi_has_a_row_for_optimum_habana(tmp_path, installed):
         assert "validation FAILED (1 checks)" in result.stdout
 
 
+def test_validate_gaudi_installs_with_dependencies_and_keeps_the_images_stack(tmp_path):
+    """The install row (issue #28 item 3): requirements-hpu.txt WITH its dependencies (optimum-habana imports
+    optimum, sentence-transformers, scikit-learn and sentencepiece; `--no-deps` lost them), the image's
+    torch, habana and DeepSpeed distributions, as `pip list` names them, pinned as constraints. `pip` is
+    recorded by a stand-in interpreter; everything else runs on this one (optimum-habana left out: faster)."""
+    tools, calls = tmp_path / "bin", tmp_path / "pip_calls.txt"
+    tools.mkdir()
+    (tools / "hl-smi").write_text("#!/bin/sh\necho 'stand-in hl-smi'\n")
+    image = ["torch==2.6.0+hpu.synapse.v1.21.0", "habana-torch-plugin==1.21.0.555", "deepspeed==0.16.1+hpu.synapse"]
+    freeze = "\\n".join([*image, "numpy==1.26.4", "torchmetrics==1.7.0"])
+    (tools / "python").write_text(
+        f'#!/bin/sh\nif [ "$1 $2" = "-m pip" ]; then\n  echo "$*" >>"{calls}"\n'
+        f'  [ "$3" = list ] && printf "{freeze}\\n"\n  exit 0\nfi\nexec "{sys.executable}" "$@"\n'
+    )
+    for tool in tools.iterdir():
+        tool.chmod(0o755)
+    env = real_gaudi_env({"PYTHON": str(tools / "python")}, optimum_habana=False)
+    env["PATH"] = os.pathsep.join([str(tools), env["PATH"]])
+    out = tmp_path / "out"
+    result = subprocess.run(
+        ["bash", str(ROOT / "example_scripts" / "validate_gaudi.sh"), "--checks-only", "--output", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert re.search(r"^\| install requirements-hpu.txt +\| PASS", result.stdout, re.M), result.stdout + result.stderr
+    installs = [line.split() for line in calls.read_text().splitlines() if line.startswith("-m pip install")]
+    assert len(installs) == 1 and "--no-deps" not in installs[0] and "-c" in installs[0], installs
+    assert installs[0][installs[0].index("-r") + 1] == str(ROOT / "requirements-hpu.txt")
+    constraints = installs[0][installs[0].index("-c") + 1]
+    assert open(constraints).read().split() == image  # the image's stack only: pip fails rather than replace it
+
+
 # In the child: step-3 generation on optimum-habana's patched classes, HPU graphs as step 3's flags decide
 # (`runtime.generation_graphs`, as `start_backend` sets it), by the hybrid engine or the plain path: four generation phases over two
 # shape buckets (9 and 12 prompt positions; a 2-row batch, which the hybrid engine pads to 3 rows), a
