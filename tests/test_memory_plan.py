@@ -61,11 +61,11 @@ def test_zero3_states_equal_deepspeeds_all_live_estimate(real_model, gpus, nodes
     model, total, largest = real_model
     table = _deepspeed_table(estimate_zero3_model_states_mem_needs_all_live, model, gpus, nodes)
     ranks = gpus * nodes
-    ours = memory_plan.training_states(total, 0, largest, 3, ranks, 2, offload=False)
+    ours = memory_plan.training_states(total, 0, largest, 3, ranks, 2, offload=False, device="cuda")
     assert ours.device / GB == pytest.approx(
         table["offload_param=none,offload_optimizer=none,zero_init=1"][1], abs=0.006
     )
-    ours = memory_plan.training_states(total, 0, largest, 3, ranks, 2, offload=True)
+    ours = memory_plan.training_states(total, 0, largest, 3, ranks, 2, offload=True, device="cuda")
     cpu, gpu = table["offload_param=cpu,offload_optimizer=cpu,zero_init=1"]
     assert ours.device / GB == pytest.approx(gpu, abs=0.006)
     assert ours.host * gpus / GB == pytest.approx(cpu, abs=0.006)  # DeepSpeed's CPU column is per node
@@ -78,9 +78,9 @@ def test_zero2_states_equal_deepspeeds_all_live_estimate(real_model, gpus, nodes
     model, total, largest = real_model
     table = _deepspeed_table(estimate_zero2_model_states_mem_needs_all_live, model, gpus, nodes)
     ranks = gpus * nodes
-    ours = memory_plan.training_states(total, 0, largest, 2, ranks, 2, offload=False)
+    ours = memory_plan.training_states(total, 0, largest, 2, ranks, 2, offload=False, device="cuda")
     assert ours.device / GB == pytest.approx(table["offload_optimizer=none"][1], abs=0.006)
-    ours = memory_plan.training_states(total, 0, largest, 2, ranks, 2, offload=True)
+    ours = memory_plan.training_states(total, 0, largest, 2, ranks, 2, offload=True, device="cuda")
     assert ours.device / GB == pytest.approx(table["offload_optimizer=cpu"][1], abs=0.006)
     if gpus * 4 <= 16:  # DeepSpeed's CPU column: max(4 x GPUs, 16) bytes per parameter per node
         assert ours.host * gpus / GB == pytest.approx(table["offload_optimizer=cpu"][0], abs=0.006)
@@ -99,9 +99,9 @@ def test_states_equal_deepspeeds_formulas_for_published_shapes(name):
             shape.params, shape.largest_layer, gpus, nodes, cpu_offload=False, cpu_offload_params=False
         )
         _, z2 = estimate_zero2_model_states_mem_needs(shape.params, gpus, nodes, cpu_offload=False)
-        z3_ours = memory_plan.training_states(shape.params, 0, shape.largest_layer, 3, ranks, 2, False).device
-        z2_ours = memory_plan.training_states(shape.params, 0, shape.largest_layer, 2, ranks, 2, False).device
-        z1_ours = memory_plan.training_states(shape.params, 0, shape.largest_layer, 1, ranks, 2, False).device
+        z3_ours = memory_plan.training_states(shape.params, 0, shape.largest_layer, 3, ranks, 2, False, "cuda").device
+        z2_ours = memory_plan.training_states(shape.params, 0, shape.largest_layer, 2, ranks, 2, False, "cuda").device
+        z1_ours = memory_plan.training_states(shape.params, 0, shape.largest_layer, 1, ranks, 2, False, "cuda").device
         assert z3_ours == pytest.approx(z3, abs=2)
         assert z2_ours == pytest.approx(z2, abs=2)
         assert z1_ours >= z2_ours and (ranks > 1 or z1_ours == pytest.approx(z2_ours))  # ZeRO-1 keeps whole grads

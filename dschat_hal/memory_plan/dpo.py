@@ -40,7 +40,7 @@ def dpo_plan(
     width, dtype_name = _width(config.hardware, device, dtype)
     shape = model_shape(config.model.model_name_or_path, head=True)
     trainable, frozen = _trained(shape, optim, config.schedule.only_optimize_lora)
-    states = training_states(trainable, frozen, shape.largest_layer, stage, ranks, width, offload)
+    states = training_states(trainable, frozen, shape.largest_layer, stage, ranks, width, offload, device)
     placement = reference_placement(config)
     reference = frozen_states(shape.params, placement.stage, ranks, width, placement.offload)
     rows, seq = 2 * config.model.per_device_train_batch_size, config.model.max_seq_len  # chosen, then rejected rows
@@ -67,7 +67,7 @@ def dpo_plan(
     phases = [Phase("training", training)]
     if device == "cpu":  # as in steps 1 and 2: freed small chunks stay in glibc's heap under the step
         freed = {"freed activations": policy + reference_forward, "freed gathered weights": gathered}
-        adam = optimizer_step_bytes(stage, trainable, ranks, device)
+        adam = optimizer_step_bytes(stage, trainable, ranks, device, width, offload)
         phases.append(Phase("optimizer step", {**resident, **freed, "AdamW temporaries": adam}))
     plan = Plan(DPO_STEP, device, ranks, memory, dtype_name, phases, host=host)
     plan.notes.append(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dschat_hal.ds_config import step_chunk
 from dschat_hal.memory_plan.shapes import Shape
 
 ZERO3_GATHERED = 2 * 3e7  # parameters ZeRO-3 may hold gathered: max live + prefetch bucket (ds_config.py)
@@ -18,7 +19,14 @@ class States:
 
 
 def training_states(
-    trainable: int, frozen: int, largest_layer: int, stage: int, ranks: int, width: int, offload: bool
+    trainable: int,
+    frozen: int,
+    largest_layer: int,
+    stage: int,
+    ranks: int,
+    width: int,
+    offload: bool,
+    device: str,
 ) -> States:
     """Parameters, gradients and AdamW states per rank, DeepSpeed's way.
 
@@ -29,11 +37,14 @@ def training_states(
     master copy stays (ZeRO >= 1 clones the partition) but no second gradient copy is made. With
     `--offload` the optimizer's part lives on the host, where the gradients go straight into its
     fp32 buffer (ZeRO-3: the parameters too; the device gathers one layer at a time).
+    On the CPU under ZeRO 1-2 the fp32 gradients are counted where they live, in the optimizer step
+    (`optimizer_step_bytes`: one group's copy at a time); devices keep the whole partition (an upper bound).
     """
     params = trainable + frozen
     opt_split = ranks if stage >= 1 else 1
     master = 4 * trainable / opt_split if (width < 4 or stage >= 1) else 0.0
-    fp32_grads = 4 * trainable / opt_split if width < 4 else 0.0
+    step_copy = device == "cpu" and stage in (1, 2) and not offload  # made and freed inside the step
+    fp32_grads = 4 * trainable / opt_split if width < 4 and not step_copy else 0.0
     optimizer = master + fp32_grads + 8 * trainable / opt_split
     grads = width * trainable / (ranks if stage >= 2 else 1)
     if stage == 3 and width < 4:  # ZeRO-3 reduces 16-bit gradients in buckets straight into the fp32 partition
@@ -124,13 +135,16 @@ def zero3_gathered(params: int, stage: int, width: int) -> float:
     return width * min(params, ZERO3_GATHERED) if stage == 3 else 0.0
 
 
-def optimizer_step_bytes(stage: int, trainable: int, ranks: int, device: str) -> float:
-    """Temporaries of gradient reduction and the optimizer step on the CPU, where torch's AdamW
-    runs (devices use fused kernels): 8 bytes per trained parameter of the rank's partition, as
-    measured (benchmarks/RESULTS_memory.md) - the size of AdamW's two fp32 denominator temporaries
-    over DeepSpeed's flat partition, and of ZeRO-0's flat fp32 gradient copy for its all-reduce."""
+def optimizer_step_bytes(stage: int, trainable: int, ranks: int, device: str, width: int, offload: bool) -> float:
+    """Temporaries of the optimizer step on the CPU (devices: counted in the states). ZeRO 1-2 step
+    one optimizer group at a time: its gradients flattened (`width` bytes) and, in 16 bits, copied to
+    fp32 (4), for the largest group (`ds_config.step_chunk`; measured, benchmarks/RESULTS_memory.md).
+    ZeRO 0 and 3, and offload: 8 bytes per trained parameter of the rank's partition, as measured - ZeRO-0's
+    flat fp32 gradient copy for its all-reduce, and the step's temporaries over a flat partition."""
     if device != "cpu":
         return 0.0
+    if stage in (1, 2) and not offload:
+        return (width + (4 if width < 4 else 0)) * step_chunk(trainable, stage, offload) / ranks
     return 8.0 * trainable / (ranks if stage >= 1 else 1)
 
 

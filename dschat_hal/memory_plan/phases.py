@@ -119,7 +119,7 @@ def supervised_plan(
     trainable, frozen = _trained(
         shape, optim, config.schedule.only_optimize_lora, keep=shape.hidden if step == 2 else 0
     )
-    states = training_states(trainable, frozen, shape.largest_layer, stage, ranks, width, offload)
+    states = training_states(trainable, frozen, shape.largest_layer, stage, ranks, width, offload, device)
     rows = model.per_device_train_batch_size * (2 if step == 2 else 1)  # step 2: chosen and rejected rows
     act = training_activations(
         shape,
@@ -140,7 +140,7 @@ def supervised_plan(
     gathered = zero3_gathered(shape.params, stage, width)
     phases = [Phase("training", {**resident, "ZeRO-3 gathered weights": gathered, "activations": act})]
     if device == "cpu":
-        adam = optimizer_step_bytes(stage, trainable, ranks, device)
+        adam = optimizer_step_bytes(stage, trainable, ranks, device, width, offload)
         # glibc keeps freed small chunks (activations, gathered layers) in its heap: the step comes on top
         freed = {"freed activations": act, "freed gathered weights": gathered}
         phases.append(Phase("optimizer step", {**resident, **freed, "AdamW temporaries": adam}))
@@ -195,9 +195,9 @@ def rlhf_plan(
     critic_used = decisions.critic
     if not critic_used:
         c_train = c_frozen = 0
-    actor_states = training_states(a_train, a_frozen, actor.largest_layer, a_stage, ranks, width, offload)
+    actor_states = training_states(a_train, a_frozen, actor.largest_layer, a_stage, ranks, width, offload, device)
     critic_states = (
-        training_states(c_train, c_frozen, critic.largest_layer, c_stage, ranks, width, offload)
+        training_states(c_train, c_frozen, critic.largest_layer, c_stage, ranks, width, offload, device)
         if critic_used
         else States(0.0)
     )
@@ -300,7 +300,8 @@ def rlhf_plan(
         step_parts.pop("ZeRO-3 gathered weights")
         step_parts["freed gathered weights"] = actor_gathered + critic_gathered
         step_parts["AdamW temporaries"] = max(
-            optimizer_step_bytes(a_stage, a_train, ranks, device), optimizer_step_bytes(c_stage, c_train, ranks, device)
+            optimizer_step_bytes(a_stage, a_train, ranks, device, width, offload),
+            optimizer_step_bytes(c_stage, c_train, ranks, device, width, offload),
         )
         phases.append(Phase("optimizer step", step_parts))
     plan = Plan(3, device, ranks, memory, dtype_name, phases, host=host)
