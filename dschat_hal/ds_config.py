@@ -26,11 +26,12 @@ STEP_CHUNK_MIN_ELEMENTS = 10_000_000  # smaller groups stay whole
 
 
 def split_for_step(
-    groups: list[dict[str, Any]], parts: int = STEP_CHUNKS, min_elements: int = STEP_CHUNK_MIN_ELEMENTS
+    groups: list[dict[str, Any]], parts: int = STEP_CHUNKS, min_elements: int | None = None
 ) -> list[dict[str, Any]]:
     """Each optimizer group of more than `min_elements` elements as up to `parts` groups of consecutive
     parameters with its settings. The update is the same: AdamW is per element, and DeepSpeed clips by
     the norm over all groups."""
+    min_elements = STEP_CHUNK_MIN_ELEMENTS if min_elements is None else min_elements
     split = []
     for group in groups:
         total = sum(p.numel() for p in group["params"])
