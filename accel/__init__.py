@@ -17,6 +17,7 @@ if may_use_hpu():
     set_hpu_env_defaults()  # before torch (which may autoload Habana's bridge): the bridge picks lazy/eager at import
 
 from accel._host_memory import release as release_host_memory  # noqa: E402
+from accel._host_memory import will_reuse_freed_blocks  # noqa: E402
 from accel.errors import DeviceUnavailableError, UnsupportedDtypeError  # noqa: E402
 
 if TYPE_CHECKING:
@@ -95,4 +96,5 @@ __all__ = [
     "detect",
     "get",
     "release_host_memory",
+    "will_reuse_freed_blocks",
 ]

@@ -27,18 +27,31 @@ choice = "allocator defaults"  # what `keep_freed_host_memory` decided, for the 
 _changed = False
 
 
-def keep_freed_host_memory() -> str:
-    """Switch glibc to reusing freed large blocks (once per process); returns the choice."""
-    global choice, _changed
+def _left_alone() -> str | None:
+    """Why the allocator keeps its own settings in this environment (None: freed blocks will be reused)."""
     own = [k for k in os.environ if k.startswith("MALLOC_") and k.endswith("_")]
     if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         own.append("GLIBC_TUNABLES")
     if os.environ.get("DSCHAT_HAL_HOST_MALLOC") == "default":
-        choice = "glibc defaults (DSCHAT_HAL_HOST_MALLOC=default)"
-    elif own:
-        choice = f"as set in the environment ({', '.join(sorted(own))})"
-    elif platform.libc_ver()[0] != "glibc":
-        choice = "allocator defaults (not glibc)"
+        return "glibc defaults (DSCHAT_HAL_HOST_MALLOC=default)"
+    if own:
+        return f"as set in the environment ({', '.join(sorted(own))})"
+    if platform.libc_ver()[0] != "glibc":
+        return "allocator defaults (not glibc)"
+    return None
+
+
+def will_reuse_freed_blocks() -> bool:
+    """Whether a CPU run in this environment keeps freed blocks for reuse (what the memory plan asks)."""
+    return _left_alone() is None
+
+
+def keep_freed_host_memory() -> str:
+    """Switch glibc to reusing freed large blocks (once per process); returns the choice."""
+    global choice, _changed
+    left_alone = _left_alone()
+    if left_alone:
+        choice = left_alone
     else:
         libc = ctypes.CDLL(None)
         _changed = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1

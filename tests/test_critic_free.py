@@ -273,3 +273,34 @@ def test_a_critic_free_unit_ignores_the_unused_critic_flags_on_resume():
 
     assert resume_setup(parse(grpo)) == resume_setup(parse([*grpo, *critic_changed]))
     assert resume_setup(parse(base)) != resume_setup(parse([*base, *critic_changed]))  # PPO's critic counts
+
+
+def _cpu_step3_plan(models, tmp_path, *flags: str) -> dict:
+    from dschat_hal import memory_plan
+    from dschat_hal.args import step3_parser
+    from dschat_hal.configs import Step3Config, to_config
+
+    args = step3_parser().parse_args([*argv(models, tmp_path, *flags), "--device_memory", "40GiB"])
+    return memory_plan.summary(memory_plan.plan_for(to_config(args, Step3Config), 3))["phases"]
+
+
+def test_the_cpu_plan_keeps_a_heap_where_freed_blocks_are_reused_and_one_models_gradients_at_a_step(
+    models, tmp_path, monkeypatch
+):
+    """Freed blocks reused (the CPU backend's default) leave a fragmented heap the plan counts per trained
+    parameter; with glibc's defaults (DSCHAT_HAL_HOST_MALLOC=default) it counts none. At PPO's optimizer
+    step only the stepping model's gradients are alive."""
+    from dschat_hal.memory_plan.estimates import REUSED_HEAP_BYTES
+
+    monkeypatch.delenv("DSCHAT_HAL_HOST_MALLOC", raising=False)
+    reused = _cpu_step3_plan(models, tmp_path)
+    monkeypatch.setenv("DSCHAT_HAL_HOST_MALLOC", "default")
+    glibc = _cpu_step3_plan(models, tmp_path)
+    heap = reused["training"]["heap kept for reuse"]
+    assert heap > 0 and glibc["training"].get("heap kept for reuse", 0) == 0
+    trained = heap / REUSED_HEAP_BYTES
+    assert reused["training"]["total"] - glibc["training"]["total"] == pytest.approx(REUSED_HEAP_BYTES * trained)
+    step = reused["optimizer step"]
+    assert step["the other model's gradients, not alive"] < 0
+    grpo = _cpu_step3_plan(models, tmp_path, "--advantage_estimator", "grpo", "--n_samples_per_prompt", "2")
+    assert "the other model's gradients, not alive" not in grpo["optimizer step"]  # one trained model

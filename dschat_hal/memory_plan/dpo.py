@@ -12,6 +12,7 @@ from dschat_hal.memory_plan.estimates import (
     frozen_states,
     inference_activations,
     optimizer_step_bytes,
+    reused_heap_bytes,
     training_activations,
     training_states,
     zero3_gathered,
@@ -57,6 +58,7 @@ def dpo_plan(
     host = states.host + reference.host
     if device == "cpu":
         resident = {"process baseline": CPU_BASELINE_BYTES[DPO_STEP], **resident, "host": host}
+        resident["heap kept for reuse"] = reused_heap_bytes(trainable, device)
     gathered = max(zero3_gathered(shape.params, stage, width), zero3_gathered(shape.params, placement.stage, width))
     training = {
         **resident,

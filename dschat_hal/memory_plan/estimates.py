@@ -46,9 +46,7 @@ def training_states(
     step_copy = device == "cpu" and stage in (1, 2) and not offload  # made and freed inside the step
     fp32_grads = 4 * trainable / opt_split if width < 4 and not step_copy else 0.0
     optimizer = master + fp32_grads + 8 * trainable / opt_split
-    grads = width * trainable / (ranks if stage >= 2 else 1)
-    if stage == 3 and width < 4:  # ZeRO-3 reduces 16-bit gradients in buckets straight into the fp32 partition
-        grads = 0.0
+    grads = gradient_bytes(trainable, stage, ranks, width)
     weights = width * params / (ranks if stage == 3 else 1)
     gather = 4 * largest_layer if stage == 3 else 0.0
     if offload and stage == 3:
@@ -56,6 +54,13 @@ def training_states(
     if offload:
         return States(device=weights, host=optimizer)
     return States(device=weights + grads + optimizer + gather)
+
+
+def gradient_bytes(trainable: float, stage: int, ranks: int, width: int) -> float:
+    """The 16-bit gradients a trained model holds from its backward to its step (part of its states)."""
+    if stage == 3 and width < 4:  # ZeRO-3 reduces 16-bit gradients in buckets straight into the fp32 partition
+        return 0.0
+    return width * trainable / (ranks if stage >= 2 else 1)
 
 
 def frozen_states(params: int, stage: int, ranks: int, width: int, offload: bool) -> States:
@@ -146,6 +151,20 @@ def optimizer_step_bytes(stage: int, trainable: int, ranks: int, device: str, wi
     if stage in (1, 2) and not offload:
         return (width + (4 if width < 4 else 0)) * step_chunk(trainable, stage, offload) / ranks
     return 8.0 * trainable / (ranks if stage >= 1 else 1)
+
+
+# With the CPU backend keeping freed blocks for reuse (accel/_host_memory.py), reused blocks fragment and
+# the resident set stays above what is live. Fitted, not derived: the medium and large OPT runs of steps
+# 1-3 and of PPO, GRPO and ReMax peaked 4-14% above glibc's defaults (benchmarks/RESULTS_memory.md), about
+# this many bytes per trained parameter.
+REUSED_HEAP_BYTES = 2.5
+
+
+def reused_heap_bytes(trained: float, device: str) -> float:
+    """The heap a CPU run keeps above its live tensors when freed blocks are reused (0 otherwise)."""
+    import accel
+
+    return REUSED_HEAP_BYTES * trained if device == "cpu" and accel.will_reuse_freed_blocks() else 0.0
 
 
 def inference_activations(shape: Shape, batch: int, seq: int, width: int) -> float:

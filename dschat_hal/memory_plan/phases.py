@@ -9,9 +9,11 @@ from dschat_hal.decisions import RunDecisions, decide, experience_rows
 from dschat_hal.memory_plan.estimates import (
     States,
     frozen_states,
+    gradient_bytes,
     inference_activations,
     kv_cache_bytes,
     optimizer_step_bytes,
+    reused_heap_bytes,
     training_activations,
     training_states,
     zero3_gathered,
@@ -137,6 +139,7 @@ def supervised_plan(
     }
     if device == "cpu":
         resident = {"process baseline": CPU_BASELINE_BYTES[step], **resident, "host": states.host}
+        resident["heap kept for reuse"] = reused_heap_bytes(trainable, device)
     gathered = zero3_gathered(shape.params, stage, width)
     phases = [Phase("training", {**resident, "ZeRO-3 gathered weights": gathered, "activations": act})]
     if device == "cpu":
@@ -223,6 +226,7 @@ def rlhf_plan(
     )
     if device == "cpu":
         resident = {"process baseline": CPU_BASELINE_BYTES[3], **resident, "host": host}
+        resident["heap kept for reuse"] = reused_heap_bytes(a_train + (c_train if critic_used else 0), device)
 
     gen_batch = experience_rows(config)
     train_batch = ppo.per_device_training_batch_size
@@ -303,6 +307,10 @@ def rlhf_plan(
             optimizer_step_bytes(a_stage, a_train, ranks, device, width, offload),
             optimizer_step_bytes(c_stage, c_train, ranks, device, width, offload),
         )
+        if critic_used:  # one model steps at a time: the other's gradients (and bucket pages) are freed or not yet made
+            a_live = gradient_bytes(a_train, a_stage, ranks, width) + zero_buffers(a_stage, a_train, width, device)
+            c_live = gradient_bytes(c_train, c_stage, ranks, width) + zero_buffers(c_stage, c_train, width, device)
+            step_parts["the other model's gradients, not alive"] = -min(a_live, c_live)
         phases.append(Phase("optimizer step", step_parts))
     plan = Plan(3, device, ranks, memory, dtype_name, phases, host=host)
     critic_note = (
