@@ -70,7 +70,7 @@ def dpo_plan(
     if device == "cpu":  # as in steps 1 and 2: freed small chunks stay in glibc's heap under the step
         freed = {"freed activations": policy + reference_forward, "freed gathered weights": gathered}
         adam = optimizer_step_bytes(stage, trainable, ranks, device, width, offload)
-        phases.append(Phase("optimizer step", {**resident, **freed, "AdamW temporaries": adam}))
+        phases.append(Phase("optimizer step", {**resident, **freed, "optimizer-step temporaries": adam}))
     plan = Plan(DPO_STEP, device, ranks, memory, dtype_name, phases, host=host)
     plan.notes.append(
         f"DPO, {shape.name}: {shape.params / 1e6:.1f}M parameters ({trainable / 1e6:.1f}M trained), "

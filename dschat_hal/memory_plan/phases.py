@@ -146,7 +146,7 @@ def supervised_plan(
         adam = optimizer_step_bytes(stage, trainable, ranks, device, width, offload)
         # glibc keeps freed small chunks (activations, gathered layers) in its heap: the step comes on top
         freed = {"freed activations": act, "freed gathered weights": gathered}
-        phases.append(Phase("optimizer step", {**resident, **freed, "AdamW temporaries": adam}))
+        phases.append(Phase("optimizer step", {**resident, **freed, "optimizer-step temporaries": adam}))
     plan = Plan(step, device, ranks, memory, dtype_name, phases, host=states.host)
     plan.notes.append(
         f"{shape.name}: {shape.params / 1e6:.1f}M parameters ({trainable / 1e6:.1f}M trained), "
@@ -303,7 +303,7 @@ def rlhf_plan(
         step_parts = {(k if not k.endswith("activations") else "freed activations"): v for k, v in training.items()}
         step_parts.pop("ZeRO-3 gathered weights")
         step_parts["freed gathered weights"] = actor_gathered + critic_gathered
-        step_parts["AdamW temporaries"] = max(
+        step_parts["optimizer-step temporaries"] = max(
             optimizer_step_bytes(a_stage, a_train, ranks, device, width, offload),
             optimizer_step_bytes(c_stage, c_train, ranks, device, width, offload),
         )
