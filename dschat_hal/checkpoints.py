@@ -79,6 +79,10 @@ def _umask() -> int:
     return current_umask()
 
 
+# What DeepSpeed and torch say when a unit's optimizer groups differ from the engine's (`ds_config.split_for_step`)
+GROUP_LAYOUT_ERRORS = ("parameter-alignment layout", "different number of parameter groups")
+
+
 def save_unit(root: str | os.PathLike, step: int, engines: dict, client_state: dict, setup: dict) -> Path:
     """Save `engines` (name -> DeepSpeed engine) as the unit `global_step{step}` and point `latest`
     at it. Collective: every rank calls it (each writes its own ZeRO shards)."""
@@ -109,6 +113,9 @@ def _save_unit(root: Path, step: int, engines: dict, client_state: dict, setup: 
     _barrier()
     if _rank0():
         manifest = {"step": step, "engines": list(engines), "setup": setup, "files": file_sizes(staging)}
+        from dschat_hal.ds_config import step_chunks  # deferred: ds_config imports torch
+
+        manifest["step_chunks"] = step_chunks()  # the optimizer-group layout: told, not compared, on resume
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
         apply_umask(staging)
         fault_point("checkpoint_before_publish")
@@ -306,6 +313,15 @@ def load_unit(root: str | os.PathLike | None, engines: dict, setup: dict) -> dic
         try:
             path, state = engine.load_checkpoint(str(unit), tag=name, load_module_strict=False)
         except (RuntimeError, OSError, EOFError, AssertionError, ValueError, KeyError) as err:
+            if any(sign in str(err) for sign in GROUP_LAYOUT_ERRORS):
+                from dschat_hal.ds_config import STEP_CHUNKS_ENV, step_chunks
+
+                written = manifest.get("step_chunks", 1)  # units from before the split hold whole groups
+                raise UserError(
+                    f"checkpoint unit {unit}: its {name} part holds other optimizer groups than this run builds "
+                    f"(it was written with {STEP_CHUNKS_ENV}={written}, this run uses {step_chunks()}); resume "
+                    f"with {STEP_CHUNKS_ENV}={written}, or start fresh without --resume"
+                ) from None
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
             raise UserError(
                 f"checkpoint unit {unit}: its {name} part cannot be loaded ({first}); delete {unit} to resume "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -23,14 +24,28 @@ def _precision(dtype: torch.dtype) -> dict[str, Any]:
 # peak above the resident states 8.7 -> 1.4-1.9 bytes per parameter for a 92M OPT, benchmarks/RESULTS_memory.md).
 STEP_CHUNKS = 4
 STEP_CHUNK_MIN_ELEMENTS = 10_000_000  # smaller groups stay whole
+STEP_CHUNKS_ENV = "DSCHAT_HAL_STEP_CHUNKS"  # 1: whole groups, as checkpoints written before the split hold them
+
+
+def step_chunks() -> int:
+    """Groups a large optimizer group is split into: `DSCHAT_HAL_STEP_CHUNKS` where set (1 = whole), else 4."""
+    value = os.environ.get(STEP_CHUNKS_ENV, "").strip()
+    if not value:
+        return STEP_CHUNKS
+    if not value.isdigit() or int(value) < 1:
+        from dschat_hal.errors import UserError
+
+        raise UserError(f"{STEP_CHUNKS_ENV}={value!r}: give a whole number >= 1 (1 keeps optimizer groups whole)")
+    return int(value)
 
 
 def split_for_step(
-    groups: list[dict[str, Any]], parts: int = STEP_CHUNKS, min_elements: int | None = None
+    groups: list[dict[str, Any]], parts: int | None = None, min_elements: int | None = None
 ) -> list[dict[str, Any]]:
-    """Each optimizer group of more than `min_elements` elements as up to `parts` groups of consecutive
-    parameters with its settings. The update is the same: AdamW is per element, and DeepSpeed clips by
-    the norm over all groups."""
+    """Each optimizer group of more than `min_elements` elements as up to `parts` (`step_chunks()`) groups of
+    consecutive parameters with its settings. The update is the same up to the last bit of the clipping
+    norm: AdamW is per element, and DeepSpeed clips by the norm over all groups, summed group by group."""
+    parts = step_chunks() if parts is None else parts
     min_elements = STEP_CHUNK_MIN_ELEMENTS if min_elements is None else min_elements
     split = []
     for group in groups:
@@ -49,11 +64,12 @@ def split_for_step(
     return split
 
 
-def step_chunk(trainable: float, stage: int, offload: bool) -> float:
-    """Elements of the largest group a ZeRO 1-2 step copies at once (`split_for_step`'s largest chunk,
-    as the memory plan counts it)."""
+def step_chunk(trainable: float, stage: int, offload: bool, largest_param: float = 0.0) -> float:
+    """Elements of the largest group a ZeRO 1-2 step copies at once, as the memory plan counts it: a
+    quarter of the trained parameters (`split_for_step` splits at parameter boundaries, so at least the
+    largest parameter), or all of them where nothing is split."""
     if stage in (1, 2) and not offload and trainable > STEP_CHUNK_MIN_ELEMENTS:
-        return trainable / STEP_CHUNKS
+        return min(trainable, max(trainable / step_chunks(), largest_param))
     return trainable
 
 

@@ -302,5 +302,7 @@ def test_the_cpu_plan_keeps_a_heap_where_freed_blocks_are_reused_and_one_models_
     assert reused["training"]["total"] - glibc["training"]["total"] == pytest.approx(REUSED_HEAP_BYTES * trained)
     step = reused["optimizer step"]
     assert step["the other model's gradients, not alive"] < 0
+    for both_backwards_first in (["--align_overflow"], ["--gradient_accumulation_steps", "2"]):
+        assert "the other model's gradients, not alive" not in _cpu_step3_plan(models, tmp_path, *both_backwards_first)
     grpo = _cpu_step3_plan(models, tmp_path, "--advantage_estimator", "grpo", "--n_samples_per_prompt", "2")
     assert "the other model's gradients, not alive" not in grpo["optimizer step"]  # one trained model

@@ -27,6 +27,15 @@ def test_large_groups_split_in_consecutive_chunks_with_their_settings():
     assert max(sum(p.numel() for p in chunk["params"]) for chunk in chunks) < 200 / 2
 
 
+def _engine(backend, stage: int = 2):
+    return engine_from_config(
+        backend, create_lm("tiny-opt", load_tokenizer("tiny-opt")),
+        OptimConfig(learning_rate=1e-2, weight_decay=0.1, lora_learning_rate=1e-3, zero_stage=stage),
+        ScheduleConfig(lr_scheduler_type="constant"), HardwareConfig(), LoggingConfig(),
+        dtype=torch.float32, total_steps=3, micro_batch=2, job_name="train",
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_split_groups_train_exactly_like_whole_groups(stage, monkeypatch):
     """Same weights, bit for bit, after three steps with the tiny model's groups whole and split (threshold
@@ -34,18 +43,12 @@ def test_split_groups_train_exactly_like_whole_groups(stage, monkeypatch):
     and a clip coefficient that differs in its last bit is amplified by Adam where gradients are noise."""
     backend = accel.get("cpu")
     backend.init_distributed()
-    tokenizer = load_tokenizer("tiny-opt")
     ids = torch.randint(4, 200, (2, 16), generator=torch.Generator().manual_seed(2))
     runs = []
     for min_elements in (10**12, 1000):
         monkeypatch.setattr(ds_config, "STEP_CHUNK_MIN_ELEMENTS", min_elements)
         backend.manual_seed(0)
-        engine = engine_from_config(
-            backend, create_lm("tiny-opt", tokenizer),
-            OptimConfig(learning_rate=1e-2, weight_decay=0.1, lora_learning_rate=1e-3, zero_stage=stage),
-            ScheduleConfig(lr_scheduler_type="constant"), HardwareConfig(), LoggingConfig(),
-            dtype=torch.float32, total_steps=3, micro_batch=2, job_name="train",
-        )  # fmt: skip
+        engine = _engine(backend, stage)
         for _ in range(3):
             engine.backward(1e-3 * backend.lm_loss(engine(input_ids=ids).logits, ids, fp32=True))
             engine.step()
@@ -67,8 +70,32 @@ def test_the_plan_counts_the_fp32_gradient_copy_of_one_chunk_on_the_cpu():
     assert optimizer_step_bytes(2, params, 1, "cpu", 2, offload=False) == 6 * chunk
     assert optimizer_step_bytes(2, params, 1, "cpu", 4, offload=False) == 4 * chunk  # fp32: the flat copy only
     assert optimizer_step_bytes(0, params, 1, "cpu", 2, offload=False) == 8 * params
+    embedding = params / 2  # split at parameter boundaries: the largest parameter stays in one chunk
+    assert optimizer_step_bytes(2, params, 1, "cpu", 2, offload=False, largest_param=embedding) == 6 * embedding
     small = ds_config.STEP_CHUNK_MIN_ELEMENTS  # whole
     assert optimizer_step_bytes(2, small, 1, "cpu", 2, offload=False) == 6 * small
     cpu = training_states(params, 0, 0, 2, 1, 2, False, "cpu").device
     gpu = training_states(params, 0, 0, 2, 1, 2, False, "gpu").device
     assert gpu - cpu == 4 * params
+
+
+def test_a_unit_with_other_optimizer_groups_is_one_line_naming_the_setting(tmp_path, monkeypatch):
+    """A unit written before the split (whole groups) cannot load into split groups: one line saying with which
+    DSCHAT_HAL_STEP_CHUNKS it was written; resumed with that setting, it loads."""
+    from dschat_hal.checkpoints import load_unit, read_manifest, save_unit
+    from dschat_hal.errors import UserError
+
+    backend = accel.get("cpu")
+    backend.init_distributed()
+    monkeypatch.setattr(ds_config, "STEP_CHUNK_MIN_ELEMENTS", 1000)
+    monkeypatch.setenv(ds_config.STEP_CHUNKS_ENV, "1")
+    unit = save_unit(tmp_path / "ckpt", 1, {"actor": _engine(backend)}, {}, {"run": 1})
+    assert read_manifest(unit)["step_chunks"] == 1
+    monkeypatch.delenv(ds_config.STEP_CHUNKS_ENV)
+    with pytest.raises(UserError, match=r"written with DSCHAT_HAL_STEP_CHUNKS=1, this run uses 4\); resume with "):
+        load_unit(tmp_path / "ckpt", {"actor": _engine(backend)}, {"run": 1})
+    monkeypatch.setenv(ds_config.STEP_CHUNKS_ENV, "1")
+    assert load_unit(tmp_path / "ckpt", {"actor": _engine(backend)}, {"run": 1}) is not None
+    monkeypatch.setenv(ds_config.STEP_CHUNKS_ENV, "four")
+    with pytest.raises(UserError, match="give a whole number >= 1"):
+        _engine(backend)

@@ -71,14 +71,3 @@ def test_only_the_writing_rank_holds_the_gathered_model(tmp_path):
         source, saved = weights(tmp_path / kind / "source"), weights(tmp_path / kind / "saved")
         assert source.keys() == saved.keys() and all(torch.equal(source[k], saved[k]) for k in source), kind
     assert "model.safetensors:score.weight" in saved
-
-
-def test_a_save_of_whole_host_weights_copies_none_of_them():
-    """Without ZeRO-3 a weight on the CPU is written as it is: a copy per weight would add the model's
-    size to the save's peak (where a critic-free step 3 peaked: benchmarks/RESULTS_memory.md)."""
-    from dschat_hal.models import create_lm, gathered_state_dict
-
-    model = create_lm("tiny-opt", load_tokenizer("tiny-opt"))
-    state = gathered_state_dict(model)
-    for name, param in model.named_parameters():
-        assert state[name].data_ptr() == param.data_ptr(), name

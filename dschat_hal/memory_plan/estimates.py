@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dschat_hal.ds_config import step_chunk
 from dschat_hal.memory_plan.shapes import Shape
 
 ZERO3_GATHERED = 2 * 3e7  # parameters ZeRO-3 may hold gathered: max live + prefetch bucket (ds_config.py)
@@ -140,16 +139,20 @@ def zero3_gathered(params: int, stage: int, width: int) -> float:
     return width * min(params, ZERO3_GATHERED) if stage == 3 else 0.0
 
 
-def optimizer_step_bytes(stage: int, trainable: int, ranks: int, device: str, width: int, offload: bool) -> float:
+def optimizer_step_bytes(
+    stage: int, trainable: int, ranks: int, device: str, width: int, offload: bool, largest_param: float = 0.0
+) -> float:
     """Temporaries of the optimizer step on the CPU (devices: counted in the states). ZeRO 1-2 step
     one optimizer group at a time: its gradients flattened (`width` bytes) and, in 16 bits, copied to
     fp32 (4), for the largest group (`ds_config.step_chunk`; measured, benchmarks/RESULTS_memory.md).
     ZeRO 0 and 3, and offload: 8 bytes per trained parameter of the rank's partition, as measured - ZeRO-0's
     flat fp32 gradient copy for its all-reduce, and the step's temporaries over a flat partition."""
+    from dschat_hal.ds_config import step_chunk  # deferred: ds_config imports torch, --help must not
+
     if device != "cpu":
         return 0.0
     if stage in (1, 2) and not offload:
-        return (width + (4 if width < 4 else 0)) * step_chunk(trainable, stage, offload) / ranks
+        return (width + (4 if width < 4 else 0)) * step_chunk(trainable, stage, offload, largest_param) / ranks
     return 8.0 * trainable / (ranks if stage >= 1 else 1)
 
 

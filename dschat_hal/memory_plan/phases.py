@@ -143,7 +143,7 @@ def supervised_plan(
     gathered = zero3_gathered(shape.params, stage, width)
     phases = [Phase("training", {**resident, "ZeRO-3 gathered weights": gathered, "activations": act})]
     if device == "cpu":
-        adam = optimizer_step_bytes(stage, trainable, ranks, device, width, offload)
+        adam = optimizer_step_bytes(stage, trainable, ranks, device, width, offload, shape.largest_layer)
         # glibc keeps freed small chunks (activations, gathered layers) in its heap: the step comes on top
         freed = {"freed activations": act, "freed gathered weights": gathered}
         phases.append(Phase("optimizer step", {**resident, **freed, "optimizer-step temporaries": adam}))
@@ -304,10 +304,13 @@ def rlhf_plan(
         step_parts.pop("ZeRO-3 gathered weights")
         step_parts["freed gathered weights"] = actor_gathered + critic_gathered
         step_parts["optimizer-step temporaries"] = max(
-            optimizer_step_bytes(a_stage, a_train, ranks, device, width, offload),
-            optimizer_step_bytes(c_stage, c_train, ranks, device, width, offload),
+            optimizer_step_bytes(a_stage, a_train, ranks, device, width, offload, actor.largest_layer),
+            optimizer_step_bytes(c_stage, c_train, ranks, device, width, offload, critic.largest_layer),
         )
-        if critic_used:  # one model steps at a time: the other's gradients (and bucket pages) are freed or not yet made
+        one_at_a_time = (
+            config.schedule.gradient_accumulation_steps == 1 and not ppo.align_overflow
+        )  # else both backwards first
+        if critic_used and one_at_a_time:  # the other model's gradients (and bucket pages): freed, or not yet made
             a_live = gradient_bytes(a_train, a_stage, ranks, width) + zero_buffers(a_stage, a_train, width, device)
             c_live = gradient_bytes(c_train, c_stage, ranks, width) + zero_buffers(c_stage, c_train, width, device)
             step_parts["the other model's gradients, not alive"] = -min(a_live, c_live)

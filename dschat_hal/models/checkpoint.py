@@ -22,8 +22,7 @@ ADAPTER_DIR = "lora_adapter"  # PEFT's adapter_config.json + adapter_model.safet
 def gathered_state_dict(
     model: nn.Module, keep: bool = True, adapters: dict[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
-    """The full state dict on the CPU, gathering ZeRO-3 partitions one parameter at a time. Weights
-    already whole on the CPU are the model's own tensors (not copies): write them, never change them.
+    """The full state dict on the CPU, gathering ZeRO-3 partitions one parameter at a time.
 
     Collective under ZeRO-3: every rank must call it. LoRA factors are folded into their base
     weights and dropped, so the result loads into the plain architecture. With `keep=False` (ranks
@@ -38,14 +37,9 @@ def gathered_state_dict(
     for name, param in model.named_parameters():
         if not (keep or hasattr(param, "ds_id")):
             continue
-        partitioned = hasattr(param, "ds_id")
-        with deepspeed.zero.GatheredParameters([param], enabled=partitioned):
+        with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
             if keep:
-                # gathered data is released after the block: copy it. Otherwise `.cpu()` is the copy (devices)
-                # or the live host weight, written before anything trains it again: a second copy would
-                # add the model's size to the save's peak
-                host = param.detach().cpu()
-                state[name] = host.clone() if partitioned and host.data_ptr() == param.data_ptr() else host
+                state[name] = param.detach().cpu().clone()
     if not keep:
         return state
     for name, buffer in model.named_buffers():
