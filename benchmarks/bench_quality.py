@@ -131,11 +131,14 @@ def base_model(args: argparse.Namespace) -> Path:
     """The model the lane starts from: --model (checked: a saved model directory) or the cached SmolLM2."""
     if args.model is None:
         return ensure_model(args.model_cache)
+    from dschat_hal.errors import UserError
+    from dschat_hal.models.lm import check_model_dir
+
     model = args.model.expanduser().absolute()
-    if not (model / "config.json").is_file():
-        raise SystemExit(
-            f"error: --model {model} is not a model directory (no config.json); pass a save_pretrained one"
-        )
+    try:  # config, model type and weights, before any step runs
+        check_model_dir(model)
+    except UserError as err:
+        raise SystemExit(f"error: --model {model} is not a model directory to train ({err})") from None
     return model
 
 

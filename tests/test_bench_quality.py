@@ -125,6 +125,13 @@ def test_model_flag_runs_the_lane_on_that_model(tmp_path, monkeypatch):
     assert step == 1 and step_argv[step_argv.index("--model_name_or_path") + 1] == str(tmp_path / "lm")
     with pytest.raises(SystemExit, match="error: --model .* is not a model directory"):
         bench_quality.main(["--out", str(out), "--model", str(tmp_path / "nowhere")])
+    config_only = tmp_path / "config_only"  # a config without weights: said before any step runs
+    config_only.mkdir()
+    (config_only / "config.json").write_text((tmp_path / "lm" / "config.json").read_text())
+    jobs.clear()
+    with pytest.raises(SystemExit, match="has a config.json but no weights"):
+        bench_quality.main(["--out", str(out), "--model", str(config_only)])
+    assert jobs == []
 
 
 # ---- --budget_s: PPO vs GRPO vs RLOO at an equal wall-time budget (issue #29) -------------------------

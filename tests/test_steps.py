@@ -109,6 +109,7 @@ def test_a_step_names_its_optimizer_and_keeps_deepspeeds_untested_optimizer_caut
     assert [line for line in result.stdout.splitlines() if line.startswith("optimizer:")] == [
         "optimizer: torch.optim.AdamW(fused=True)"
     ]
+    assert output.count("answers end at") == 1  # each start-up fact once (the memory plan's tokenizer said it again)
 
 
 def test_a_step_without_output_dir_saves_to_its_default_and_says_so(tmp_path, capsys):

@@ -39,10 +39,12 @@ def _config(name_or_path: str):
     from dschat_hal.models.lm import padded_vocab_size
     from dschat_hal.models.tiny import TINY_MODELS, is_tiny, tiny_config
 
-    if is_tiny(name_or_path):
-        from dschat_hal.models.lm import load_tokenizer
+    if is_tiny(name_or_path):  # the bundled tokenizer's size (load_tokenizer would log its end tokens again)
+        from transformers import AutoTokenizer
 
-        return tiny_config(TINY_MODELS[name_or_path], padded_vocab_size(load_tokenizer(name_or_path)))
+        from dschat_hal.models.tiny import TOKENIZER_DIR
+
+        return tiny_config(TINY_MODELS[name_or_path], padded_vocab_size(AutoTokenizer.from_pretrained(TOKENIZER_DIR)))
     from transformers import AutoConfig
 
     from dschat_hal.errors import UserError
