@@ -128,6 +128,44 @@ TINY_STEP3_OPTIM = [
 ]
 
 
+def train_engine(
+    backend,
+    model,
+    stage: int = 0,
+    *,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    dtype=None,
+    total_steps: int = 4,
+    micro_batch: int = 3,
+):
+    """A training DeepSpeed engine of `model` as the steps build one (constant lr, default hardware)."""
+    import torch
+
+    from dschat_hal.configs import HardwareConfig, LoggingConfig, OptimConfig, ScheduleConfig
+    from dschat_hal.runtime import engine_from_config
+
+    backend.init_distributed()
+    return engine_from_config(
+        backend, model,
+        OptimConfig(learning_rate=lr, weight_decay=weight_decay, lora_learning_rate=1e-3, zero_stage=stage),
+        ScheduleConfig(lr_scheduler_type="constant"), HardwareConfig(), LoggingConfig(),
+        dtype=torch.float32 if dtype is None else dtype, total_steps=total_steps, micro_batch=micro_batch,
+        job_name="train",
+    )  # fmt: skip
+
+
+def save_tiny_rlhf_models(root: Path) -> Path:
+    """A tiny actor (`root/actor`, seed 1) and reward model (`root/reward`, seed 2) saved as steps 1 and 2
+    would save them (random weights, no training): step 3's inputs in tests."""
+    from dschat_hal.models import create_lm, create_reward_model, load_tokenizer, save_lm
+
+    tokenizer = load_tokenizer("tiny-opt")
+    save_lm(create_lm("tiny-opt", tokenizer, seed=1), tokenizer, root / "actor")
+    create_reward_model("tiny-opt", tokenizer, seed=2).save(root / "reward", tokenizer)
+    return root
+
+
 def import_fake_hpu():
     """(Re)import the fake bridge, which fixes lazy or eager mode from PT_HPU_LAZY_MODE as it imports."""
     for name in [m for m in sys.modules if m.startswith("habana_frameworks")]:

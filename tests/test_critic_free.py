@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import save_tiny_rlhf_models
 from test_resume_epochs import assert_same_weights, interrupted_then_resumed
 
 from training.step3_rlhf_finetuning.main import main as step3
@@ -19,13 +20,7 @@ STEPS = 3  # prompt batches in the run below: 12 prompts, 4 per batch
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    from dschat_hal.models import create_lm, create_reward_model, load_tokenizer, save_lm
-
-    root = tmp_path_factory.mktemp("critic_free_models")
-    tokenizer = load_tokenizer("tiny-opt")
-    save_lm(create_lm("tiny-opt", tokenizer, seed=1), tokenizer, root / "actor")
-    create_reward_model("tiny-opt", tokenizer, seed=2).save(root / "reward", tokenizer)
-    return root
+    return save_tiny_rlhf_models(tmp_path_factory.mktemp("critic_free_models"))
 
 
 def argv(models: Path, tmp: Path, *extra: str) -> list[str]:

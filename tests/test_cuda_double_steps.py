@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_rlhf_models
 from test_critic_free import ESTIMATORS, argv
 
 import accel
@@ -30,13 +31,7 @@ STATS = ("reward", "actor_loss", "critic_loss", "kl", "advantage")
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    from dschat_hal.models import create_lm, create_reward_model, load_tokenizer, save_lm
-
-    root = tmp_path_factory.mktemp("cuda_double_models")
-    tokenizer = load_tokenizer("tiny-opt")
-    save_lm(create_lm("tiny-opt", tokenizer, seed=1), tokenizer, root / "actor")
-    create_reward_model("tiny-opt", tokenizer, seed=2).save(root / "reward", tokenizer)
-    return root
+    return save_tiny_rlhf_models(tmp_path_factory.mktemp("cuda_double_models"))
 
 
 def recorded_run(models: Path, tmp_path: Path, estimator: str, device: str) -> tuple[dict, list, list]:

@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
+from conftest import train_engine
 
 import accel
-from dschat_hal.configs import HardwareConfig, LoggingConfig, OptimConfig, ScheduleConfig
 from dschat_hal.models import create_lm, load_tokenizer
-from dschat_hal.runtime import engine_from_config
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
@@ -18,19 +17,8 @@ def test_tiny_model_trains_three_steps(stage):
     backend = accel.get("cpu")
     backend.init_distributed()
     backend.manual_seed(0)
-    tokenizer = load_tokenizer("tiny-opt")
-    engine = engine_from_config(
-        backend,
-        create_lm("tiny-opt", tokenizer),
-        OptimConfig(learning_rate=1e-2, lora_learning_rate=1e-3, zero_stage=stage),
-        ScheduleConfig(lr_scheduler_type="constant"),
-        HardwareConfig(),
-        LoggingConfig(),
-        dtype=torch.bfloat16,
-        total_steps=3,
-        micro_batch=2,
-        job_name="train",
-    )
+    model = create_lm("tiny-opt", load_tokenizer("tiny-opt"))
+    engine = train_engine(backend, model, stage, lr=1e-2, dtype=torch.bfloat16, total_steps=3, micro_batch=2)
     assert engine.zero_optimization_stage() == stage
     ids = torch.randint(4, 200, (2, 16))
     losses = []

@@ -11,35 +11,18 @@ import sys
 
 import pytest
 import torch
-from conftest import FAKES, ROOT
+from conftest import FAKES, ROOT, train_engine
 from test_hybrid_engine import EOS, PAD, peaked_model, prompt_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import OPTForCausalLM
 
 import accel
-from dschat_hal.configs import HardwareConfig, LoggingConfig, OptimConfig, ScheduleConfig
 from dschat_hal.rlhf.generation.decode import last_logits
 from dschat_hal.rlhf.generation.engine import HybridEngine
 from dschat_hal.rlhf.generation.sampling import GenerationConfig
-from dschat_hal.runtime import ADAM_EPS, engine_from_config
+from dschat_hal.runtime import ADAM_EPS
 
 GREEDY = GenerationConfig(max_answer_seq_len=12, pad_token_id=PAD, eos_token_id=EOS, do_sample=False)
-
-
-def engine_on(backend, model, stage: int = 0, weight_decay: float = 0.0):
-    backend.init_distributed()
-    return engine_from_config(
-        backend,
-        model,
-        OptimConfig(learning_rate=1e-3, weight_decay=weight_decay, lora_learning_rate=1e-3, zero_stage=stage),
-        ScheduleConfig(lr_scheduler_type="constant"),
-        HardwareConfig(),
-        LoggingConfig(),
-        dtype=torch.float32,
-        total_steps=4,
-        micro_batch=3,
-        job_name="train",
-    )
 
 
 # ---- lazy or eager: fixed when the bridge is imported -------------------------------------------------
@@ -129,7 +112,7 @@ class OpRecorder(TorchDispatchMode):
 def test_every_decode_step_runs_the_same_ops_with_the_same_arguments():
     backend = accel.get("cpu")
     model = peaked_model("opt", lora=False)
-    engine = engine_on(backend, model)
+    engine = train_engine(backend, model)
     config = GenerationConfig(max_answer_seq_len=8, pad_token_id=PAD, eos_token_id=None, do_sample=False)
     hybrid = HybridEngine(engine, backend, config, dtype=torch.float32)
     prompts, mask = prompt_batch()
@@ -168,7 +151,7 @@ def test_prefill_head_on_the_last_position_matches_subclasses():
 def test_the_same_flags_make_the_same_adamw_on_every_device(fake_hpu):
     settings = {}
     for name in ("cpu", "hpu"):
-        engine = engine_on(accel.get(name), peaked_model("opt", lora=False), weight_decay=0.1)
+        engine = train_engine(accel.get(name), peaked_model("opt", lora=False), weight_decay=0.1)
         groups = engine.optimizer.param_groups
         settings[name] = [(g["eps"], tuple(g["betas"]), g["weight_decay"]) for g in groups]
     assert fake_hpu.hpex.optimizers.instances  # the hpu engine trained with (fake) FusedAdamW
@@ -196,7 +179,7 @@ def test_the_engine_never_reads_logits_of_a_replayed_step(fake_hpu):
     backend = accel.get("hpu")
     model = peaked_model("opt", lora=True)
     prompts, mask = prompt_batch()
-    engine = engine_on(backend, model)
+    engine = train_engine(backend, model)
     plain = HybridEngine(engine, backend, GREEDY, dtype=torch.float32).generate(prompts, mask)
     backend.use_graphs = True
     captured = HybridEngine(engine, backend, GREEDY, dtype=torch.float32)

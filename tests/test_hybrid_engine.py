@@ -8,15 +8,14 @@ import json
 
 import pytest
 import torch
+from conftest import train_engine
 from transformers import AutoModelForCausalLM, BloomConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig
 
 import accel
-from dschat_hal.configs import HardwareConfig, LoggingConfig, OptimConfig, ScheduleConfig
 from dschat_hal.models.lora import convert_to_lora, fuse_lora, lora_layers
 from dschat_hal.rlhf.generation.engine import HybridEngine
 from dschat_hal.rlhf.generation.hf_generate import PlainGenerator, hf_generate
 from dschat_hal.rlhf.generation.sampling import GenerationConfig
-from dschat_hal.runtime import engine_from_config
 
 VOCAB, PAD, EOS = 96, 0, 2
 SPECIAL = {"pad_token_id": PAD, "bos_token_id": 1, "eos_token_id": EOS}
@@ -79,20 +78,7 @@ def reference_tokens(model: torch.nn.Module, prompts, mask, config: GenerationCo
 
 def engine_for(model: torch.nn.Module, stage: int):
     backend = accel.get("cpu")
-    backend.init_distributed()
-    engine = engine_from_config(
-        backend,
-        model,
-        OptimConfig(learning_rate=1e-3, lora_learning_rate=1e-3, zero_stage=stage),
-        ScheduleConfig(lr_scheduler_type="constant"),
-        HardwareConfig(),
-        LoggingConfig(),
-        dtype=torch.float32,
-        total_steps=4,
-        micro_batch=3,
-        job_name="train",
-    )
-    return backend, engine
+    return backend, train_engine(backend, model, stage)
 
 
 def prompt_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

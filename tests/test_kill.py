@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, save_tiny_rlhf_models
 from safetensors.torch import load_file
 
 from training.step1_supervised_finetuning.main import main as step1
@@ -112,13 +112,7 @@ def test_step1_killed_at_random_times_resumes_exactly(step1_reference, tmp_path)
 @pytest.fixture(scope="module")
 def step3_models(tmp_path_factory) -> Path:
     """A tiny actor and reward model saved as steps 1 and 2 would (random weights, no training)."""
-    from dschat_hal.models import create_lm, create_reward_model, load_tokenizer, save_lm
-
-    root = tmp_path_factory.mktemp("models3")
-    tokenizer = load_tokenizer("tiny-opt")
-    save_lm(create_lm("tiny-opt", tokenizer, seed=1), tokenizer, root / "actor")
-    create_reward_model("tiny-opt", tokenizer, seed=2).save(root / "reward", tokenizer)
-    return root
+    return save_tiny_rlhf_models(tmp_path_factory.mktemp("models3"))
 
 
 def step3_args(models: Path, tmp: Path) -> list[str]:

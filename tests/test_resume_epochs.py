@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_step1_argv
+from conftest import save_tiny_rlhf_models, tiny_step1_argv
 from safetensors.torch import load_file
 
 from training.step1_supervised_finetuning.main import main as step1
@@ -91,12 +91,7 @@ def test_supervised_resume_across_epochs_is_exact(name, stop, supervised_referen
 @pytest.fixture(scope="module")
 def step3_setup(tmp_path_factory) -> Path:
     """A tiny actor and reward model (random weights) and a ptx text of 7 blocks (2 batches of 4)."""
-    from dschat_hal.models import create_lm, create_reward_model, load_tokenizer, save_lm
-
-    root = tmp_path_factory.mktemp("models3")
-    tokenizer = load_tokenizer("tiny-opt")
-    save_lm(create_lm("tiny-opt", tokenizer, seed=1), tokenizer, root / "actor")
-    create_reward_model("tiny-opt", tokenizer, seed=2).save(root / "reward", tokenizer)
+    root = save_tiny_rlhf_models(tmp_path_factory.mktemp("models3"))
     lines = [f"the quick brown fox jumps over the lazy dog, line {i}." for i in range(15)]
     (root / "ptx.txt").write_text("\n".join(lines) + "\n")
     return root

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import train_engine
 
 import accel
 from dschat_hal import ds_config
-from dschat_hal.configs import HardwareConfig, LoggingConfig, OptimConfig, ScheduleConfig
 from dschat_hal.memory_plan.estimates import optimizer_step_bytes, training_states
 from dschat_hal.models import create_lm, load_tokenizer
-from dschat_hal.runtime import engine_from_config
 
 
 def test_large_groups_split_in_consecutive_chunks_with_their_settings():
@@ -28,12 +27,8 @@ def test_large_groups_split_in_consecutive_chunks_with_their_settings():
 
 
 def _engine(backend, stage: int = 2):
-    return engine_from_config(
-        backend, create_lm("tiny-opt", load_tokenizer("tiny-opt")),
-        OptimConfig(learning_rate=1e-2, weight_decay=0.1, lora_learning_rate=1e-3, zero_stage=stage),
-        ScheduleConfig(lr_scheduler_type="constant"), HardwareConfig(), LoggingConfig(),
-        dtype=torch.float32, total_steps=3, micro_batch=2, job_name="train",
-    )  # fmt: skip
+    model = create_lm("tiny-opt", load_tokenizer("tiny-opt"))
+    return train_engine(backend, model, stage, lr=1e-2, weight_decay=0.1, total_steps=3, micro_batch=2)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
