@@ -69,8 +69,8 @@ def dpo_plan(
     phases = [Phase("training", training)]
     if device == "cpu":  # as in steps 1 and 2: freed small chunks stay in glibc's heap under the step
         freed = {"freed activations": policy + reference_forward, "freed gathered weights": gathered}
-        adam = optimizer_step_bytes(stage, trainable, ranks, device, width, offload, shape.largest_layer)
-        phases.append(Phase("optimizer step", {**resident, **freed, "optimizer-step temporaries": adam}))
+        step_temps = optimizer_step_bytes(stage, trainable, ranks, device, width, offload, shape.largest_layer)
+        phases.append(Phase("optimizer step", {**resident, **freed, "optimizer-step temporaries": step_temps}))
     plan = Plan(DPO_STEP, device, ranks, memory, dtype_name, phases, host=host)
     plan.notes.append(
         f"DPO, {shape.name}: {shape.params / 1e6:.1f}M parameters ({trainable / 1e6:.1f}M trained), "

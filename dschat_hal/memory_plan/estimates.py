@@ -147,11 +147,11 @@ def optimizer_step_bytes(
     fp32 (4), for the largest group (`ds_config.step_chunk`; measured, benchmarks/RESULTS_memory.md).
     ZeRO 0 and 3, and offload: 8 bytes per trained parameter of the rank's partition, as measured - ZeRO-0's
     flat fp32 gradient copy for its all-reduce, and the step's temporaries over a flat partition."""
-    from dschat_hal.ds_config import step_chunk  # deferred: ds_config imports torch, --help must not
-
     if device != "cpu":
         return 0.0
     if stage in (1, 2) and not offload:
+        from dschat_hal.ds_config import step_chunk  # deferred: ds_config imports torch, --help must not
+
         return (width + (4 if width < 4 else 0)) * step_chunk(trainable, stage, offload, largest_param) / ranks
     return 8.0 * trainable / (ranks if stage >= 1 else 1)
 

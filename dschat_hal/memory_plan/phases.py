@@ -143,10 +143,10 @@ def supervised_plan(
     gathered = zero3_gathered(shape.params, stage, width)
     phases = [Phase("training", {**resident, "ZeRO-3 gathered weights": gathered, "activations": act})]
     if device == "cpu":
-        adam = optimizer_step_bytes(stage, trainable, ranks, device, width, offload, shape.largest_layer)
+        step_temps = optimizer_step_bytes(stage, trainable, ranks, device, width, offload, shape.largest_layer)
         # glibc keeps freed small chunks (activations, gathered layers) in its heap: the step comes on top
         freed = {"freed activations": act, "freed gathered weights": gathered}
-        phases.append(Phase("optimizer step", {**resident, **freed, "optimizer-step temporaries": adam}))
+        phases.append(Phase("optimizer step", {**resident, **freed, "optimizer-step temporaries": step_temps}))
     plan = Plan(step, device, ranks, memory, dtype_name, phases, host=states.host)
     plan.notes.append(
         f"{shape.name}: {shape.params / 1e6:.1f}M parameters ({trainable / 1e6:.1f}M trained), "
