@@ -35,7 +35,8 @@ import habana_frameworks.torch as ht
 # In the child: the hybrid engine on optimum-habana's patched class under ZeRO 0 and 3, and the plain
 # generation path (`generate` with the backend's arguments), from the weights the parent saved.
 GENERATE = """
-from test_gaudi_paths import GREEDY, engine_on
+from conftest import train_engine
+from test_gaudi_paths import GREEDY
 from test_hybrid_engine import peaked_model, prompt_batch
 from dschat_hal.rlhf.generation.engine import HybridEngine
 from dschat_hal.rlhf.generation.hf_generate import PlainGenerator
@@ -48,7 +49,7 @@ for family, stages in json.loads(sys.argv[2]).items():
         model = peaked_model(family, lora=True)
         model.load_state_dict(weights[family])
         result["class"] = type(model).__name__
-        engine = engine_on(backend, model, stage)
+        engine = train_engine(backend, model, stage)
         ht.core.reset()
         result[f"hybrid_zero{stage}"] = HybridEngine(engine, backend, GREEDY, dtype=torch.float32).generate(prompts, mask).tolist()
         result[f"mark_steps_zero{stage}"] = len(ht.core.calls)
@@ -208,7 +209,8 @@ def test_validate_gaudi_installs_with_dependencies_and_keeps_the_images_stack(tm
 GRAPHS = """
 import deepspeed, logging
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-from test_gaudi_paths import GREEDY, engine_on
+from conftest import train_engine
+from test_gaudi_paths import GREEDY
 from test_hybrid_engine import PAD, peaked_model, prompt_batch
 from dschat_hal.args import step3_parser
 from dschat_hal.rlhf.generation.engine import HybridEngine
@@ -228,7 +230,7 @@ for flags, runs in json.loads(sys.argv[2]).items():
         kind, stage = name.split("_zero")
         model = peaked_model(family, lora=True)
         model.load_state_dict(weights[family])
-        engine = engine_on(backend, model, int(stage))
+        engine = train_engine(backend, model, int(stage))
         generator = HybridEngine(engine, backend, GREEDY, dtype=torch.float32) if kind == "hybrid" else PlainGenerator(engine, backend, GREEDY)
         ht.hpu.reset()
         result = out[f"{flags} {family} {name}"] = {"phases": [], "use_graphs": backend.use_graphs}
